@@ -1,0 +1,68 @@
+"""Every labfleet setting with its default. Override per group (group_data/<group>.py),
+per host (inventory.py) or per run (--data key=value). labfleet/settings.py validates
+all of them for every host before anything runs."""
+
+# --- GPU ---------------------------------------------------------------------------
+# "auto" detects NVIDIA GPUs (PCI vendor 10de or /proc/driver/nvidia); true/false overrides.
+gpu = "auto"
+# GPUs reserved for the container: "all", a count such as 2, or device ids ["0", "GPU-<uuid>"].
+gpu_devices = "all"
+
+# --- Docker Engine -----------------------------------------------------------------
+# "docker-ce" uses Docker's apt repository; "distro" uses the distribution's docker.io.
+docker_source = "docker-ce"
+# Base URL of Docker's apt repository, or of a mirror / local repository for offline labs.
+docker_apt_mirror = "https://download.docker.com/linux"
+# Pins the engine packages to one version (e.g. "5:27.3.1-1~debian.12~bookworm"); None = latest.
+docker_version = None
+# Users added to the docker group.
+docker_users = []
+# Keys merged into /etc/docker/daemon.json; keys you set by hand are never removed.
+docker_daemon = {}
+
+# --- NVIDIA Container Toolkit -------------------------------------------------------
+# Base URL of NVIDIA's container toolkit apt repository, or a mirror of it.
+nvidia_toolkit_apt_mirror = "https://nvidia.github.io/libnvidia-container/stable/deb"
+# Pins the four toolkit packages to one version (e.g. "1.17.8-1"); None = latest.
+nvidia_toolkit_version = None
+# Makes nvidia Docker's default runtime (only needed by tools that cannot ask for GPUs).
+nvidia_default_runtime = False
+# Host driver version below which a GPU host stops with an error; None derives it from cuda.
+nvidia_driver_min = None
+
+# --- Image ---------------------------------------------------------------------------
+# CUDA line of the image: selects the PyTorch wheel index and the driver floor.
+cuda = "12.8"
+# Requirement profile to build: a container/requirements/<profile>.in file.
+image_profile = "pytorch"
+# "build" on every host, "ship" from the controller, or "registry" push once / pull by digest.
+image_delivery = "build"
+# Registry (host:port) for image_delivery = "registry".
+image_registry = None
+# Base of the image, pinned by digest.
+base_image = "ubuntu:24.04@sha256:80dd3c3b9c6cecb9f1667e9290b3bc61b78c2678c02cbdae5f0fea92cc6734ab"
+# PEM files on the controller trusted by hosts and image builds (TLS-inspecting proxies).
+extra_ca_certificates = []
+
+# --- Data ----------------------------------------------------------------------------
+# Host directory that holds the datasets; mounted at /resource/datasets in the container.
+datasets_root = "/srv/datasets"
+# Datasets by name: {"source": "manual" | "local:<path>" | "host:<host>:<path>" | "nfs:<server>:<export>",
+#                    "readonly": True, "prune": False, "manifest": None}
+datasets = {}
+# Host directory mounted at /workspace; "{user}" becomes the jupyter user's name.
+workspace_dir = "/srv/workspace/{user}"
+
+# --- JupyterLab ----------------------------------------------------------------------
+# Host account whose UID/GID own what the container writes; None = the SSH user (or you, on @local).
+jupyter_user = None
+# Several users on one host: names or {"name": ..., "port": ...}; ports default to jupyter_port + index.
+jupyter_users = []
+# Host port published for JupyterLab (the first user's, when there are several).
+jupyter_port = 8888
+# Address the port is published on; keep 127.0.0.1 and reach it through an SSH tunnel.
+jupyter_bind = "127.0.0.1"
+# argon2 password hash (jupyter_server.auth.passwd); None = a random token kept per host and user.
+jupyter_password_hash = None
+# /dev/shm size for the container, so DataLoader workers do not die with bus errors.
+shm_size = "16g"

@@ -1,0 +1,23 @@
+"""Which machines labfleet manages.
+
+List lab hosts in the groups below; each group may have a group_data/<group>.py with
+overrides. A host is a name, or (name, {data}) for per-host settings such as
+ssh_user or jupyter_port. With no host listed, labfleet manages this machine (@local).
+
+    workstations = ["pc01.lab", ("pc02.lab", {"ssh_user": "admin", "jupyter_port": 8890})]
+    gpu = ["pc01.lab", "pc02.lab"]   # group_data/gpu.py applies to these
+    registry = ["nas.lab"]           # the lab's image registry (image_delivery = "registry")
+"""
+
+import os
+
+# Lab workstations reached over SSH.
+workstations = []
+# Hosts that certainly have NVIDIA GPUs (see group_data/gpu.py).
+gpu = []
+# The lab's registry host, for image_delivery = "registry".
+registry = []
+
+if not (workstations or gpu or registry):
+    # This machine; sudo when the deploy is not already run as root.
+    workstations = [("@local", {"_sudo": os.geteuid() != 0})]

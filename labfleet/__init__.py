@@ -1,0 +1,1 @@
+"""labfleet: identical CUDA JupyterLab workstations from one pyinfra deploy."""

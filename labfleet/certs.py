@@ -1,0 +1,50 @@
+"""Extra CA certificates, for labs behind TLS-inspecting proxies.
+
+The same PEM files are trusted by the hosts (here) and by image builds (the image step
+copies them into the build context), so pip and apt work behind the proxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import FindFiles
+from pyinfra.operations import apt, files, server
+from pyinfra.operations.util import any_changed
+
+from labfleet.settings import Settings
+
+CA_DIR = "/usr/local/share/ca-certificates/labfleet"
+
+
+def host_file_name(path: str) -> str:
+    """A stable, collision-free name: update-ca-certificates only reads *.crt."""
+    data = Path(path).read_bytes()
+    return f"{Path(path).stem}-{hashlib.sha256(data).hexdigest()[:8]}.crt"
+
+
+@deploy("Trust extra CA certificates")
+def trust_extra_ca_certificates(settings: Settings):
+    wanted = {host_file_name(path): path for path in settings.extra_ca_certificates}
+    present = host.get_fact(FindFiles, path=CA_DIR, quote_path=True) or []
+    if not wanted and not present:
+        host.noop("no extra CA certificates")
+        return
+
+    if wanted and "ca-certificates" not in host.get_fact(DebPackages):
+        apt.packages(name="Install ca-certificates", packages=["ca-certificates"], update=True)
+
+    changes = [files.directory(name="Create the labfleet CA directory", path=CA_DIR, mode="755")]
+    for name, path in sorted(wanted.items()):
+        changes.append(files.put(name=f"Upload CA {name}", src=path, dest=f"{CA_DIR}/{name}", mode="644"))
+    for stale in sorted(set(present) - {f"{CA_DIR}/{name}" for name in wanted}):
+        changes.append(files.file(name=f"Remove CA {Path(stale).name}, no longer listed", path=stale, present=False))
+    server.shell(
+        name="Refresh the host's trust store",
+        commands=["update-ca-certificates"],
+        _if=any_changed(*changes),
+    )

@@ -1,0 +1,156 @@
+"""The compose project of one jupyter user: its compose.yaml model and its .env values.
+
+compose.yaml holds the structure and refers to per-host values as ${VARIABLES}; .env
+holds exactly those values, so an admin can still run `docker compose` by hand in the
+project directory, as with the hand-made setup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import jinja2
+import yaml
+
+from labfleet import dotenv
+from labfleet.settings import REPO_ROOT, JupyterUser, Settings
+
+APP_ROOT = "/opt/labfleet"
+CONTAINER_PORT = 8888
+DATASET_DIR = "/resource/datasets"
+WORKSPACE_DIR = "/workspace"
+TOKEN_SECRET = "jupyter_token"
+PASSWORD_SECRET = "jupyter_password_hash"
+STACK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Project:
+    """What one user's compose project needs beyond the settings: facts of the host."""
+
+    settings: Settings
+    user: JupyterUser
+    uid: int
+    gid: int
+    gpu: bool
+    image: str
+
+    @property
+    def directory(self) -> str:
+        return f"{APP_ROOT}/{self.user.name}"
+
+    @property
+    def name(self) -> str:
+        return f"labfleet-{self.user.name}"
+
+
+def env_values(project: Project) -> dict[str, object]:
+    s = project.settings
+    return {
+        "LABFLEET_IMAGE": project.image,
+        "NB_USER": project.user.name,
+        "NB_UID": project.uid,
+        "NB_GID": project.gid,
+        "JUPYTER_BIND": s.jupyter_bind,
+        "JUPYTER_PORT": project.user.port,
+        "WORKSPACE_LOCALDIR": project.user.workspace_dir,
+        "DATASET_LOCALDIR": s.datasets_root,
+        "DATASET_DIR": DATASET_DIR,
+        "SHM_SIZE": s.shm_size,
+    }
+
+
+def _gpu_reservation(devices) -> dict:
+    device: dict = {"driver": "nvidia", "capabilities": ["gpu"]}
+    if devices == "all" or isinstance(devices, int):
+        device["count"] = devices
+    else:
+        device["device_ids"] = list(devices)
+    return {"resources": {"reservations": {"devices": [device]}}}
+
+
+def _dataset_mounts(settings: Settings) -> list[dict]:
+    # The datasets root is read-only; a dataset that says readonly: false is mounted
+    # again, writable, over its own directory.
+    mounts = [{"type": "bind", "source": "${DATASET_LOCALDIR}", "target": "${DATASET_DIR}", "read_only": True}]
+    for dataset in settings.datasets:
+        if not dataset.readonly:
+            mounts.append(
+                {
+                    "type": "bind",
+                    "source": f"${{DATASET_LOCALDIR}}/{dataset.name}",
+                    "target": f"${{DATASET_DIR}}/{dataset.name}",
+                    "read_only": False,
+                }
+            )
+    return mounts
+
+
+def compose_model(project: Project) -> dict:
+    # /api answers without auth and costs nothing; python3 is in the image, curl is not.
+    api = f"http://127.0.0.1:{CONTAINER_PORT}/api"
+    healthcheck_probe = f"import urllib.request; urllib.request.urlopen('{api}', timeout=5)"
+    service: dict = {
+        "image": "${LABFLEET_IMAGE}",
+        "init": True,
+        "restart": "unless-stopped",
+        "environment": {
+            "NB_USER": "${NB_USER}",
+            "NB_UID": "${NB_UID}",
+            "NB_GID": "${NB_GID}",
+            "JUPYTER_TOKEN_FILE": f"/run/secrets/{TOKEN_SECRET}",
+            "WORKSPACE_DIR": WORKSPACE_DIR,
+            "DATASET_DIR": "${DATASET_DIR}",
+        },
+        "ports": [f"${{JUPYTER_BIND}}:${{JUPYTER_PORT}}:{CONTAINER_PORT}"],
+        "volumes": [
+            {"type": "bind", "source": "${WORKSPACE_LOCALDIR}", "target": WORKSPACE_DIR},
+            *_dataset_mounts(project.settings),
+        ],
+        "secrets": [TOKEN_SECRET],
+        "shm_size": "${SHM_SIZE}",
+        "ulimits": {"memlock": -1, "stack": STACK_BYTES},
+        "security_opt": ["no-new-privileges:true"],
+        "healthcheck": {
+            "test": ["CMD", "python3", "-c", healthcheck_probe],
+            "interval": "30s",
+            "timeout": "10s",
+            "start_period": "60s",
+            "retries": 3,
+        },
+    }
+    secrets = {TOKEN_SECRET: {"file": f"./{TOKEN_SECRET}"}}
+    if project.settings.jupyter_password_hash:
+        # The hash is a file too: an environment variable would show in `docker inspect`.
+        service["secrets"].append(PASSWORD_SECRET)
+        service["environment"]["JUPYTER_PASSWORD_HASH_FILE"] = f"/run/secrets/{PASSWORD_SECRET}"
+        secrets[PASSWORD_SECRET] = {"file": f"./{PASSWORD_SECRET}"}
+    if project.gpu:
+        service["deploy"] = _gpu_reservation(project.settings.gpu_devices)
+    return {"name": project.name, "services": {"jupyterlab": service}, "secrets": secrets}
+
+
+def _to_yaml(value) -> str:
+    return yaml.safe_dump(value, sort_keys=False, default_flow_style=False, width=1000)
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(REPO_ROOT / "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["to_yaml"] = _to_yaml
+    env.filters["dotenv"] = dotenv.render
+    return env
+
+
+def render_compose(project: Project) -> str:
+    return _templates().get_template("compose.yaml.j2").render(compose=compose_model(project)).rstrip("\n") + "\n"
+
+
+def render_env(project: Project) -> str:
+    return _templates().get_template("env.j2").render(env=env_values(project)).rstrip("\n") + "\n"

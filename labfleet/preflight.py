@@ -1,0 +1,47 @@
+"""Preflight: the checks and host-wide trust that every later step relies on."""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.facts.server import Users
+
+from labfleet import certs
+from labfleet.settings import Settings
+
+
+@operation(is_idempotent=True)
+def require(ok: bool, problem: str):
+    """Stop this host, and only this host, with a message for a person.
+
+    + ok: whether the requirement holds
+    + problem: what is wrong and what to do about it
+
+    A failing command, not an exception: pyinfra aborts every host when an operation
+    raises, but carries on with the others when one host's command fails.
+    """
+    if ok:
+        host.noop("requirement met")
+        return
+    yield f"echo {shlex.quote('labfleet: ' + problem)} >&2; exit 1"
+
+
+def account(name: str) -> dict | None:
+    """The host account `name` (uid, gid, group, home), or None when it does not exist."""
+    return host.get_fact(Users).get(name)
+
+
+@deploy("Preflight")
+def check_host(settings: Settings):
+    for user in settings.jupyter_users:
+        require(
+            name=f"Check that account {user.name} exists",
+            ok=account(user.name) is not None,
+            problem=(
+                f"host {settings.host}: jupyter_user {user.name!r} has no account on this host; "
+                "create it (adduser) or set jupyter_user / jupyter_users to an existing account"
+            ),
+        )
+    certs.trust_extra_ca_certificates(settings)

@@ -1,0 +1,301 @@
+"""A typed, validated, frozen view of each host's settings.
+
+This is the only module that reads raw ``host.data``. Every host of the inventory is
+validated the first time any host asks for its settings, so one bad value on one host
+stops the whole run while the deploy is still being planned: before any operation
+touches any host.
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pyinfra.api.exceptions import PyinfraError
+
+from labfleet import checks
+from labfleet.checks import Invalid
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS_DIR = REPO_ROOT / "container" / "requirements"
+
+# The first driver release that runs each CUDA line's wheels (the floor used when
+# nvidia_driver_min is not set).
+CUDA_DRIVER_FLOOR = {
+    "11.8": "450.80.02",
+    "12.1": "525.60.13",
+    "12.4": "525.60.13",
+    "12.6": "525.60.13",
+    "12.8": "570",
+    "12.9": "570",
+    "13.0": "580",
+}
+
+
+class SettingsError(PyinfraError):
+    """One or more settings are invalid; the message has one line per problem."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    readonly: bool = True
+    prune: bool = False
+    manifest: str | None = None
+
+
+@dataclass(frozen=True)
+class JupyterUser:
+    """One compose project: a host account, its published port and its workspace."""
+
+    name: str
+    port: int
+    workspace_dir: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    gpu: str | bool
+    gpu_devices: str | int | tuple[str, ...]
+    docker_source: str
+    docker_apt_mirror: str
+    docker_version: str | None
+    docker_users: tuple[str, ...]
+    docker_daemon: dict
+    nvidia_toolkit_apt_mirror: str
+    nvidia_toolkit_version: str | None
+    nvidia_default_runtime: bool
+    nvidia_driver_min: str
+    cuda: str
+    datasets_root: str
+    datasets: tuple[Dataset, ...]
+    workspace_dir: str
+    jupyter_users: tuple[JupyterUser, ...]
+    jupyter_bind: str
+    jupyter_password_hash: str | None
+    image_profile: str
+    image_delivery: str
+    image_registry: str | None
+    base_image: str
+    extra_ca_certificates: tuple[str, ...]
+    shm_size: str
+
+    @property
+    def jupyter_user(self) -> JupyterUser:
+        """The first (usually the only) jupyter user."""
+        return self.jupyter_users[0]
+
+
+def _profiles() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in REQUIREMENTS_DIR.glob("*.in")))
+
+
+# Each setting: (validator, expected form shown in errors). A validator returns the
+# normalised value or raises Invalid.
+FIELDS: dict[str, tuple[Any, str]] = {
+    "gpu": (checks.choice("auto", True, False), 'one of "auto", true, false'),
+    "gpu_devices": (checks.gpu_devices, '"all", a GPU count >= 1, or a list of device ids'),
+    "docker_source": (checks.choice("docker-ce", "distro"), 'one of "docker-ce", "distro"'),
+    "docker_apt_mirror": (checks.url, "an http(s):// or file:/ URL"),
+    "docker_version": (checks.optional(checks.package_version), "null or a version like 5:27.3.1"),
+    "docker_users": (checks.list_of(checks.username), "a list of user names"),
+    "docker_daemon": (checks.json_object, "a mapping of daemon.json keys to JSON values"),
+    "nvidia_toolkit_apt_mirror": (checks.url, "an http(s):// or file:/ URL"),
+    "nvidia_toolkit_version": (checks.optional(checks.package_version), "null or a version like 1.17.8-1"),
+    "nvidia_default_runtime": (checks.boolean, "true or false"),
+    "nvidia_driver_min": (checks.optional(checks.driver_version), 'null or a driver version like "570" or "525.60.13"'),
+    "cuda": (checks.choice(*CUDA_DRIVER_FLOOR), "one of " + ", ".join(f'"{c}"' for c in CUDA_DRIVER_FLOOR)),
+    "datasets_root": (checks.absolute_path, "an absolute path"),
+    "datasets": (checks.datasets, "a mapping of dataset name to {source, readonly, prune, manifest}"),
+    "workspace_dir": (checks.workspace_dir, 'an absolute path, optionally with "{user}"'),
+    "jupyter_user": (checks.optional(checks.username), "null or a user name"),
+    "jupyter_users": (checks.list_of(checks.jupyter_user_entry), "a list of user names or {name, port} mappings"),
+    "jupyter_port": (checks.port, "an integer port 1-65535"),
+    "jupyter_bind": (checks.ip_address, "an IPv4 or IPv6 address such as 127.0.0.1"),
+    "jupyter_password_hash": (
+        checks.optional(checks.argon2_hash),
+        "null or an argon2 hash (argon2:$argon2id$v=19$m=...,t=...,p=...$salt$hash)",
+    ),
+    "image_profile": (checks.profile(_profiles), "a profile under container/requirements"),
+    "image_delivery": (checks.choice("build", "ship", "registry"), 'one of "build", "ship", "registry"'),
+    "image_registry": (checks.optional(checks.registry), "null or a registry address like registry.lab:5000"),
+    "base_image": (checks.image_reference, "an image reference like ubuntu:24.04@sha256:<64 hex>"),
+    "extra_ca_certificates": (checks.list_of(checks.pem_file), "a list of PEM certificate files on the controller"),
+    "shm_size": (checks.size, 'a size like "16g", "512m" or "1073741824"'),
+}
+
+
+@cache
+def _connector_keys() -> frozenset[str]:
+    """Data keys that pyinfra's own connectors read; they are not labfleet settings."""
+    from pyinfra.api.connectors import get_all_connectors
+
+    keys: set[str] = set()
+    for connector in get_all_connectors().values():
+        keys.update(getattr(connector, "data_meta", {}) or {})
+    return frozenset(keys)
+
+
+def _is_passthrough(key: str) -> bool:
+    return key.startswith(("_", "ssh_", "winrm_")) or key in _connector_keys()
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else "; known settings are listed in group_data/all.py"
+
+
+def _default_jupyter_user(raw: dict) -> str | None:
+    if raw.get("ssh_user"):
+        return raw["ssh_user"]
+    # On @local the person who ran the command owns the notebooks, even under sudo.
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def build(host_name: str, raw: dict, inventory_hosts: frozenset[str] = frozenset()) -> Settings:
+    """Validate one host's raw data and return its Settings, or raise SettingsError."""
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+
+    for key in sorted(raw):
+        if key not in FIELDS and not _is_passthrough(key):
+            errors.append(f"host {host_name}: unknown setting {key}{_suggest(key)}")
+
+    for key, (validate, expected) in FIELDS.items():
+        if key not in raw:
+            errors.append(
+                f"host {host_name}: setting {key} is missing; expected {expected} (is group_data/all.py loaded?)"
+            )
+            continue
+        try:
+            values[key] = validate(raw[key])
+        except Invalid as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            errors.append(f"host {host_name}: {key} = {raw[key]!r} is invalid{detail}; expected {expected}")
+
+    if not errors:
+        errors.extend(_cross_checks(host_name, values, raw, inventory_hosts))
+    if errors:
+        raise SettingsError("\n".join(errors))
+    return _assemble(host_name, values, raw)
+
+
+def _jupyter_users(values: dict, raw: dict) -> list[tuple[str, int]]:
+    entries = values["jupyter_users"] or [values["jupyter_user"] or _default_jupyter_user(raw)]
+    users = []
+    for index, entry in enumerate(entries):
+        name, port = entry if isinstance(entry, tuple) else (entry, None)
+        users.append((name, port if port is not None else values["jupyter_port"] + index))
+    return users
+
+
+def _cross_checks(host_name: str, values: dict, raw: dict, inventory_hosts: frozenset[str]) -> list[str]:
+    errors = []
+    users = _jupyter_users(values, raw)
+    names = [name for name, _ in users]
+    ports = [port for _, port in users]
+    if values["jupyter_users"] and values["jupyter_user"] and values["jupyter_user"] not in names:
+        errors.append(
+            f"host {host_name}: jupyter_user = {values['jupyter_user']!r} is not in jupyter_users = {names!r}; "
+            "expected either jupyter_user alone or a jupyter_users list"
+        )
+    for name in names:
+        if name == "root":
+            errors.append(
+                f"host {host_name}: jupyter_user = 'root' is invalid; expected a non-root account "
+                "(set jupyter_user, or run the deploy as your own user with sudo)"
+            )
+    for name in {n for n in names if names.count(n) > 1}:
+        errors.append(f"host {host_name}: jupyter_users lists {name!r} twice; expected each user once")
+    for port in sorted({p for p in ports if ports.count(p) > 1}):
+        clash = [n for n, p in users if p == port]
+        errors.append(
+            f"host {host_name}: port {port} is published twice (users {', '.join(clash)}); "
+            "expected a distinct jupyter port per user"
+        )
+    if values["image_delivery"] == "registry" and not values["image_registry"]:
+        errors.append(
+            f"host {host_name}: image_registry = None is invalid with image_delivery = 'registry'; "
+            "expected a registry address like registry.lab:5000"
+        )
+    for dataset in values["datasets"]:
+        if dataset.source.startswith("host:"):
+            peer = dataset.source.split(":", 2)[1]
+            if inventory_hosts and peer not in inventory_hosts:
+                errors.append(
+                    f"host {host_name}: datasets.{dataset.name}.source = {dataset.source!r} names an unknown host; "
+                    f"expected one of the inventory's hosts: {', '.join(sorted(inventory_hosts))}"
+                )
+            elif peer == host_name:
+                errors.append(
+                    f"host {host_name}: datasets.{dataset.name}.source = {dataset.source!r} names this host itself; "
+                    "expected a peer host that holds the dataset"
+                )
+    return errors
+
+
+def _assemble(host_name: str, values: dict, raw: dict) -> Settings:
+    users = tuple(
+        JupyterUser(name=name, port=port, workspace_dir=values["workspace_dir"].replace("{user}", name))
+        for name, port in _jupyter_users(values, raw)
+    )
+    return Settings(
+        host=host_name,
+        gpu=values["gpu"],
+        gpu_devices=values["gpu_devices"],
+        docker_source=values["docker_source"],
+        docker_apt_mirror=values["docker_apt_mirror"],
+        docker_version=values["docker_version"],
+        docker_users=tuple(values["docker_users"]),
+        docker_daemon=values["docker_daemon"],
+        nvidia_toolkit_apt_mirror=values["nvidia_toolkit_apt_mirror"],
+        nvidia_toolkit_version=values["nvidia_toolkit_version"],
+        nvidia_default_runtime=values["nvidia_default_runtime"],
+        nvidia_driver_min=values["nvidia_driver_min"] or CUDA_DRIVER_FLOOR[values["cuda"]],
+        cuda=values["cuda"],
+        datasets_root=values["datasets_root"],
+        datasets=values["datasets"],
+        workspace_dir=values["workspace_dir"],
+        jupyter_users=users,
+        jupyter_bind=values["jupyter_bind"],
+        jupyter_password_hash=values["jupyter_password_hash"],
+        image_profile=values["image_profile"],
+        image_delivery=values["image_delivery"],
+        image_registry=values["image_registry"],
+        base_image=values["base_image"],
+        extra_ca_certificates=tuple(values["extra_ca_certificates"]),
+        shm_size=values["shm_size"],
+    )
+
+
+def validate_inventory(inventory) -> dict[str, Settings]:
+    """Validate every host of the inventory; raise one SettingsError listing every problem."""
+    names = frozenset(host.name for host in inventory)
+    settings, errors = {}, []
+    for host in inventory:
+        try:
+            settings[host.name] = build(host.name, host.data.dict(), names)
+        except SettingsError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SettingsError("invalid settings, no host was changed:\n" + "\n".join(errors))
+    return settings
+
+
+_validated: dict[int, dict[str, Settings]] = {}
+
+
+def for_host(host) -> Settings:
+    """This host's Settings; the first call validates the whole inventory."""
+    inventory = host.inventory
+    key = id(inventory)
+    if key not in _validated:
+        _validated[key] = validate_inventory(inventory)
+    return _validated[key][host.name]
