@@ -1,0 +1,68 @@
+"""The real pyinfra CLI against @local: planning only, or refusing before any change."""
+
+import getpass
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+# The dry run plans for a real account; root is refused as a jupyter user.
+USER = "nobody" if os.geteuid() == 0 else getpass.getuser()
+
+
+def _pyinfra(tmp_path, *args, data=()):
+    settings = [
+        f"jupyter_user={USER}",
+        f"datasets_root={tmp_path}/datasets",
+        f"workspace_dir={tmp_path}/workspace/{{user}}",
+        *data,
+    ]
+    data_args = [arg for item in settings for arg in ("--data", item)]
+    return subprocess.run(
+        [PYINFRA, *args, "@local", "deploy.py", *data_args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_dry_run_lists_the_planned_operations(tmp_path):
+    result = _pyinfra(tmp_path, "--dry", "--json")
+    assert result.returncode == 0, result.stderr
+    planned = [op["name"] for op in json.loads(result.stdout)["plan"]]
+    assert planned[0] == f"Preflight | Check that account {USER} exists"
+    for expected in (
+        f"Lay out the dataset directories | Create the datasets root {tmp_path}/datasets",
+        f"Write the JupyterLab compose projects | Create the workspace of {USER}",
+        f"Write the JupyterLab compose projects | Keep the Jupyter token of {USER}",
+        f"Write the JupyterLab compose projects | Write compose.yaml of {USER}",
+        f"Write the JupyterLab compose projects | Write .env of {USER}",
+    ):
+        assert expected in planned
+    assert list(tmp_path.iterdir()) == [], "a dry run created files"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("jupyter_port=70000", "host @local: jupyter_port = 70000 is invalid; expected an integer port 1-65535"),
+        ("jupyter_prot=8890", "host @local: unknown setting jupyter_prot; did you mean jupyter_port?"),
+        ("shm_size=lots", "host @local: shm_size = 'lots' is invalid; expected a size like"),
+    ],
+)
+def test_bad_setting_leaves_the_host_untouched(tmp_path, setting, message):
+    app_root_existed = Path("/opt/labfleet").exists()
+    result = _pyinfra(tmp_path, "-y", data=[setting])
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert message in output
+    assert "Traceback" not in output
+    assert "Starting operation" not in output
+    assert list(tmp_path.iterdir()) == []
+    assert Path("/opt/labfleet").exists() == app_root_existed

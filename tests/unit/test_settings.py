@@ -1,0 +1,258 @@
+"""Every setting's validation, good and bad: each error names host, key, value and form."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from labfleet import settings
+from labfleet.settings import SettingsError, build, validate_inventory
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+# (key, bad value, a fragment the error must contain besides host/key/value)
+BAD = [
+    ("gpu", "yes", 'one of "auto", true, false'),
+    ("gpu", 1, 'one of "auto", true, false'),
+    ("gpu_devices", 0, "at least 1"),
+    ("gpu_devices", ["zero"], "device id"),
+    ("gpu_devices", [], "a list of device ids"),
+    ("docker_source", "apt", '"docker-ce", "distro"'),
+    ("docker_apt_mirror", "ftp://mirror.lab/docker", "http(s)://"),
+    ("docker_apt_mirror", "mirror.lab/docker", "http(s)://"),
+    ("docker_version", "latest", "version like"),
+    ("docker_version", 27, "version like"),
+    ("docker_users", "alice", "list of user names"),
+    ("docker_users", ["Alice Smith"], "list of user names"),
+    ("docker_daemon", ["log-driver"], "daemon.json"),
+    ("docker_daemon", {"x": {1, 2}}, "JSON-serialisable"),
+    ("nvidia_toolkit_apt_mirror", "", "URL"),
+    ("nvidia_toolkit_version", "1.17 8", "version like"),
+    ("nvidia_default_runtime", "false", "true or false"),
+    ("nvidia_driver_min", "57", "driver version"),
+    ("nvidia_driver_min", "latest", "driver version"),
+    ("cuda", "12.3", '"12.8"'),
+    ("cuda", 12.8, '"12.8"'),
+    ("datasets_root", "srv/datasets", "absolute path"),
+    ("datasets_root", "/srv/../etc", "absolute path"),
+    ("datasets_root", "/", "absolute path"),
+    ("datasets", {"../x": {"source": "manual"}}, "without '/', '..' or spaces"),
+    ("datasets", {"a b": {"source": "manual"}}, "without '/', '..' or spaces"),
+    ("datasets", {"imagenet/train": "manual"}, "without '/', '..' or spaces"),
+    ("datasets", {"imagenet": {"source": "s3:bucket"}}, "local:<path>"),
+    ("datasets", {"imagenet": {"source": "host:pc2:relative"}}, "host:<inventory host>"),
+    ("datasets", {"imagenet": {"source": "nfs:server"}}, "nfs:<server>"),
+    ("datasets", {"imagenet": {"source": "manual", "readonly": "no"}}, "true or false"),
+    ("datasets", {"imagenet": {"source": "manual", "prun": True}}, "unknown keys"),
+    ("datasets", {"imagenet": {}}, "has no source"),
+    ("datasets", ["imagenet"], "mapping"),
+    ("workspace_dir", "~/workspace", "absolute path"),
+    ("workspace_dir", "/srv/{host}/ws", "{user}"),
+    ("jupyter_user", "Alice", "user name"),
+    ("jupyter_user", "al ice", "user name"),
+    ("jupyter_users", ["alice", {"name": "bob", "port": 0}], "{name, port}"),
+    ("jupyter_users", "alice", "a list of user names"),
+    ("jupyter_port", 0, "1-65535"),
+    ("jupyter_port", 65536, "1-65535"),
+    ("jupyter_port", "8888", "1-65535"),
+    ("jupyter_port", True, "1-65535"),
+    ("jupyter_bind", "localhost", "IPv4 or IPv6"),
+    ("jupyter_bind", "127.0.0.256", "IPv4 or IPv6"),
+    ("jupyter_password_hash", "sha1:abc:def", "argon2"),
+    ("jupyter_password_hash", "$argon2id$v=19$m=10240,t=10,p=8$c2FsdA", "argon2"),
+    ("image_profile", "tensorflow", "container/requirements"),
+    ("image_delivery", "rsync", '"build", "ship", "registry"'),
+    ("image_registry", "https://registry.lab:5000", "registry address"),
+    ("image_registry", "registry.lab:99999", "registry address"),
+    ("base_image", "Ubuntu:24.04", "image reference"),
+    ("base_image", "ubuntu:24.04@sha256:abc", "image reference"),
+    ("extra_ca_certificates", ["/nonexistent/ca.crt"], "no such file"),
+    ("extra_ca_certificates", "/etc/ssl/ca.crt", "list of PEM"),
+    ("shm_size", "16 GB", "16g"),
+    ("shm_size", "-1g", "16g"),
+    ("shm_size", 0, "16g"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])
+def test_bad_value_names_host_key_value_and_form(raw, key, value, expected):
+    raw[key] = value
+    with pytest.raises(SettingsError) as err:
+        build("pc07", raw)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"host pc07: {key} = {value!r} is invalid"), message
+    assert expected in message
+
+
+GOOD = [
+    ("gpu", True, True),
+    ("gpu", "auto", "auto"),
+    ("gpu_devices", 2, 2),
+    ("gpu_devices", [0, "GPU-0a1b2c3d-0000-1111-2222-333344445555"], ("0", "GPU-0a1b2c3d-0000-1111-2222-333344445555")),
+    ("docker_source", "distro", "distro"),
+    ("docker_apt_mirror", "http://apt.lab/docker/", "http://apt.lab/docker"),
+    ("docker_apt_mirror", "file:///srv/mirror", "file:///srv/mirror"),
+    ("docker_version", "5:27.3.1-1~debian.12~bookworm", "5:27.3.1-1~debian.12~bookworm"),
+    ("docker_daemon", {"log-driver": "local", "log-opts": {"max-size": "10m"}}, None),
+    ("nvidia_driver_min", 550, "550"),
+    ("nvidia_driver_min", "525.60.13", "525.60.13"),
+    ("jupyter_bind", "::1", "::1"),
+    ("jupyter_bind", "0.0.0.0", "0.0.0.0"),
+    ("jupyter_password_hash", "$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$aGFzaGhhc2g", None),
+    ("image_registry", "registry.lab:5000", "registry.lab:5000"),
+    ("base_image", "labfleet-test/debian:trixie-0123456789ab", None),
+    ("base_image", "debian:trixie-slim@sha256:" + "a" * 64, None),
+    ("shm_size", "512M", "512m"),
+    ("shm_size", 1073741824, "1073741824"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "normalised"), GOOD, ids=[f"{k}={v!r}" for k, v, _ in GOOD])
+def test_good_value_is_accepted(raw, key, value, normalised):
+    raw[key] = value
+    result = build("pc07", raw)
+    if key in settings.Settings.__dataclass_fields__ and normalised is not None:
+        assert getattr(result, key) == normalised
+
+
+def test_defaults_are_valid(raw):
+    s = build("pc01", raw)
+    assert s.cuda == "12.8"
+    assert s.nvidia_driver_min == "570"
+    assert s.jupyter_user.name == "alice"
+    assert s.jupyter_user.port == 8888
+    assert s.jupyter_user.workspace_dir == "/srv/workspace/alice"
+
+
+def test_driver_floor_follows_cuda(raw):
+    raw["cuda"] = "13.0"
+    assert build("pc01", raw).nvidia_driver_min == "580"
+    raw["cuda"] = "12.4"
+    assert build("pc01", raw).nvidia_driver_min == "525.60.13"
+    raw["nvidia_driver_min"] = "560"
+    assert build("pc01", raw).nvidia_driver_min == "560"
+
+
+def test_password_hash_gets_jupyter_prefix(raw):
+    raw["jupyter_password_hash"] = "$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$aGFzaGhhc2g"
+    assert build("pc01", raw).jupyter_password_hash.startswith("argon2:$argon2id$")
+
+
+def test_unknown_key_suggests_the_closest(raw):
+    raw["jupyter_prot"] = 8890
+    with pytest.raises(SettingsError, match=r"host pc01: unknown setting jupyter_prot; did you mean jupyter_port\?"):
+        build("pc01", raw)
+
+
+def test_unknown_key_without_a_close_match(raw):
+    raw["colour"] = "blue"
+    with pytest.raises(SettingsError, match=r"unknown setting colour; known settings are listed in group_data/all\.py"):
+        build("pc01", raw)
+
+
+def test_connector_and_private_keys_pass_through(raw):
+    raw.update(ssh_user="admin", ssh_port=2222, _sudo=True, docker_identifier="x", winrm_port=5986)
+    assert build("pc01", raw).jupyter_user.name == "alice"
+
+
+def test_jupyter_user_defaults_to_ssh_user(raw):
+    raw["jupyter_user"] = None
+    raw["ssh_user"] = "bob"
+    assert build("pc01", raw).jupyter_user.name == "bob"
+
+
+def test_root_is_refused_as_jupyter_user(raw):
+    raw["jupyter_user"] = "root"
+    with pytest.raises(SettingsError, match="host pc01: jupyter_user = 'root' is invalid; expected a non-root account"):
+        build("pc01", raw)
+
+
+def test_several_users_get_consecutive_ports(raw):
+    raw["jupyter_user"] = None
+    raw["jupyter_users"] = ["alice", "bob", {"name": "carol", "port": 9000}]
+    users = build("pc01", raw).jupyter_users
+    assert [(u.name, u.port, u.workspace_dir) for u in users] == [
+        ("alice", 8888, "/srv/workspace/alice"),
+        ("bob", 8889, "/srv/workspace/bob"),
+        ("carol", 9000, "/srv/workspace/carol"),
+    ]
+
+
+def test_clashing_ports_on_one_host(raw):
+    raw["jupyter_user"] = None
+    raw["jupyter_users"] = ["alice", {"name": "bob", "port": 8888}]
+    with pytest.raises(SettingsError, match="host pc01: port 8888 is published twice \\(users alice, bob\\)"):
+        build("pc01", raw)
+
+
+def test_same_user_twice(raw):
+    raw["jupyter_user"] = None
+    raw["jupyter_users"] = ["alice", "alice"]
+    with pytest.raises(SettingsError, match="jupyter_users lists 'alice' twice"):
+        build("pc01", raw)
+
+
+def test_registry_delivery_needs_a_registry(raw):
+    raw["image_delivery"] = "registry"
+    with pytest.raises(SettingsError, match="image_registry = None is invalid with image_delivery = 'registry'"):
+        build("pc01", raw)
+
+
+def test_peer_dataset_must_name_an_inventory_host(raw):
+    raw["datasets"] = {"imagenet": {"source": "host:pc09:/srv/datasets/imagenet"}}
+    with pytest.raises(SettingsError, match="names an unknown host; expected one of the inventory's hosts: pc01, pc02"):
+        build("pc01", raw, frozenset({"pc01", "pc02"}))
+    raw["datasets"] = {"imagenet": {"source": "host:pc01:/srv/datasets/imagenet"}}
+    with pytest.raises(SettingsError, match="names this host itself"):
+        build("pc01", raw, frozenset({"pc01", "pc02"}))
+    raw["datasets"] = {"imagenet": {"source": "host:pc02:/srv/datasets/imagenet", "readonly": False}}
+    (dataset,) = build("pc01", raw, frozenset({"pc01", "pc02"})).datasets
+    assert (dataset.name, dataset.readonly, dataset.prune) == ("imagenet", False, False)
+
+
+def test_missing_default_is_reported(raw):
+    del raw["shm_size"]
+    with pytest.raises(SettingsError, match="setting shm_size is missing"):
+        build("pc01", raw)
+
+
+def test_extra_ca_certificates_must_be_pem(raw, tmp_path):
+    good, bad = tmp_path / "lab-ca.crt", tmp_path / "notes.txt"
+    good.write_text(PEM)
+    bad.write_text("hello")
+    raw["extra_ca_certificates"] = [str(good)]
+    assert build("pc01", raw).extra_ca_certificates == (str(good),)
+    raw["extra_ca_certificates"] = [str(good), str(bad)]
+    with pytest.raises(SettingsError, match=r"item 1 .*not a PEM certificate"):
+        build("pc01", raw)
+
+
+def test_settings_are_frozen(raw):
+    s = build("pc01", raw)
+    with pytest.raises(AttributeError):
+        s.cuda = "13.0"
+
+
+def _fake_inventory(hosts: dict[str, dict]):
+    return [SimpleNamespace(name=name, data=SimpleNamespace(dict=lambda d=data: d)) for name, data in hosts.items()]
+
+
+def test_inventory_validation_reports_every_bad_host_and_only_those(raw):
+    bad_port = {**raw, "jupyter_port": 70000}
+    bad_bind = {**raw, "jupyter_bind": "lab.local"}
+    inventory = _fake_inventory({"pc01": raw, "pc02": bad_port, "pc03": raw, "pc04": bad_bind})
+    with pytest.raises(SettingsError) as err:
+        validate_inventory(inventory)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid settings, no host was changed:"
+    assert lines[1:] == [
+        "host pc02: jupyter_port = 70000 is invalid; expected an integer port 1-65535",
+        "host pc04: jupyter_bind = 'lab.local' is invalid; expected an IPv4 or IPv6 address such as 127.0.0.1",
+    ]
+
+
+def test_inventory_validation_returns_settings_per_host(raw):
+    inventory = _fake_inventory({"pc01": raw, "pc02": {**raw, "jupyter_port": 9999}})
+    result = validate_inventory(inventory)
+    assert result["pc02"].jupyter_user.port == 9999
+    assert result["pc01"].jupyter_user.port == 8888
