@@ -28,7 +28,7 @@ APP_PORT = 8888
 
 TEST_LABEL = "labfleet.test"
 SESSION_LABEL = "labfleet.session"
-OWNER_PID_LABEL = "labfleet.owner-pid"
+OWNER_LABEL = "labfleet.owner"  # "<pid>-<start time>" of the pytest process
 
 # systemd and a nested Docker engine without --privileged, which runc refuses here.
 SYSTEMD_RUN_FLAGS = (
@@ -149,7 +149,7 @@ class Fleet:
             "run", "--detach", "--name", name, "--hostname", name,
             "--label", f"{TEST_LABEL}=1",
             "--label", f"{SESSION_LABEL}={self.session}",
-            "--label", f"{OWNER_PID_LABEL}={os.getpid()}",
+            "--label", f"{OWNER_LABEL}={process_identity(os.getpid())}",
             *SYSTEMD_RUN_FLAGS,
             # The engine labfleet installs needs a real file system for overlay2.
             "--volume", "/var/lib/docker",
@@ -190,7 +190,8 @@ def remove_stale_hosts(current_session: str) -> list[str]:
         labels = _labels(container)
         if labels.get(SESSION_LABEL) == current_session:
             continue
-        if _process_alive(labels.get(OWNER_PID_LABEL, "")):
+        owner = labels.get(OWNER_LABEL, "")
+        if owner and owner == _identity_of(owner):
             continue
         stale.append(container)
     remove_containers(stale)
@@ -210,10 +211,19 @@ def _labels(container: str) -> dict[str, str]:
         return {}
 
 
-def _process_alive(pid: str) -> bool:
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    return Path(f"/proc/{pid}").exists()
+def process_identity(pid: int) -> str:
+    """The pid and start time of a process; unlike a bare pid, it never names a later process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # Field 22 is the start time; the command name before it may contain spaces.
+    return f"{pid}-{stat.rpartition(')')[2].split()[19]}"
+
+
+def _identity_of(owner: str) -> str:
+    pid = owner.partition("-")[0]
+    return process_identity(int(pid)) if pid.isdigit() else ""
 
 
 def _published_port(container: str, port: int) -> int:

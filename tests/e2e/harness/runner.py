@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from .hosts import TestHost
 REPO_ROOT = Path(__file__).resolve().parents[3]
 LOCAL_CA_GLOB = "/usr/local/share/ca-certificates/*.crt"
 INVENTORY_NAME = "lab_hosts.py"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 DEFAULT_TIMEOUT_S = 900
 
 # The inventory reads its hosts from JSON beside it, so any JSON value passes through intact.
@@ -89,7 +91,12 @@ class Result:
         return [op["name"] for op in self.ops if host in op["success"]]
 
     def errors(self) -> list[tuple[str, str]]:
-        """(host, operation name) for every failed operation."""
+        """(host, operation name) for every failed operation.
+
+        pyinfra prints no JSON when every host failed; the names then come from its log.
+        """
+        if not (self.json or {}).get("results"):
+            return _errors_from_log(self.stderr)
         return [(host, op["name"]) for op in self.ops for host in op["error"]]
 
 
@@ -237,6 +244,19 @@ def _parse_json(stdout: str) -> dict | None:
         except ValueError:
             start = text.find("\n{", start + 1)
     return None
+
+
+def _errors_from_log(stderr: str) -> list[tuple[str, str]]:
+    errors, operation = [], "(before the first operation)"
+    for line in _ANSI.sub("", stderr).splitlines():
+        started = re.match(r"--> Starting operation: (.*)", line.strip())
+        if started:
+            operation = started.group(1).strip()
+            continue
+        failed = re.match(r"\[([^\]]+)\] Error", line.strip())
+        if failed and (failed.group(1), operation) not in errors:
+            errors.append((failed.group(1), operation))
+    return errors
 
 
 def _host_name(host: str | TestHost) -> str:

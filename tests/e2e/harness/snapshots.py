@@ -44,7 +44,7 @@ def checksum_snapshot(host: TestHost, paths: Iterable[str], missing_ok: bool = F
     script = (
         f"{check}"
         f"find {quoted} -type f -printf '%p\\0%m\\0%U\\0%G\\0' 2>/dev/null; "
-        f"printf '{_SHA_SECTION}\\0'; "
+        f"printf '%s\\0' {_SHA_SECTION}; "
         f"find {quoted} -type f -print0 2>/dev/null | xargs -0 -r sha256sum --zero"
     )
     output = host_exec(host, script, timeout=600).stdout
