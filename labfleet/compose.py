@@ -7,6 +7,8 @@ project directory, as with the hand-made setup.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,6 +25,7 @@ WORKSPACE_DIR = "/workspace"
 TOKEN_SECRET = "jupyter_token"
 PASSWORD_SECRET = "jupyter_password_hash"
 STACK_BYTES = 64 * 1024 * 1024
+CONFIG_LABEL = "org.labfleet.config"
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,16 @@ def compose_model(project: Project) -> dict:
         secrets[PASSWORD_SECRET] = {"file": f"./{PASSWORD_SECRET}"}
     if project.gpu:
         service["deploy"] = _gpu_reservation(project.settings.gpu_devices)
-    return {"name": project.name, "services": {"jupyterlab": service}, "secrets": secrets}
+    model = {"name": project.name, "services": {"jupyterlab": service}, "secrets": secrets}
+    # The running container carries a digest of everything compose is given, so a run can
+    # tell from one `docker inspect` whether the container is current.
+    service["labels"] = {CONFIG_LABEL: config_digest(model, env_values(project))}
+    return model
+
+
+def config_digest(model: dict, env: dict) -> str:
+    blob = json.dumps([model, {k: str(v) for k, v in env.items()}], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _to_yaml(value) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shlex
 from io import StringIO
 
-from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra import host, logger
+from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
@@ -113,4 +113,120 @@ def write_projects(settings: Settings):
             user="root",
             group="root",
             mode="600",
+        )
+
+
+class ComposeService(FactBase):
+    """The jupyterlab container of one compose project, and the image id its tag names now.
+
+    Returns ``{"image_id", "container_image", "status", "health", "digest"}``; the
+    container keys are None when there is no container.
+    """
+
+    requires_command = "docker"
+
+    def command(self, project: str, image: str) -> str:
+        container_format = (
+            "container {{.Image}} {{.State.Status}} "
+            "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} "
+            '{{index .Config.Labels "' + compose.CONFIG_LABEL + '"}}'
+        )
+        return (
+            f"docker image inspect --format 'image {{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null; "
+            f"docker ps -aq --filter label=com.docker.compose.project={shlex.quote(project)} "
+            "--filter label=com.docker.compose.service=jupyterlab | head -n 1 | "
+            f"xargs -r docker inspect --format {shlex.quote(container_format)}; true"
+        )
+
+    def process(self, output):
+        state = dict.fromkeys(("image_id", "container_image", "status", "health", "digest"))
+        for line in output:
+            parts = line.split()
+            if parts[:1] == ["image"] and len(parts) == 2:
+                state["image_id"] = parts[1]
+            elif parts[:1] == ["container"] and len(parts) >= 4:
+                state.update(container_image=parts[1], status=parts[2], health=parts[3])
+                state["digest"] = parts[4] if len(parts) > 4 else None
+        return state
+
+
+# Jupyter prints its URLs with the token; logs shown on failure must not carry it.
+HIDE_TOKENS = "sed -E 's/(token=)[^&[:space:]]+/\\1<hidden>/g'"
+
+
+@operation(is_idempotent=True)
+def compose_up(directory: str, project: str, image: str, digest: str, timeout: int = 300):
+    """Bring a compose project up, and wait until it is healthy, only when it is not current.
+
+    + directory: the compose project directory
+    + project: the compose project name
+    + image: the image tag the project runs
+    + digest: the config digest the current container must carry
+    + timeout: seconds to wait for healthy
+
+    Current means running the image id the tag names, with this config digest, and
+    healthy. On failure the last log lines are shown, with tokens hidden, and only this
+    host fails.
+    """
+    state = host.get_fact(ComposeService, project=project, image=image)
+    if state["image_id"] is None:
+        yield f"echo {shlex.quote(f'labfleet: image {image} is missing on this host')} >&2; exit 1"
+        return
+    current = (
+        state["container_image"] == state["image_id"] and state["status"] == "running" and state["digest"] == digest
+    )
+    if current and state["health"] == "healthy":
+        host.noop(f"{project} is up, current and healthy")
+        return
+    recreate = " --force-recreate" if current and state["health"] == "unhealthy" else ""
+    yield (
+        f"cd {shlex.quote(directory)} && "
+        f"docker compose up -d --wait --wait-timeout {int(timeout)}{recreate} 2>&1 || "
+        f"{{ docker compose logs --no-color --tail 40 2>&1 | {HIDE_TOKENS} >&2; exit 1; }}"
+    )
+
+
+@operation(is_idempotent=True)
+def announce(message: str):
+    """Print a line for a person at the end of the run; it changes nothing."""
+    logger.info(f"{host.print_prefix}{message}")
+    host.noop(message)
+    return
+    yield  # an operation is a generator, even one that yields nothing
+
+
+def tunnel_hint(settings: Settings, port: int) -> str:
+    if settings.jupyter_bind in ("127.0.0.1", "::1"):
+        return f"ssh -L {port}:127.0.0.1:{port} {settings.host}"
+    return "no tunnel needed"
+
+
+@deploy("Bring JupyterLab up")
+def bring_up(settings: Settings):
+    for project in projects(settings):
+        model = compose.compose_model(project)
+        compose_up(
+            name=f"Bring up JupyterLab of {project.user.name}",
+            directory=project.directory,
+            project=project.name,
+            image=project.image,
+            digest=model["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL],
+        )
+
+
+@deploy("Summary")
+def announce_projects(settings: Settings):
+    for project in projects(settings):
+        port = project.user.port
+        secret = (
+            "the password behind jupyter_password_hash"
+            if settings.jupyter_password_hash
+            else f"token in {project.directory}/{compose.TOKEN_SECRET}"
+        )
+        announce(
+            name=f"How {project.user.name} reaches JupyterLab",
+            message=(
+                f"JupyterLab of {project.user.name}: http://127.0.0.1:{port}/lab "
+                f"(tunnel: {tunnel_hint(settings, port)}; {secret})"
+            ),
         )
