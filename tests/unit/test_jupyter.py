@@ -1,0 +1,99 @@
+"""Planning of the bring-up and token operations against a fake host."""
+
+import pytest
+
+from labfleet import jupyter
+
+IMAGE = "labfleet/jupyterlab:jupyter-0123456789ab"
+
+
+class FakeHost:
+    def __init__(self, facts):
+        self.facts = facts
+        self.noops = []
+        self.print_prefix = "[pc01] "
+
+    def get_fact(self, fact, **kwargs):
+        return self.facts[fact]
+
+    def noop(self, message):
+        self.noops.append(message)
+
+
+@pytest.fixture
+def fake_host(monkeypatch):
+    def install(facts):
+        fake = FakeHost(facts)
+        monkeypatch.setattr(jupyter, "host", fake)
+        return fake
+
+    return install
+
+
+def _state(**overrides):
+    state = {"image_id": "sha256:aaa", "container_image": "sha256:aaa", "status": "running"}
+    state.update(health="healthy", digest="d1")
+    state.update(overrides)
+    return state
+
+
+def _plan(fake_host, state):
+    fake = fake_host({jupyter.ComposeService: state})
+    commands = list(jupyter.compose_up._inner("/opt/labfleet/lab", "labfleet-lab", IMAGE, "d1"))
+    return commands, fake.noops
+
+
+def test_current_healthy_project_is_a_noop(fake_host):
+    commands, noops = _plan(fake_host, _state())
+    assert commands == []
+    assert noops == ["labfleet-lab is up, current and healthy"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"container_image": None, "status": None, "health": None, "digest": None},
+        {"container_image": "sha256:old"},
+        {"digest": "d0"},
+        {"status": "exited"},
+        {"health": "starting"},
+    ],
+)
+def test_anything_not_current_is_brought_up_and_waited_for(fake_host, change):
+    (command,), _ = _plan(fake_host, _state(**change))
+    assert "docker compose up -d --wait --wait-timeout 300" in command
+    assert "--force-recreate" not in command
+    assert "docker compose logs --no-color --tail 40" in command
+    assert "<hidden>" in command
+
+
+def test_unhealthy_current_container_is_recreated(fake_host):
+    (command,), _ = _plan(fake_host, _state(health="unhealthy"))
+    assert "--force-recreate" in command
+
+
+def test_missing_image_fails_the_host(fake_host):
+    (command,), _ = _plan(fake_host, _state(image_id=None))
+    assert "image labfleet/jupyterlab:jupyter-0123456789ab is missing" in command and "exit 1" in command
+
+
+def test_compose_service_fact_parses_inspect_output():
+    fact = jupyter.ComposeService()
+    lines = ["image sha256:aaa", "container sha256:aaa running healthy d1"]
+    assert fact.process(lines) == _state()
+    assert fact.process(["image sha256:aaa"])["container_image"] is None
+    assert fact.process(["container sha256:aaa exited none "])["digest"] is None
+
+
+def test_existing_token_is_kept_and_only_its_mode_mended(fake_host):
+    fake = fake_host({jupyter.File: {"user": "lab", "group": "lab", "mode": 644}})
+    commands = list(jupyter.secret_token._inner("/opt/labfleet/lab/jupyter_token", "lab", "lab"))
+    assert commands == ["chmod 600 /opt/labfleet/lab/jupyter_token"]
+    assert fake.noops == []
+
+
+def test_token_is_generated_on_the_host_when_missing(fake_host):
+    fake_host({jupyter.File: None})
+    (command,) = jupyter.secret_token._inner("/opt/labfleet/lab/jupyter_token", "lab", "lab")
+    assert command.startswith("umask 077 && tmp=$(mktemp /opt/labfleet/lab/.token.XXXXXX)")
+    assert "/dev/urandom" in command and 'mv "$tmp" /opt/labfleet/lab/jupyter_token' in command
