@@ -125,6 +125,10 @@ class ComposeService(FactBase):
 
     requires_command = "docker"
 
+    @staticmethod
+    def default():
+        return dict.fromkeys(("image_id", "container_image", "status", "health", "digest"))
+
     def command(self, project: str, image: str) -> str:
         container_format = (
             "container {{.Image}} {{.State.Status}} "
@@ -139,7 +143,7 @@ class ComposeService(FactBase):
         )
 
     def process(self, output):
-        state = dict.fromkeys(("image_id", "container_image", "status", "health", "digest"))
+        state = self.default()
         for line in output:
             parts = line.split()
             if parts[:1] == ["image"] and len(parts) == 2:
