@@ -3,16 +3,22 @@
     pyinfra inventory.py deploy.py
 
 Every host's settings are validated before anything runs (labfleet/settings.py); then,
-in order: preflight, datasets, JupyterLab projects.
+in order: preflight (and the NVIDIA driver floor), Docker Engine, datasets, the image,
+the JupyterLab projects brought up healthy, and a summary of how to reach them.
 """
 
 from pyinfra import host
 
-from labfleet import datasets, jupyter, preflight
+from labfleet import datasets, delivery, docker, jupyter, nvidia, preflight
 from labfleet.settings import for_host
 
 settings = for_host(host)
 
 preflight.check_host(settings)
+nvidia.check_driver(settings)
+docker.ensure_docker_engine(settings)
 datasets.lay_out_datasets(settings)
+delivery.deliver_image(settings)
 jupyter.write_projects(settings)
+jupyter.bring_up(settings)
+jupyter.announce_projects(settings)

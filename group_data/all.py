@@ -15,6 +15,9 @@ docker_source = "docker-ce"
 docker_apt_mirror = "https://download.docker.com/linux"
 # Pins the engine packages to one version (e.g. "5:27.3.1-1~debian.12~bookworm"); None = latest.
 docker_version = None
+# Packages to install; None = the source's default list (docker-ce: docker-ce, docker-ce-cli,
+# containerd.io, docker-buildx-plugin, docker-compose-plugin; distro: docker.io, docker-cli, compose v2, buildx).
+docker_packages = None
 # Users added to the docker group.
 docker_users = []
 # Keys merged into /etc/docker/daemon.json; keys you set by hand are never removed.
@@ -50,6 +53,12 @@ datasets_root = "/srv/datasets"
 # Datasets by name: {"source": "manual" | "local:<path>" | "host:<host>:<path>" | "nfs:<server>:<export>",
 #                    "readonly": True, "prune": False, "manifest": None}
 datasets = {}
+# Group that owns datasets_root; jupyter users join it and may write in readonly: False datasets.
+datasets_group = "labdata"
+# How the other hosts reach this one for host: dataset pulls (IP or DNS name); None = its ssh_hostname.
+lan_address = None
+# SSH port the other hosts use to reach this one; None = its ssh_port when lan_address is None, else 22.
+lan_ssh_port = None
 # Host directory mounted at /workspace; "{user}" becomes the jupyter user's name.
 workspace_dir = "/srv/workspace/{user}"
 
@@ -66,3 +75,5 @@ jupyter_bind = "127.0.0.1"
 jupyter_password_hash = None
 # /dev/shm size for the container, so DataLoader workers do not die with bus errors.
 shm_size = "16g"
+# Container ulimits: memlock unlimited (-1) for pinned-memory DataLoaders, stack 64 MiB as NGC uses.
+ulimits = {"memlock": -1, "stack": 67108864}

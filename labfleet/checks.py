@@ -19,6 +19,7 @@ class Invalid(ValueError):
 
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _PACKAGE_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
+_PACKAGE_SPEC = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[0-9][A-Za-z0-9.+~:-]*)?$")
 _DRIVER_VERSION = re.compile(r"^\d{3}(\.\d{1,3}){0,2}$")
 _SIZE = re.compile(r"^[1-9][0-9]*(b|k|kb|m|mb|g|gb)?$", re.IGNORECASE)
 _ARGON2 = re.compile(r"^(argon2:)?\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$")
@@ -94,6 +95,13 @@ def username(value):
 
 def package_version(value):
     if not isinstance(value, str) or not _PACKAGE_VERSION.match(value):
+        raise Invalid("")
+    return value
+
+
+def package_spec(value):
+    """A Debian package name, optionally pinned: ``docker.io`` or ``docker-ce=5:27.3.1-1~debian.13~trixie``."""
+    if not isinstance(value, str) or not _PACKAGE_SPEC.match(value):
         raise Invalid("")
     return value
 
@@ -228,13 +236,28 @@ def dataset_name(value):
     return value
 
 
+def host_address(value):
+    _string(value)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value):
+        raise Invalid("not an IP address or a DNS name")
+    return value
+
+
 def _dataset_source(source):
     _string(source)
     kind, _, rest = source.partition(":")
     if source == "manual":
         return source
     if kind == "local" and rest:
-        return source
+        # Checked here, on the controller, so that a typo stops the run before any host is touched.
+        path = Path(rest).expanduser()
+        if not path.is_dir():
+            raise Invalid(f"local source {rest!r} is not a directory on the controller")
+        return f"local:{path.resolve()}"
     if kind == "host":
         peer, _, path = rest.partition(":")
         if peer and path.startswith("/"):
@@ -273,7 +296,13 @@ def datasets(value):
         manifest = spec.get("manifest")
         if manifest is not None:
             _string(manifest)
-        out.append(Dataset(name, _dataset_source(spec["source"]), readonly, prune, manifest))
+            parts = PurePosixPath(manifest).parts
+            if manifest.startswith("/") or ".." in parts:
+                raise Invalid(f"dataset {name!r}: manifest {manifest!r} must be a path inside the dataset (SHA256SUMS)")
+        source = _dataset_source(spec["source"])
+        if source.startswith("nfs:") and not readonly:
+            raise Invalid(f"dataset {name!r}: an nfs: source is mounted read-only; remove readonly: false")
+        out.append(Dataset(name, source, readonly, prune, manifest))
     return tuple(out)
 
 
@@ -284,3 +313,19 @@ def jupyter_user_entry(value):
         name = username(value["name"])
         return (name, port(value["port"])) if "port" in value else name
     raise Invalid("expected a user name or {name, port}")
+
+
+ULIMIT_NAMES = frozenset(
+    "core cpu data fsize locks memlock msgqueue nice nofile nproc rss rtprio rttime sigpending stack".split()
+)
+
+
+def ulimits(value):
+    if not isinstance(value, dict):
+        raise Invalid("not a mapping")
+    for name, limit in value.items():
+        if name not in ULIMIT_NAMES:
+            raise Invalid(f"unknown ulimit {name!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+            raise Invalid(f"{name} must be an integer, -1 for unlimited")
+    return dict(value)

@@ -24,7 +24,6 @@ DATASET_DIR = "/resource/datasets"
 WORKSPACE_DIR = "/workspace"
 TOKEN_SECRET = "jupyter_token"
 PASSWORD_SECRET = "jupyter_password_hash"
-STACK_BYTES = 64 * 1024 * 1024
 CONFIG_LABEL = "org.labfleet.config"
 
 
@@ -113,13 +112,15 @@ def compose_model(project: Project) -> dict:
         ],
         "secrets": [TOKEN_SECRET],
         "shm_size": "${SHM_SIZE}",
-        "ulimits": {"memlock": -1, "stack": STACK_BYTES},
+        "ulimits": dict(project.settings.ulimits),
         "security_opt": ["no-new-privileges:true"],
         "healthcheck": {
             "test": ["CMD", "python3", "-c", healthcheck_probe],
             "interval": "30s",
             "timeout": "10s",
             "start_period": "60s",
+            # Probed every 2 s while starting (engines >= 25), so `up --wait` returns in seconds.
+            "start_interval": "2s",
             "retries": 3,
         },
     }

@@ -1,27 +1,696 @@
-"""Datasets: one directory layout on every host, never deleted."""
+"""Datasets: one layout on every host, kept in sync with its source, never deleted.
+
+Layout. ``datasets_root`` and every dataset directory belong to root and the datasets group
+(``labdata``), setgid so that whatever is created inside keeps that group, with a default
+ACL so that new files get the group's permissions whatever the creator's umask: read-only
+datasets give the group r-x, ``readonly: False`` datasets give it rwx (lab members write
+there). The jupyter users join the group.
+
+Sources (``Dataset.source``):
+
+- ``manual``: the directory only.
+- ``local:<path>``: pushed from the controller with rsync, over the SSH settings pyinfra
+  uses for that host. A dry run decides; only what differs moves.
+- ``host:<peer>:<path>``: pulled by this host from a peer, so a large dataset crosses the
+  controller's link once. The trust is narrow: each puller has its own key per dataset,
+  made on the puller (the private key never leaves it), and the peer accepts that key only
+  for a dedicated account without sudo, only from the puller's address, and only for a
+  read-only rsync of that one path (``restrict,from=...,command="rrsync -ro <path>"``).
+- ``nfs:<server>:<export>``: a read-only systemd mount unit, enabled at boot.
+
+Never delete: rsync runs without ``--delete`` unless the dataset says ``prune: True``, and
+writes each file to a temporary name that it renames only when the file is complete, so a
+killed transfer leaves no half-written file in place. An optional sha256 manifest is
+checked after every sync that changed something; a mismatch stops that host with the list
+of bad files.
+"""
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
-from pyinfra.operations import files
+import ipaddress
+import posixpath
+import shlex
+import subprocess
+from io import StringIO
+from pathlib import Path
 
-from labfleet.settings import Settings
+from pyinfra import host
+from pyinfra.api import FunctionCommand, OperationError, deploy, operation
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import Which
+from pyinfra.operations import files, server, systemd
+
+from labfleet import apt, preflight
+from labfleet.facts import DefaultAcl, ManifestState, PublicKeyFile, RsyncDryRun, SshHostKey, parse_rsync_itemized
+from labfleet.settings import Dataset, Settings, for_host
+
+# Default ACLs: read-only datasets never give the group write, writable ones always do.
+ACL_READONLY = ("user::rwx", "group::r-x", "other::r-x")
+ACL_WRITABLE = ("user::rwx", "group::rwx", "other::r-x")
+# Where a host keeps the sha256 of the manifest it last verified, per dataset.
+STATE_DIR = "/var/lib/labfleet/datasets"
+# A puller's keys and the host keys of its peers.
+PULL_DIR = "/etc/labfleet/dataset-pull"
+KNOWN_HOSTS = f"{PULL_DIR}/known_hosts"
+# The account a peer serves pulls from: no sudo, no password, a forced read-only rrsync per key.
+SYNC_USER = "labfleet-sync"
+SYNC_HOME = "/var/lib/labfleet-sync"
+KEY_TAG = "labfleet-pull"
+# Longest chain of pulls (pc03 <- pc02 <- pc01 is 2) one run can order; see lay_out_datasets.
+MAX_PULL_DEPTH = 3
 
 
-@deploy("Lay out the dataset directories")
-def lay_out_datasets(settings: Settings):
-    # Only directories are created: files.directory never recurses, so nothing that
-    # already lives under the datasets root is touched.
+def dataset_dir(settings: Settings, dataset: Dataset) -> str:
+    return posixpath.join(settings.datasets_root, dataset.name)
+
+
+def stamp_path(dataset: Dataset) -> str:
+    return posixpath.join(STATE_DIR, f"{dataset.name}.verified")
+
+
+def rsync_flags(dataset: Dataset, group: str) -> list[str]:
+    """rsync options shared by pushes and pulls.
+
+    Owner, group and modes come from the layout, not from the source machine: a controller's
+    uid means nothing on a host. Directory times are left alone, so a file a member adds to
+    a writable dataset does not make the next run "fix" its directory. No --inplace and no
+    --partial: rsync writes a temporary file and renames it once it is complete.
+    """
+    chmod = "D2755,Fu+rw,Fgo+r,Fgo-w" if dataset.readonly else "D2775,Fug+rw,Fo+r,Fo-w"
+    flags = [
+        "--recursive",
+        "--links",
+        "--times",
+        "--omit-dir-times",
+        "--perms",
+        f"--chmod={chmod}",
+        f"--chown=root:{group}",
+        "--itemize-changes",
+    ]
+    if dataset.prune:
+        flags.append("--delete")
+    return flags
+
+
+# --- Layout --------------------------------------------------------------------------------
+
+
+@operation(is_idempotent=True)
+def default_acl(path: str, entries: tuple[str, ...]):
+    """Give a directory exactly these default ACL entries (what new files and directories inherit).
+
+    + path: the directory
+    + entries: getfacl-style entries without the ``default:`` prefix, e.g. ``("user::rwx", "group::rwx", "other::r-x")``
+
+    **Example:**
+
+    .. code:: python
+
+        default_acl(name="Group-writable shared data", path="/srv/shared",
+                    entries=("user::rwx", "group::rwx", "other::r-x"))
+    """
+    current = host.get_fact(DefaultAcl, path=path)
+    if current is not None and set(current) == set(entries):
+        host.noop(f"{path} already has default ACL {','.join(entries)}")
+        return
+    # --remove-default first: only the listed entries, none left from an earlier setting.
+    acl = ",".join("default:" + entry for entry in entries)
+    yield f"setfacl --remove-default --modify {shlex.quote(acl)} {shlex.quote(path)}"
+
+
+def _lay_out(settings: Settings) -> None:
+    group = settings.datasets_group
+    server.group(name=f"Create the datasets group {group}", group=group)
+    for user in settings.jupyter_users:
+        server.user(name=f"Add {user.name} to the group {group}", user=user.name, groups=[group], append=True)
     files.directory(
         name=f"Create the datasets root {settings.datasets_root}",
         path=settings.datasets_root,
         user="root",
-        group="root",
-        mode="755",
+        group=group,
+        mode="2755",
     )
+    default_acl(name="Set the default ACL of the datasets root", path=settings.datasets_root, entries=ACL_READONLY)
     for dataset in settings.datasets:
+        path = dataset_dir(settings, dataset)
+        if dataset.source.startswith("nfs:"):
+            # A mount point: once mounted, its owner and mode are the export's, not ours.
+            files.directory(name=f"Create dataset directory {dataset.name}", path=path)
+            continue
+        # files.directory never recurses: nothing that already lives in a dataset is touched.
         files.directory(
             name=f"Create dataset directory {dataset.name}",
-            path=f"{settings.datasets_root}/{dataset.name}",
-            mode="755",
+            path=path,
+            user="root",
+            group=group,
+            mode="2755" if dataset.readonly else "2775",
         )
+        default_acl(
+            name=f"Set the default ACL of dataset {dataset.name}",
+            path=path,
+            entries=ACL_READONLY if dataset.readonly else ACL_WRITABLE,
+        )
+
+
+def _packages(settings: Settings, serves_pulls: bool) -> list[str]:
+    kinds = {dataset.source.partition(":")[0] for dataset in settings.datasets}
+    wanted = ["acl"]
+    if kinds & {"local", "host"} or serves_pulls:
+        wanted.append("rsync")
+    if "host" in kinds:
+        wanted.append("openssh-client")
+    if "nfs" in kinds:
+        wanted.append("nfs-common")
+    return wanted
+
+
+# --- local: pushes from the controller -------------------------------------------------------
+
+
+def controller_ssh_command(data) -> list[str]:
+    """The ssh command line (as a list) with which the controller reaches a host, from its data."""
+    ssh = ["ssh", "-o", "BatchMode=yes"]
+    if data.get("ssh_port"):
+        ssh += ["-p", str(data.get("ssh_port"))]
+    if data.get("ssh_key"):
+        ssh += ["-i", str(Path(data.get("ssh_key")).expanduser()), "-o", "IdentitiesOnly=yes"]
+    if data.get("ssh_known_hosts_file"):
+        ssh += ["-o", f"UserKnownHostsFile={Path(data.get('ssh_known_hosts_file')).expanduser()}"]
+    if data.get("ssh_strict_host_key_checking"):
+        ssh += ["-o", f"StrictHostKeyChecking={data.get('ssh_strict_host_key_checking')}"]
+    if data.get("ssh_config_file"):
+        ssh += ["-F", str(Path(data.get("ssh_config_file")).expanduser())]
+    return ssh
+
+
+def _remote(user: str | None, address: str, path: str) -> str:
+    address = f"[{address}]" if ":" in address else address
+    return f"{user}@{address}:{path}" if user else f"{address}:{path}"
+
+
+def push_command(data, host_name: str, src: str, dest: str, flags: list[str], sudo: bool) -> list[str]:
+    """The controller's rsync argv that copies the contents of src into dest on a host."""
+    argv = ["rsync", *flags, "--rsh", shlex.join(controller_ssh_command(data))]
+    if sudo:
+        # -n: a sudo that wants a password fails at once instead of hanging the run.
+        argv += ["--rsync-path", "sudo -n rsync"]
+    address = data.get("ssh_hostname") or host_name
+    return [*argv, src.rstrip("/") + "/", _remote(data.get("ssh_user"), address, dest.rstrip("/") + "/")]
+
+
+def _run_rsync(state, host, argv: list[str], what: str) -> bool:
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    moved = [line for line in completed.stdout.splitlines() if parse_rsync_itemized([line])["changes"]]
+    host.log_styled(f"{what}: {len(moved)} item(s) synced", log_func=_logger().info)
+    if completed.returncode != 0:
+        host.log_styled(
+            f"labfleet: {what} failed (rsync exit {completed.returncode}): {completed.stderr.strip()[-2000:]}",
+            fg="red",
+            log_func=_logger().error,
+        )
+        return False
+    return True
+
+
+def _logger():
+    from pyinfra import logger
+
+    return logger
+
+
+@operation(is_idempotent=True)
+def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
+    """Copy a directory from the controller into a directory of this host with rsync, if they differ.
+
+    + src: directory on the controller; its contents are copied
+    + dest: directory on the host
+    + flags: rsync options, including --itemize-changes
+    + stamp: file that is removed when anything moves, so the manifest is verified again
+
+    A dry run (rsync --dry-run --itemize-changes, on the controller) decides; only when it
+    lists something does the real transfer run, so a re-run reports no change.
+
+    **Example:**
+
+    .. code:: python
+
+        push_dataset(name="Push mnist", src="/data/mnist", dest="/srv/datasets/mnist",
+                     flags=rsync_flags(dataset, "labdata"), stamp="/var/lib/labfleet/datasets/mnist.verified")
+    """
+    sudo = bool((host.current_op_global_arguments or {}).get("_sudo", host.data.get("_sudo")))
+    argv = push_command(host.data, host.name, src, dest, flags, sudo)
+    dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, check=False)
+    pending = parse_rsync_itemized(dry.stdout.splitlines())
+    if dry.returncode != 0:
+        yield from preflight.require._inner(
+            ok=False,
+            problem=(
+                f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {dry.returncode}): "
+                f"{dry.stderr.strip()[-1000:]}; check that rsync is installed on both sides and that "
+                "the SSH settings of this host work"
+            ),
+        )
+        return
+    if not pending["changes"]:
+        host.noop(f"{dest} already matches {src}")
+        return
+    yield f"rm -f {shlex.quote(stamp)}"
+    yield FunctionCommand(_run_rsync, (argv, f"push {src} -> {dest}"), {})
+
+
+# --- host: pulls from a peer -----------------------------------------------------------------
+
+
+def _peer_of(dataset: Dataset) -> tuple[str, str]:
+    _, peer, path = dataset.source.split(":", 2)
+    return peer, path
+
+
+def _all_settings() -> dict[str, Settings]:
+    return {other.name: for_host(other) for other in host.inventory}
+
+
+def _pullers_of(peer: str) -> list[tuple[Settings, Dataset]]:
+    """(puller settings, dataset) for every dataset that some host pulls from peer."""
+    return [
+        (other, dataset)
+        for other in _all_settings().values()
+        for dataset in other.datasets
+        if dataset.source.startswith("host:") and _peer_of(dataset)[0] == peer
+    ]
+
+
+def pull_depth(all_settings: dict[str, Settings], host_name: str, dataset: Dataset, seen=()) -> int:
+    """How many pulls stand between a dataset and data that does not come from a peer.
+
+    A peer that itself pulls the path it serves must finish first: pulls run in rounds of
+    this depth, so a chain pc03 <- pc02 <- pc01 works in one run.
+    """
+    if not dataset.source.startswith("host:"):
+        return 0
+    key = (host_name, dataset.name)
+    if key in seen:
+        chain = " -> ".join(f"{h}:{d}" for h, d in (*seen, key))
+        raise PyinfraError(f"datasets pull from each other in a circle: {chain}; give one of them another source")
+    peer, path = _peer_of(dataset)
+    peer_settings = all_settings[peer]
+    for upstream in peer_settings.datasets:
+        if posixpath.normpath(dataset_dir(peer_settings, upstream)) == posixpath.normpath(path):
+            return 1 + pull_depth(all_settings, peer, upstream, (*seen, key))
+    return 1
+
+
+def pull_key_path(dataset: Dataset) -> str:
+    return posixpath.join(PULL_DIR, f"id_{dataset.name}")
+
+
+def _key_comment(puller: str, dataset: Dataset) -> str:
+    return f"{KEY_TAG}:{dataset.name}@{puller}"
+
+
+def authorized_key_line(public_key: str, path: str, from_address: str | None, rrsync: str) -> str:
+    """One authorized_keys line that lets a key do a read-only rsync of path, and nothing else."""
+    forced = f"{rrsync} -ro {shlex.quote(path)}".replace("\\", "\\\\").replace('"', '\\"')
+    options = ["restrict"]
+    if from_address:
+        options.append(f'from="{from_address}"')
+    options.append(f'command="{forced}"')
+    return f"{','.join(options)} {public_key}"
+
+
+def _source_address(settings: Settings) -> str | None:
+    # from= matches the client's IP; a DNS name would only match with sshd's UseDNS on.
+    try:
+        return str(ipaddress.ip_address(settings.lan_address))
+    except ValueError:
+        return None
+
+
+@operation(is_idempotent=True)
+def ensure_pull_keys(keys: list[tuple[str, str]]):
+    """Make an ed25519 key pair per pulled dataset, once; the private keys never leave this host.
+
+    + keys: (private key path, comment) of each key; the public key is ``<path>.pub``
+
+    **Example:**
+
+    .. code:: python
+
+        ensure_pull_keys(
+            name="Make pull keys",
+            keys=[("/etc/labfleet/dataset-pull/id_mnist", "labfleet-pull:mnist@pc02")],
+        )
+    """
+    missing = [(path, comment) for path, comment in keys if not host.get_fact(PublicKeyFile, path=f"{path}.pub")]
+    if not missing:
+        host.noop("the pull keys already exist" if keys else "this host pulls no dataset")
+        return
+    for path, comment in missing:
+        quoted = shlex.quote(path)
+        yield f"install -d -m 0700 {shlex.quote(posixpath.dirname(path))} && rm -f {quoted} {quoted}.pub"
+        yield f"ssh-keygen -q -t ed25519 -N '' -C {shlex.quote(comment)} -f {quoted}"
+
+
+@operation(is_idempotent=True)
+def trust_peer_host_keys(path: str, peers: list[tuple[str, str, int]]):
+    """Write the known_hosts file a puller uses: the host keys of its peers, read from the peers.
+
+    + path: the known_hosts file
+    + peers: (inventory name, address, port) of each peer
+    """
+    if not peers:
+        host.noop("this host pulls no dataset")
+        return
+    lines = []
+    for name, address, port in sorted(set(peers)):
+        key = host.inventory.get_host(name).get_fact(SshHostKey)
+        if key is None:
+            raise OperationError(f"host {name}: no SSH host key found in /etc/ssh; is sshd installed?")
+        pattern = address if port == 22 else f"[{address}]:{port}"
+        lines.append(f"{pattern} {key}")
+    yield from files.put._inner(src=StringIO("\n".join(lines) + "\n"), dest=path, user="root", group="root", mode="644")
+
+
+@operation(is_idempotent=True)
+def authorize_pullers(path: str, pullers: list[tuple[str, str, str, str | None]]):
+    """Write the sync account's authorized_keys: one forced read-only rrsync per puller and dataset.
+
+    + path: the authorized_keys file of the sync account
+    + pullers: (puller host, its public key file, the path it may read, its IP or None)
+
+    A puller whose key cannot be read now (it failed earlier in this run) keeps its line.
+    """
+    if not pullers:
+        host.noop("no host pulls a dataset from this one")
+        return
+    rrsync = host.get_fact(Which, command="rrsync")
+    if not rrsync:
+        yield from preflight.require._inner(
+            ok=False,
+            problem=(
+                f"host {host.name}: rrsync is missing, so peers cannot pull datasets from it; it comes with "
+                "rsync 3.2.4 and later (/usr/bin/rrsync); upgrade rsync"
+            ),
+        )
+        return
+    existing = {}
+    for line in host.get_fact(FileContents, path=path) or []:
+        tag = line.rsplit(" ", 1)[-1]
+        if tag.startswith(KEY_TAG + ":"):
+            existing[tag] = line
+    lines = {}
+    for puller, key_path, readable, address in pullers:
+        public_key = host.inventory.get_host(puller).get_fact(PublicKeyFile, path=f"{key_path}.pub")
+        if public_key:
+            tag = public_key.rsplit(" ", 1)[-1]
+            lines[tag] = authorized_key_line(public_key, readable, address, rrsync)
+    for tag, line in existing.items():
+        lines.setdefault(tag, line)
+    content = "".join(f"{lines[tag]}\n" for tag in sorted(lines))
+    yield from files.put._inner(src=StringIO(content), dest=path, user=SYNC_USER, group=SYNC_USER, mode="600")
+
+
+def pull_command(peer: Settings, remote_path: str, dest: str, key: str, known_hosts: str, flags: list[str]) -> str:
+    """The puller's rsync command line; rrsync on the peer maps "./" to remote_path."""
+    del remote_path  # the peer's forced command decides the path; kept for the log and the docs
+    ssh = shlex.join(
+        [
+            "ssh",
+            "-i",
+            key,
+            "-p",
+            str(peer.lan_ssh_port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ]
+    )
+    source = _remote(SYNC_USER, peer.lan_address, "./")
+    return shlex.join(["rsync", *flags, "--rsh", ssh, source, dest.rstrip("/") + "/"])
+
+
+@operation(is_idempotent=True)
+def pull_datasets(pulls: list[tuple[str, str, str, str, str]]):
+    """Pull datasets from peer hosts with rsync, each only if this host's copy differs.
+
+    + pulls: (peer, path on the peer, rsync command line from pull_command, directory here,
+      verification stamp removed when anything moves) of each dataset
+
+    A dry run on this host (a fact) decides; the real rsync runs only for what differs.
+    """
+    if not pulls:
+        host.noop("nothing to pull in this round")
+        return
+    for peer, remote_path, command, dest, stamp in pulls:
+        if host.inventory.get_host(peer) in host.state.failed_hosts:
+            yield from preflight.require._inner(
+                ok=False,
+                problem=f"host {host.name}: the peer {peer} failed earlier in this run, so {dest} was not pulled",
+            )
+            return
+        pending = host.get_fact(RsyncDryRun, command=command)
+        if pending["rc"] != 0:
+            yield from preflight.require._inner(
+                ok=False,
+                problem=(
+                    f"host {host.name}: cannot pull {peer}:{remote_path} (rsync exit {pending['rc']}): "
+                    f"{' '.join(pending['errors'])[-1000:]}; check lan_address / lan_ssh_port of {peer} "
+                    f"and that {host.name} reaches it"
+                ),
+            )
+            return
+        if not pending["changes"]:
+            host.noop(f"{dest} already matches {peer}:{remote_path}")
+            continue
+        yield f"rm -f {shlex.quote(stamp)}"
+        yield command
+
+
+# --- nfs: -------------------------------------------------------------------------------------
+
+
+def systemd_escape_path(path: str) -> str:
+    """What ``systemd-escape --path`` prints: the name of the mount unit for a path (without .mount)."""
+    trimmed = "/".join(part for part in path.split("/") if part)
+    if not trimmed:
+        return "-"
+    out = []
+    for index, char in enumerate(trimmed):
+        if char == "/":
+            out.append("-")
+        elif char.isascii() and (char.isalnum() or char in ":_.") and not (index == 0 and char == "."):
+            out.append(char)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in char.encode())
+    return "".join(out)
+
+
+def mount_unit_name(where: str) -> str:
+    return systemd_escape_path(where) + ".mount"
+
+
+def nfs_mount_unit(dataset: Dataset, where: str) -> str:
+    """The systemd mount unit that mounts an nfs: dataset read-only at where."""
+    _, what = dataset.source.split(":", 1)
+    return (
+        "# Written by labfleet (labfleet/datasets.py); edits are replaced on the next run.\n"
+        "[Unit]\n"
+        f"Description=labfleet dataset {dataset.name} ({what}, read-only)\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target\n"
+        "\n"
+        "[Mount]\n"
+        f"What={what}\n"
+        f"Where={where}\n"
+        "Type=nfs\n"
+        # nofail: a lab NFS server that is down must not keep a workstation from booting.
+        "Options=ro,nosuid,nodev,_netdev,nofail\n"
+        "TimeoutSec=60\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=remote-fs.target\n"
+    )
+
+
+def _mount_nfs(settings: Settings, dataset: Dataset) -> None:
+    where = dataset_dir(settings, dataset)
+    unit = mount_unit_name(where)
+    written = files.put(
+        name=f"Write the mount unit of dataset {dataset.name}",
+        src=StringIO(nfs_mount_unit(dataset, where)),
+        dest=f"/etc/systemd/system/{unit}",
+        user="root",
+        group="root",
+        mode="644",
+    )
+    systemd.daemon_reload(name=f"Reload systemd for dataset {dataset.name}", _if=written.did_change)
+    systemd.service(
+        name=f"Mount dataset {dataset.name} read-only",
+        service=unit,
+        running=True,
+        enabled=True,
+    )
+    systemd.service(
+        name=f"Remount dataset {dataset.name} with its new unit",
+        service=unit,
+        restarted=True,
+        _if=written.did_change,
+    )
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+@operation(is_idempotent=True)
+def verify_manifest(directory: str, manifest: str, stamp: str, label: str):
+    """Check a directory against its sha256 manifest (``sha256sum -c``) unless that manifest already passed.
+
+    + directory: the dataset directory
+    + manifest: the manifest's path relative to directory, e.g. ``SHA256SUMS``
+    + stamp: where the sha256 of the last manifest that passed is kept (a sync removes it)
+    + label: how messages name the dataset
+    """
+    manifest_path = posixpath.join(directory, manifest)
+    state = host.get_fact(ManifestState, manifest=manifest_path, stamp=stamp)
+    if state["manifest"] is None:
+        yield from preflight.require._inner(
+            ok=False,
+            problem=f"host {host.name}: {label} has no manifest {manifest}; add it to the source or drop manifest",
+        )
+        return
+    if state["stamp"] == state["manifest"]:
+        host.noop(f"{label} already verified against {manifest}")
+        return
+    header = shlex.quote(
+        f"labfleet: host {host.name}: {label} does not match its manifest {manifest}; "
+        "these files are missing or differ (sync again, or fix the source):"
+    )
+    yield (
+        f"cd {shlex.quote(directory)} && "
+        f"out=$(sha256sum --check --quiet -- {shlex.quote(manifest)} 2>&1); rc=$?; "
+        f"if [ $rc -eq 0 ]; then install -d -m 0755 {shlex.quote(posixpath.dirname(stamp))} "
+        f"&& echo {state['manifest']} > {shlex.quote(stamp)}; "
+        f"else rm -f {shlex.quote(stamp)}; echo {header} >&2; "
+        "printf '%s\\n' \"$out\" | grep -v '^sha256sum: WARNING' | sed 's/^/  /' >&2; exit 1; fi"
+    )
+
+
+def _verify(settings: Settings, dataset: Dataset) -> None:
+    if dataset.manifest:
+        verify_manifest(
+            name=f"Verify dataset {dataset.name} against {dataset.manifest}",
+            directory=dataset_dir(settings, dataset),
+            manifest=dataset.manifest,
+            stamp=stamp_path(dataset),
+            label=f"dataset {dataset.name}",
+        )
+
+
+# --- the step -------------------------------------------------------------------------------
+
+
+def _serve_pulls(settings: Settings, pullers: list[tuple[Settings, Dataset]]) -> None:
+    server.user(
+        name=f"Create the account {SYNC_USER} that peers pull datasets through",
+        user=SYNC_USER,
+        system=True,
+        home=SYNC_HOME,
+        # The forced command runs through the login shell, so it cannot be nologin; the
+        # account has no password and no sudo, and every key it accepts is restricted.
+        shell="/bin/sh",
+        groups=[settings.datasets_group],
+        append=True,
+    )
+    files.directory(
+        name=f"Create {SYNC_HOME}/.ssh", path=f"{SYNC_HOME}/.ssh", user=SYNC_USER, group=SYNC_USER, mode="700"
+    )
+
+
+def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> None:
+    # Every host runs each of these operations, with nothing to do where it neither pulls
+    # nor serves: an operation that all hosts share is a barrier in pyinfra's order, so
+    # every puller has its key before any peer reads it.
+    mine = [d for d in settings.datasets if d.source.startswith("host:")]
+    served = sorted(_pullers_of(settings.host), key=lambda item: (item[0].host, item[1].name))
+    ensure_pull_keys(
+        name="Make the keys that pull datasets from peers",
+        keys=[(pull_key_path(d), _key_comment(settings.host, d)) for d in mine],
+    )
+    trust_peer_host_keys(
+        name="Trust the host keys of the dataset peers",
+        path=KNOWN_HOSTS,
+        peers=[
+            (peer, all_settings[peer].lan_address, all_settings[peer].lan_ssh_port)
+            for peer in sorted({_peer_of(d)[0] for d in mine})
+        ],
+    )
+    authorize_pullers(
+        name="Let peers pull datasets from this host, read-only",
+        path=f"{SYNC_HOME}/.ssh/authorized_keys",
+        pullers=[(p.host, pull_key_path(d), _peer_of(d)[1], _source_address(p)) for p, d in served],
+    )
+
+
+def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: int) -> None:
+    pulls = []
+    mine = [d for d in settings.datasets if d.source.startswith("host:")]
+    mine = [d for d in mine if pull_depth(all_settings, settings.host, d) == depth]
+    for dataset in mine:
+        peer, path = _peer_of(dataset)
+        dest = dataset_dir(settings, dataset)
+        flags = rsync_flags(dataset, settings.datasets_group)
+        command = pull_command(all_settings[peer], path, dest, pull_key_path(dataset), KNOWN_HOSTS, flags)
+        pulls.append((peer, path, command, dest, stamp_path(dataset)))
+    pull_datasets(name="Pull datasets from peers" + (f", hop {depth}" if depth > 1 else ""), pulls=pulls)
+    for dataset in mine:
+        _verify(settings, dataset)
+
+
+@deploy("Lay out the dataset directories")
+def lay_out_datasets(settings: Settings):
+    all_settings = _all_settings()
+    pullers = _pullers_of(settings.host)
+    apt.ensure_packages(name="Install the dataset tools", packages=_packages(settings, bool(pullers)))
+    _lay_out(settings)
+    if pullers:
+        _serve_pulls(settings, pullers)
+
+    for dataset in settings.datasets:
+        if dataset.source.startswith("local:"):
+            push_dataset(
+                name=f"Push dataset {dataset.name} from the controller",
+                src=dataset.source.partition(":")[2],
+                dest=dataset_dir(settings, dataset),
+                flags=rsync_flags(dataset, settings.datasets_group),
+                stamp=stamp_path(dataset),
+            )
+            _verify(settings, dataset)
+
+    depth = max((pull_depth(all_settings, name, d) for name, s in all_settings.items() for d in s.datasets), default=0)
+    if depth > MAX_PULL_DEPTH:
+        raise PyinfraError(
+            f"datasets are pulled through a chain of {depth} hosts; at most {MAX_PULL_DEPTH} are supported: "
+            "let some hosts pull from the first peer instead"
+        )
+    # depth is the same on every host, so every host calls the same operations here, and
+    # one call per hop (not a loop) keeps hop 1 (a peer pulling) before hop 2 (pulls from it).
+    if depth >= 1:
+        _prepare_pulls(settings, all_settings)
+        _pull_round(settings, all_settings, 1)
+    if depth >= 2:
+        _pull_round(settings, all_settings, 2)
+    if depth >= 3:
+        _pull_round(settings, all_settings, 3)
+
+    for dataset in settings.datasets:
+        if dataset.source.startswith("nfs:"):
+            _mount_nfs(settings, dataset)
+            _verify(settings, dataset)
+        elif dataset.source == "manual":
+            _verify(settings, dataset)

@@ -2,34 +2,458 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+
 from pyinfra.api import FactBase
 
-NVIDIA_VENDOR = "0x10de"
 # PCI display classes: VGA (0x0300xx) and 3D controller (0x0302xx, the data-centre cards).
 GPU_CLASSES = ("0x0300", "0x0302")
 
 
-class NvidiaGpus(FactBase):
-    """NVIDIA GPUs seen on the PCI bus (sysfs, so lspci need not be installed) or by the driver.
+class FactBatch(FactBase):
+    """Several facts in one command, so one round trip per host instead of one per fact.
 
-    Returns a list of ``{"slot": "0000:01:00.0", "source": "pci" | "driver"}``.
+    + parts: ``((FactClass, {kwargs}), ...)``
+
+    Returns a list with each part's value, parsed by that fact's own ``process`` (its
+    ``default()`` when the part printed nothing). pyinfra runs a deploy file host by host
+    and keeps no fact cache, so every fact a step reads while planning costs a round trip
+    per host in sequence; a step that reads its state in one batch keeps the no-change
+    re-run close to the cost of connecting.
+
+    **Example:**
+
+    .. code:: python
+
+        packages, arch = host.get_fact(FactBatch, parts=((DebPackages, {}), (DebArch, {})))
     """
+
+    MARK = "--labfleet-fact-batch--"
+
+    def command(self, parts) -> str:
+        # The parts run in parallel, each into its own file, and are printed in order.
+        self.parts = [(fact_class(), dict(kwargs)) for fact_class, kwargs in parts]
+        started = " ".join(
+            f'( {fact.command(**kwargs)} ) >"$d/{index}" 2>/dev/null &'
+            for index, (fact, kwargs) in enumerate(self.parts)
+        )
+        return (
+            f"d=$(mktemp -d) || exit 1; {started} wait; "
+            f'for i in $(seq 0 {len(self.parts) - 1}); do echo {self.MARK}; cat "$d/$i"; done; rm -rf "$d"'
+        )
+
+    def process(self, output):
+        sections: list[list[str]] = []
+        for line in output:
+            if line.strip() == self.MARK:
+                sections.append([])
+            elif sections:
+                sections[-1].append(line)
+        values = []
+        for index, (fact, _) in enumerate(self.parts):
+            lines = sections[index] if index < len(sections) else []
+            values.append(fact.process(lines) if lines else fact.default())
+        return values
+
+
+class DaemonJson(FactBase):
+    """Docker's daemon.json, parsed.
+
+    Returns ``{"present": bool, "config": dict | None, "error": str | None}``; ``error``
+    says why a file that exists is not a JSON object (``config`` is then None).
+    """
+
+    def command(self, path: str = "/etc/docker/daemon.json") -> str:
+        quoted = shlex.quote(path)
+        return f"if [ -f {quoted} ]; then echo present; cat {quoted}; else echo absent; fi"
+
+    def process(self, output):
+        lines = list(output)
+        if not lines or lines[0] != "present":
+            return {"present": False, "config": None, "error": None}
+        return {"present": True, **parse_daemon_json("\n".join(lines[1:]))}
+
+
+def parse_daemon_json(text: str) -> dict:
+    """``{"config": dict, "error": None}`` or ``{"config": None, "error": why}``.
+
+    An empty file counts as ``{}``: dockerd itself starts with one.
+    """
+    if not text.strip():
+        return {"config": {}, "error": None}
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        return {"config": None, "error": f"invalid JSON: {exc}"}
+    if not isinstance(config, dict):
+        return {"config": None, "error": f"the top level is a JSON {type(config).__name__}, not an object"}
+    return {"config": config, "error": None}
+
+
+class AptSourceEntries(FactBase):
+    """apt source files that hold entries for any of the given repository URLs, and which of some paths exist.
+
+    + markers: URL fragments that identify the repository
+    + paths: other files to look for (the repository's keyrings, pin files)
+
+    Returns ``{"files": [{"path", "entries", "matching"}], "present": [path, ...], "sha256": {path: hex}}``:
+    ``entries`` counts all entries of the file (``deb`` lines, or ``URIs:`` fields of
+    deb822 stanzas) and ``matching`` those that name one of the markers, so a caller can
+    tell a file that belongs to the repository from one it merely shares.
+    """
+
+    @staticmethod
+    def default():
+        return {"files": [], "present": [], "sha256": {}}
+
+    def command(self, markers: tuple[str, ...], paths: tuple[str, ...] = ()) -> str:
+        fixed = " ".join(f"-e {shlex.quote(marker)}" for marker in markers)
+        others = " ".join(shlex.quote(path) for path in paths)
+        return (
+            "for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do "
+            '[ -f "$f" ] || continue; '
+            "case $f in *.sources) e='^[[:space:]]*URIs:';; *) e='^[[:space:]]*deb(-src)?[[:space:]]';; esac; "
+            'n=$(grep -Ec "$e" "$f"); '
+            f'm=$(grep -E "$e" "$f" | grep -Fc {fixed}); '
+            '[ "$m" -gt 0 ] && echo "file $n $m $f"; '
+            "done; "
+            + (
+                f'for p in {others}; do [ -f "$p" ] && echo "present $(sha256sum < "$p" | cut -d" " -f1) $p"; done; '
+                if others
+                else ""
+            )
+            + "true"
+        )
+
+    def process(self, output):
+        found = self.default()
+        for line in output:
+            kind, _, rest = line.partition(" ")
+            if kind == "file":
+                entries, matching, path = rest.split(" ", 2)
+                found["files"].append({"path": path, "entries": int(entries), "matching": int(matching)})
+            elif kind == "present":
+                digest, _, path = rest.partition(" ")
+                found["present"].append(path)
+                found["sha256"][path] = digest
+        return found
+
+
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+class KeyringDigests(FactBase):
+    """sha256 of a repository key as served at url, and of the copy at path.
+
+    Returns ``{"remote": hex | None, "local": hex | None}``; remote is None when the
+    host could not download the key (no curl/wget yet, or the URL does not answer).
+    """
+
+    @staticmethod
+    def default():
+        return {"remote": None, "local": None}
+
+    def command(self, url: str, path: str) -> str:
+        url, path = shlex.quote(url), shlex.quote(path)
+        return (
+            f"r=$({{ curl -fsSL --max-time 30 {url} 2>/dev/null || wget -q -T 30 -O- {url} 2>/dev/null; }} "
+            '| sha256sum | cut -d" " -f1); '
+            'echo "remote $r"; '
+            f'[ -f {path} ] && echo "local $(sha256sum < {path} | cut -d" " -f1)"; true'
+        )
+
+    def process(self, output):
+        digests = {"remote": None, "local": None}
+        for line in output:
+            kind, _, value = line.partition(" ")
+            if kind in digests and value and value != EMPTY_SHA256:
+                digests[kind] = value
+        return digests
+
+
+class AppArmorEnabled(FactBase):
+    """Whether the kernel enforces AppArmor (dockerd then needs apparmor_parser)."""
+
+    @staticmethod
+    def default():
+        return False
+
+    def command(self) -> str:
+        return "cat /sys/module/apparmor/parameters/enabled 2>/dev/null; true"
+
+    def process(self, output):
+        return bool(output) and output[0].strip() == "Y"
+
+
+class DockerEngineStatus(FactBase):
+    """What the docker CLI reports: ``{"server": "26.1.5" | None, "compose": "2.26.1" | None}``.
+
+    ``server`` is the engine's version when ``docker info`` answers; ``compose`` is what
+    ``docker compose version --short`` prints (Compose v1 has no ``docker compose``).
+    """
+
+    @staticmethod
+    def default():
+        return {"server": None, "compose": None}
+
+    def command(self) -> str:
+        return (
+            "command -v docker >/dev/null || exit 0; "
+            "echo \"server $(docker info --format '{{.ServerVersion}}' 2>/dev/null)\" & "
+            'echo "compose $(docker compose version --short 2>/dev/null)"; wait'
+        )
+
+    def process(self, output):
+        status = {"server": None, "compose": None}
+        for line in output:
+            kind, _, value = line.partition(" ")
+            if kind in status and value.strip():
+                status[kind] = value.strip().lstrip("v")
+        return status
+
+
+class GroupMembers(FactBase):
+    """A group and some accounts: ``{"exists": bool, "members": [...], "accounts": [...]}``.
+
+    + group: the group name
+    + users: the accounts to look up; ``accounts`` lists those that exist
+
+    ``members`` are the group's supplementary members (``getent group``). Cheaper than
+    the Users fact, which runs several commands for every account on the host.
+    """
+
+    @staticmethod
+    def default():
+        return {"exists": False, "members": [], "accounts": []}
+
+    def command(self, group: str, users: tuple[str, ...] = ()) -> str:
+        names = " ".join(shlex.quote(user) for user in users)
+        lookup = f'for u in {names}; do getent passwd "$u" >/dev/null && echo "account $u"; done; ' if names else ""
+        return f'g=$(getent group {shlex.quote(group)}) && echo "group $g"; {lookup}true'
+
+    def process(self, output):
+        found = self.default()
+        for line in output:
+            kind, _, value = line.partition(" ")
+            if kind == "group":
+                found["exists"] = True
+                found["members"] = [name for name in value.split(":")[-1].split(",") if name]
+            elif kind == "account":
+                found["accounts"].append(value)
+        return found
+
+
+class ServiceState(FactBase):
+    """A systemd unit's state: ``{"systemd": bool, "active": "active" | ..., "enabled": "enabled" | ...}``.
+
+    One command for both states, and no error on a host without systemd (``systemd`` is
+    then False), so planning works anywhere.
+    """
+
+    @staticmethod
+    def default():
+        return {"systemd": False, "active": None, "enabled": None}
+
+    def command(self, service: str) -> str:
+        unit = shlex.quote(service)
+        return (
+            "[ -d /run/systemd/system ] || exit 0; echo systemd; "
+            f'echo "active $(systemctl is-active {unit} 2>/dev/null)"; '
+            f'echo "enabled $(systemctl is-enabled {unit} 2>/dev/null)"'
+        )
+
+    def process(self, output):
+        state = self.default()
+        for line in output:
+            kind, _, value = line.partition(" ")
+            if kind == "systemd":
+                state["systemd"] = True
+            elif kind in state:
+                state[kind] = value.strip() or None
+        return state
+
+
+SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+
+
+class GpuHost(FactBase):
+    """Everything the NVIDIA step decides from, in one round trip.
+
+    Returns ``{"gpus": [slot, ...], "driver": "570.86.15" | None, "nouveau": bool,
+    "secure_boot": True | False | None}``. GPUs come from sysfs (vendor 10de, display or
+    3D class) or the driver's /proc entries, so neither lspci nor nvidia-smi is needed.
+    """
+
+    @staticmethod
+    def default():
+        return {"gpus": [], "driver": None, "nouveau": False, "secure_boot": None}
 
     def command(self) -> str:
         return (
             "for d in /sys/bus/pci/devices/*; do "
             '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue; '
-            'echo "pci ${d##*/} $(cat "$d/class" 2>/dev/null)"; '
-            "done; "
-            "ls /proc/driver/nvidia/gpus 2>/dev/null | sed 's/^/driver /'; true"
+            'echo "pci ${d##*/} $(cat "$d/class" 2>/dev/null)"; done; '
+            "ls /proc/driver/nvidia/gpus 2>/dev/null | sed 's/^/driver-gpu /'; "
+            "sed -n 's/^NVRM version:/nvrm/p' /proc/driver/nvidia/version 2>/dev/null; "
+            "grep -q '^nouveau ' /proc/modules 2>/dev/null && echo nouveau; "
+            f"[ -r {SECURE_BOOT_VAR} ] && echo \"secureboot $(od -An -tu1 {SECURE_BOOT_VAR} | awk '{{print $NF}}')\"; "
+            "true"
         )
 
     def process(self, output):
-        gpus: dict[str, dict] = {}
+        return parse_gpu_host(output)
+
+
+def parse_gpu_host(lines) -> dict:
+    state = GpuHost.default()
+    gpus: set[str] = set()
+    for line in lines:
+        parts = line.split()
+        if not parts:
+            continue
+        pci_gpu = parts[0] == "pci" and len(parts) >= 3 and parts[2].startswith(GPU_CLASSES)
+        if pci_gpu or (parts[0] == "driver-gpu" and len(parts) == 2):
+            gpus.add(parts[1])
+        elif parts[0] == "nvrm":
+            versions = [word for word in parts if word[:1].isdigit() and "." in word]
+            state["driver"] = versions[0] if versions else None
+        elif parts[0] == "nouveau":
+            state["nouveau"] = True
+        elif parts[0] == "secureboot" and len(parts) == 2:
+            state["secure_boot"] = parts[1] == "1"
+    state["gpus"] = sorted(gpus)
+    return state
+
+
+# --- Datasets ---------------------------------------------------------------------------
+
+
+class DefaultAcl(FactBase):
+    """The default ACL of a directory, as getfacl prints it without header or comments.
+
+    Returns a tuple of entries such as ``("user::rwx", "group::r-x", "other::r-x")`` (empty when
+    the directory has none), or None when the directory does not exist.
+    """
+
+    requires_command = "getfacl"
+
+    def command(self, path: str) -> str:
+        quoted = shlex.quote(path)
+        return f"if [ -d {quoted} ]; then echo present; getfacl --absolute-names --omit-header --default {quoted}; fi"
+
+    def process(self, output):
+        lines = [line.strip() for line in output if line.strip()]
+        if not lines or lines[0] != "present":
+            return None
+        return tuple(line.removeprefix("default:") for line in lines[1:] if not line.startswith("#"))
+
+
+class PublicKeyFile(FactBase):
+    """The one-line OpenSSH public key in a file, or None when there is no such file."""
+
+    def command(self, path: str) -> str:
+        return f"cat {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output):
+        keys = [line.strip() for line in output if line.strip() and not line.startswith("#")]
+        return keys[0] if keys else None
+
+
+class SshHostKey(FactBase):
+    """This host's SSH host public key ("type base64"), ed25519 when it has one, else None."""
+
+    def command(self) -> str:
+        return (
+            "for t in ed25519 ecdsa rsa; do f=/etc/ssh/ssh_host_${t}_key.pub; "
+            '[ -r "$f" ] && { cat "$f"; break; }; done; true'
+        )
+
+    def process(self, output):
         for line in output:
             parts = line.split()
-            if len(parts) >= 3 and parts[0] == "pci" and parts[2].startswith(GPU_CLASSES):
-                gpus.setdefault(parts[1], {"slot": parts[1], "source": "pci"})
-            elif len(parts) == 2 and parts[0] == "driver":
-                gpus.setdefault(parts[1], {"slot": parts[1], "source": "driver"})
-        return sorted(gpus.values(), key=lambda gpu: gpu["slot"])
+            if len(parts) >= 2:
+                return f"{parts[0]} {parts[1]}"
+        return None
+
+
+class RsyncDryRun(FactBase):
+    """What an rsync would transfer: runs the given rsync command line with --dry-run.
+
+    + command: an rsync command line that has --itemize-changes, without --dry-run
+
+    Returns ``{"rc": int, "changes": [itemized lines], "errors": [other lines]}``. The command
+    never fails the fact: a peer that cannot be reached is the caller's to report.
+    """
+
+    def command(self, command: str) -> str:
+        return f'{command} --dry-run 2>&1; echo "labfleet-rc=$?"'
+
+    def process(self, output):
+        return parse_rsync_itemized(list(output))
+
+
+def parse_rsync_itemized(lines) -> dict:
+    """Split rsync --itemize-changes output (with a final ``labfleet-rc=N``) into changes and errors."""
+    rc, changes, errors = 0, [], []
+    for line in lines:
+        if line.startswith("labfleet-rc="):
+            rc = int(line.partition("=")[2] or 1)
+        elif _ITEMIZED.match(line):
+            changes.append(line)
+        elif line.strip():
+            errors.append(line)
+    return {"rc": rc, "changes": changes, "errors": errors}
+
+
+# rsync's itemized lines: "YXcstpoguax path" (Y is <, >, c, h, . or *), e.g. ">f+++++++++ a/b",
+# "cd+++++++++ a/", ".f...p..... x", "*deleting   old".
+_ITEMIZED = re.compile(r"^([<>ch.][fdLDS][.+?cstpoguaxn ]{9,} |\*deleting +)\S")
+
+
+class ManifestState(FactBase):
+    """The sha256 of a dataset's manifest and the stamp of its last successful verification.
+
+    Returns ``{"manifest": sha256 | None, "stamp": str | None}``.
+    """
+
+    def command(self, manifest: str, stamp: str) -> str:
+        return (
+            f"echo manifest $(sha256sum < {shlex.quote(manifest)} 2>/dev/null | cut -d' ' -f1); "
+            f"echo stamp $(cat {shlex.quote(stamp)} 2>/dev/null)"
+        )
+
+    def process(self, output):
+        state = {"manifest": None, "stamp": None}
+        for line in output:
+            key, _, value = line.strip().partition(" ")
+            if key in state and value.strip():
+                state[key] = value.strip()
+        return state
+
+
+class ImageId(FactBase):
+    """The id of the image a reference names on this host, or None."""
+
+    requires_command = "docker"
+
+    def command(self, ref: str) -> str:
+        return f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)} 2>/dev/null || true"
+
+    def process(self, output):
+        return output[0].strip() if output and output[0].startswith("sha256:") else None
+
+
+class FreeBytes(FactBase):
+    """Free bytes on the filesystem holding path (its nearest existing parent)."""
+
+    def command(self, path: str) -> str:
+        quoted = shlex.quote(path)
+        return (
+            f'p={quoted}; while [ ! -e "$p" ] && [ "$p" != / ]; do p=$(dirname "$p"); done; '
+            "df -PB1 \"$p\" | awk 'NR==2 {print $4}'"
+        )
+
+    def process(self, output):
+        return int(output[0]) if output and output[0].strip().isdigit() else None

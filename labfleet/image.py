@@ -1,16 +1,59 @@
-"""The lab image's identity: a tag computed on the controller that every host is held to."""
+"""The lab image's identity and build: a tag computed on the controller that every host is held to.
+
+The build context is container/ plus certs/ holding the extra_ca_certificates, so labs behind
+a TLS-inspecting proxy can build; the tag covers both and the build arguments.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import runpy
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from labfleet.settings import REPO_ROOT, Settings
+from labfleet.certs import host_file_name
+from labfleet.settings import REPO_ROOT, Settings, build
 
 CONTEXT_DIR = REPO_ROOT / "container"
 REPOSITORY = "labfleet/jupyterlab"
 IGNORED = {"__pycache__", ".pytest_cache"}
+CERTS_DIR = "certs"
+TAG_LABEL = "org.labfleet.image.tag"
+BUILD_TIMEOUT_S = 3600
+LOG_TAIL_LINES = 30
+
+
+class ImageBuildError(RuntimeError):
+    """The engine could not build the image; the message says which tag, why, and what to do."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build_image call: the tag, whether the engine had to build it, and its output."""
+
+    tag: str
+    built: bool
+    seconds: float = 0.0
+    log: str = ""
+
+
+def controller_settings(**overrides) -> Settings:
+    """group_data/all.py's defaults with overrides, validated: for builds outside a deploy (bench, tests).
+
+    The image depends on no jupyter user; one is named only because settings require one.
+    """
+    defaults = runpy.run_path(str(REPO_ROOT / "group_data" / "all.py"))
+    raw = {key: value for key, value in defaults.items() if not key.startswith("__")}
+    raw["jupyter_user"] = "labfleet"
+    raw.update(overrides)
+    return build("controller", raw)
 
 
 def build_args(settings: Settings) -> dict[str, str]:
@@ -23,13 +66,33 @@ def _context_files(root: Path) -> list[Path]:
     )
 
 
+def _is_executable(path: Path) -> bool:
+    return bool(path.stat().st_mode & 0o111)
+
+
+def _file_digest(name: str, path: Path) -> bytes:
+    # Content only: the Dockerfile sets the modes it needs, so a checkout or a synced copy
+    # that lost the executable bits builds the same image under the same tag.
+    return name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest()
+
+
 @cache
 def _context_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in _context_files(root):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(_file_digest(path.relative_to(root).as_posix(), path))
     return digest.hexdigest()
+
+
+def _certificate_files(settings: Settings) -> dict[str, Path]:
+    return {f"{CERTS_DIR}/{host_file_name(path)}": Path(path) for path in settings.extra_ca_certificates}
+
+
+def context_files(settings: Settings, context: Path = CONTEXT_DIR) -> dict[str, Path]:
+    """Every file of the build context: its path inside the context -> the file to copy."""
+    files = {path.relative_to(context).as_posix(): path for path in _context_files(context)}
+    files.update(_certificate_files(settings))
+    return files
 
 
 def image_tag(settings: Settings, context: Path = CONTEXT_DIR) -> str:
@@ -39,6 +102,104 @@ def image_tag(settings: Settings, context: Path = CONTEXT_DIR) -> str:
     was built from something else.
     """
     digest = hashlib.sha256(_context_digest(context).encode())
+    for name, path in sorted(_certificate_files(settings).items()):
+        digest.update(_file_digest(name, path))
     for key, value in sorted(build_args(settings).items()):
         digest.update(f"{key}={value}\0".encode())
     return f"{REPOSITORY}:{settings.image_profile}-{digest.hexdigest()[:12]}"
+
+
+def assemble_context(settings: Settings, destination: Path, context: Path = CONTEXT_DIR) -> Path:
+    """Copy the build context (container/ plus certs/) into an empty directory; return it.
+
+    Modes are normalised to 755/644, so the engine's layer cache does not depend on the
+    controller's umask.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    if any(destination.iterdir()):
+        raise ValueError(f"build context {destination} must be empty")
+    for name, source in context_files(settings, context).items():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        target.chmod(0o755 if _is_executable(source) else 0o644)
+    return destination
+
+
+def image_exists(tag: str, engine_cmd: Sequence[str] = ("docker",)) -> bool:
+    result = subprocess.run([*engine_cmd, "image", "inspect", tag], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+def _build_env(engine_cmd: Sequence[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    if "DOCKER_BUILDKIT" not in env:
+        # A CLI without buildx refuses to build unless told to use the legacy builder.
+        probe = subprocess.run([*engine_cmd, "buildx", "version"], capture_output=True, check=False)
+        if probe.returncode != 0:
+            env["DOCKER_BUILDKIT"] = "0"
+    return env
+
+
+def build_image(
+    settings: Settings,
+    engine_cmd: Sequence[str] = ("docker",),
+    *,
+    context: Path = CONTEXT_DIR,
+    labels: Mapping[str, str] | None = None,
+    force: bool = False,
+    no_cache: bool = False,
+    timeout: float = BUILD_TIMEOUT_S,
+) -> Build:
+    """Build the image under image_tag(settings) with the local engine; skip it when the tag exists.
+
+    + settings: the host's settings (profile, cuda, base_image, extra_ca_certificates)
+    + engine_cmd: the engine's command line, e.g. ("docker",) or ("sudo", "docker")
+    + context: the container/ directory to build from
+    + labels: extra image labels (tests mark their images with them)
+    + force: run the build even when the tag exists (the engine's layer cache still applies)
+    + no_cache: build every layer anew (implies force), as for a cold-build measurement
+    + timeout: seconds before the build is abandoned
+
+    **Examples:**
+
+    .. code:: python
+
+        build = build_image(settings)
+        print(build.tag, "built" if build.built else "already there")
+    """
+    tag = image_tag(settings, context)
+    if not (force or no_cache) and image_exists(tag, engine_cmd):
+        return Build(tag=tag, built=False)
+    argv = [*engine_cmd, "build", "--force-rm", "--tag", tag, "--label", f"{TAG_LABEL}={tag}"]
+    if no_cache:
+        argv.append("--no-cache")
+    for key, value in sorted((labels or {}).items()):
+        argv += ["--label", f"{key}={value}"]
+    for key, value in sorted(build_args(settings).items()):
+        argv += ["--build-arg", f"{key}={value}"]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="labfleet-context-") as directory:
+        assemble_context(settings, Path(directory), context)
+        try:
+            result = subprocess.run(
+                [*argv, directory],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=_build_env(engine_cmd),
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise ImageBuildError(
+                f"building {tag} did not finish within {timeout:.0f} s; check the network to the package "
+                "index (and extra_ca_certificates behind a TLS-inspecting proxy), then run the deploy again"
+            ) from error
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
+        raise ImageBuildError(
+            f"building {tag} (profile {settings.image_profile}, CUDA {settings.cuda}, base {settings.base_image}) "
+            f"failed with exit {result.returncode}; the build's last lines say why:\n{tail}"
+        )
+    return Build(tag=tag, built=True, seconds=time.monotonic() - started, log=log)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from collections import Counter
 
@@ -21,7 +20,7 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import LinuxDistribution
 
 from labfleet import image, jupyter
-from labfleet.facts import NvidiaGpus
+from labfleet.facts import FreeBytes, GpuHost, ImageId
 from labfleet.settings import Settings
 
 # Columns that must agree across the fleet; a host that differs from the majority drifts.
@@ -38,47 +37,6 @@ class DockerServerVersion(FactBase):
 
     def process(self, output):
         return output[0].strip() if output and output[0].strip() else None
-
-
-class NvidiaDriverVersion(FactBase):
-    """The loaded NVIDIA kernel driver's version, from /proc (no nvidia-smi needed)."""
-
-    def command(self) -> str:
-        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
-
-    def process(self, output):
-        for line in output:
-            if "Kernel Module" in line:
-                for word in line.split():
-                    if word[:1].isdigit() and "." in word:
-                        return word
-        return None
-
-
-class ImageId(FactBase):
-    """The id of the image a reference names on this host, or None."""
-
-    requires_command = "docker"
-
-    def command(self, ref: str) -> str:
-        return f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)} 2>/dev/null || true"
-
-    def process(self, output):
-        return output[0].strip() if output and output[0].startswith("sha256:") else None
-
-
-class FreeBytes(FactBase):
-    """Free bytes on the filesystem holding path (its nearest existing parent)."""
-
-    def command(self, path: str) -> str:
-        quoted = shlex.quote(path)
-        return (
-            f'p={quoted}; while [ ! -e "$p" ] && [ "$p" != / ]; do p=$(dirname "$p"); done; '
-            "df -PB1 \"$p\" | awk 'NR==2 {print $4}'"
-        )
-
-    def process(self, output):
-        return int(output[0]) if output and output[0].strip().isdigit() else None
 
 
 _rows: dict[str, dict] = {}
@@ -106,14 +64,14 @@ def host_row(settings: Settings) -> dict:
                 "current": service["container_image"] is not None and service["container_image"] == service["image_id"],
             }
         )
-    gpus = host.get_fact(NvidiaGpus)
+    gpu = host.get_fact(GpuHost)
     return {
         "host": settings.host,
         "os": f"{distro.get('name', '?')} {distro.get('release_meta', {}).get('VERSION_ID', distro.get('major', ''))}",
         "docker": host.get_fact(DockerServerVersion),
         "toolkit": sorted(toolkit)[-1] if toolkit else None,
-        "driver": host.get_fact(NvidiaDriverVersion),
-        "gpus": len(gpus),
+        "driver": gpu["driver"],
+        "gpus": len(gpu["gpus"]),
         "expected_image": tag,
         "image": host.get_fact(ImageId, ref=tag),
         "users": users,

@@ -67,6 +67,7 @@ class Settings:
     docker_source: str
     docker_apt_mirror: str
     docker_version: str | None
+    docker_packages: tuple[str, ...] | None
     docker_users: tuple[str, ...]
     docker_daemon: dict
     nvidia_toolkit_apt_mirror: str
@@ -76,6 +77,9 @@ class Settings:
     cuda: str
     datasets_root: str
     datasets: tuple[Dataset, ...]
+    datasets_group: str
+    lan_address: str
+    lan_ssh_port: int
     workspace_dir: str
     jupyter_users: tuple[JupyterUser, ...]
     jupyter_bind: str
@@ -86,6 +90,7 @@ class Settings:
     base_image: str
     extra_ca_certificates: tuple[str, ...]
     shm_size: str
+    ulimits: dict
 
     @property
     def jupyter_user(self) -> JupyterUser:
@@ -105,6 +110,10 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "docker_source": (checks.choice("docker-ce", "distro"), 'one of "docker-ce", "distro"'),
     "docker_apt_mirror": (checks.url, "an http(s):// or file:/ URL"),
     "docker_version": (checks.optional(checks.package_version), "null or a version like 5:27.3.1"),
+    "docker_packages": (
+        checks.optional(checks.list_of(checks.package_spec)),
+        'null (the source\'s default list) or a list of package names, each optionally "name=version"',
+    ),
     "docker_users": (checks.list_of(checks.username), "a list of user names"),
     "docker_daemon": (checks.json_object, "a mapping of daemon.json keys to JSON values"),
     "nvidia_toolkit_apt_mirror": (checks.url, "an http(s):// or file:/ URL"),
@@ -114,6 +123,9 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "cuda": (checks.choice(*CUDA_DRIVER_FLOOR), "one of " + ", ".join(f'"{c}"' for c in CUDA_DRIVER_FLOOR)),
     "datasets_root": (checks.absolute_path, "an absolute path"),
     "datasets": (checks.datasets, "a mapping of dataset name to {source, readonly, prune, manifest}"),
+    "datasets_group": (checks.username, "a group name like labdata"),
+    "lan_address": (checks.optional(checks.host_address), "null, an IP address or a DNS name"),
+    "lan_ssh_port": (checks.optional(checks.port), "null or an integer port 1-65535"),
     "workspace_dir": (checks.workspace_dir, 'an absolute path, optionally with "{user}"'),
     "jupyter_user": (checks.optional(checks.username), "null or a user name"),
     "jupyter_users": (checks.list_of(checks.jupyter_user_entry), "a list of user names or {name, port} mappings"),
@@ -129,6 +141,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "base_image": (checks.image_reference, "an image reference like ubuntu:24.04@sha256:<64 hex>"),
     "extra_ca_certificates": (checks.list_of(checks.pem_file), "a list of PEM certificate files on the controller"),
     "shm_size": (checks.size, 'a size like "16g", "512m" or "1073741824"'),
+    "ulimits": (checks.ulimits, "a mapping of ulimit names (memlock, stack, nofile, ...) to integers, -1 = unlimited"),
 }
 
 
@@ -253,6 +266,7 @@ def _assemble(host_name: str, values: dict, raw: dict) -> Settings:
         docker_source=values["docker_source"],
         docker_apt_mirror=values["docker_apt_mirror"],
         docker_version=values["docker_version"],
+        docker_packages=values["docker_packages"],
         docker_users=tuple(values["docker_users"]),
         docker_daemon=values["docker_daemon"],
         nvidia_toolkit_apt_mirror=values["nvidia_toolkit_apt_mirror"],
@@ -262,6 +276,11 @@ def _assemble(host_name: str, values: dict, raw: dict) -> Settings:
         cuda=values["cuda"],
         datasets_root=values["datasets_root"],
         datasets=values["datasets"],
+        datasets_group=values["datasets_group"],
+        # How the other hosts reach this one (peer dataset pulls); the inventory's address
+        # is the controller's view, which is usually, but not always, the same.
+        lan_address=values["lan_address"] or raw.get("ssh_hostname") or host_name,
+        lan_ssh_port=values["lan_ssh_port"] or (raw.get("ssh_port") if not values["lan_address"] else None) or 22,
         workspace_dir=values["workspace_dir"],
         jupyter_users=users,
         jupyter_bind=values["jupyter_bind"],
@@ -272,6 +291,7 @@ def _assemble(host_name: str, values: dict, raw: dict) -> Settings:
         base_image=values["base_image"],
         extra_ca_certificates=tuple(values["extra_ca_certificates"]),
         shm_size=values["shm_size"],
+        ulimits=values["ulimits"],
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,19 @@ for _group, _names in _spec["groups"].items():
 def controller_ca_certificates() -> list[str]:
     """The controller's extra CA files, from the standard local-CA directory."""
     return sorted(glob.glob(LOCAL_CA_GLOB))
+
+
+def sandbox_ulimits() -> dict:
+    """The product's ulimits, capped at what this machine allows.
+
+    These machines lack CAP_SYS_RESOURCE and have a finite hard memlock limit, which the
+    nested engines inherit, so a container asking for memlock -1 (the product default,
+    right on a real workstation) cannot start here. Tests then ask for the hard limit.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    if hard == resource.RLIM_INFINITY:
+        return {}
+    return {"ulimits": {"memlock": hard, "stack": 67108864}}
 
 
 @dataclass
@@ -165,7 +179,7 @@ def write_inventory(
     """Write lab_hosts.py (and its lab_hosts.json) into directory; returns the .py path."""
     known_hosts = directory / "known_hosts"
     known_hosts.touch()
-    common = {"extra_ca_certificates": controller_ca_certificates(), **(data or {})}
+    common = {"extra_ca_certificates": controller_ca_certificates(), **sandbox_ulimits(), **(data or {})}
     per_host = {}
     for host in hosts:
         per_host[host.name] = {

@@ -1,0 +1,44 @@
+#!/bin/bash
+# Give NB_USER the host's NB_UID and NB_GID and a home inside the container; run as root.
+# Idempotent, so a restarted container passes through it again unchanged. It touches only
+# /etc/passwd, /etc/group and /home/$NB_USER: never /workspace nor the datasets.
+set -euo pipefail
+
+: "${NB_USER:?}" "${NB_UID:?}" "${NB_GID:?}"
+NB_GROUP=${NB_GROUP:-$NB_USER}
+home=/home/$NB_USER
+
+for value in "$NB_UID" "$NB_GID"; do
+    case "$value" in
+        '' | *[!0-9]*) echo "labfleet: NB_UID and NB_GID must be numbers, got NB_UID=$NB_UID NB_GID=$NB_GID" >&2; exit 1 ;;
+    esac
+done
+if [ "$NB_UID" -eq 0 ]; then
+    echo "labfleet: NB_UID=0 would run JupyterLab as root; set jupyter_user to a normal account" >&2
+    exit 1
+fi
+
+# The group: reuse whichever group already has NB_GID (e.g. 100 "users"), else make one.
+if ! getent group "$NB_GID" >/dev/null; then
+    if getent group "$NB_GROUP" >/dev/null; then
+        groupmod --gid "$NB_GID" "$NB_GROUP"
+    else
+        groupadd --gid "$NB_GID" "$NB_GROUP"
+    fi
+fi
+
+# The user: the image has none of its own, so the first start creates it. A UID that a
+# system account already holds is shared (--non-unique), as the host's UID is what counts.
+if id -u "$NB_USER" >/dev/null 2>&1; then
+    [ "$(id -u "$NB_USER")" = "$NB_UID" ] || usermod --non-unique --uid "$NB_UID" "$NB_USER"
+    [ "$(id -g "$NB_USER")" = "$NB_GID" ] || usermod --gid "$NB_GID" "$NB_USER"
+else
+    useradd --no-log-init --non-unique --uid "$NB_UID" --gid "$NB_GID" \
+        --home-dir "$home" --no-create-home --shell /bin/bash "$NB_USER"
+fi
+
+# HOME lives in the container's own file system, outside every bind mount; only the
+# directory itself is chowned, not what someone may have mounted below it.
+mkdir -p "$home"
+chown "$NB_UID:$NB_GID" "$home"
+chmod 0750 "$home"

@@ -1,0 +1,224 @@
+"""apt, the way every labfleet step uses it: lock-patient, keyring-signed, pinned, idempotent.
+
+One helper per job, shared by the docker and nvidia steps:
+
+- ``apt_get`` renders an apt-get command that waits for a held apt/dpkg lock instead of
+  failing. A freshly booted Ubuntu runs unattended-upgrades, which holds the dpkg lock for
+  minutes. apt's own ``DPkg::Lock::Timeout`` covers the dpkg locks of install and remove,
+  but not the lists lock that ``apt-get update`` takes (apt 2.6 and 3.0 fail at once), so
+  the command also retries while apt reports a lock error, until a deadline.
+- ``deb822_source`` renders a ``.sources`` file whose ``Signed-By`` names a keyring under
+  /etc/apt/keyrings: the key trusts that repository only (no apt-key, no trusted.gpg.d).
+- ``install_keyring`` downloads a repository key on the host and replaces the keyring only
+  when the served key differs.
+- ``ensure_packages`` / ``remove_packages`` decide from the installed packages (a fact) and
+  run apt only for the difference; ``apt-get update`` runs only when something is installed
+  or a source changed, so a re-run costs no network and reports no change.
+- ``pin_preferences`` renders /etc/apt/preferences.d content that holds packages at one
+  version, so an ``apt upgrade`` by hand does not move a pinned engine.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from collections.abc import Callable, Iterable, Sequence
+
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.facts.deb import DebPackages
+
+from labfleet.facts import KeyringDigests
+
+KEYRING_DIR = "/etc/apt/keyrings"
+# How long to wait for another apt or dpkg (unattended-upgrades on a fresh boot) to finish.
+LOCK_TIMEOUT_S = 900
+# What apt prints when another process holds one of its locks (LC_ALL=C).
+LOCK_ERRORS = ("Could not get lock", "Unable to lock", "Unable to acquire the dpkg frontend lock")
+
+
+def apt_get(arguments: str, lock_timeout: int = LOCK_TIMEOUT_S) -> str:
+    """A shell command that runs ``apt-get -y <arguments>`` non-interactively, waiting for locks.
+
+    + arguments: what follows ``apt-get -y``, e.g. ``"install --no-install-recommends curl"``
+    + lock_timeout: seconds to wait for a lock another process holds before giving up
+
+    A lock error happens before apt changes anything, so retrying is safe. Any other
+    failure ends the command at once with apt's own output and exit status.
+    """
+    options = (
+        f"-o DPkg::Lock::Timeout={int(lock_timeout)} "
+        "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
+    )
+    lock_pattern = "|".join(f"*{shlex.quote(text)}*" for text in LOCK_ERRORS)
+    gave_up = shlex.quote(
+        f"labfleet: another process still holds the apt/dpkg lock after {int(lock_timeout)} s "
+        "(unattended-upgrades after a fresh boot?); let it finish, or stop it, then run the deploy again"
+    )
+    return (
+        f"(deadline=$(( $(date +%s) + {int(lock_timeout)} )); "
+        "while :; do "
+        f"out=$(LC_ALL=C DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=l apt-get -y {options} {arguments} 2>&1); "
+        "rc=$?; "
+        "if [ $rc -eq 0 ]; then printf '%s\\n' \"$out\"; exit 0; fi; "
+        f'case "$out" in {lock_pattern}) ;; *) printf \'%s\\n\' "$out" >&2; exit $rc;; esac; '
+        f'if [ "$(date +%s)" -ge "$deadline" ]; then printf \'%s\\n\' "$out" >&2; echo {gave_up} >&2; exit 1; fi; '
+        'echo "labfleet: waiting for the apt/dpkg lock: $(printf \'%s\\n\' "$out" | grep -m1 lock)" >&2; '
+        "sleep 3; "
+        "done)"
+    )
+
+
+def apt_update(lock_timeout: int = LOCK_TIMEOUT_S) -> str:
+    """``apt-get update`` that fails, with a message, on any source that cannot be read or verified.
+
+    ``APT::Update::Error-Mode=any`` turns apt's warnings (a repository whose signature does
+    not match its Signed-By keyring, an index that failed to download) into a failure, so
+    a broken source stops this host instead of installing stale or unverified packages.
+    """
+    explain = shlex.quote(
+        "labfleet: apt-get update failed (see apt's messages above): a repository is unreachable, "
+        "or its signature does not match the key named by its Signed-By; check the repository URL "
+        "and the key it serves"
+    )
+    update = apt_get("-o APT::Update::Error-Mode=any update", lock_timeout)
+    return f"{{ {update} || {{ echo {explain} >&2; exit 1; }}; }}"
+
+
+def split_version(package: str) -> tuple[str, str | None]:
+    """``"docker-ce=5:27.3.1-1"`` -> ``("docker-ce", "5:27.3.1-1")``; no version -> None."""
+    name, sep, version = package.partition("=")
+    return name, (version if sep else None)
+
+
+def missing_packages(wanted: Iterable[str], installed: dict) -> list[str]:
+    """The wanted packages (``name`` or ``name=version``) that are not installed as asked."""
+    missing = []
+    for package in wanted:
+        name, version = split_version(package)
+        versions = installed.get(name)
+        if not versions or (version is not None and version not in versions):
+            missing.append(package)
+    return missing
+
+
+@operation(is_idempotent=True)
+def ensure_packages(
+    packages: Sequence[str],
+    refresh: bool | Callable[[], bool] = False,
+    no_recommends: bool = True,
+    lock_timeout: int = LOCK_TIMEOUT_S,
+):
+    """Install the packages that are missing (or at another version than pinned), waiting for apt locks.
+
+    + packages: package names, each optionally ``name=version``
+    + refresh: run ``apt-get update`` even when nothing is missing (a source changed); a
+      callable is asked when the operation runs, e.g. ``lambda: sources_op.did_change()``
+    + no_recommends: leave out recommended packages; list what you need
+    + lock_timeout: seconds to wait for a lock another process holds
+
+    **Example:**
+
+    .. code:: python
+
+        ensure_packages(name="Install curl", packages=["curl", "ca-certificates"])
+    """
+    missing = missing_packages(packages, host.get_fact(DebPackages))
+    if not missing and not (refresh() if callable(refresh) else refresh):
+        host.noop(f"{', '.join(split_version(p)[0] for p in packages)} already installed")
+        return
+    yield apt_update(lock_timeout)
+    if missing:
+        flags = "--no-install-recommends --allow-downgrades" if no_recommends else "--allow-downgrades"
+        yield apt_get(f"install {flags} {' '.join(shlex.quote(p) for p in missing)}", lock_timeout)
+
+
+@operation(is_idempotent=True)
+def remove_packages(packages: Sequence[str], lock_timeout: int = LOCK_TIMEOUT_S):
+    """Remove those of the packages that are installed (their configuration and data stay).
+
+    + packages: package names
+    + lock_timeout: seconds to wait for a lock another process holds
+
+    **Example:**
+
+    .. code:: python
+
+        remove_packages(name="Remove podman-docker", packages=["podman-docker"])
+    """
+    installed = host.get_fact(DebPackages)
+    present = [name for name in packages if name in installed]
+    if not present:
+        host.noop(f"none of {', '.join(packages)} installed")
+        return
+    yield apt_get(f"remove {' '.join(shlex.quote(p) for p in present)}", lock_timeout)
+
+
+def deb822_source(
+    uris: str,
+    suites: str,
+    components: str,
+    signed_by: str,
+    architectures: str | None = None,
+    comment: str | None = None,
+) -> str:
+    """The text of a deb822 ``.sources`` file with one stanza.
+
+    **Example:**
+
+    .. code:: python
+
+        deb822_source("https://download.docker.com/linux/debian", "trixie", "stable",
+                      "/etc/apt/keyrings/docker.asc", architectures="amd64")
+    """
+    lines = [f"# {comment}"] if comment else []
+    lines += ["Types: deb", f"URIs: {uris}", f"Suites: {suites}", f"Components: {components}"]
+    if architectures:
+        lines.append(f"Architectures: {architectures}")
+    lines.append(f"Signed-By: {signed_by}")
+    return "\n".join(lines) + "\n"
+
+
+def pin_preferences(packages: Sequence[str], version: str, comment: str | None = None) -> str:
+    """/etc/apt/preferences.d text that holds packages at version (priority 1001 also downgrades)."""
+    lines = [f"# {comment}"] if comment else []
+    lines += [f"Package: {' '.join(packages)}", f"Pin: version {version}", "Pin-Priority: 1001"]
+    return "\n".join(lines) + "\n"
+
+
+@operation(is_idempotent=True)
+def install_keyring(url: str, path: str):
+    """Keep the ASCII-armored repository key served at url in path, replacing it only when it differs.
+
+    + url: where the repository serves its public key
+    + path: the keyring a ``Signed-By`` names, ending in ``.asc``
+
+    The host downloads the key (curl or wget), so a mirror that only the lab network
+    reaches works. A download that fails, or that is not an armored public key, stops this
+    host with a message and leaves the existing keyring alone.
+
+    **Example:**
+
+    .. code:: python
+
+        install_keyring(name="Docker's key", url="https://download.docker.com/linux/debian/gpg",
+                        path="/etc/apt/keyrings/docker.asc")
+    """
+    digests = host.get_fact(KeyringDigests, url=url, path=path)
+    if digests["remote"] and digests["remote"] == digests["local"]:
+        host.noop(f"{path} already holds the key served at {url}")
+        return
+    q_url, q_path = shlex.quote(url), shlex.quote(path)
+    no_download = shlex.quote(
+        f"labfleet: could not download the repository key {url}; check the URL (docker_apt_mirror) "
+        "and that this host reaches it"
+    )
+    not_a_key = shlex.quote(f"labfleet: {url} did not serve an ASCII-armored PGP public key; {path} is unchanged")
+    yield (
+        f"tmp=$(mktemp) && "
+        f'{{ curl -fsSL --max-time 60 {q_url} -o "$tmp" 2>/dev/null || wget -q -T 60 -O "$tmp" {q_url}; }} '
+        f'|| {{ rm -f "$tmp"; echo {no_download} >&2; exit 1; }}; '
+        f'grep -q \'BEGIN PGP PUBLIC KEY BLOCK\' "$tmp" || {{ rm -f "$tmp"; echo {not_a_key} >&2; exit 1; }}; '
+        f'install -d -m 755 {shlex.quote(posixpath.dirname(path))} && install -m 644 "$tmp" {q_path}; '
+        'rc=$?; rm -f "$tmp"; exit $rc'
+    )

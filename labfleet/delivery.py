@@ -1,0 +1,202 @@
+"""Image delivery: the lab image on every host, under its tag, moving bytes only where needed.
+
+- build: the build context is synced to /opt/labfleet/image (changed files only) and the
+  host builds it, unless it already has the tag. A base image that only the controller
+  has (offline labs, the tests) is shipped first.
+- ship: the controller builds once and saves once (gzip); only hosts whose engine lacks
+  that image id get the archive, `docker load` it, and have the id verified. A failed or
+  interrupted load never moves the tag, so the running container keeps its image.
+- registry: see labfleet/registry.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shlex
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.operations import files
+
+from labfleet import image
+from labfleet.facts import FreeBytes, ImageId
+from labfleet.preflight import require
+from labfleet.settings import REPO_ROOT, Settings
+
+CACHE_DIR = REPO_ROOT / "build"
+HOST_CONTEXT_DIR = "/opt/labfleet/image"
+HOST_ARCHIVE_DIR = "/var/tmp"
+DOCKER_ROOT = "/var/lib/docker"
+# Room for the archive, the unpacked layers and some slack, relative to the image size.
+DISK_FACTOR = 1.2
+
+_lock = threading.Lock()  # hosts are prepared concurrently; the controller builds once
+_archives: dict[str, Archive] = {}
+_contexts: dict[str, Path] = {}
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A `docker save` of one image on the controller, compressed."""
+
+    ref: str
+    image_id: str
+    path: Path
+    image_bytes: int
+
+    @property
+    def needed_bytes(self) -> int:
+        return int((self.image_bytes + self.path.stat().st_size) * DISK_FACTOR)
+
+
+def _inspect(ref: str) -> dict | None:
+    result = subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=False)
+    return json.loads(result.stdout)[0] if result.returncode == 0 else None
+
+
+def saved_archive(ref: str) -> Archive:
+    """The compressed archive of ref on the controller, saved once per image id and kept."""
+    with _lock:
+        if ref in _archives:
+            return _archives[ref]
+        info = _inspect(ref)
+        if info is None:
+            raise RuntimeError(f"image {ref} is not in the controller's engine")
+        image_id = info["Id"]
+        path = CACHE_DIR / "images" / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            with (
+                subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
+                gzip.open(partial, "wb", compresslevel=1) as out,
+            ):
+                shutil.copyfileobj(save.stdout, out, 1 << 20)
+            if save.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
+            partial.rename(path)
+        _archives[ref] = Archive(ref, image_id, path, int(info["Size"]))
+        return _archives[ref]
+
+
+def controller_has(ref: str) -> bool:
+    return _inspect(ref) is not None
+
+
+def built_on_controller(settings: Settings) -> str:
+    """Build the image once on the controller (skipped when its engine has the tag)."""
+    with _lock:
+        return image.build_image(settings).tag
+
+
+@operation(is_idempotent=True)
+def load_image(archive: str, ref: str, image_id: str):
+    """Load a saved image on the host and check that ref now names image_id.
+
+    + archive: the archive's path on the host, removed afterwards whatever happens
+    + ref: the tag the archive carries
+    + image_id: the id the tag must name afterwards
+    """
+    if host.get_fact(ImageId, ref=ref) == image_id:
+        host.noop(f"{ref} is already {image_id[:19]}")
+        return
+    quoted = shlex.quote(archive)
+    check = f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}"
+    yield (
+        f"docker load --input {quoted} >/dev/null; loaded=$?; rm -f {quoted}; "
+        f'[ $loaded -eq 0 ] && [ "$({check})" = {shlex.quote(image_id)} ] || '
+        f"{{ echo {shlex.quote(f'labfleet: loading {ref} did not give image {image_id}')} >&2; exit 1; }}"
+    )
+
+
+@deploy("Ship an image")
+def ship(settings: Settings, ref: str):
+    archive = saved_archive(ref)
+    if host.get_fact(ImageId, ref=ref) == archive.image_id:
+        host.noop(f"{ref} is already here as {archive.image_id[:19]}: nothing to copy")
+        return
+    free = host.get_fact(FreeBytes, path=DOCKER_ROOT)
+    require(
+        name=f"Check the free disk for {ref}",
+        ok=free is not None and free >= archive.needed_bytes,
+        problem=(
+            f"host {settings.host}: {_gib(free)} free under {DOCKER_ROOT}, but {ref} needs about "
+            f"{_gib(archive.needed_bytes)}; free some space (docker image prune) and run the deploy again"
+        ),
+    )
+    remote = f"{HOST_ARCHIVE_DIR}/labfleet-{archive.path.name}"
+    files.put(name=f"Copy {ref}", src=str(archive.path), dest=remote, mode="600")
+    load_image(name=f"Load {ref}", archive=remote, ref=ref, image_id=archive.image_id)
+
+
+def _gib(value: int | None) -> str:
+    return "an unknown amount" if value is None else f"{value / 2**30:.1f} GiB"
+
+
+def _context(settings: Settings) -> Path:
+    tag = image.image_tag(settings)
+    with _lock:
+        if tag not in _contexts:
+            directory = CACHE_DIR / "contexts" / tag.rsplit(":", 1)[1]
+            if directory.exists():
+                shutil.rmtree(directory)
+            _contexts[tag] = image.assemble_context(settings, directory)
+        return _contexts[tag]
+
+
+@operation(is_idempotent=True)
+def build_on_host(context: str, tag: str, build_args: dict[str, str]):
+    """Build the image on the host from a synced context, unless it has the tag already.
+
+    + context: the build context's directory on the host
+    + tag: the computed tag
+    + build_args: --build-arg values
+    """
+    if host.get_fact(ImageId, ref=tag):
+        host.noop(f"{tag} is already built")
+        return
+    args = " ".join(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in sorted(build_args.items()))
+    yield f"docker build --force-rm --tag {shlex.quote(tag)} {args} {shlex.quote(context)} 2>&1 | tail -n 40"
+    # `| tail` hides docker's exit code; the tag's presence is the real result.
+    yield f"docker image inspect {shlex.quote(tag)} >/dev/null"
+
+
+@deploy("Build the image on the host")
+def build(settings: Settings, tag: str):
+    if host.get_fact(ImageId, ref=tag):
+        host.noop(f"{tag} is already built")
+        return
+    if not host.get_fact(ImageId, ref=settings.base_image) and controller_has(settings.base_image):
+        ship(settings, settings.base_image)
+    files.sync(
+        name="Sync the image's build context",
+        src=str(_context(settings)),
+        dest=HOST_CONTEXT_DIR,
+        delete=True,
+    )
+    build_on_host(
+        name=f"Build {tag}",
+        context=HOST_CONTEXT_DIR,
+        tag=tag,
+        build_args=image.build_args(settings),
+    )
+
+
+@deploy("Deliver the image")
+def deliver_image(settings: Settings):
+    tag = image.image_tag(settings)
+    if settings.image_delivery == "ship":
+        ship(settings, built_on_controller(settings))
+    elif settings.image_delivery == "build":
+        build(settings, tag)
+    else:
+        from labfleet import registry
+
+        registry.pull(settings, tag)

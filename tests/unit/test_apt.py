@@ -1,0 +1,72 @@
+"""labfleet/apt.py: the commands every apt operation runs, and what counts as missing."""
+
+import subprocess
+
+from labfleet import apt
+
+
+def test_apt_get_waits_for_locks_and_never_prompts():
+    command = apt.apt_get("install curl", lock_timeout=42)
+    assert "DEBIAN_FRONTEND=noninteractive" in command
+    assert "-o DPkg::Lock::Timeout=42" in command
+    assert "--force-confold" in command
+    assert "Could not get lock" in command
+    assert "after 42 s" in command
+
+
+def test_apt_get_retries_on_lock_errors_until_the_deadline(tmp_path):
+    # A fake apt-get that reports the lists lock as held, always.
+    fake = tmp_path / "apt-get"
+    fake.write_text(
+        "#!/bin/sh\necho 'E: Could not get lock /var/lib/apt/lists/lock. It is held by process 7'\nexit 100\n"
+    )
+    fake.chmod(0o755)
+    result = subprocess.run(
+        ["sh", "-c", apt.apt_get("update", lock_timeout=1)],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "waiting for the apt/dpkg lock" in result.stderr
+    assert "still holds the apt/dpkg lock after 1 s" in result.stderr
+
+
+def test_apt_get_passes_other_failures_through_at_once(tmp_path):
+    fake = tmp_path / "apt-get"
+    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package nope'\nexit 100\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        ["sh", "-c", apt.apt_get("install nope", lock_timeout=60)],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert result.returncode == 100
+    assert "Unable to locate package nope" in result.stderr
+    assert "waiting" not in result.stderr
+
+
+def test_update_turns_warnings_into_errors():
+    command = apt.apt_update()
+    assert "APT::Update::Error-Mode=any" in command
+    assert "Signed-By" in command
+
+
+def test_missing_packages_honours_pinned_versions():
+    installed = {"docker-ce": ["5:27.3.1-1"], "curl": ["8.0"]}
+    assert apt.missing_packages(["curl", "docker-ce=5:27.3.1-1"], installed) == []
+    assert apt.missing_packages(["docker-ce=5:28.0.0-1", "wget"], installed) == ["docker-ce=5:28.0.0-1", "wget"]
+
+
+def test_deb822_source_and_pin():
+    text = apt.deb822_source("http://m/debian", "trixie", "stable", "/etc/apt/keyrings/x.asc", architectures="amd64")
+    assert text == (
+        "Types: deb\nURIs: http://m/debian\nSuites: trixie\nComponents: stable\n"
+        "Architectures: amd64\nSigned-By: /etc/apt/keyrings/x.asc\n"
+    )
+    assert apt.pin_preferences(["docker-ce", "docker-ce-cli"], "5:27.3.1-1") == (
+        "Package: docker-ce docker-ce-cli\nPin: version 5:27.3.1-1\nPin-Priority: 1001\n"
+    )

@@ -1,0 +1,251 @@
+"""Planning of the docker step: package lists, apt files, daemon.json merge, against fake facts."""
+
+import pytest
+
+from labfleet import docker
+from labfleet.facts import AptSourceEntries, DaemonJson, DockerEngineStatus, FactBatch, GroupMembers, parse_daemon_json
+from labfleet.settings import build
+
+
+@pytest.fixture
+def settings(raw):
+    def make(**overrides):
+        return build("pc01", {**raw, **overrides})
+
+    return make
+
+
+def release(distro_id, codename, major, **meta):
+    return {
+        "name": distro_id.title(),
+        "major": major,
+        "release_meta": {"ID": distro_id, "VERSION_CODENAME": codename, **meta},
+    }
+
+
+@pytest.mark.parametrize(
+    ("fact", "expected"),
+    [
+        (release("debian", "trixie", 13), ("debian", "trixie", 13)),
+        (release("ubuntu", "noble", 24), ("ubuntu", "noble", 24)),
+        (
+            {
+                "name": "Linuxmint",
+                "major": 22,
+                "release_meta": {"ID": "linuxmint", "ID_LIKE": "ubuntu debian", "UBUNTU_CODENAME": "noble"},
+            },
+            ("ubuntu", "noble", 22),
+        ),
+    ],
+)
+def test_distribution_from_os_release(fact, expected):
+    assert docker.distribution(fact) == expected
+
+
+@pytest.mark.parametrize(
+    "fact",
+    [
+        {"name": "Fedora", "major": 41, "release_meta": {"ID": "fedora"}},
+        {"name": "Debian", "major": None, "release_meta": {"ID": "debian"}},
+    ],
+)
+def test_unsupported_distribution(fact):
+    with pytest.raises(docker.UnsupportedDistribution):
+        docker.distribution(fact)
+
+
+def test_docker_ce_packages_are_the_same_everywhere(settings):
+    s = settings(docker_source="docker-ce")
+    expected = ("docker-ce", "docker-ce-cli", "containerd.io", "docker-buildx-plugin", "docker-compose-plugin")
+    assert docker.packages_to_install(s, "debian", 12) == expected
+    assert docker.packages_to_install(s, "ubuntu", 24) == expected
+
+
+def test_distro_packages_per_distribution(settings):
+    s = settings(docker_source="distro")
+    assert docker.packages_to_install(s, "debian", 13) == ("docker.io", "docker-cli", "docker-compose", "docker-buildx")
+    assert docker.packages_to_install(s, "debian", None) == (
+        "docker.io",
+        "docker-cli",
+        "docker-compose",
+        "docker-buildx",
+    )
+    assert docker.packages_to_install(s, "ubuntu", 24) == ("docker.io", "docker-compose-v2", "docker-buildx")
+
+
+def test_bookworm_distro_has_no_compose_v2_unless_listed(settings):
+    assert docker.packages_to_install(settings(docker_source="distro"), "debian", 12) is None
+    custom = settings(docker_source="distro", docker_packages=["docker.io", "my-compose-v2"])
+    assert docker.packages_to_install(custom, "debian", 12) == ("docker.io", "my-compose-v2")
+
+
+def test_docker_version_pins_the_engine_packages_only(settings):
+    s = settings(docker_version="5:27.3.1-1~debian.13~trixie")
+    assert docker.packages_to_install(s, "debian", 13) == (
+        "docker-ce=5:27.3.1-1~debian.13~trixie",
+        "docker-ce-cli=5:27.3.1-1~debian.13~trixie",
+        "containerd.io",
+        "docker-buildx-plugin",
+        "docker-compose-plugin",
+    )
+    distro = settings(docker_source="distro", docker_version="26.1.5+dfsg1-9")
+    assert docker.packages_to_install(distro, "debian", 13)[:2] == (
+        "docker.io=26.1.5+dfsg1-9",
+        "docker-cli=26.1.5+dfsg1-9",
+    )
+
+
+def test_an_explicit_version_in_docker_packages_wins(settings):
+    s = settings(docker_version="5:27.3.1-1", docker_packages=["docker-ce=5:28.0.0-1", "docker-ce-cli"])
+    assert docker.packages_to_install(s, "debian", 13) == ("docker-ce=5:28.0.0-1", "docker-ce-cli=5:27.3.1-1")
+
+
+def test_apparmor_is_added_where_the_kernel_enforces_it(settings):
+    assert docker.packages_to_install(settings(), "debian", 13, apparmor=True)[-1] == "apparmor"
+
+
+def test_conflicts_never_include_a_wanted_package(settings):
+    s = settings(docker_source="docker-ce")
+    assert "docker.io" in docker.conflicting_packages(s, docker.DOCKER_CE_PACKAGES)
+    assert "containerd" not in docker.conflicting_packages(s, ["docker.io", "containerd", "runc"])
+    distro = settings(docker_source="distro")
+    assert set(docker.conflicting_packages(distro, ["docker.io"])) >= {"docker-ce", "containerd.io", "podman-docker"}
+
+
+def test_sources_file_is_deb822_with_signed_by(settings):
+    s = settings(docker_apt_mirror="http://127.0.0.1:8080/")
+    text = docker.sources_file(s, "debian", "trixie", "arm64")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines == [
+        "Types: deb",
+        "URIs: http://127.0.0.1:8080/debian",
+        "Suites: trixie",
+        "Components: stable",
+        "Architectures: arm64",
+        "Signed-By: /etc/apt/keyrings/docker.asc",
+    ]
+
+
+def _entries(*files, present=()):
+    return {
+        "files": [{"path": p, "entries": n, "matching": m} for p, n, m in files],
+        "present": list(present),
+        "sha256": {},
+    }
+
+
+def test_stale_docker_files_go_and_the_managed_ones_stay(settings):
+    entries = _entries(
+        ("/etc/apt/sources.list.d/docker.sources", 1, 1),
+        ("/etc/apt/sources.list.d/docker.list", 1, 1),
+        present=["/etc/apt/keyrings/docker.asc", "/usr/share/keyrings/docker-archive-keyring.gpg"],
+    )
+    remove, mixed = docker.stale_apt_files(settings(docker_source="docker-ce"), entries)
+    assert remove == ["/etc/apt/sources.list.d/docker.list", "/usr/share/keyrings/docker-archive-keyring.gpg"]
+    assert mixed == []
+
+
+def test_the_distro_source_removes_every_docker_file(settings):
+    entries = _entries(
+        ("/etc/apt/sources.list.d/docker.sources", 1, 1),
+        present=["/etc/apt/sources.list.d/docker.sources", "/etc/apt/keyrings/docker.asc", docker.PIN_FILE],
+    )
+    remove, _ = docker.stale_apt_files(settings(docker_source="distro"), entries)
+    assert remove == ["/etc/apt/sources.list.d/docker.sources", "/etc/apt/keyrings/docker.asc", docker.PIN_FILE]
+
+
+def test_files_shared_with_other_repositories_are_reported_not_removed(settings):
+    entries = _entries(("/etc/apt/sources.list.d/mixed.list", 3, 1), ("/etc/apt/sources.list", 1, 1))
+    remove, mixed = docker.stale_apt_files(settings(), entries)
+    assert remove == []
+    assert mixed == ["/etc/apt/sources.list.d/mixed.list", "/etc/apt/sources.list"]
+
+
+def test_markers_match_upstream_and_the_mirror(settings):
+    markers = docker.repository_markers(settings(docker_apt_mirror="http://apt.lab/docker"), "debian")
+    assert "download.docker.com/linux/" in markers
+    assert "apt.lab/docker/debian/" in markers
+
+
+def test_daemon_config_merges_steps_under_the_users_keys(settings):
+    s = settings(docker_daemon={"log-driver": "local", "runtimes": {"nvidia": {"args": ["--debug"]}}})
+    nvidia = {"runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}}}
+    registry = {"insecure-registries": ["registry.lab:5000"]}
+    assert docker.daemon_config(s, [nvidia, registry]) == {
+        "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": ["--debug"]}},
+        "insecure-registries": ["registry.lab:5000"],
+        "log-driver": "local",
+    }
+
+
+def test_hand_set_keys_survive_the_merge():
+    current = {"dns": ["10.0.0.2"], "log-opts": {"max-file": "5"}, "runtimes": {"kata": {"path": "/usr/bin/kata"}}}
+    wanted = {"log-opts": {"max-size": "10m"}, "runtimes": {"nvidia": {"path": "nvidia-container-runtime"}}}
+    assert docker.merged_daemon_json(current, wanted) == {
+        "dns": ["10.0.0.2"],
+        "log-opts": {"max-file": "5", "max-size": "10m"},
+        "runtimes": {"kata": {"path": "/usr/bin/kata"}, "nvidia": {"path": "nvidia-container-runtime"}},
+    }
+    assert current["log-opts"] == {"max-file": "5"}, "the merge must not mutate its input"
+
+
+def test_merge_of_keys_already_there_is_no_change():
+    current = {"log-driver": "local", "features": {"buildkit": True}}
+    assert docker.merged_daemon_json(current, {"features": {"buildkit": True}}) == current
+
+
+@pytest.mark.parametrize(
+    ("text", "config", "error"),
+    [
+        ('{\n  "a": 1\n}', {"a": 1}, None),
+        ('{"a":1}', {"a": 1}, None),
+        ("", {}, None),
+        ('{"a": 1,}', None, "invalid JSON"),
+        ("[1, 2]", None, "JSON list, not an object"),
+    ],
+)
+def test_parse_daemon_json(text, config, error):
+    parsed = parse_daemon_json(text)
+    assert parsed["config"] == config
+    assert (parsed["error"] is None) if error is None else (error in parsed["error"])
+
+
+def test_daemon_json_fact_tells_absent_from_invalid():
+    fact = DaemonJson()
+    assert fact.process(["absent"]) == {"present": False, "config": None, "error": None}
+    assert fact.process(["present", "{", '  "dns": ["1.1.1.1"]', "}"])["config"] == {"dns": ["1.1.1.1"]}
+    assert "invalid JSON" in fact.process(["present", "{oops"])["error"]
+
+
+def test_apt_source_entries_fact():
+    fact = AptSourceEntries()
+    parsed = fact.process(
+        [
+            "file 1 1 /etc/apt/sources.list.d/docker.list",
+            "file 3 1 /etc/apt/sources.list.d/mixed list.sources",
+            "present abc123 /etc/apt/keyrings/docker.asc",
+        ]
+    )
+    assert parsed["files"][1] == {"path": "/etc/apt/sources.list.d/mixed list.sources", "entries": 3, "matching": 1}
+    assert parsed["present"] == ["/etc/apt/keyrings/docker.asc"]
+    assert parsed["sha256"] == {"/etc/apt/keyrings/docker.asc": "abc123"}
+
+
+def test_engine_and_group_facts():
+    assert DockerEngineStatus().process(["compose v2.26.1", "server 26.1.5"]) == {
+        "server": "26.1.5",
+        "compose": "2.26.1",
+    }
+    assert DockerEngineStatus().process(["server ", "compose "]) == {"server": None, "compose": None}
+    members = GroupMembers().process(["group docker:x:996:lab,alice", "account lab"])
+    assert members == {"exists": True, "members": ["lab", "alice"], "accounts": ["lab"]}
+
+
+def test_fact_batch_gives_each_part_its_own_parser():
+    batch = FactBatch()
+    command = batch.command(parts=((DaemonJson, {"path": "/etc/docker/daemon.json"}), (DockerEngineStatus, {})))
+    assert command.count("&") >= 2, "the parts run in parallel"
+    mark = FactBatch.MARK
+    daemon, engine = batch.process([mark, "present", '{"a": 1}', mark])
+    assert daemon == {"present": True, "config": {"a": 1}, "error": None}
+    assert engine == {"server": None, "compose": None}
