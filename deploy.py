@@ -9,14 +9,14 @@ the JupyterLab projects brought up healthy, and a summary of how to reach them.
 
 from pyinfra import host
 
-from labfleet import datasets, delivery, docker, jupyter, nvidia, preflight
+from labfleet import datasets, delivery, docker, jupyter, nvidia, preflight, registry
 from labfleet.settings import for_host
 
 settings = for_host(host)
 
 preflight.check_host(settings)
 nvidia.check_driver(settings)
-docker.ensure_docker_engine(settings)
+docker.ensure_docker_engine(settings, daemon_extra=[registry.daemon_keys(settings)])
 datasets.lay_out_datasets(settings)
 delivery.deliver_image(settings)
 jupyter.write_projects(settings)

@@ -42,6 +42,10 @@ image_profile = "pytorch"
 image_delivery = "build"
 # Registry (host:port) for image_delivery = "registry".
 image_registry = None
+# Address the registry host (inventory group `registry`) listens on.
+registry_listen = "0.0.0.0:5000"
+# Where the registry host keeps the image layers.
+registry_storage = "/var/lib/docker-registry"
 # Base of the image, pinned by digest.
 base_image = "ubuntu:24.04@sha256:80dd3c3b9c6cecb9f1667e9290b3bc61b78c2678c02cbdae5f0fea92cc6734ab"
 # PEM files on the controller trusted by hosts and image builds (TLS-inspecting proxies).

@@ -316,7 +316,10 @@ def jupyter_user_entry(value):
 
 
 ULIMIT_NAMES = frozenset(
-    "core cpu data fsize locks memlock msgqueue nice nofile nproc rss rtprio rttime sigpending stack".split()
+    {
+        *("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice"),
+        *("nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"),
+    }
 )
 
 
@@ -329,3 +332,13 @@ def ulimits(value):
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
             raise Invalid(f"{name} must be an integer, -1 for unlimited")
     return dict(value)
+
+
+def listen_address(value):
+    _string(value)
+    address, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise Invalid("")
+    if address not in ("", "0.0.0.0", "[::]"):
+        ip_address(address.strip("[]"))
+    return value

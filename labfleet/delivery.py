@@ -6,7 +6,7 @@
 - ship: the controller builds once and saves once (gzip); only hosts whose engine lacks
   that image id get the archive, `docker load` it, and have the id verified. A failed or
   interrupted load never moves the tag, so the running container keeps its image.
-- registry: see labfleet/registry.py.
+- registry: push once, every host pulls (labfleet/registry.py).
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ def saved_archive(ref: str) -> Archive:
             partial.rename(path)
         _archives[ref] = Archive(ref, image_id, path, int(info["Size"]))
         return _archives[ref]
+
+
+def image_id_on_controller(ref: str) -> str:
+    info = _inspect(ref)
+    if info is None:
+        raise RuntimeError(f"image {ref} is not in the controller's engine")
+    return info["Id"]
 
 
 def controller_has(ref: str) -> bool:
@@ -191,12 +198,13 @@ def build(settings: Settings, tag: str):
 
 @deploy("Deliver the image")
 def deliver_image(settings: Settings):
-    tag = image.image_tag(settings)
+    if settings.image_delivery == "build":
+        build(settings, image.image_tag(settings))
+        return
+    tag = built_on_controller(settings)
     if settings.image_delivery == "ship":
-        ship(settings, built_on_controller(settings))
-    elif settings.image_delivery == "build":
-        build(settings, tag)
+        ship(settings, tag)
     else:
-        from labfleet import registry
+        from labfleet import registry  # registry delivery builds on ship
 
-        registry.pull(settings, tag)
+        registry.deliver(settings, tag)

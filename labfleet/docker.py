@@ -49,7 +49,6 @@ import shlex
 from collections.abc import Iterable, Mapping
 from io import StringIO
 
-import gevent
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, deploy, operation
 from pyinfra.facts.deb import DebArch, DebPackages
@@ -67,7 +66,7 @@ from labfleet.facts import (
     ServiceState,
 )
 from labfleet.preflight import require
-from labfleet.settings import Settings, for_host
+from labfleet.settings import Settings
 
 SOURCES_FILE = "/etc/apt/sources.list.d/docker.sources"
 KEYRING = f"{apt.KEYRING_DIR}/docker.asc"
@@ -398,27 +397,9 @@ def _state_parts(settings: Settings) -> tuple:
     )
 
 
-_prefetched: dict[tuple[int, str], list] = {}
-
-
 def read_host_state(settings: Settings) -> list:
-    """Everything the docker step decides from, as one FactBatch per host.
-
-    pyinfra plans a deploy host after host, so the first host to get here reads the
-    state of every active host at once, in parallel; the others find theirs waiting.
-    """
-    state = host.state
-    key = (id(state), host.name)
-    if key not in _prefetched:
-        peers = [peer for peer in state.inventory.get_active_hosts() if (id(state), peer.name) not in _prefetched]
-        jobs = {peer.name: gevent.spawn(peer.get_fact, FactBatch, parts=_state_parts(for_host(peer))) for peer in peers}
-        gevent.joinall(list(jobs.values()))
-        for name, job in jobs.items():
-            if job.successful():
-                _prefetched[(id(state), name)] = job.value
-        if key not in _prefetched:
-            return host.get_fact(FactBatch, parts=_state_parts(settings))
-    return _prefetched.pop(key)
+    """Everything the docker step decides from, in one round trip (labfleet.facts.FactBatch)."""
+    return host.get_fact(FactBatch, parts=_state_parts(settings))
 
 
 def _sha256(text: str) -> str:

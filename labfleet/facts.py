@@ -18,10 +18,9 @@ class FactBatch(FactBase):
     + parts: ``((FactClass, {kwargs}), ...)``
 
     Returns a list with each part's value, parsed by that fact's own ``process`` (its
-    ``default()`` when the part printed nothing). pyinfra runs a deploy file host by host
-    and keeps no fact cache, so every fact a step reads while planning costs a round trip
-    per host in sequence; a step that reads its state in one batch keeps the no-change
-    re-run close to the cost of connecting.
+    ``default()`` when the part printed nothing). pyinfra 3 keeps no fact cache, so every
+    fact a step reads costs a round trip; a step that reads its state in one batch keeps
+    the no-change re-run close to the cost of connecting.
 
     **Example:**
 

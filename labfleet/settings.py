@@ -8,6 +8,7 @@ touches any host.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import getpass
 import os
@@ -87,10 +88,18 @@ class Settings:
     image_profile: str
     image_delivery: str
     image_registry: str | None
+    registry_listen: str
+    registry_storage: str
     base_image: str
     extra_ca_certificates: tuple[str, ...]
     shm_size: str
     ulimits: dict
+    groups: tuple[str, ...] = ()
+
+    @property
+    def is_registry(self) -> bool:
+        """This host is the lab's registry (inventory group `registry`)."""
+        return "registry" in self.groups
 
     @property
     def jupyter_user(self) -> JupyterUser:
@@ -138,6 +147,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "image_profile": (checks.profile(_profiles), "a profile under container/requirements"),
     "image_delivery": (checks.choice("build", "ship", "registry"), 'one of "build", "ship", "registry"'),
     "image_registry": (checks.optional(checks.registry), "null or a registry address like registry.lab:5000"),
+    "registry_listen": (checks.listen_address, 'an address and port like "0.0.0.0:5000"'),
+    "registry_storage": (checks.absolute_path, "an absolute path"),
     "base_image": (checks.image_reference, "an image reference like ubuntu:24.04@sha256:<64 hex>"),
     "extra_ca_certificates": (checks.list_of(checks.pem_file), "a list of PEM certificate files on the controller"),
     "shm_size": (checks.size, 'a size like "16g", "512m" or "1073741824"'),
@@ -172,7 +183,9 @@ def _default_jupyter_user(raw: dict) -> str | None:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
-def build(host_name: str, raw: dict, inventory_hosts: frozenset[str] = frozenset()) -> Settings:
+def build(
+    host_name: str, raw: dict, inventory_hosts: frozenset[str] = frozenset(), groups: tuple[str, ...] = ()
+) -> Settings:
     """Validate one host's raw data and return its Settings, or raise SettingsError."""
     errors: list[str] = []
     values: dict[str, Any] = {}
@@ -197,7 +210,7 @@ def build(host_name: str, raw: dict, inventory_hosts: frozenset[str] = frozenset
         errors.extend(_cross_checks(host_name, values, raw, inventory_hosts))
     if errors:
         raise SettingsError("\n".join(errors))
-    return _assemble(host_name, values, raw)
+    return dataclasses.replace(_assemble(host_name, values, raw), groups=tuple(groups))
 
 
 def _jupyter_users(values: dict, raw: dict) -> list[tuple[str, int]]:
@@ -288,6 +301,8 @@ def _assemble(host_name: str, values: dict, raw: dict) -> Settings:
         image_profile=values["image_profile"],
         image_delivery=values["image_delivery"],
         image_registry=values["image_registry"],
+        registry_listen=values["registry_listen"],
+        registry_storage=values["registry_storage"],
         base_image=values["base_image"],
         extra_ca_certificates=tuple(values["extra_ca_certificates"]),
         shm_size=values["shm_size"],
@@ -301,7 +316,8 @@ def validate_inventory(inventory) -> dict[str, Settings]:
     settings, errors = {}, []
     for host in inventory:
         try:
-            settings[host.name] = build(host.name, host.data.dict(), names)
+            groups = tuple(getattr(group, "name", group) for group in host.groups)
+            settings[host.name] = build(host.name, host.data.dict(), names, groups)
         except SettingsError as exc:
             errors.append(str(exc))
     if errors:

@@ -64,3 +64,28 @@ def test_ship_puts_one_image_id_on_every_host_and_a_rerun_moves_nothing(make_hos
     second = pyinfra_run(hosts, data=data)
     assert_no_changes(second)
     assert [op["name"] for op in second.ops if "Copy labfleet/" in op["name"]] == [], "the image was copied again"
+
+
+def _bridge_ip(host) -> str:
+    return docker("inspect", "--format", "{{.NetworkSettings.IPAddress}}", host.container).stdout.strip()
+
+
+def test_registry_pushes_once_and_every_host_pulls_the_same_id(make_hosts, pyinfra_run, image_data):
+    hosts = make_hosts(3)
+    registry_host = hosts[0]
+    data = {**image_data, "image_delivery": "registry", "image_registry": f"{_bridge_ip(registry_host)}:5000"}
+    groups = {"registry": [registry_host]}
+    first = pyinfra_run(hosts, data=data, groups=groups)
+    assert_converged(first)
+    assert first.status(registry_host, "Push the image to the lab registry") == "success"
+    tag = host_exec(hosts[0], "grep LABFLEET_IMAGE /opt/labfleet/lab/.env | cut -d\\' -f2").stdout.strip()
+    controller_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    for host in hosts:
+        assert _image_id(host, tag) == controller_id, f"{host.name} runs another image"
+        assert _health(host) == "healthy"
+    for host in hosts[1:]:
+        assert first.status(host, "Pull the image from the lab registry") == "success"
+        assert "Copy labfleet/" not in " ".join(first.changed(host)), f"{host.name} got a copy, not a pull"
+
+    second = pyinfra_run(hosts, data=data, groups=groups)
+    assert_no_changes(second)

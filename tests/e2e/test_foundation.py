@@ -33,8 +33,8 @@ def test_three_hosts_converge_and_a_second_run_changes_nothing(make_hosts, pyinf
         assert _stat(host, "/opt/labfleet/lab/.env") == ("root", "root", "600")
         assert _stat(host, "/opt/labfleet/lab/jupyter_token") == ("lab", "lab", "600")
         assert _stat(host, "/srv/workspace/lab") == ("lab", "lab", "750")
-        assert _stat(host, "/srv/datasets") == ("root", "root", "755")
-        assert _stat(host, "/srv/datasets/imagenet")[2] == "755"
+        assert _stat(host, "/srv/datasets") == ("root", "labdata", "2755")
+        assert _stat(host, "/srv/datasets/imagenet")[2] == "2755"
 
         compose = yaml.safe_load(host_exec(host, "cat /opt/labfleet/lab/compose.yaml").stdout)
         assert compose["name"] == "labfleet-lab"

@@ -74,6 +74,9 @@ BAD = [
     ("image_delivery", "rsync", '"build", "ship", "registry"'),
     ("image_registry", "https://registry.lab:5000", "registry address"),
     ("image_registry", "registry.lab:99999", "registry address"),
+    ("registry_listen", "5000", "0.0.0.0:5000"),
+    ("registry_listen", "lab.local:5000", "0.0.0.0:5000"),
+    ("registry_storage", "var/lib/registry", "absolute path"),
     ("base_image", "Ubuntu:24.04", "image reference"),
     ("base_image", "ubuntu:24.04@sha256:abc", "image reference"),
     ("extra_ca_certificates", ["/nonexistent/ca.crt"], "no such file"),
@@ -123,6 +126,8 @@ GOOD = [
     ("jupyter_bind", "0.0.0.0", "0.0.0.0"),
     ("jupyter_password_hash", "$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$aGFzaGhhc2g", None),
     ("image_registry", "registry.lab:5000", "registry.lab:5000"),
+    ("registry_listen", "127.0.0.1:5000", "127.0.0.1:5000"),
+    ("registry_listen", ":5000", ":5000"),
     ("base_image", "labfleet-test/debian:trixie-0123456789ab", None),
     ("base_image", "debian:trixie-slim@sha256:" + "a" * 64, None),
     ("shm_size", "512M", "512m"),
@@ -258,7 +263,10 @@ def test_settings_are_frozen(raw):
 
 
 def _fake_inventory(hosts: dict[str, dict]):
-    return [SimpleNamespace(name=name, data=SimpleNamespace(dict=lambda d=data: d)) for name, data in hosts.items()]
+    return [
+        SimpleNamespace(name=name, groups=["lab"], data=SimpleNamespace(dict=lambda d=data: d))
+        for name, data in hosts.items()
+    ]
 
 
 def test_inventory_validation_reports_every_bad_host_and_only_those(raw):

@@ -1,0 +1,154 @@
+"""`image_delivery: registry`: push once, every host pulls; and the lab's own registry host.
+
+A host in the inventory group `registry` runs the distribution's `docker-registry` (the
+CNCF distribution registry). The image reaches it once, the way `ship` delivers, and it
+pushes to itself on loopback, so the controller needs nothing but SSH: no route to the
+registry port and no change to the controller's own engine. Every other host pulls the tag
+from `image_registry` and keeps it only if its image id, the content hash of the image
+config and so of every layer, is the id the controller built.
+
+Trust, for a LAN-only registry: plain HTTP, listed under `insecure-registries` in each
+host's daemon.json (through the docker step's merge). Anyone on the LAN could read the
+image, and a machine that can spoof the registry's address could offer another one, which
+the id check then refuses. TLS would protect the transport, at the price of a certificate
+on the registry and its CA on every host (`extra_ca_certificates`); labs that need it can
+put a TLS proxy in front and drop the insecure entry.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from io import StringIO
+
+import yaml
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.operations import files
+
+from labfleet import apt, delivery, docker
+from labfleet.facts import ImageId
+from labfleet.settings import Settings
+
+CONFIG = "/etc/docker/registry/config.yml"
+SERVICE = "docker-registry.service"
+
+
+def daemon_keys(settings: Settings) -> dict:
+    """daemon.json keys the pulling hosts need: the registry is plain HTTP on the LAN."""
+    if settings.image_delivery != "registry":
+        return {}
+    return {"insecure-registries": [settings.image_registry]}
+
+
+def registry_ref(registry: str, tag: str) -> str:
+    return f"{registry}/{tag}"
+
+
+def local_port(settings: Settings) -> int:
+    return int(settings.registry_listen.rsplit(":", 1)[1])
+
+
+def config(settings: Settings) -> str:
+    document = {
+        "version": 0.1,
+        "log": {"fields": {"service": "registry"}},
+        "storage": {"filesystem": {"rootdirectory": settings.registry_storage}, "delete": {"enabled": False}},
+        "http": {"addr": settings.registry_listen, "headers": {"X-Content-Type-Options": ["nosniff"]}},
+    }
+    return "# Managed by labfleet (registry_listen, registry_storage).\n" + yaml.safe_dump(document, sort_keys=False)
+
+
+class RegistryHasTag(FactBase):
+    """Whether the registry on this host's loopback serves a manifest for the tag."""
+
+    def command(self, port: int, tag: str) -> str:
+        repository, reference = tag.rsplit(":", 1)
+        url = f"http://127.0.0.1:{int(port)}/v2/{repository}/manifests/{reference}"
+        accept = "application/vnd.docker.distribution.manifest.v2+json"
+        return f"curl -fsS -o /dev/null -I -H {shlex.quote('Accept: ' + accept)} {shlex.quote(url)} && echo yes || true"
+
+    def process(self, output):
+        return bool(output) and output[-1].strip() == "yes"
+
+
+@operation(is_idempotent=True)
+def push(tag: str, port: int):
+    """Push tag from this host's engine to the registry on its own loopback.
+
+    + tag: the image tag
+    + port: the registry's port
+    """
+    if host.get_fact(RegistryHasTag, port=port, tag=tag):
+        host.noop(f"the registry already serves {tag}")
+        return
+    local = shlex.quote(registry_ref(f"127.0.0.1:{port}", tag))
+    yield (
+        f"docker tag {shlex.quote(tag)} {local} && docker push --quiet {local} >/dev/null; rc=$?; "
+        f"docker rmi {local} >/dev/null; exit $rc"
+    )
+
+
+@operation(is_idempotent=True)
+def pull(registry: str, tag: str, image_id: str):
+    """Pull tag from the registry and keep it only if it is image_id.
+
+    + registry: host:port of the registry
+    + tag: the image tag
+    + image_id: the id the controller built
+    """
+    if host.get_fact(ImageId, ref=tag) == image_id:
+        host.noop(f"{tag} is already {image_id[:19]}")
+        return
+    remote = shlex.quote(registry_ref(registry, tag))
+    check = f"docker image inspect --format '{{{{.Id}}}}' {remote}"
+    refused = shlex.quote(f"labfleet: {registry} served {tag} with another image id than {image_id}; not used")
+    yield (
+        f"docker pull --quiet {remote} >/dev/null && "
+        f'if [ "$({check})" = {shlex.quote(image_id)} ]; then docker tag {remote} {shlex.quote(tag)}; ok=0; '
+        f"else echo {refused} >&2; ok=1; fi; docker rmi {remote} >/dev/null; exit $ok"
+    )
+
+
+@deploy("Provision the lab registry")
+def provision(settings: Settings):
+    apt.ensure_packages(name="Install docker-registry", packages=["docker-registry", "curl"])
+    files.directory(name="Create the registry storage", path=settings.registry_storage, mode="755")
+    written = files.put(
+        name="Write the registry's config",
+        src=StringIO(config(settings)),
+        dest=CONFIG,
+        mode="644",
+    )
+    docker.restart_service(name="Restart the registry", service=SERVICE, _if=written.did_change)
+    docker.ensure_service(name="Start and enable the registry", service=SERVICE)
+
+
+_pushed: set[str] = set()
+
+
+def push_from_controller(settings: Settings, tag: str) -> None:
+    """With no registry host in the inventory, the controller's engine pushes, once per run."""
+    with delivery._lock:
+        if tag in _pushed:
+            return
+        remote = registry_ref(settings.image_registry, tag)
+        for argv in (["docker", "tag", tag, remote], ["docker", "push", "--quiet", remote]):
+            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
+        _pushed.add(tag)
+
+
+@deploy("Deliver the image through the registry")
+def deliver(settings: Settings, tag: str):
+    image_id = delivery.image_id_on_controller(tag)
+    if settings.is_registry:
+        provision(settings)
+        delivery.ship(settings, tag)
+        push(name="Push the image to the lab registry", tag=tag, port=local_port(settings))
+        return
+    if not any("registry" in getattr(h, "groups", ()) for h in host.inventory):
+        push_from_controller(settings, tag)
+    else:
+        pull(name="Pull the image from the lab registry", registry=settings.image_registry, tag=tag, image_id=image_id)
