@@ -1,13 +1,14 @@
 """The JupyterLab image against its anchors: size per profile, cold/warm build, up to healthy.
 
     .venv/bin/python -m bench.image                       # the jupyter profile
-    .venv/bin/python -m bench.image --profile pytorch     # + the CUDA torch stack (GBs from PyPI)
+    .venv/bin/python -m bench.image --profile pytorch     # the CUDA torch stack (GBs from PyPI)
+    .venv/bin/python -m bench.image --profile pytorch --cuda 13.0
     .venv/bin/python -m bench.image --base-image ubuntu:24.04@sha256:...   # a base the engine has
 
 Each profile is built cold (--no-cache) and again warm (nothing changed: every layer from the
 cache), then started as compose starts it, timing `docker run` to the first /api answer and to
 the engine's `healthy` (which the 30 s health interval dominates on engines older than 25,
-which lack start_interval). Sizes are `docker image inspect .Size`, next to the anchors'
+which lack start_interval), and smoke_test.py is run in it. Sizes are `docker image inspect .Size`, next to the anchors'
 published sizes: the goal is at most 0.6x docker-stacks' pytorch-notebook for the same stack.
 
 Without --base-image the test harness's debootstrap Debian 13 base is used: there may be no
@@ -109,6 +110,12 @@ def bench_profile(profile: str, base: str, cuda: str, keep: bool) -> dict | None
     size = int(docker("image", "inspect", "--format", "{{.Size}}", cold.tag).strip())
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as workdir:
         api, healthy = time_to_healthy(cold.tag, Path(workdir))
+    # On a GPU host add --gpus all; here it shows the CPU path.
+    smoke = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python3", cold.tag, "/opt/labfleet/smoke_test.py"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    print(smoke.stdout + smoke.stderr, end="")
     if not keep:
         docker("rmi", cold.tag, check=False)
     return {
@@ -120,6 +127,7 @@ def bench_profile(profile: str, base: str, cuda: str, keep: bool) -> dict | None
         "warm_build_s": round(warm.seconds, 1),
         "up_to_api_s": round(api, 1),
         "up_to_healthy_s": round(healthy, 1),
+        "smoke_test": "passed" if smoke.returncode == 0 else f"failed ({smoke.returncode})",
     }
 
 

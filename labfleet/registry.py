@@ -73,12 +73,16 @@ class RegistryHasTag(FactBase):
 
 
 @operation(is_idempotent=True)
-def push(tag: str, port: int):
+def push(tag: str, port: int, here: bool = True):
     """Push tag from this host's engine to the registry on its own loopback.
 
     + tag: the image tag
     + port: the registry's port
+    + here: whether this host is the registry (every host calls the operation, see deliver)
     """
+    if not here:
+        host.noop("the registry host pushes")
+        return
     if host.get_fact(RegistryHasTag, port=port, tag=tag):
         host.noop(f"the registry already serves {tag}")
         return
@@ -90,13 +94,17 @@ def push(tag: str, port: int):
 
 
 @operation(is_idempotent=True)
-def pull(registry: str, tag: str, image_id: str):
+def pull(registry: str, tag: str, image_id: str, here: bool = True):
     """Pull tag from the registry and keep it only if it is image_id.
 
     + registry: host:port of the registry
     + tag: the image tag
     + image_id: the id the controller built
+    + here: whether this host pulls (the registry host has the image already)
     """
+    if not here:
+        host.noop("the registry host has the image")
+        return
     if host.get_fact(ImageId, ref=tag) == image_id:
         host.noop(f"{tag} is already {image_id[:19]}")
         return
@@ -142,13 +150,20 @@ def push_from_controller(settings: Settings, tag: str) -> None:
 
 @deploy("Deliver the image through the registry")
 def deliver(settings: Settings, tag: str):
+    # pyinfra orders operations by how they follow each other on every host, not by the
+    # code's lines, so every host calls push and then pull (each a no-op where it does not
+    # apply): that is what makes every pull wait for the registry host's push.
     image_id = delivery.image_id_on_controller(tag)
     if settings.is_registry:
         provision(settings)
         delivery.ship(settings, tag)
-        push(name="Push the image to the lab registry", tag=tag, port=local_port(settings))
-        return
-    if not any("registry" in getattr(h, "groups", ()) for h in host.inventory):
+    elif not any("registry" in getattr(h, "groups", ()) for h in host.inventory):
         push_from_controller(settings, tag)
-    else:
-        pull(name="Pull the image from the lab registry", registry=settings.image_registry, tag=tag, image_id=image_id)
+    push(name="Push the image to the lab registry", tag=tag, port=local_port(settings), here=settings.is_registry)
+    pull(
+        name="Pull the image from the lab registry",
+        registry=settings.image_registry,
+        tag=tag,
+        image_id=image_id,
+        here=not settings.is_registry,
+    )

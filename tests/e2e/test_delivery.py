@@ -12,7 +12,6 @@ import pytest
 from .harness.engine import docker
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes
-from .harness.snapshots import checksum_snapshot
 
 
 @pytest.fixture(scope="module")
