@@ -24,14 +24,20 @@ docker_users = []
 docker_daemon = {}
 
 # --- NVIDIA Container Toolkit -------------------------------------------------------
-# Base URL of NVIDIA's container toolkit apt repository, or a mirror of it.
+# "auto" installs the toolkit where there is a GPU (see gpu); true also on hosts still waiting for one.
+nvidia_toolkit = "auto"
+# NVIDIA's toolkit apt repository (it holds <arch>/), or a mirror that keeps NVIDIA's layout.
 nvidia_toolkit_apt_mirror = "https://nvidia.github.io/libnvidia-container/stable/deb"
+# URL of the repository's signing key; None = NVIDIA's layout, gpgkey two levels above the mirror.
+nvidia_toolkit_apt_key = None
 # Pins the four toolkit packages to one version (e.g. "1.17.8-1"); None = latest.
 nvidia_toolkit_version = None
 # Makes nvidia Docker's default runtime (only needed by tools that cannot ask for GPUs).
 nvidia_default_runtime = False
 # Host driver version below which a GPU host stops with an error; None derives it from cuda.
 nvidia_driver_min = None
+# On a GPU host whose driver is missing or too old: install the distribution's driver and reboot.
+nvidia_driver_install = False
 
 # --- Image ---------------------------------------------------------------------------
 # CUDA line of the image: selects the PyTorch wheel index and the driver floor.

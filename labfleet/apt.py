@@ -157,12 +157,15 @@ def remove_packages(packages: Sequence[str], lock_timeout: int = LOCK_TIMEOUT_S)
 def deb822_source(
     uris: str,
     suites: str,
-    components: str,
+    components: str | None,
     signed_by: str,
     architectures: str | None = None,
     comment: str | None = None,
 ) -> str:
     """The text of a deb822 ``.sources`` file with one stanza.
+
+    A flat repository (NVIDIA's) has an exact path as its suite, ``"/"``, and no components:
+    pass ``components=None``.
 
     **Example:**
 
@@ -172,7 +175,9 @@ def deb822_source(
                       "/etc/apt/keyrings/docker.asc", architectures="amd64")
     """
     lines = [f"# {comment}"] if comment else []
-    lines += ["Types: deb", f"URIs: {uris}", f"Suites: {suites}", f"Components: {components}"]
+    lines += ["Types: deb", f"URIs: {uris}", f"Suites: {suites}"]
+    if components is not None:
+        lines.append(f"Components: {components}")
     if architectures:
         lines.append(f"Architectures: {architectures}")
     lines.append(f"Signed-By: {signed_by}")

@@ -456,3 +456,86 @@ class FreeBytes(FactBase):
 
     def process(self, output):
         return int(output[0]) if output and output[0].strip().isdigit() else None
+
+
+# --- NVIDIA ------------------------------------------------------------------------------
+
+
+class NvidiaRuntimeState(FactBase):
+    """What the NVIDIA runtime step decides from, in one round trip.
+
+    + spec: the CDI spec labfleet generates
+    + marker: the file that holds the driver version the spec was generated for
+    + hook: the command whose presence makes dockerd register its ``nvidia`` GPU driver
+    + service: dockerd's systemd unit
+
+    Returns ``{"spec": bool, "spec_driver": str | None, "hook_changed": epoch | None,
+    "service_started": epoch | None}``: ``hook_changed`` is the ctime of the hook (set
+    when dpkg installs it), ``service_started`` when the unit last became active (None
+    when it is not running).
+    """
+
+    @staticmethod
+    def default():
+        return {"spec": False, "spec_driver": None, "hook_changed": None, "service_started": None}
+
+    def command(self, spec: str, marker: str, hook: str, service: str) -> str:
+        unit = shlex.quote(service)
+        return (
+            f"[ -f {shlex.quote(spec)} ] && echo spec; "
+            f'echo "spec-driver $(cat {shlex.quote(marker)} 2>/dev/null)"; '
+            f'h=$(command -v {shlex.quote(hook)}) && echo "hook-changed $(stat -c %Z "$h")"; '
+            f'if [ "$(systemctl is-active {unit} 2>/dev/null)" = active ]; then '
+            f't=$(systemctl show -p ActiveEnterTimestamp --value {unit}); '
+            '[ -n "$t" ] && echo "service-started $(date -d "$t" +%s)"; fi; true'
+        )
+
+    def process(self, output):
+        return parse_nvidia_runtime_state(output)
+
+
+def parse_nvidia_runtime_state(lines) -> dict:
+    state = NvidiaRuntimeState.default()
+    for line in lines:
+        kind, _, value = line.strip().partition(" ")
+        value = value.strip()
+        if kind == "spec":
+            state["spec"] = True
+        elif kind == "spec-driver":
+            state["spec_driver"] = value or None
+        elif kind in ("hook-changed", "service-started") and value.isdigit():
+            state[kind.replace("-", "_")] = int(value)
+    return state
+
+
+class GpuInContainer(FactBase):
+    """Runs ``nvidia-smi -L`` and the image's smoke test in one throwaway GPU container.
+
+    + image: the lab image
+    + gpus: the value of ``docker run --gpus``
+
+    Returns ``{"rc": int, "output": [lines]}``; rc 0 means the GPU was visible and the
+    smoke test passed. Costly (a container start, torch import, a matmul), so it runs
+    only when the deploy executes, on GPU hosts.
+    """
+
+    def command(self, image: str, gpus: str) -> str:
+        check = "nvidia-smi -L && python3 /opt/labfleet/smoke_test.py"
+        return (
+            f"docker run --rm --gpus {shlex.quote(gpus)} {shlex.quote(image)} sh -c {shlex.quote(check)} 2>&1; "
+            'echo "labfleet-rc=$?"'
+        )
+
+    def process(self, output):
+        return parse_gpu_in_container(output)
+
+
+def parse_gpu_in_container(lines) -> dict:
+    """``{"rc": int, "output": [lines]}`` from GpuInContainer's output (the last ``labfleet-rc=N`` line)."""
+    rc, output = 1, []
+    for line in lines:
+        if line.startswith("labfleet-rc="):
+            rc = int(line.partition("=")[2] or 1)
+        else:
+            output.append(line)
+    return {"rc": rc, "output": output}

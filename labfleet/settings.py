@@ -71,10 +71,13 @@ class Settings:
     docker_packages: tuple[str, ...] | None
     docker_users: tuple[str, ...]
     docker_daemon: dict
+    nvidia_toolkit: str | bool
     nvidia_toolkit_apt_mirror: str
+    nvidia_toolkit_apt_key: str | None
     nvidia_toolkit_version: str | None
     nvidia_default_runtime: bool
     nvidia_driver_min: str
+    nvidia_driver_install: bool
     cuda: str
     datasets_root: str
     datasets: tuple[Dataset, ...]
@@ -125,10 +128,13 @@ FIELDS: dict[str, tuple[Any, str]] = {
     ),
     "docker_users": (checks.list_of(checks.username), "a list of user names"),
     "docker_daemon": (checks.json_object, "a mapping of daemon.json keys to JSON values"),
+    "nvidia_toolkit": (checks.choice("auto", True, False), 'one of "auto", true, false'),
     "nvidia_toolkit_apt_mirror": (checks.url, "an http(s):// or file:/ URL"),
+    "nvidia_toolkit_apt_key": (checks.optional(checks.url), "null or an http(s):// or file:/ URL"),
     "nvidia_toolkit_version": (checks.optional(checks.package_version), "null or a version like 1.17.8-1"),
     "nvidia_default_runtime": (checks.boolean, "true or false"),
     "nvidia_driver_min": (checks.optional(checks.driver_version), 'null or a driver version like "570" or "525.60.13"'),
+    "nvidia_driver_install": (checks.boolean, "true or false"),
     "cuda": (checks.choice(*CUDA_DRIVER_FLOOR), "one of " + ", ".join(f'"{c}"' for c in CUDA_DRIVER_FLOOR)),
     "datasets_root": (checks.absolute_path, "an absolute path"),
     "datasets": (checks.datasets, "a mapping of dataset name to {source, readonly, prune, manifest}"),
@@ -282,10 +288,13 @@ def _assemble(host_name: str, values: dict, raw: dict) -> Settings:
         docker_packages=values["docker_packages"],
         docker_users=tuple(values["docker_users"]),
         docker_daemon=values["docker_daemon"],
+        nvidia_toolkit=values["nvidia_toolkit"],
         nvidia_toolkit_apt_mirror=values["nvidia_toolkit_apt_mirror"],
+        nvidia_toolkit_apt_key=values["nvidia_toolkit_apt_key"],
         nvidia_toolkit_version=values["nvidia_toolkit_version"],
         nvidia_default_runtime=values["nvidia_default_runtime"],
         nvidia_driver_min=values["nvidia_driver_min"] or CUDA_DRIVER_FLOOR[values["cuda"]],
+        nvidia_driver_install=values["nvidia_driver_install"],
         cuda=values["cuda"],
         datasets_root=values["datasets_root"],
         datasets=values["datasets"],

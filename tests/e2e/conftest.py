@@ -93,12 +93,15 @@ def fleet(engine, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def make_hosts(fleet: Fleet):
-    """make_hosts(n, distro="trixie") -> list[TestHost]; all removed after the test."""
+    """make_hosts(n, distro="trixie", engine=False) -> list[TestHost]; all removed after the test.
+
+    engine=True starts hosts that have the distribution's Docker Engine installed already.
+    """
     started: list[TestHost] = []
 
-    def make(n: int, distro: str = "trixie") -> list[TestHost]:
+    def make(n: int, distro: str = "trixie", engine: bool = False) -> list[TestHost]:
         try:
-            hosts = fleet.start_hosts(n, distro=distro)
+            hosts = fleet.start_hosts(n, distro=distro, engine=engine)
         finally:
             started.extend(host for host in fleet.hosts if host not in started)
         return hosts
@@ -112,3 +115,17 @@ def make_hosts(fleet: Fleet):
 def pyinfra_run():
     """run_pyinfra(hosts, deploy="deploy.py", data=None, host_data=None, groups=None, ...)."""
     return run_pyinfra
+
+
+@pytest.fixture(scope="session")
+def lab_data(base_image) -> dict:
+    """Settings for a whole deploy on test hosts: the distribution's engine, and the image's
+    `jupyter` profile (JupyterLab and its extensions, no torch: PyTorch's CPU wheel index is
+    out of these machines' reach) on the local Debian base, shipped from this machine."""
+    return {
+        "docker_source": "distro",
+        "image_profile": "jupyter",
+        "image_delivery": "ship",
+        "base_image": base_image("trixie"),
+        "gpu": False,
+    }

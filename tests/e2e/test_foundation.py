@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+
+import pytest
 import yaml
 
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes, controller_ca_certificates
 from .harness.snapshots import checksum_snapshot
 
+PREFLIGHT = "tests/e2e/deploys/preflight_only.py"
 MANAGED = ["/opt/labfleet", "/srv/workspace", "/srv/datasets", "/usr/local/share/ca-certificates/labfleet"]
-DATA = {"docker_source": "distro", "datasets": {"imagenet": "manual"}}
+
+
+@pytest.fixture
+def data(lab_data) -> dict:
+    return {**lab_data, "datasets": {"imagenet": "manual"}}
 
 
 def _stat(host, path: str) -> tuple[str, str, str]:
@@ -17,14 +25,14 @@ def _stat(host, path: str) -> tuple[str, str, str]:
     return owner, group, mode
 
 
-def test_three_hosts_converge_and_a_second_run_changes_nothing(make_hosts, pyinfra_run):
-    hosts = make_hosts(3)
-    first = pyinfra_run(hosts, data=DATA)
+def test_three_hosts_converge_and_a_second_run_changes_nothing(make_hosts, pyinfra_run, data):
+    hosts = make_hosts(3, engine=True)
+    first = pyinfra_run(hosts, data=data)
     assert_converged(first)
     for host in hosts:
         assert first.changed(host), f"{host.name}: the first run changed nothing"
 
-    second = pyinfra_run(hosts, data=DATA)
+    second = pyinfra_run(hosts, data=data)
     assert_no_changes(second)
 
     for host in hosts:
@@ -55,10 +63,21 @@ def test_three_hosts_converge_and_a_second_run_changes_nothing(make_hosts, pyinf
     assert len(tokens) == 3, "hosts share a token"
 
 
-def test_extra_ca_certificates_are_trusted_by_the_hosts(make_hosts, pyinfra_run):
-    cas = controller_ca_certificates()
+def _self_signed_ca(directory) -> str:
+    """A throwaway CA certificate, made with the host-independent openssl of the controller."""
+    key, cert = directory / "test-ca.key", directory / "test-ca.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=labfleet test CA",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert)
+
+
+def test_extra_ca_certificates_are_trusted_by_the_hosts(make_hosts, pyinfra_run, tmp_path):
+    cas = [*controller_ca_certificates(), _self_signed_ca(tmp_path)]
     (host,) = make_hosts(1)
-    first = pyinfra_run([host], data={**DATA, "extra_ca_certificates": cas})
+    first = pyinfra_run([host], deploy=PREFLIGHT, data={"extra_ca_certificates": cas})
     assert_converged(first)
     installed = host_exec(host, "ls /usr/local/share/ca-certificates/labfleet").stdout.split()
     assert len(installed) == len(cas)
@@ -67,22 +86,25 @@ def test_extra_ca_certificates_are_trusted_by_the_hosts(make_hosts, pyinfra_run)
         with open(path) as pem:
             body = pem.read().strip().splitlines()[1]
         assert body in bundle, f"{host.name}: {path} is not in the trust bundle"
-    assert_no_changes(pyinfra_run([host], data={**DATA, "extra_ca_certificates": cas}))
+    assert_no_changes(pyinfra_run([host], deploy=PREFLIGHT, data={"extra_ca_certificates": cas}))
 
-    # A CA dropped from the settings is removed from the trust store again.
-    third = pyinfra_run([host], data={**DATA, "extra_ca_certificates": []})
+    # A CA dropped from the settings leaves the trust store again.
+    third = pyinfra_run([host], deploy=PREFLIGHT, data={"extra_ca_certificates": cas[:-1]})
     assert_converged(third)
-    assert host_exec(host, "ls /usr/local/share/ca-certificates/labfleet").stdout.split() == []
+    assert len(host_exec(host, "ls /usr/local/share/ca-certificates/labfleet").stdout.split()) == len(cas) - 1
+    with open(cas[-1]) as pem:
+        dropped = pem.read().strip().splitlines()[1]
+    assert dropped not in host_exec(host, "cat /etc/ssl/certs/ca-certificates.crt").stdout
 
 
-def test_a_token_is_kept_and_a_workspace_file_survives_a_redeploy(make_hosts, pyinfra_run):
-    (host,) = make_hosts(1)
-    assert_converged(pyinfra_run([host], data=DATA))
+def test_a_token_is_kept_and_a_workspace_file_survives_a_redeploy(make_hosts, pyinfra_run, data):
+    (host,) = make_hosts(1, engine=True)
+    assert_converged(pyinfra_run([host], data=data))
     token = host_exec(host, "cat /opt/labfleet/lab/jupyter_token").stdout
     host_exec(host, "echo notebook > /srv/workspace/lab/keep.ipynb; chmod 0640 /opt/labfleet/lab/jupyter_token")
     before = checksum_snapshot(host, ["/srv/workspace"])
 
-    again = pyinfra_run([host], data={**DATA, "jupyter_port": 8890})
+    again = pyinfra_run([host], data={**data, "jupyter_port": 8890})
     assert_converged(again)
     assert again.status(host, "Keep the Jupyter token of lab") == "success", "the token mode was not mended"
     assert host_exec(host, "cat /opt/labfleet/lab/jupyter_token").stdout == token
@@ -91,11 +113,11 @@ def test_a_token_is_kept_and_a_workspace_file_survives_a_redeploy(make_hosts, py
     assert checksum_snapshot(host, ["/srv/workspace"]) == before
 
 
-def test_one_bad_setting_on_one_host_leaves_every_host_untouched(make_hosts, pyinfra_run):
+def test_one_bad_setting_on_one_host_leaves_every_host_untouched(make_hosts, pyinfra_run, data):
     hosts = make_hosts(3)
     before = {host.name: checksum_snapshot(host, MANAGED, missing_ok=True) for host in hosts}
     bad = hosts[1].name
-    result = pyinfra_run(hosts, data=DATA, host_data={bad: {"jupyter_bind": "everywhere"}}, expect_fail=True)
+    result = pyinfra_run(hosts, data=data, host_data={bad: {"jupyter_bind": "everywhere"}}, expect_fail=True)
     assert result.rc != 0
     output = result.stdout + result.stderr
     assert f"host {bad}: jupyter_bind = 'everywhere' is invalid; expected an IPv4 or IPv6 address" in output

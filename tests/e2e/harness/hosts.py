@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import CommandFailed, docker, run_command, tail_lines
-from .images import host_image
+from .images import engine_host_image, host_image
 
 MAX_HOSTS_PER_CALL = 6
 BOOT_TIMEOUT_S = 90
@@ -111,11 +111,14 @@ class Fleet:
         self._counter = 0
         self._lock = threading.Lock()
 
-    def start_hosts(self, n: int, distro: str = "trixie") -> list[TestHost]:
-        """Start n hosts in parallel and return them once each answers SSH."""
+    def start_hosts(self, n: int, distro: str = "trixie", engine: bool = False) -> list[TestHost]:
+        """Start n hosts in parallel and return them once each answers SSH.
+
+        With engine, the hosts have the distribution's Docker Engine installed already.
+        """
         if not 1 <= n <= MAX_HOSTS_PER_CALL:
             raise ValueError(f"start between 1 and {MAX_HOSTS_PER_CALL} hosts, not {n}")
-        image = host_image(distro)
+        image = engine_host_image(distro) if engine else host_image(distro)
         names = [self._next_name() for _ in range(n)]
         with ThreadPoolExecutor(max_workers=n) as pool:
             futures = [pool.submit(self._start_one, name, image, distro) for name in names]

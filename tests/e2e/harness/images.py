@@ -31,6 +31,7 @@ from .mirror import debian_mirror
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "images"
 HOST_RECIPE_DIR = RECIPES_DIR / "host"
+ENGINE_RECIPE_DIR = RECIPES_DIR / "engine"
 HOST_REPOSITORY = "labfleet-test/host"
 ROOTFS_REPOSITORY = "labfleet-test/rootfs"
 BASE_REPOSITORY = "labfleet-test/debian"
@@ -74,6 +75,29 @@ def host_image(distro: str = "trixie") -> str:
         if not image_exists(tag):
             rootfs_tag = _imported_rootfs(ROOTFS_REPOSITORY, rootfs)
             _build_host_layer(tag, rootfs_tag, distro)
+    return tag
+
+
+# What labfleet's docker step installs from the distribution (docker_source "distro").
+ENGINE_PACKAGES = {"trixie": "docker.io docker-cli docker-compose docker-buildx"}
+
+
+def engine_host_image(distro: str = "trixie") -> str:
+    """The host image with the distribution's engine preinstalled, built now if missing."""
+    if distro not in ENGINE_PACKAGES:
+        raise ValueError(f"no engine host image for {distro}; one of {', '.join(ENGINE_PACKAGES)}")
+    host = host_image(distro)
+    recipe = {**_recipe_files(ENGINE_RECIPE_DIR), "packages": ENGINE_PACKAGES[distro].encode(), "host": host.encode()}
+    tag = f"{HOST_REPOSITORY}:{distro}-engine-{_hash(Debootstrap(distro), recipe)}"
+    with _image_lock(tag):
+        if not image_exists(tag):
+            docker(
+                "build", "--quiet", "--label", f"{IMAGE_LABEL}=1",
+                "--build-arg", f"HOST={host}",
+                "--build-arg", f"PACKAGES={ENGINE_PACKAGES[distro]}",
+                "--tag", tag, str(ENGINE_RECIPE_DIR),
+                timeout=BUILD_TIMEOUT_S, env={**os.environ, "DOCKER_BUILDKIT": "0"},
+            )  # fmt: skip
     return tag
 
 
