@@ -3,8 +3,10 @@
     pyinfra inventory.py deploy.py
 
 Every host's settings are validated before anything runs (labfleet/settings.py); then,
-in order: preflight (and the NVIDIA driver floor), Docker Engine, datasets, the image,
-the JupyterLab projects brought up healthy, and a summary of how to reach them.
+in order: preflight (and the NVIDIA driver floor), the NVIDIA Container Toolkit (before
+Docker, so that dockerd finds it when it starts), Docker Engine with the NVIDIA runtime,
+datasets, the image, the JupyterLab projects brought up healthy, the GPU seen inside the
+image, and a summary of how to reach them.
 """
 
 from pyinfra import host
@@ -16,9 +18,12 @@ settings = for_host(host)
 
 preflight.check_host(settings)
 nvidia.check_driver(settings)
-docker.ensure_docker_engine(settings, daemon_extra=[registry.daemon_keys(settings)])
+toolkit = nvidia.install_container_toolkit(settings)
+docker.ensure_docker_engine(settings, daemon_extra=[registry.daemon_keys(settings), nvidia.daemon_keys(settings)])
+nvidia.configure_container_runtime(settings, toolkit)
 datasets.lay_out_datasets(settings)
 delivery.deliver_image(settings)
 jupyter.write_projects(settings)
 jupyter.bring_up(settings)
+nvidia.verify_gpu(settings)
 jupyter.announce_projects(settings)

@@ -106,7 +106,7 @@ def bench_profile(profile: str, base: str, cuda: str, keep: bool) -> dict | None
     settings = image.controller_settings(image_profile=profile, base_image=base, cuda=cuda, extra_ca_certificates=cas)
     print(f"{profile}: building {image.image_tag(settings)} from {lock.name} on {base} ...", flush=True)
     cold = image.build_image(settings, labels={LABEL: "1"}, no_cache=True, timeout=7200)
-    warm = image.build_image(settings, labels={LABEL: "1"}, force=True, timeout=600)
+    warm = image.build_image(settings, labels={LABEL: "1"}, force=True, cache_from=[cold.tag], timeout=3600)
     size = int(docker("image", "inspect", "--format", "{{.Size}}", cold.tag).strip())
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as workdir:
         api, healthy = time_to_healthy(cold.tag, Path(workdir))

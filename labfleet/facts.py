@@ -486,7 +486,7 @@ class NvidiaRuntimeState(FactBase):
             f'echo "spec-driver $(cat {shlex.quote(marker)} 2>/dev/null)"; '
             f'h=$(command -v {shlex.quote(hook)}) && echo "hook-changed $(stat -c %Z "$h")"; '
             f'if [ "$(systemctl is-active {unit} 2>/dev/null)" = active ]; then '
-            f't=$(systemctl show -p ActiveEnterTimestamp --value {unit}); '
+            f"t=$(systemctl show -p ActiveEnterTimestamp --value {unit}); "
             '[ -n "$t" ] && echo "service-started $(date -d "$t" +%s)"; fi; true'
         )
 

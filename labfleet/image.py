@@ -149,6 +149,7 @@ def build_image(
     labels: Mapping[str, str] | None = None,
     force: bool = False,
     no_cache: bool = False,
+    cache_from: Sequence[str] = (),
     timeout: float = BUILD_TIMEOUT_S,
 ) -> Build:
     """Build the image under image_tag(settings) with the local engine; skip it when the tag exists.
@@ -159,6 +160,8 @@ def build_image(
     + labels: extra image labels (tests mark their images with them)
     + force: run the build even when the tag exists (the engine's layer cache still applies)
     + no_cache: build every layer anew (implies force), as for a cold-build measurement
+    + cache_from: images whose layers alone serve as cache (after a no_cache build the legacy
+      builder may otherwise pick an older copy of a layer and miss the rest of the chain)
     + timeout: seconds before the build is abandoned
 
     **Examples:**
@@ -174,6 +177,8 @@ def build_image(
     argv = [*engine_cmd, "build", "--force-rm", "--tag", tag, "--label", f"{TAG_LABEL}={tag}"]
     if no_cache:
         argv.append("--no-cache")
+    for source in cache_from:
+        argv += ["--cache-from", source]
     for key, value in sorted((labels or {}).items()):
         argv += ["--label", f"{key}={value}"]
     for key, value in sorted(build_args(settings).items()):

@@ -1,10 +1,24 @@
-"""GPU detection and the driver floor, from recorded sysfs and /proc output."""
+"""The NVIDIA step: detection, driver floor and install plan, toolkit source, daemon.json, CDI and the
+GPU check, from recorded sysfs, /proc and command output and against fake facts."""
+
+from types import SimpleNamespace
 
 import pytest
+from pyinfra.facts.files import FileContents
 
-from labfleet import nvidia
-from labfleet.facts import parse_gpu_host
+from labfleet import docker, nvidia
+from labfleet.facts import (
+    DaemonJson,
+    GpuHost,
+    GpuInContainer,
+    NvidiaRuntimeState,
+    parse_gpu_host,
+    parse_gpu_in_container,
+    parse_nvidia_runtime_state,
+)
 from labfleet.settings import build
+
+COMPONENTS = ("contrib", "non-free", "non-free-firmware")
 
 # A workstation with an RTX 4090 (VGA class) and its audio function, driver 570 loaded.
 RTX_WORKSTATION = [
@@ -63,3 +77,351 @@ def test_gpu_setting_overrides_detection(raw, monkeypatch):
     monkeypatch.setattr(nvidia, "host", None)  # no host is asked when the setting decides
     assert nvidia.has_gpu(build("pc01", {**raw, "gpu": True})) is True
     assert nvidia.has_gpu(build("pc01", {**raw, "gpu": False})) is False
+
+
+# --- Planning against fake facts ----------------------------------------------------------
+
+
+class FakeHost:
+    def __init__(self, facts=None, executing=True):
+        self.facts = facts or {}
+        self.noops = []
+        self.name = "pc01"
+        self.state = SimpleNamespace(is_executing=executing)
+
+    def get_fact(self, fact, **kwargs):
+        return self.facts[fact]
+
+    def noop(self, message):
+        self.noops.append(message)
+
+
+@pytest.fixture
+def fake_host(monkeypatch):
+    def install(facts=None, executing=True):
+        fake = FakeHost(facts, executing)
+        monkeypatch.setattr(nvidia, "host", fake)
+        return fake
+
+    return install
+
+
+@pytest.fixture
+def settings(raw):
+    def make(**overrides):
+        return build("pc01", {**raw, **overrides})
+
+    return make
+
+
+def test_toolkit_setting_decides_before_detection(settings, monkeypatch):
+    monkeypatch.setattr(nvidia, "host", None)
+    assert nvidia.wants_toolkit(settings(nvidia_toolkit=True, gpu=False)) is True
+    assert nvidia.wants_toolkit(settings(nvidia_toolkit=False, gpu=True)) is False
+    assert nvidia.wants_toolkit(settings(nvidia_toolkit="auto", gpu=True)) is True
+
+
+def test_auto_reads_the_gpu_fact_once_per_host(settings, fake_host, monkeypatch):
+    monkeypatch.setattr(nvidia, "_planned_gpu_state", {})
+    fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION)})
+    calls = []
+    original = fake.get_fact
+    fake.get_fact = lambda fact, **kw: calls.append(fact) or original(fact, **kw)
+    s = settings()
+    assert nvidia.has_gpu(s) and nvidia.wants_toolkit(s) and nvidia.has_gpu(s)
+    assert calls == [GpuHost]
+
+
+# --- Toolkit source, key, pin -----------------------------------------------------------------
+
+
+def test_sources_file_is_a_flat_deb822_repository_per_architecture(settings):
+    text = nvidia.sources_file(settings(), "arm64")
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "Types: deb",
+        "URIs: https://nvidia.github.io/libnvidia-container/stable/deb/arm64",
+        "Suites: /",
+        "Architectures: arm64",
+        "Signed-By: /etc/apt/keyrings/nvidia-container-toolkit.asc",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mirror", "key", "expected"),
+    [
+        (
+            "https://nvidia.github.io/libnvidia-container/stable/deb",
+            None,
+            "https://nvidia.github.io/libnvidia-container/gpgkey",
+        ),
+        (
+            "http://apt.lab:8080/nvidia.github.io/libnvidia-container/stable/deb/",
+            None,
+            "http://apt.lab:8080/nvidia.github.io/libnvidia-container/gpgkey",
+        ),
+        ("http://apt.lab/aptly/nvidia", "http://apt.lab/keys/nvidia.asc", "http://apt.lab/keys/nvidia.asc"),
+    ],
+)
+def test_key_url_follows_nvidias_layout_unless_set(settings, mirror, key, expected):
+    assert nvidia.key_url(settings(nvidia_toolkit_apt_mirror=mirror, nvidia_toolkit_apt_key=key)) == expected
+
+
+def test_version_pins_all_four_packages_together(settings):
+    assert nvidia.toolkit_packages(settings()) == nvidia.TOOLKIT_PACKAGES
+    assert nvidia.pin_file(settings()) is None
+    pinned = settings(nvidia_toolkit_version="1.17.8-1")
+    assert nvidia.toolkit_packages(pinned) == tuple(f"{name}=1.17.8-1" for name in nvidia.TOOLKIT_PACKAGES)
+    pin = nvidia.pin_file(pinned)
+    assert "Package: nvidia-container-toolkit nvidia-container-toolkit-base libnvidia-container-tools " in pin
+    assert "libnvidia-container1\nPin: version 1.17.8-1\nPin-Priority: 1001\n" in pin
+
+
+def test_nvidias_guide_list_goes_and_mixed_files_are_reported(settings):
+    entries = {
+        "files": [
+            {"path": nvidia.SOURCES_FILE, "entries": 1, "matching": 1},
+            {"path": "/etc/apt/sources.list.d/nvidia-container-toolkit.list", "entries": 1, "matching": 1},
+            {"path": "/etc/apt/sources.list.d/lab.list", "entries": 3, "matching": 1},
+            {"path": "/etc/apt/sources.list", "entries": 1, "matching": 1},
+        ],
+        "present": [],
+        "sha256": {},
+    }
+    remove, mixed = nvidia.stale_toolkit_files(entries)
+    assert remove == ["/etc/apt/sources.list.d/nvidia-container-toolkit.list"]
+    assert mixed == ["/etc/apt/sources.list.d/lab.list", "/etc/apt/sources.list"]
+    assert nvidia.repository_markers(settings(nvidia_toolkit_apt_mirror="http://apt.lab/nv")) == (
+        "nvidia.github.io/libnvidia-container/",
+        "apt.lab/nv/",
+    )
+
+
+# --- daemon.json ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        (None, ["native.cgroupdriver=cgroupfs"]),
+        (["native.umask=normal"], ["native.umask=normal", "native.cgroupdriver=cgroupfs"]),
+        (
+            ["native.cgroupdriver=systemd", "native.umask=normal"],
+            ["native.umask=normal", "native.cgroupdriver=cgroupfs"],
+        ),
+        (
+            ["native.cgroupdriver=cgroupfs", "native.umask=normal"],
+            ["native.cgroupdriver=cgroupfs", "native.umask=normal"],
+        ),
+        ("native.cgroupdriver=systemd", ["native.cgroupdriver=cgroupfs"]),
+    ],
+)
+def test_cgroupfs_driver_keeps_other_exec_opts(current, expected):
+    assert nvidia.exec_opts_with_cgroupfs(current) == expected
+
+
+def test_daemon_keys_register_the_runtime_by_merge(settings, fake_host):
+    fake_host({DaemonJson: {"present": True, "config": {"exec-opts": ["native.umask=normal"]}, "error": None}})
+    keys = nvidia.daemon_keys(settings(nvidia_toolkit=True))
+    assert keys == {
+        "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}},
+        "exec-opts": ["native.umask=normal", "native.cgroupdriver=cgroupfs"],
+    }
+    assert nvidia.daemon_keys(settings(nvidia_toolkit=True, nvidia_default_runtime=True))["default-runtime"] == "nvidia"
+    assert nvidia.daemon_keys(settings(nvidia_toolkit=False)) == {}
+
+
+def test_a_host_configured_by_nvidia_ctk_reads_as_unchanged(settings, fake_host):
+    by_nvidia_ctk = {
+        "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}},
+        "exec-opts": ["native.cgroupdriver=cgroupfs"],
+    }
+    fake_host({DaemonJson: {"present": True, "config": by_nvidia_ctk, "error": None}})
+    wanted = docker.daemon_config(settings(nvidia_toolkit=True), [nvidia.daemon_keys(settings(nvidia_toolkit=True))])
+    assert docker.merged_daemon_json(by_nvidia_ctk, wanted) == by_nvidia_ctk
+
+
+# --- CDI and dockerd --------------------------------------------------------------------------
+
+RUNTIME_STATE = ["spec", "spec-driver 570.86.15", "hook-changed 1700000100", "service-started 1700000200"]
+
+
+def test_runtime_state_fact():
+    assert parse_nvidia_runtime_state(RUNTIME_STATE) == {
+        "spec": True,
+        "spec_driver": "570.86.15",
+        "hook_changed": 1700000100,
+        "service_started": 1700000200,
+    }
+    assert parse_nvidia_runtime_state(["spec-driver "]) == NvidiaRuntimeState.default()
+
+
+@pytest.mark.parametrize(
+    ("driver", "lines", "current"),
+    [
+        (None, [], True),  # no driver, nothing to describe
+        ("570.86.15", RUNTIME_STATE, True),
+        ("580.65.06", RUNTIME_STATE, False),  # the driver changed
+        ("570.86.15", RUNTIME_STATE[1:], False),  # the spec was removed
+        ("570.86.15", ["spec"], False),  # a spec labfleet did not generate
+    ],
+)
+def test_cdi_spec_is_regenerated_only_when_the_driver_changed(driver, lines, current):
+    assert nvidia.cdi_spec_is_current(driver, parse_nvidia_runtime_state(lines)) is current
+
+
+def test_generate_cdi_spec_plans_nvidia_ctk_and_the_marker(fake_host):
+    fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION), NvidiaRuntimeState: NvidiaRuntimeState.default()})
+    (command,) = list(nvidia.generate_cdi_spec._inner())
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml && " in command
+    assert "echo 570.86.15 > /var/lib/labfleet/nvidia/cdi-driver-version.new" in command
+    fake.facts[NvidiaRuntimeState] = parse_nvidia_runtime_state(RUNTIME_STATE)
+    assert list(nvidia.generate_cdi_spec._inner()) == []
+    assert fake.noops == ["/etc/cdi/nvidia.yaml is for driver 570.86.15"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "predates"),
+    [
+        (["hook-changed 1700000100", "service-started 1700000050"], True),  # toolkit installed under a running dockerd
+        (["hook-changed 1700000100", "service-started 1700000100"], False),
+        (["hook-changed 1700000100"], False),  # dockerd not running
+        (["service-started 1700000050"], False),  # no toolkit
+    ],
+)
+def test_dockerd_restarts_only_when_it_started_before_the_hook(lines, predates):
+    assert nvidia.dockerd_predates_hook(parse_nvidia_runtime_state(lines)) is predates
+
+
+# --- Driver install ---------------------------------------------------------------------------
+
+
+def test_driver_install_plan_per_distribution(settings):
+    s = settings(nvidia_driver_install=True)
+    ubuntu = nvidia.driver_install_plan(s, "ubuntu", "amd64", secure_boot=True)
+    assert ubuntu.ubuntu_drivers == "nvidia:570-server"
+    assert ubuntu.installed_when == "nvidia-driver-570-server"
+    assert ubuntu.packages == ("ubuntu-drivers-common",) and ubuntu.components == ()
+    debian = nvidia.driver_install_plan(s, "debian", "arm64", secure_boot=False)
+    assert debian.packages == ("linux-headers-arm64", "nvidia-driver", "firmware-misc-nonfree")
+    assert debian.components == ("contrib", "non-free", "non-free-firmware") and debian.ubuntu_drivers is None
+    refused = nvidia.driver_install_plan(s, "debian", "amd64", secure_boot=True)
+    assert isinstance(refused, str) and "Secure Boot is on" in refused and "mokutil" in refused
+    assert nvidia.driver_install_plan(settings(cuda="13.0"), "ubuntu", "amd64", None).ubuntu_drivers == (
+        "nvidia:580-server"
+    )
+
+
+DEBIAN_SOURCES = """\
+Types: deb
+URIs: http://archive.example/debian
+Suites: trixie trixie-updates
+Components: main non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.example/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Enabled: no
+Types: deb-src
+URIs: http://archive.example/debian
+Suites: trixie
+Components: main
+"""
+
+
+def test_non_free_is_added_to_the_distributions_deb822_entries_only():
+    suites = ("trixie", "trixie-updates", "trixie-security")
+    text = nvidia.add_components(DEBIAN_SOURCES, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS)
+    assert text.splitlines()[3] == "Components: main non-free-firmware contrib non-free"
+    assert text.splitlines()[9] == "Components: main contrib non-free non-free-firmware"
+    assert text.split("\n\n")[2] == DEBIAN_SOURCES.split("\n\n")[2]  # a disabled stanza is left alone
+    assert nvidia.add_components(text, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS) == text
+
+
+def test_non_free_is_added_to_one_line_entries_with_main():
+    text = (
+        "# installer\n"
+        "deb http://archive.example/debian bookworm main non-free-firmware\n"
+        "deb [arch=amd64] http://security.example/debian-security bookworm-security main # security\n"
+        "deb http://vendor.example/apt stable main\n"
+        "deb http://archive.example/debian bookworm-backports main\n"
+    )
+    suites = ("bookworm", "bookworm-updates", "bookworm-security")
+    lines = nvidia.add_components(text, "/etc/apt/sources.list", suites, COMPONENTS).splitlines()
+    assert lines[1] == "deb http://archive.example/debian bookworm main non-free-firmware contrib non-free"
+    assert lines[2] == (
+        "deb [arch=amd64] http://security.example/debian-security bookworm-security main "
+        "contrib non-free non-free-firmware # security"
+    )
+    assert lines[0] == "# installer" and lines[3:] == text.splitlines()[3:]
+
+
+def test_enable_apt_components_uploads_only_a_difference(fake_host):
+    fake = fake_host({FileContents: DEBIAN_SOURCES.splitlines()})
+    path = "/etc/apt/sources.list.d/debian.sources"
+    commands = list(nvidia.enable_apt_components._inner(path, ["trixie"], COMPONENTS))
+    assert len(commands) == 2 and commands[1] == f"chmod 644 {path}"
+    fake.facts[FileContents] = None
+    assert list(nvidia.enable_apt_components._inner(path, ["trixie"], COMPONENTS)) == []
+    assert fake.noops == [f"{path} does not exist"]
+
+
+def test_loaded_driver_is_checked_again_after_the_reboot(fake_host):
+    fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION)})
+    assert list(nvidia.check_loaded_driver._inner("570", "reboot")) == []
+    fake.facts[GpuHost] = parse_gpu_host(FRESH_SERVER)
+    (command,) = list(nvidia.check_loaded_driver._inner("570", "the branch is older"))
+    assert "the loaded NVIDIA driver is none; the branch is older" in command and command.endswith("exit 1")
+
+
+# --- Verify -----------------------------------------------------------------------------------
+
+SMOKE_OK = [
+    "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-0a1b2c3d-0000-1111-2222-333344445555)",
+    "profile pytorch, Python 3.12.3",
+    "CUDA available: True, devices: 1",
+    "smoke test passed",
+    "labfleet-rc=0",
+]
+
+
+@pytest.mark.parametrize(
+    ("devices", "flag"),
+    [
+        ("all", "all"),
+        (2, "2"),
+        (("0", "GPU-0a1b2c3d-0000-1111-2222-333344445555"), '"device=0,GPU-0a1b2c3d-0000-1111-2222-333344445555"'),
+    ],
+)
+def test_gpus_flag_follows_gpu_devices(devices, flag):
+    assert nvidia.gpus_flag(devices) == flag
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        (SMOKE_OK, None),
+        (["Failed to initialize NVML: Unknown Error", "labfleet-rc=255"], "not usable"),
+        (["docker: Error response from daemon: could not select device driver", "labfleet-rc=125"], "not usable"),
+        ([line for line in SMOKE_OK if not line.startswith("GPU ")], "listed no GPU"),
+        ([line.replace("True", "False") for line in SMOKE_OK], "does not see CUDA"),
+    ],
+)
+def test_gpu_check_result(lines, problem):
+    found = nvidia.gpu_check_problem(parse_gpu_in_container(lines))
+    assert found == problem if problem is None else problem in found
+
+
+def test_gpu_check_runs_only_when_the_deploy_executes_and_fails_with_the_output(fake_host):
+    image = "labfleet/jupyterlab:pytorch-0123456789ab"
+    planning = fake_host({}, executing=False)
+    assert list(nvidia.check_gpu_in_container._inner(image, "all")) == [] and planning.noops == []
+    fake = fake_host({GpuInContainer: parse_gpu_in_container(SMOKE_OK)})
+    assert list(nvidia.check_gpu_in_container._inner(image, "all")) == []
+    assert fake.noops == [f"1 GPU(s) visible in {image}; smoke test passed"]
+    fake.facts[GpuInContainer] = parse_gpu_in_container(["Failed to initialize NVML: Unknown Error", "labfleet-rc=255"])
+    (command,) = list(nvidia.check_gpu_in_container._inner(image, "all"))
+    assert "the GPU is not usable in the lab image" in command and "Failed to initialize NVML" in command

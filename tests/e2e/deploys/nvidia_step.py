@@ -1,0 +1,18 @@
+"""The NVIDIA and docker steps of deploy.py, in its order, without datasets, image or Jupyter.
+
+tests/e2e/test_nvidia.py runs it: the image's GPU check (nvidia.verify_gpu) needs a GPU
+and the lab image, which the stand-in toolkit cannot provide.
+"""
+
+from pyinfra import host
+
+from labfleet import docker, nvidia, preflight
+from labfleet.settings import for_host
+
+settings = for_host(host)
+
+preflight.check_host(settings)
+nvidia.check_driver(settings)
+toolkit = nvidia.install_container_toolkit(settings)
+docker.ensure_docker_engine(settings, daemon_extra=[nvidia.daemon_keys(settings)])
+nvidia.configure_container_runtime(settings, toolkit)
