@@ -1,9 +1,14 @@
 """labfleet status: are the machines still identical? Read-only; changes nothing.
 
+    ./run status                                                   # the same as the next line
     pyinfra inventory.py status.py                                 # a table, drift marked with !
-    LABFLEET_STATUS_FORMAT=json pyinfra inventory.py status.py     # the same as JSON
+    ./run status --json                                            # the same as JSON, for scripts
+    LABFLEET_STATUS_FORMAT=json pyinfra inventory.py status.py
 
-Drift (a host that differs from the fleet, or an unhealthy container) exits non-zero.
+One row per host: OS, Docker, toolkit and driver versions, GPUs, the image and whether it
+is the fleet's, each JupyterLab container's health and URL, the datasets' sync state and
+the free disk. Drift (a host that differs from the fleet or from its settings, or cannot
+be reached) exits non-zero; labfleet/report.py says what counts.
 """
 
 from pyinfra import host

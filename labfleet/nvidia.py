@@ -342,13 +342,39 @@ def check_loaded_driver(floor: str, problem: str):
     yield f"echo {shlex.quote(message)} >&2; exit 1"
 
 
+@operation(is_idempotent=True)
+def explain_skip(reason: str):
+    """Say in the run's output why a step does nothing on this host; it changes nothing.
+
+    + reason: the sentence to print
+
+    **Example:**
+
+    .. code:: python
+
+        explain_skip(name="Skip the NVIDIA steps", reason="no NVIDIA GPU on this host")
+    """
+    if host.state.is_executing:
+        logger.info(f"{host.print_prefix}{reason}")
+    host.noop(reason)
+    return
+    yield  # an operation is a generator, even one that yields nothing
+
+
 @deploy("Check the NVIDIA driver")
 def check_driver(settings: Settings):
     """The driver floor on GPU hosts; with nvidia_driver_install, the driver itself."""
     if not has_gpu(settings):
-        host.noop(
-            "no NVIDIA GPU on this host (gpu: auto found none, or gpu: false): the NVIDIA driver check is skipped"
-        )
+        if wants_toolkit(settings):
+            host.noop("no NVIDIA GPU on this host: no driver to check; the toolkit is installed (nvidia_toolkit: true)")
+        else:
+            explain_skip(
+                name="Skip the NVIDIA steps: no NVIDIA GPU on this host",
+                reason=(
+                    "no NVIDIA GPU on this host (gpu: auto found none, or gpu: false): the NVIDIA driver check, "
+                    "toolkit and runtime are skipped (nvidia_toolkit: true installs the toolkit before a GPU arrives)"
+                ),
+            )
         return
     gpu = gpu_state()
     title = f"Check that the NVIDIA driver is at least {settings.nvidia_driver_min}"
@@ -644,9 +670,14 @@ def configure_container_runtime(settings: Settings, toolkit: OperationMeta | Non
     if toolkit is not None or settings.nvidia_driver_install or not cdi_spec_is_current(gpu_state()["driver"], state):
         generate_cdi_spec(name="Generate the CDI spec for the loaded driver")
     if toolkit is not None or (
-        refresh["enabled"] is not None and (refresh["enabled"], refresh["active"]) != ("enabled", "active")
+        unit_exists(refresh) and (refresh["enabled"], refresh["active"]) != ("enabled", "active")
     ):
         ensure_unit_if_present(name=f"Enable {CDI_REFRESH_UNIT} where the toolkit has it", unit=CDI_REFRESH_UNIT)
+
+
+def unit_exists(state: Mapping) -> bool:
+    """From ServiceState: systemctl is-enabled prints nothing, or "not-found", for a unit that does not exist."""
+    return state["enabled"] not in (None, "not-found")
 
 
 @operation(is_idempotent=True)
@@ -662,7 +693,7 @@ def ensure_unit_if_present(unit: str):
         ensure_unit_if_present(name="Enable nvidia-cdi-refresh", unit="nvidia-cdi-refresh.path")
     """
     state = host.get_fact(ServiceState, service=unit)
-    if state["enabled"] is None:
+    if not unit_exists(state):
         host.noop(f"there is no {unit} here")
         return
     if state["enabled"] == "enabled" and state["active"] == "active":

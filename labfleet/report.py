@@ -1,135 +1,477 @@
 """Fleet status: one row per host, the odd ones out marked, drift as a non-zero exit.
 
-status.py calls `collect` for each host while pyinfra prepares the run; facts are only
-read, so the run changes nothing. When the last host has been read the table (or JSON)
-is printed and drift is raised as an error.
+status.py calls ``collect`` for each host while pyinfra prepares the run. Every host is
+read in one round trip (``FactBatch``) and nothing is changed: status.py plans no
+operation. When the last host has been read, the table (or JSON, with
+``LABFLEET_STATUS_FORMAT=json``) is printed on stdout and drift is raised as an error,
+which makes pyinfra exit non-zero.
+
+What counts as drift, per host:
+
+- docker or toolkit versions that differ from the fleet's majority (a host without the
+  toolkit counts only where one is wanted: a GPU host);
+- the expected image tag missing; with ``ship`` and ``registry`` delivery, an image id
+  other than the fleet's majority (on a tie, the controller's id decides). ``build`` gives
+  each host its own id under the same tag, so only the tag counts. A controller that holds
+  another build of the tag than the whole fleet is a note, not drift;
+- a jupyter container that is absent, unhealthy, runs another image than its tag names,
+  or was started with other settings than the current ones (deploy not run since);
+- a dataset that is missing, not mounted, or does not match its manifest;
+- an unreachable host.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from collections import Counter
+from collections.abc import Iterable, Mapping
 
 from pyinfra import host
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import state
-from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import image, jupyter
-from labfleet.facts import FreeBytes, GpuHost, ImageId
+from labfleet import compose, datasets, delivery, image
+from labfleet.facts import DockerEngineStatus, FactBatch, FreeBytes, GpuHost, ImageId
+from labfleet.jupyter import ComposeService
 from labfleet.settings import Settings
 
-# Columns that must agree across the fleet; a host that differs from the majority drifts.
-FLEET_COLUMNS = ("docker", "toolkit", "image")
+FORMAT_ENV = "LABFLEET_STATUS_FORMAT"
+DOCKER_ROOT = "/var/lib/docker"
+# Dataset states that are fine; any other state marks the host.
+DATASET_OK = ("ok", "present", "mounted")
+
+# --- Facts only the status reads ------------------------------------------------------------
 
 
-class DockerServerVersion(FactBase):
-    """The running engine's version, or None when docker is missing or not answering."""
-
-    requires_command = "docker"
+class ToolkitVersion(FactBase):
+    """The installed nvidia-container-toolkit package version, or None."""
 
     def command(self) -> str:
-        return "docker version --format '{{.Server.Version}}' 2>/dev/null || true"
+        return "dpkg-query -W -f '${db:Status-Abbrev} ${Version}\\n' nvidia-container-toolkit 2>/dev/null; true"
 
     def process(self, output):
-        return output[0].strip() if output and output[0].strip() else None
+        for line in output:
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "ii":
+                return parts[1]
+        return None
 
 
-_rows: dict[str, dict] = {}
-_printed: list[bool] = []
+class GpuNames(FactBase):
+    """The GPU model names nvidia-smi reports, or None where there is no nvidia-smi."""
+
+    def command(self) -> str:
+        return (
+            "command -v nvidia-smi >/dev/null || exit 0; echo nvidia-smi; "
+            "timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; true"
+        )
+
+    def process(self, output):
+        lines = [line.strip() for line in output if line.strip()]
+        if not lines or lines[0] != "nvidia-smi":
+            return None
+        return lines[1:]
+
+
+class AccountIds(FactBase):
+    """``{name: (uid, gid)}`` of the given accounts that exist."""
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, users: tuple[str, ...]) -> str:
+        names = " ".join(shlex.quote(user) for user in users)
+        return f'for u in {names}; do getent passwd "$u"; done; true'
+
+    def process(self, output):
+        found = {}
+        for line in output:
+            fields = line.strip().split(":")
+            if len(fields) >= 4 and fields[2].isdigit() and fields[3].isdigit():
+                found[fields[0]] = (int(fields[2]), int(fields[3]))
+        return found
+
+
+class ProjectContainer(ComposeService):
+    """ComposeService plus the container's restart count (``restarts``, None without a container)."""
+
+    @staticmethod
+    def default():
+        return {**ComposeService.default(), "restarts": None}
+
+    def command(self, project: str, image: str) -> str:
+        restarts = (
+            f"docker ps -aq --filter label=com.docker.compose.project={shlex.quote(project)} "
+            "--filter label=com.docker.compose.service=jupyterlab | head -n 1 | "
+            "xargs -r docker inspect --format 'restarts {{.RestartCount}}'"
+        )
+        return f"{super().command(project, image)}; {restarts}; true"
+
+    def process(self, output):
+        lines = list(output)
+        found = {**super().process([line for line in lines if not line.startswith("restarts ")]), "restarts": None}
+        for line in lines:
+            kind, _, value = line.partition(" ")
+            if kind == "restarts" and value.strip().isdigit():
+                found["restarts"] = int(value)
+        return found
+
+
+class DatasetStates(FactBase):
+    """The sync state of each dataset: ``{name: state}``.
+
+    + entries: ``(name, directory, manifest path or "", stamp path, is a mount)`` per dataset
+
+    States: ``missing`` (no directory), ``mounted`` / ``not-mounted`` (nfs), ``ok`` (its
+    manifest passed since the last sync), ``unverified`` (the manifest changed or a sync
+    moved files since), ``no-manifest`` (a manifest is configured but absent), ``present``
+    (a directory without a manifest to check).
+    """
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, entries) -> str:
+        checks = []
+        for name, directory, manifest, stamp, mount in entries:
+            d, n = shlex.quote(directory), shlex.quote(name)
+            if mount:
+                inner = f"if mountpoint -q {d}; then s=mounted; else s=not-mounted; fi"
+            elif manifest:
+                inner = (
+                    f"m=$(sha256sum < {shlex.quote(manifest)} 2>/dev/null | cut -d' ' -f1); "
+                    f"t=$(cat {shlex.quote(stamp)} 2>/dev/null); "
+                    'if [ -z "$m" ]; then s=no-manifest; elif [ "$m" = "$t" ]; then s=ok; else s=unverified; fi'
+                )
+            else:
+                inner = "s=present"
+            checks.append(f'if [ -d {d} ]; then {inner}; else s=missing; fi; echo "dataset {n} $s"')
+        return "; ".join([*checks, "true"])
+
+    def process(self, output):
+        found = {}
+        for line in output:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "dataset":
+                found[parts[1]] = parts[2]
+        return found
+
+
+# --- One host ----------------------------------------------------------------------------------
+
+
+def _dataset_entries(settings: Settings) -> tuple:
+    entries = []
+    for dataset in settings.datasets:
+        directory = datasets.dataset_dir(settings, dataset)
+        manifest = f"{directory}/{dataset.manifest}" if dataset.manifest else ""
+        mount = dataset.source.startswith("nfs:")
+        entries.append((dataset.name, directory, manifest, datasets.stamp_path(dataset), mount))
+    return tuple(entries)
+
+
+def url(settings: Settings, port: int) -> str:
+    """How a person opens this user's JupyterLab: through a tunnel when it is bound to loopback."""
+    bind = settings.jupyter_bind
+    address = settings.lan_address if bind in ("0.0.0.0", "::") else bind
+    address = f"[{address}]" if ":" in address else address
+    return f"http://{address}:{port}/lab"
+
+
+def _os_name(distro: Mapping) -> str:
+    meta = distro.get("release_meta") or {}
+    version = meta.get("VERSION_ID") or distro.get("major") or ""
+    return f"{distro.get('name') or '?'} {version}".strip()
+
+
+def _expected_digest(settings: Settings, user, ids: tuple[int, int] | None, gpu: bool, tag: str) -> str | None:
+    """The config digest a current container of this user carries, or None without the account."""
+    if ids is None:
+        return None
+    project = compose.Project(settings, user, ids[0], ids[1], gpu, tag)
+    return compose.compose_model(project)["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL]
+
+
+def host_row(settings: Settings) -> dict:
+    """Everything the status shows about this host, read in one round trip."""
+    tag = image.image_tag(settings)
+    names = tuple(user.name for user in settings.jupyter_users)
+    parts = (
+        (LinuxDistribution, {}),
+        (DockerEngineStatus, {}),
+        (ToolkitVersion, {}),
+        (GpuHost, {}),
+        (GpuNames, {}),
+        (ImageId, {"ref": tag}),
+        (FreeBytes, {"path": settings.datasets_root}),
+        (FreeBytes, {"path": DOCKER_ROOT}),
+        (DatasetStates, {"entries": _dataset_entries(settings)}),
+        (AccountIds, {"users": names}),
+        *((ProjectContainer, {"project": f"labfleet-{name}", "image": tag}) for name in names),
+    )
+    distro, engine, toolkit, gpu, gpu_names, image_id, free_data, free_docker, dataset_states, accounts, *services = (
+        host.get_fact(FactBatch, parts=parts)
+    )
+    has_gpu = settings.gpu if isinstance(settings.gpu, bool) else bool(gpu["gpus"])
+    wants_toolkit = settings.nvidia_toolkit if isinstance(settings.nvidia_toolkit, bool) else has_gpu
+    users = []
+    for user, service in zip(settings.jupyter_users, services, strict=True):
+        digest = _expected_digest(settings, user, accounts.get(user.name), has_gpu, tag)
+        users.append(
+            {
+                "user": user.name,
+                "url": url(settings, user.port),
+                "status": service["status"],
+                "health": service["health"] if service["status"] == "running" else (service["status"] or "absent"),
+                "restarts": service["restarts"],
+                "running_image": service["container_image"],
+                "current": service["container_image"] is not None and service["container_image"] == image_id,
+                "config_current": digest is not None and service["digest"] == digest,
+            }
+        )
+    return {
+        "host": settings.host,
+        "os": _os_name(distro or {}),
+        "docker": engine["server"],
+        "compose": engine["compose"],
+        "toolkit": toolkit,
+        "toolkit_wanted": wants_toolkit,
+        "driver": gpu["driver"],
+        "gpus": len(gpu["gpus"]),
+        "gpu_names": gpu_names,
+        "delivery": settings.image_delivery,
+        "expected_image": tag,
+        "image": image_id,
+        "users": users,
+        "datasets": {dataset.name: dataset_states.get(dataset.name, "missing") for dataset in settings.datasets},
+        "free_datasets": free_data,
+        "free_docker": free_docker,
+    }
+
+
+# --- The fleet --------------------------------------------------------------------------------
+
+
+def _odd_ones(rows: list[dict], column: str) -> list[tuple[dict, str]]:
+    """(row, what the fleet has) for each row whose column differs from the strict majority.
+
+    Without a strict majority (two hosts, two versions) every row differs.
+    """
+    values = Counter(row[column] for row in rows)
+    if len(values) <= 1:
+        return []
+    top, count = values.most_common(1)[0]
+    if count * 2 > len(rows):
+        return [(row, str(top)) for row in rows if row[column] != top]
+    spread = ", ".join(f"{value} on {n}" for value, n in sorted(values.items(), key=lambda item: str(item[0])))
+    return [(row, f"no majority: {spread}") for row in rows]
+
+
+def fleet_image_ids(rows: list[dict], controller_ids: Mapping[str, str | None] | None = None) -> dict[str, str | None]:
+    """Per expected tag, the image id every host with that tag should have.
+
+    ``ship`` and ``registry`` put one id on every host, so the hosts are compared with
+    each other: the strict majority of their ids, or, on a tie, the controller's id when
+    one of them has it. ``build`` hosts build their own (None: only the tag is compared).
+    """
+    controller_ids = controller_ids or {}
+    expected: dict[str, str | None] = {}
+    for tag in dict.fromkeys(row["expected_image"] for row in rows):
+        group = [row for row in rows if row["expected_image"] == tag]
+        ids = Counter(row["image"] for row in group if row["image"])
+        if all(row["delivery"] == "build" for row in group) or not ids:
+            expected[tag] = None
+            continue
+        top, count = ids.most_common(1)[0]
+        if count * 2 > sum(ids.values()):
+            expected[tag] = top
+        else:
+            expected[tag] = controller_ids.get(tag) if controller_ids.get(tag) in ids else None
+    return expected
+
+
+def notes(image_ids: Mapping[str, str | None], controller_ids: Mapping[str, str | None]) -> list[str]:
+    """What a person should know that is not drift: the controller holds another build of a tag."""
+    out = []
+    for tag, wanted in image_ids.items():
+        mine = controller_ids.get(tag)
+        if wanted and mine and mine != wanted:
+            out.append(
+                f"the controller's {tag} is {_short(mine)}, the fleet runs {_short(wanted)}; "
+                "the next deploy ships the controller's build to every host"
+            )
+    return out
+
+
+def image_matches(row: dict, image_ids: Mapping[str, str | None]) -> bool:
+    """The host has the expected tag, and, where the fleet shares one id, that id."""
+    if row["image"] is None:
+        return False
+    wanted = image_ids.get(row["expected_image"])
+    return row["delivery"] == "build" or wanted is None or row["image"] == wanted
+
+
+def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -> dict[str, list[str]]:
+    """Per host, the reasons it differs from the fleet or from its settings (empty: fine)."""
+    image_ids = fleet_image_ids(rows) if image_ids is None else image_ids
+    reasons: dict[str, list[str]] = {row["host"]: [] for row in rows}
+
+    for row in rows:
+        if row["docker"] is None:
+            reasons[row["host"]].append("docker is not answering")
+        if row["toolkit"] is None and row["toolkit_wanted"]:
+            reasons[row["host"]].append("nvidia-container-toolkit is missing")
+    for column in ("docker", "toolkit"):
+        for row, fleet in _odd_ones([row for row in rows if row[column] is not None], column):
+            reasons[row["host"]].append(f"{column} {row[column]} (fleet: {fleet})")
+
+    for row in rows:
+        tag = row["expected_image"]
+        if row["image"] is None:
+            reasons[row["host"]].append(f"image {tag} missing")
+        elif not image_matches(row, image_ids):
+            reasons[row["host"]].append(f"image {_short(row['image'])} is not the fleet's {_short(image_ids[tag])}")
+    for tag, wanted in image_ids.items():
+        group = [row for row in rows if row["expected_image"] == tag and row["image"] and row["delivery"] != "build"]
+        if wanted is None and len({row["image"] for row in group}) > 1:
+            for row in group:
+                reasons[row["host"]].append(f"image {_short(row['image'])}: the fleet has no majority id for {tag}")
+
+    for row in rows:
+        for user in row["users"]:
+            if user["health"] != "healthy":
+                reasons[row["host"]].append(f"{user['user']}: container {user['health']}")
+            elif not user["current"]:
+                reasons[row["host"]].append(
+                    f"{user['user']}: container runs {_short(user['running_image'])}, not what "
+                    f"{row['expected_image']} names now ({_short(row['image'])})"
+                )
+            elif not user["config_current"]:
+                reasons[row["host"]].append(f"{user['user']}: container runs other settings; run the deploy")
+        for name, dataset_state in row["datasets"].items():
+            if dataset_state not in DATASET_OK:
+                reasons[row["host"]].append(f"dataset {name} {dataset_state}")
+    return reasons
+
+
+def _short(image_id: str | None) -> str:
+    return (image_id or "none").removeprefix("sha256:")[:12]
 
 
 def _gib(value: int | None) -> str:
     return "?" if value is None else f"{value / 2**30:.1f}G"
 
 
-def host_row(settings: Settings) -> dict:
-    distro = host.get_fact(LinuxDistribution) or {}
-    packages = host.get_fact(DebPackages) or {}
-    toolkit = packages.get("nvidia-container-toolkit")
-    tag = image.image_tag(settings)
-    users = []
-    for project in jupyter.projects(settings):
-        service = host.get_fact(jupyter.ComposeService, project=project.name, image=tag)
-        users.append(
-            {
-                "user": project.user.name,
-                "url": f"http://{settings.jupyter_bind}:{project.user.port}/lab",
-                "health": service["health"] or ("absent" if service["status"] is None else service["status"]),
-                "running_image": service["container_image"],
-                "current": service["container_image"] is not None and service["container_image"] == service["image_id"],
-            }
-        )
-    gpu = host.get_fact(GpuHost)
-    return {
-        "host": settings.host,
-        "os": f"{distro.get('name', '?')} {distro.get('release_meta', {}).get('VERSION_ID', distro.get('major', ''))}",
-        "docker": host.get_fact(DockerServerVersion),
-        "toolkit": sorted(toolkit)[-1] if toolkit else None,
-        "driver": gpu["driver"],
-        "gpus": len(gpu["gpus"]),
-        "expected_image": tag,
-        "image": host.get_fact(ImageId, ref=tag),
-        "users": users,
-        "free_datasets": host.get_fact(FreeBytes, path=settings.datasets_root),
-        "free_docker": host.get_fact(FreeBytes, path="/var/lib/docker"),
-    }
+def _gpus_cell(row: dict) -> str:
+    names = row.get("gpu_names")
+    if not names:
+        return str(row["gpus"])
+    counted = Counter(names)
+    return f"{row['gpus']}: " + ", ".join(f"{n}x {name}" for name, n in counted.items())
 
 
-def drift(rows: list[dict]) -> dict[str, list[str]]:
-    """Per host, the reasons it differs from the fleet."""
-    reasons: dict[str, list[str]] = {row["host"]: [] for row in rows}
-    for column in FLEET_COLUMNS:
-        values = Counter(row[column] for row in rows)
-        majority, _ = values.most_common(1)[0]
-        for row in rows:
-            if row[column] is None and column == "image":
-                reasons[row["host"]].append(f"image {row['expected_image']} missing")
-            elif row[column] != majority:
-                reasons[row["host"]].append(f"{column} {row[column]} (fleet: {majority})")
+def _image_cell(row: dict, image_ids: Mapping[str, str | None]) -> str:
+    if row["image"] is None:
+        return "missing"
+    return _short(row["image"]) + ("" if image_matches(row, image_ids) else " (differs)")
+
+
+HEADER = ("", "host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "datasets", "free data/docker")
+
+
+def table(
+    rows: list[dict],
+    reasons: Mapping[str, list[str]],
+    image_ids: Mapping[str, str | None] | None = None,
+    unreachable: Iterable[str] = (),
+    remarks: Iterable[str] = (),
+) -> str:
+    """The status as text: a row per host, ``!`` in front of the hosts that drift, then why."""
+    image_ids = fleet_image_ids(rows) if image_ids is None else image_ids
+    lines = [HEADER]
     for row in rows:
-        for user in row["users"]:
-            if user["health"] != "healthy":
-                reasons[row["host"]].append(f"{user['user']}: container {user['health']}")
-            elif not user["current"]:
-                reasons[row["host"]].append(f"{user['user']}: container runs an old image")
-    return reasons
-
-
-def table(rows: list[dict], reasons: dict[str, list[str]]) -> str:
-    header = ("", "host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "free data/docker")
-    lines = [header]
-    for row in rows:
-        image_id = (row["image"] or "missing").removeprefix("sha256:")[:12]
-        jupyter_cells = ", ".join(f"{u['user']}:{u['health']} {u['url']}" for u in row["users"]) or "-"
+        jupyter_cell = ", ".join(f"{u['user']}:{u['health']} {u['url']}" for u in row["users"]) or "-"
+        datasets_cell = ", ".join(f"{name}:{s}" for name, s in row["datasets"].items()) or "-"
         lines.append(
             (
-                "!" if reasons[row["host"]] else " ",
+                "!" if reasons.get(row["host"]) else " ",
                 row["host"],
                 row["os"],
                 row["docker"] or "-",
                 row["toolkit"] or "-",
                 row["driver"] or "-",
-                str(row["gpus"]),
-                image_id,
-                jupyter_cells,
+                _gpus_cell(row),
+                _image_cell(row, image_ids),
+                jupyter_cell,
+                datasets_cell,
                 f"{_gib(row['free_datasets'])}/{_gib(row['free_docker'])}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for name in unreachable:
+        lines.append(("!", name, "unreachable", *("-" for _ in HEADER[3:])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines]
     for name, why in reasons.items():
         if why:
             out.append(f"! {name}: " + "; ".join(why))
+    out += [f"note: {remark}" for remark in remarks]
     return "\n".join(out)
 
 
+def document(
+    rows: list[dict],
+    reasons: Mapping[str, list[str]],
+    image_ids: Mapping[str, str | None],
+    remarks: Iterable[str] = (),
+) -> dict:
+    """The status as JSON: ``hosts`` (each with ``drift`` and ``ok``), ``drift`` per drifting host, ``ok``."""
+    hosts = []
+    for row in rows:
+        hosts.append(
+            {
+                **row,
+                "image_matches": image_matches(row, image_ids),
+                "drift": reasons[row["host"]],
+                "ok": not reasons[row["host"]],
+            }
+        )
+    for name in sorted(set(reasons) - {row["host"] for row in rows}):
+        hosts.append({"host": name, "unreachable": True, "drift": reasons[name], "ok": False})
+    return {
+        "hosts": hosts,
+        "image_ids": dict(image_ids),
+        "drift": {name: why for name, why in reasons.items() if why},
+        "notes": list(remarks),
+        "ok": not any(reasons.values()),
+    }
+
+
+def _controller_image_ids(rows: list[dict]) -> dict[str, str | None]:
+    """The controller's id of each shipped tag, where its engine has the tag (None otherwise)."""
+    found: dict[str, str | None] = {}
+    for tag in {row["expected_image"] for row in rows if row["delivery"] != "build"}:
+        try:
+            found[tag] = delivery.image_id_on_controller(tag)
+        except (RuntimeError, OSError):
+            found[tag] = None
+    return found
+
+
+# --- Gathering ---------------------------------------------------------------------------------
+
+_rows: dict[str, dict] = {}
+_printed: list[bool] = []
+
+
 def _all_collected() -> bool:
-    """True once, for whichever host is read last (pyinfra reads hosts concurrently)."""
+    """True once, for whichever host is read last (pyinfra prepares hosts concurrently)."""
     active = {h.name for h in state.inventory.get_active_hosts()}
     if _printed or not active <= set(_rows):
         return False
@@ -137,23 +479,22 @@ def _all_collected() -> bool:
     return True
 
 
-def _unreachable_row(name: str) -> dict:
-    return {"host": name, "unreachable": True, "users": []}
-
-
 def collect(settings: Settings) -> None:
+    """Read this host; once every reachable host is read, print the status and raise on drift."""
     _rows[settings.host] = host_row(settings)
     if not _all_collected():
         return
     rows = [_rows[name] for name in sorted(_rows)]
     unreachable = sorted(h.name for h in state.inventory if h.name not in _rows)
-    reasons = drift(rows)
+    controller_ids = _controller_image_ids(rows)
+    image_ids = fleet_image_ids(rows, controller_ids)
+    reasons = drift(rows, image_ids)
     reasons.update({name: ["unreachable"] for name in unreachable})
-    if os.environ.get("LABFLEET_STATUS_FORMAT") == "json":
-        document = {"hosts": rows + [_unreachable_row(n) for n in unreachable], "drift": reasons}
-        print(json.dumps(document, indent=2, sort_keys=True))
+    remarks = notes(image_ids, controller_ids)
+    if os.environ.get(FORMAT_ENV) == "json":
+        print(json.dumps(document(rows, reasons, image_ids, remarks), indent=2, sort_keys=True))
     else:
-        print(table(rows, reasons), file=sys.stdout)
+        print(table(rows, reasons, image_ids, unreachable, remarks))
     sys.stdout.flush()
     drifting = sorted(name for name, why in reasons.items() if why)
     if drifting:

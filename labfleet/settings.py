@@ -249,8 +249,9 @@ def _cross_checks(host_name: str, values: dict, raw: dict, inventory_hosts: froz
     for port in sorted({p for p in ports if ports.count(p) > 1}):
         clash = [n for n, p in users if p == port]
         errors.append(
-            f"host {host_name}: port {port} is published twice (users {', '.join(clash)}); "
-            "expected a distinct jupyter port per user"
+            f"host {host_name}: jupyter_users = {raw.get('jupyter_users')!r} publish port {port} twice "
+            f"(users {', '.join(clash)}); expected a distinct port per user (a user without one gets "
+            "jupyter_port + its index)"
         )
     if values["image_delivery"] == "registry" and not values["image_registry"]:
         errors.append(

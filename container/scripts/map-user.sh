@@ -42,3 +42,21 @@ fi
 mkdir -p "$home"
 chown "$NB_UID:$NB_GID" "$home"
 chmod 0750 "$home"
+
+# The datasets' group on the host (labfleet's datasets_group, by number): the user joins it,
+# so datasets marked readonly: False are writable and read-only ones stay readable.
+if [ -n "${DATASET_DIR:-}" ] && [ -d "$DATASET_DIR" ]; then
+    data_gid=$(stat -c %g "$DATASET_DIR")
+    if [ "$data_gid" != 0 ] && [ "$data_gid" != "$NB_GID" ]; then
+        data_group=$(getent group "$data_gid" | cut -d: -f1 || true)
+        if [ -z "$data_group" ]; then
+            data_group=labdata
+            getent group "$data_group" >/dev/null && data_group=labdata-$data_gid
+            groupadd --gid "$data_gid" "$data_group"
+        fi
+        case " $(id -nG "$NB_USER") " in
+            *" $data_group "*) ;;
+            *) usermod --append --groups "$data_group" "$NB_USER" ;;
+        esac
+    fi
+fi

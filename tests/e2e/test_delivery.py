@@ -177,3 +177,20 @@ def test_a_changed_requirement_redeploys_every_host_and_keeps_their_workspaces(
         running = host_exec(host, "docker inspect --format '{{.Image}}' labfleet-lab-jupyterlab-1").stdout.strip()
         assert running == _image_id(host, new_tag)
         assert checksum_snapshot(host, ["/srv/workspace"]) == before[host.name], f"{host.name} lost workspace files"
+
+
+def test_datasets_in_the_container_are_read_only_unless_a_dataset_says_otherwise(make_hosts, pyinfra_run, lab_data):
+    (host,) = make_hosts(1, engine=True)
+    data = {**lab_data, "datasets": {"imagenet": "manual", "scratch": {"source": "manual", "readonly": False}}}
+    assert_converged(pyinfra_run([host], data=data))
+    container = "labfleet-lab-jupyterlab-1"
+
+    def write(path: str) -> int:
+        return host_exec(host, f"docker exec -u lab {container} touch {path}", check=False).returncode
+
+    assert host_exec(host, f"docker exec {container} printenv DATASET_DIR").stdout.strip() == "/resource/datasets"
+    assert write("/resource/datasets/scratch/notes.txt") == 0, "a readonly: False dataset is not writable"
+    assert host_exec(host, "stat -c %G /srv/datasets/scratch/notes.txt").stdout.strip() == "labdata"
+    assert write("/resource/datasets/imagenet/x") != 0, "a read-only dataset is writable"
+    assert write("/resource/datasets/x") != 0, "the datasets root is writable"
+    assert_no_changes(pyinfra_run([host], data=data))

@@ -12,6 +12,7 @@ from labfleet.facts import (
     GpuHost,
     GpuInContainer,
     NvidiaRuntimeState,
+    ServiceState,
     parse_gpu_host,
     parse_gpu_in_container,
     parse_nvidia_runtime_state,
@@ -425,3 +426,20 @@ def test_gpu_check_runs_only_when_the_deploy_executes_and_fails_with_the_output(
     fake.facts[GpuInContainer] = parse_gpu_in_container(["Failed to initialize NVML: Unknown Error", "labfleet-rc=255"])
     (command,) = list(nvidia.check_gpu_in_container._inner(image, "all"))
     assert "the GPU is not usable in the lab image" in command and "Failed to initialize NVML" in command
+
+
+@pytest.mark.parametrize(
+    ("state", "commands"),
+    [
+        ({"systemd": True, "active": "inactive", "enabled": None}, []),
+        ({"systemd": True, "active": "inactive", "enabled": "not-found"}, []),
+        ({"systemd": True, "active": "active", "enabled": "enabled"}, []),
+        (
+            {"systemd": True, "active": "inactive", "enabled": "disabled"},
+            ["systemctl enable nvidia-cdi-refresh.path", "systemctl start nvidia-cdi-refresh.path"],
+        ),
+    ],
+)
+def test_cdi_refresh_is_enabled_only_where_the_toolkit_ships_it(fake_host, state, commands):
+    fake_host({ServiceState: state})
+    assert list(nvidia.ensure_unit_if_present._inner(nvidia.CDI_REFRESH_UNIT)) == commands

@@ -217,7 +217,9 @@ def test_several_users_get_consecutive_ports(raw):
 def test_clashing_ports_on_one_host(raw):
     raw["jupyter_user"] = None
     raw["jupyter_users"] = ["alice", {"name": "bob", "port": 8888}]
-    with pytest.raises(SettingsError, match="host pc01: port 8888 is published twice \\(users alice, bob\\)"):
+    with pytest.raises(
+        SettingsError, match=r"host pc01: jupyter_users = .* publish port 8888 twice \(users alice, bob\)"
+    ):
         build("pc01", raw)
 
 
