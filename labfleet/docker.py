@@ -300,19 +300,29 @@ def restart_service(service: str):
     yield f"systemctl restart {shlex.quote(service)}"
 
 
+def unit_exists(state: Mapping) -> bool:
+    """From ServiceState: systemctl is-enabled prints nothing, or "not-found", for a unit that does not exist."""
+    return state["enabled"] not in (None, "not-found")
+
+
 @operation(is_idempotent=True)
-def ensure_service(service: str):
+def ensure_service(service: str, if_present: bool = False):
     """Start a systemd service if it is stopped and enable it if it is not.
 
     + service: the unit name
+    + if_present: do nothing where no package has installed the unit (optional units)
 
     **Example:**
 
     .. code:: python
 
         ensure_service(name="Start and enable dockerd", service="docker.service")
+        ensure_service(name="Enable nvidia-cdi-refresh", service="nvidia-cdi-refresh.path", if_present=True)
     """
     state = host.get_fact(ServiceState, service=service)
+    if if_present and not unit_exists(state):
+        host.noop(f"there is no {service} here")
+        return
     if state["active"] == "active" and state["enabled"] == "enabled":
         host.noop(f"{service} is running and enabled")
         return

@@ -670,39 +670,11 @@ def configure_container_runtime(settings: Settings, toolkit: OperationMeta | Non
     if toolkit is not None or settings.nvidia_driver_install or not cdi_spec_is_current(gpu_state()["driver"], state):
         generate_cdi_spec(name="Generate the CDI spec for the loaded driver")
     if toolkit is not None or (
-        unit_exists(refresh) and (refresh["enabled"], refresh["active"]) != ("enabled", "active")
+        docker.unit_exists(refresh) and (refresh["enabled"], refresh["active"]) != ("enabled", "active")
     ):
-        ensure_unit_if_present(name=f"Enable {CDI_REFRESH_UNIT} where the toolkit has it", unit=CDI_REFRESH_UNIT)
-
-
-def unit_exists(state: Mapping) -> bool:
-    """From ServiceState: systemctl is-enabled prints nothing, or "not-found", for a unit that does not exist."""
-    return state["enabled"] not in (None, "not-found")
-
-
-@operation(is_idempotent=True)
-def ensure_unit_if_present(unit: str):
-    """Start and enable a systemd unit when a package has installed it; nothing when it does not exist.
-
-    + unit: the unit name, e.g. ``nvidia-cdi-refresh.path`` (toolkit 1.18 and later)
-
-    **Example:**
-
-    .. code:: python
-
-        ensure_unit_if_present(name="Enable nvidia-cdi-refresh", unit="nvidia-cdi-refresh.path")
-    """
-    state = host.get_fact(ServiceState, service=unit)
-    if not unit_exists(state):
-        host.noop(f"there is no {unit} here")
-        return
-    if state["enabled"] == "enabled" and state["active"] == "active":
-        host.noop(f"{unit} is running and enabled")
-        return
-    if state["enabled"] != "enabled":
-        yield f"systemctl enable {shlex.quote(unit)}"
-    if state["active"] != "active":
-        yield f"systemctl start {shlex.quote(unit)}"
+        docker.ensure_service(
+            name=f"Enable {CDI_REFRESH_UNIT} where the toolkit has it", service=CDI_REFRESH_UNIT, if_present=True
+        )
 
 
 # --- Verify -------------------------------------------------------------------------------

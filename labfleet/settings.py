@@ -335,6 +335,41 @@ def validate_inventory(inventory) -> dict[str, Settings]:
     return settings
 
 
+def check_inventory_groups(namespace: dict[str, Any], groups: tuple[str, ...] = ()) -> None:
+    """Stop with one line per problem when an inventory group is not a list of hosts.
+
+    + namespace: the inventory file's globals()
+    + groups: the group names it defines; every group_data/<group>.py is checked as well
+
+    pyinfra takes each list or tuple of an inventory file as a group and skips any other
+    value without a word, so ``workstations = "pc01"`` would deploy to nobody and exit 0.
+    """
+    names = set(groups) | {path.stem for path in (REPO_ROOT / "group_data").glob("*.py")} - {"all"}
+    errors = []
+    for name in sorted(names & set(namespace)):
+        value = namespace[name]
+        if not isinstance(value, (list, tuple)):
+            errors.append(
+                f"inventory: group {name} = {value!r} is invalid; expected a list of hosts, "
+                f'e.g. {name} = ["pc01.lab", ("pc02.lab", {{"ssh_user": "admin"}})]'
+            )
+            continue
+        for entry in value:
+            named = isinstance(entry, str) and entry
+            with_data = (
+                isinstance(entry, tuple)
+                and len(entry) == 2
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], dict)
+            )
+            if not (named or with_data):
+                errors.append(
+                    f"inventory: group {name} has the entry {entry!r}; expected a host name or (name, {{data}})"
+                )
+    if errors:
+        raise SettingsError("invalid inventory, no host was changed:\n" + "\n".join(errors))
+
+
 _validated: dict[int, dict[str, Settings]] = {}
 
 

@@ -1,5 +1,6 @@
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,3 +18,32 @@ def raw():
     data = defaults()
     data["jupyter_user"] = "alice"
     return data
+
+
+class FakeHost:
+    """Stands in for pyinfra's `host` inside an operation body: canned facts, noops recorded."""
+
+    def __init__(self, facts=None, executing=True):
+        self.facts = facts or {}
+        self.noops = []
+        self.name = "pc01"
+        self.print_prefix = "[pc01] "
+        self.state = SimpleNamespace(is_executing=executing)
+
+    def get_fact(self, fact, **kwargs):
+        return self.facts[fact]
+
+    def noop(self, message):
+        self.noops.append(message)
+
+
+@pytest.fixture
+def fake_host_in(monkeypatch):
+    """fake_host_in(module, facts, executing=True) puts a FakeHost where module reads `host`."""
+
+    def install(module, facts=None, executing=True):
+        fake = FakeHost(facts, executing)
+        monkeypatch.setattr(module, "host", fake)
+        return fake
+
+    return install

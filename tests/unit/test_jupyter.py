@@ -7,27 +7,9 @@ from labfleet import jupyter
 IMAGE = "labfleet/jupyterlab:jupyter-0123456789ab"
 
 
-class FakeHost:
-    def __init__(self, facts):
-        self.facts = facts
-        self.noops = []
-        self.print_prefix = "[pc01] "
-
-    def get_fact(self, fact, **kwargs):
-        return self.facts[fact]
-
-    def noop(self, message):
-        self.noops.append(message)
-
-
 @pytest.fixture
-def fake_host(monkeypatch):
-    def install(facts):
-        fake = FakeHost(facts)
-        monkeypatch.setattr(jupyter, "host", fake)
-        return fake
-
-    return install
+def fake_host(fake_host_in):
+    return lambda facts: fake_host_in(jupyter, facts)
 
 
 def _state(**overrides):

@@ -1,8 +1,6 @@
 """The NVIDIA step: detection, driver floor and install plan, toolkit source, daemon.json, CDI and the
 GPU check, from recorded sysfs, /proc and command output and against fake facts."""
 
-from types import SimpleNamespace
-
 import pytest
 from pyinfra.facts.files import FileContents
 
@@ -83,28 +81,9 @@ def test_gpu_setting_overrides_detection(raw, monkeypatch):
 # --- Planning against fake facts ----------------------------------------------------------
 
 
-class FakeHost:
-    def __init__(self, facts=None, executing=True):
-        self.facts = facts or {}
-        self.noops = []
-        self.name = "pc01"
-        self.state = SimpleNamespace(is_executing=executing)
-
-    def get_fact(self, fact, **kwargs):
-        return self.facts[fact]
-
-    def noop(self, message):
-        self.noops.append(message)
-
-
 @pytest.fixture
-def fake_host(monkeypatch):
-    def install(facts=None, executing=True):
-        fake = FakeHost(facts, executing)
-        monkeypatch.setattr(nvidia, "host", fake)
-        return fake
-
-    return install
+def fake_host(fake_host_in):
+    return lambda facts=None, executing=True: fake_host_in(nvidia, facts, executing)
 
 
 @pytest.fixture
@@ -440,6 +419,6 @@ def test_gpu_check_runs_only_when_the_deploy_executes_and_fails_with_the_output(
         ),
     ],
 )
-def test_cdi_refresh_is_enabled_only_where_the_toolkit_ships_it(fake_host, state, commands):
-    fake_host({ServiceState: state})
-    assert list(nvidia.ensure_unit_if_present._inner(nvidia.CDI_REFRESH_UNIT)) == commands
+def test_cdi_refresh_is_enabled_only_where_the_toolkit_ships_it(fake_host_in, state, commands):
+    fake_host_in(docker, {ServiceState: state})
+    assert list(docker.ensure_service._inner(nvidia.CDI_REFRESH_UNIT, if_present=True)) == commands
