@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from labfleet.image import build_image, controller_settings, image_tag
+
 from .harness import images
 from .harness.engine import EngineUnavailable, ensure_engine
 from .harness.hosts import Fleet, TestHost, generate_keypair, remove_stale_hosts
-from .harness.runner import run_pyinfra
+from .harness.runner import controller_ca_certificates, run_pyinfra
 
 E2E_DIR = Path(__file__).resolve().parent
 KEEP_HOSTS_ENV = "LABFLEET_KEEP_HOSTS"
@@ -122,10 +124,19 @@ def lab_data(base_image) -> dict:
     """Settings for a whole deploy on test hosts: the distribution's engine, and the image's
     `jupyter` profile (JupyterLab and its extensions, no torch: PyTorch's CPU wheel index is
     out of these machines' reach) on the local Debian base, shipped from this machine."""
-    return {
+    data = {
         "docker_source": "distro",
         "image_profile": "jupyter",
         "image_delivery": "ship",
         "base_image": base_image("trixie"),
         "gpu": False,
     }
+    # Built here once, under a lock that other pytest processes respect, rather than inside
+    # the first deploy that needs it; the deploys then find the tag and skip the build.
+    settings = controller_settings(
+        image_profile="jupyter", base_image=data["base_image"], extra_ca_certificates=controller_ca_certificates()
+    )
+    tag = image_tag(settings)
+    with images.image_lock(tag):
+        build_image(settings)
+    return data

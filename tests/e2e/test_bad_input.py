@@ -10,11 +10,13 @@ taken before and after.
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from .harness.runner import run_pyinfra
+from .harness.runner import REPO_ROOT, _pyinfra_command, run_pyinfra
 from .harness.snapshots import checksum_snapshot, diff_snapshots
 
 MANAGED = ["/opt/labfleet", "/srv", "/etc/docker", "/etc/apt", "/usr/local/share/ca-certificates"]
@@ -197,3 +199,43 @@ def test_bad_setting_is_refused_and_no_host_is_touched(pair, lab_data, not_pem, 
     for host in pair:
         diff = diff_snapshots(before[host.name], after[host.name])
         assert not diff, f"{host.name} was changed by bad input:\n{diff.describe()}"
+
+
+def _run_cli(inventory: Path, cwd: Path) -> tuple[int, str]:
+    command = [*_pyinfra_command(), "-y", str(inventory), str(REPO_ROOT / "deploy.py")]
+    completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+    return completed.returncode, completed.stdout + completed.stderr
+
+
+def test_an_inventory_with_a_syntax_error_is_refused(pair, tmp_path):
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text(f'lab_hosts = [\n    "{pair[0].name}",\n')
+    before = _snapshots(pair)
+    # From a scratch directory: pyinfra writes its debug log into the working directory.
+    rc, output = _run_cli(inventory, cwd=tmp_path)
+    assert rc != 0
+    assert f'File "{inventory}", line 1' in output and "SyntaxError" in output, output
+    assert "Traceback (most recent call last)" not in output and "Starting operation" not in output
+    assert _snapshots(pair) == before
+
+
+@pytest.mark.parametrize(
+    ("group", "value", "expect"),
+    [
+        ("workstations", '"{host}"', "inventory: group workstations = '{host}' is invalid; expected a list of hosts"),
+        ("workstations", '{{"{host}": {{}}}}', "inventory: group workstations = {{'{host}': {{}}}} is invalid"),
+        ("gpu", "1", "inventory: group gpu = 1 is invalid; expected a list of hosts"),
+        ("registry", '[("{host}",)]', "inventory: group registry has the entry ('{host}',); expected a host name"),
+    ],
+    ids=["string", "mapping", "number", "bad-entry"],
+)
+def test_an_inventory_group_that_is_not_a_list_of_hosts_is_refused(pair, tmp_path, group, value, expect):
+    host = pair[0].name
+    product = (REPO_ROOT / "inventory.py").read_text()
+    assert f"\n{group} = []\n" in product
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text(product.replace(f"\n{group} = []\n", f"\n{group} = {value.format(host=host)}\n"))
+    before = _snapshots(pair)
+    rc, output = _run_cli(inventory, cwd=REPO_ROOT)
+    assert_refused(output, rc, (expect.format(host=host),), None)
+    assert _snapshots(pair) == before

@@ -71,7 +71,7 @@ def host_image(distro: str = "trixie") -> str:
     rootfs = Debootstrap(distro, include=HOST_PACKAGES)
     recipe_hash = _hash(rootfs, _recipe_files(HOST_RECIPE_DIR), INIT_ARGS[distro])
     tag = f"{HOST_REPOSITORY}:{distro}-{recipe_hash}"
-    with _image_lock(tag):
+    with image_lock(tag):
         if not image_exists(tag):
             rootfs_tag = _imported_rootfs(ROOTFS_REPOSITORY, rootfs)
             _build_host_layer(tag, rootfs_tag, distro)
@@ -89,7 +89,7 @@ def engine_host_image(distro: str = "trixie") -> str:
     host = host_image(distro)
     recipe = {**_recipe_files(ENGINE_RECIPE_DIR), "packages": ENGINE_PACKAGES[distro].encode(), "host": host.encode()}
     tag = f"{HOST_REPOSITORY}:{distro}-engine-{_hash(Debootstrap(distro), recipe)}"
-    with _image_lock(tag):
+    with image_lock(tag):
         if not image_exists(tag):
             docker(
                 "build", "--quiet", "--label", f"{IMAGE_LABEL}=1",
@@ -122,7 +122,7 @@ def built_images() -> list[str]:
 
 def _imported_rootfs(repository: str, rootfs: Debootstrap) -> str:
     tag = f"{repository}:{rootfs.suite}-{_hash(rootfs)}"
-    with _image_lock(tag):
+    with image_lock(tag):
         if not image_exists(tag):
             _debootstrap_and_import(tag, rootfs)
     return tag
@@ -198,7 +198,7 @@ def _hash(rootfs: Debootstrap, files: dict[str, bytes] | None = None, init_args=
 
 
 @contextlib.contextmanager
-def _image_lock(tag: str):
+def image_lock(tag: str):
     """Serialise builds of one tag across pytest processes on this machine."""
     name = tag.replace("/", "_").replace(":", "_")
     path = os.path.join(tempfile.gettempdir(), f"labfleet-test-{name}.lock")
