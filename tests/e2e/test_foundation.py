@@ -126,3 +126,20 @@ def test_one_bad_setting_on_one_host_leaves_every_host_untouched(make_hosts, pyi
     for host in hosts:
         assert checksum_snapshot(host, MANAGED, missing_ok=True) == before[host.name], f"{host.name} was changed"
         assert host_exec(host, "test -e /opt/labfleet", check=False).returncode != 0
+
+
+@pytest.mark.parametrize(
+    "workspace",
+    ["/srv/work space/$HOME #1/{user}", '/srv/it\'s "quoted" $x/{user}'],
+    ids=["single-quoted", "double-quoted"],
+)
+def test_awkward_paths_reach_compose_intact(make_hosts, pyinfra_run, data, workspace):
+    """The .env quoting, read back by the real docker compose on the host, not by our own parser."""
+    (host,) = make_hosts(1, engine=True)
+    assert_converged(pyinfra_run([host], data={**data, "workspace_dir": workspace}))
+    expected = workspace.replace("{user}", "lab")
+    mounts = host_exec(
+        host,
+        "docker inspect --format '{{range .Mounts}}{{.Source}}|{{.Destination}}\n{{end}}' labfleet-lab-jupyterlab-1",
+    ).stdout
+    assert f"{expected}|/workspace" in mounts.splitlines(), mounts

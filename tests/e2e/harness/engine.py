@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -78,6 +80,15 @@ def ensure_engine() -> None:
     As root, install what is missing and start dockerd; otherwise, or when that fails,
     raise EngineUnavailable with the reason.
     """
+    if engine_answers() and not _missing_commands():
+        return
+    # pytest-xdist workers arrive together: one installs and starts, the others wait for it.
+    with open(os.path.join(tempfile.gettempdir(), "labfleet-test-engine.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _install_and_start()
+
+
+def _install_and_start() -> None:
     answers = engine_answers()
     missing = _missing_commands()
     if answers and not missing:
