@@ -11,6 +11,8 @@ ssh_user or jupyter_port. With no host listed, labfleet manages this machine (@l
 
 import os
 
+from labfleet.settings import check_inventory_groups
+
 # Lab workstations reached over SSH.
 workstations = []
 # Hosts that certainly have NVIDIA GPUs (see group_data/gpu.py).
@@ -21,3 +23,6 @@ registry = []
 if not (workstations or gpu or registry):
     # This machine; sudo when the deploy is not already run as root.
     workstations = [("@local", {"_sudo": os.geteuid() != 0})]
+
+# pyinfra skips a group that is not a list without a word; stop with an error instead.
+check_inventory_groups(globals(), groups=("workstations", "gpu", "registry"))

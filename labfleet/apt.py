@@ -35,6 +35,8 @@ KEYRING_DIR = "/etc/apt/keyrings"
 LOCK_TIMEOUT_S = 900
 # What apt prints when another process holds one of its locks (LC_ALL=C).
 LOCK_ERRORS = ("Could not get lock", "Unable to lock", "Unable to acquire the dpkg frontend lock")
+# What apt prints when an earlier dpkg run was killed half-way (LC_ALL=C).
+INTERRUPTED = "dpkg was interrupted"
 
 
 def apt_get(arguments: str, lock_timeout: int = LOCK_TIMEOUT_S) -> str:
@@ -43,25 +45,36 @@ def apt_get(arguments: str, lock_timeout: int = LOCK_TIMEOUT_S) -> str:
     + arguments: what follows ``apt-get -y``, e.g. ``"install --no-install-recommends curl"``
     + lock_timeout: seconds to wait for a lock another process holds before giving up
 
-    A lock error happens before apt changes anything, so retrying is safe. Any other
-    failure ends the command at once with apt's own output and exit status.
+    A lock error happens before apt changes anything, so retrying is safe. A dpkg run that
+    was interrupted earlier is finished with ``dpkg --configure -a`` (twice at most), as
+    apt asks, and apt is tried again. Any other failure ends the command at once with
+    apt's own output and exit status.
     """
     options = (
         f"-o DPkg::Lock::Timeout={int(lock_timeout)} "
         "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
     )
     lock_pattern = "|".join(f"*{shlex.quote(text)}*" for text in LOCK_ERRORS)
+    finishing = shlex.quote("labfleet: an earlier dpkg run was interrupted; finishing it with dpkg --configure -a")
     gave_up = shlex.quote(
         f"labfleet: another process still holds the apt/dpkg lock after {int(lock_timeout)} s "
         "(unattended-upgrades after a fresh boot?); let it finish, or stop it, then run the deploy again"
     )
     return (
-        f"(deadline=$(( $(date +%s) + {int(lock_timeout)} )); "
+        f"(deadline=$(( $(date +%s) + {int(lock_timeout)} )); repairs=0; "
         "while :; do "
         f"out=$(LC_ALL=C DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=l apt-get -y {options} {arguments} 2>&1); "
         "rc=$?; "
         "if [ $rc -eq 0 ]; then printf '%s\\n' \"$out\"; exit 0; fi; "
-        f'case "$out" in {lock_pattern}) ;; *) printf \'%s\\n\' "$out" >&2; exit $rc;; esac; '
+        'case "$out" in '
+        # A dpkg run that was killed (a controller or a session lost mid-install) leaves
+        # packages half-configured, and apt refuses to go on until they are finished.
+        f'*{shlex.quote(INTERRUPTED)}*) [ "$repairs" -lt 2 ] || {{ printf \'%s\\n\' "$out" >&2; exit $rc; }}; '
+        "repairs=$((repairs + 1)); "
+        f"echo {finishing} >&2; "
+        "LC_ALL=C DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold --configure -a >&2; "
+        "continue;; "
+        f"{lock_pattern}) ;; *) printf '%s\\n' \"$out\" >&2; exit $rc;; esac; "
         f'if [ "$(date +%s)" -ge "$deadline" ]; then printf \'%s\\n\' "$out" >&2; echo {gave_up} >&2; exit 1; fi; '
         'echo "labfleet: waiting for the apt/dpkg lock: $(printf \'%s\\n\' "$out" | grep -m1 lock)" >&2; '
         "sleep 3; "

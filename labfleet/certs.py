@@ -16,6 +16,7 @@ from pyinfra.facts.files import FindFiles
 from pyinfra.operations import apt, files, server
 from pyinfra.operations.util import any_changed
 
+from labfleet.facts import PathStates, path_is, planned, unless_current
 from labfleet.settings import Settings
 
 CA_DIR = "/usr/local/share/ca-certificates/labfleet"
@@ -27,20 +28,53 @@ def host_file_name(path: str) -> str:
     return f"{Path(path).stem}-{hashlib.sha256(data).hexdigest()[:8]}.crt"
 
 
+def _sha1(path: str) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def state_parts(settings: Settings) -> tuple:
+    """The facts this step decides from while planning (preflight reads them with its own)."""
+    uploads = tuple(f"{CA_DIR}/{host_file_name(path)}" for path in settings.extra_ca_certificates)
+    parts: tuple = (
+        (FindFiles, {"path": CA_DIR, "quote_path": True}),
+        (PathStates, {"paths": (CA_DIR, *uploads), "digests": uploads}),
+    )
+    return (*parts, (DebPackages, {})) if uploads else parts
+
+
 @deploy("Trust extra CA certificates")
 def trust_extra_ca_certificates(settings: Settings):
     wanted = {host_file_name(path): path for path in settings.extra_ca_certificates}
-    present = host.get_fact(FindFiles, path=CA_DIR, quote_path=True) or []
+    (find, find_kwargs), (path_states, states_kwargs), *_ = state_parts(settings)
+    present = planned(find, **find_kwargs) or []
     if not wanted and not present:
         host.noop("no extra CA certificates")
         return
 
-    if wanted and "ca-certificates" not in host.get_fact(DebPackages):
+    if wanted and "ca-certificates" not in planned(DebPackages):
         apt.packages(name="Install ca-certificates", packages=["ca-certificates"], update=True)
 
-    changes = [files.directory(name="Create the labfleet CA directory", path=CA_DIR, mode="755")]
+    # Operations that the state read while planning shows current read nothing when they run.
+    states = planned(path_states, **states_kwargs)
+    changes = [
+        files.directory(
+            name="Create the labfleet CA directory",
+            path=CA_DIR,
+            mode="755",
+            _if=unless_current(path_is(states, CA_DIR, "directory", mode="755")),
+        )
+    ]
     for name, path in sorted(wanted.items()):
-        changes.append(files.put(name=f"Upload CA {name}", src=path, dest=f"{CA_DIR}/{name}", mode="644"))
+        dest = f"{CA_DIR}/{name}"
+        changes.append(
+            files.put(
+                name=f"Upload CA {name}",
+                src=path,
+                dest=dest,
+                mode="644",
+                _if=unless_current(path_is(states, dest, "file", mode="644", sha1=_sha1(path))),
+            )
+        )
     for stale in sorted(set(present) - {f"{CA_DIR}/{name}" for name in wanted}):
         changes.append(files.file(name=f"Remove CA {Path(stale).name}, no longer listed", path=stale, present=False))
     server.shell(

@@ -134,13 +134,15 @@ def compose_model(project: Project) -> dict:
         service["deploy"] = _gpu_reservation(project.settings.gpu_devices)
     model = {"name": project.name, "services": {"jupyterlab": service}, "secrets": secrets}
     # The running container carries a digest of everything compose is given, so a run can
-    # tell from one `docker inspect` whether the container is current.
-    service["labels"] = {CONFIG_LABEL: config_digest(model, env_values(project))}
+    # tell from one `docker inspect` whether the container is current. The password hash
+    # counts too: the server reads its secret file only when it starts.
+    secret = project.settings.jupyter_password_hash or ""
+    service["labels"] = {CONFIG_LABEL: config_digest(model, env_values(project), secret)}
     return model
 
 
-def config_digest(model: dict, env: dict) -> str:
-    blob = json.dumps([model, {k: str(v) for k, v in env.items()}], sort_keys=True)
+def config_digest(model: dict, env: dict, secret: str = "") -> str:
+    blob = json.dumps([model, {k: str(v) for k, v in env.items()}, secret], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

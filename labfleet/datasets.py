@@ -37,12 +37,26 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FunctionCommand, OperationError, deploy, operation
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
 from labfleet import apt, preflight
-from labfleet.facts import DefaultAcl, ManifestState, PublicKeyFile, RsyncDryRun, SshHostKey, parse_rsync_itemized
+from labfleet.facts import (
+    DefaultAcl,
+    GroupMembers,
+    ManifestState,
+    PathStates,
+    PublicKeyFile,
+    RsyncDryRun,
+    SshHostKey,
+    parse_rsync_itemized,
+    path_is,
+    planned,
+    prefetch,
+    unless_current,
+)
 from labfleet.settings import Dataset, Settings, for_host
 
 # Default ACLs: read-only datasets never give the group write, writable ones always do.
@@ -119,37 +133,95 @@ def default_acl(path: str, entries: tuple[str, ...]):
     yield f"setfacl --remove-default --modify {shlex.quote(acl)} {shlex.quote(path)}"
 
 
+def _layout_parts(settings: Settings) -> tuple:
+    """The facts the layout decides from while planning, read in one round trip."""
+    directories = (settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets))
+    acls = (settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets if not _is_nfs(d)))
+    users = tuple(sorted({user.name for user in settings.jupyter_users}))
+    return (
+        (DebPackages, {}),
+        (GroupMembers, {"group": settings.datasets_group, "users": users}),
+        (PathStates, {"paths": directories}),
+        *((DefaultAcl, {"path": path}) for path in acls),
+        preflight.account_part(settings),
+    )
+
+
+def _is_nfs(dataset: Dataset) -> bool:
+    return dataset.source.startswith("nfs:")
+
+
+def _in_group(settings: Settings, user: str, members: dict) -> bool:
+    """What server.user(groups=[group], append=True) would find current: the account is in
+    the group, and its home directory exists, owned by the user and the group named after it."""
+    account = preflight.account(settings, user)
+    home = (account or {}).get("home_state") or {}
+    return user in members["members"] and home == {"kind": "directory", "user": user, "group": user}
+
+
 def _lay_out(settings: Settings) -> None:
+    # Each operation is planned; one that the state read while planning shows current reads
+    # nothing when it runs (labfleet.facts.unless_current).
+    parts = _layout_parts(settings)
+    prefetch(parts)
+    _, (members_fact, members_kwargs), (states_fact, states_kwargs), *_ = parts
+    members = planned(members_fact, **members_kwargs)
+    states = planned(states_fact, **states_kwargs)
+
+    def acl_is(path: str, entries: tuple[str, ...]) -> bool:
+        current = planned(DefaultAcl, path=path)
+        return current is not None and set(current) == set(entries)
+
     group = settings.datasets_group
-    server.group(name=f"Create the datasets group {group}", group=group)
+    server.group(name=f"Create the datasets group {group}", group=group, _if=unless_current(members["exists"]))
     for user in settings.jupyter_users:
-        server.user(name=f"Add {user.name} to the group {group}", user=user.name, groups=[group], append=True)
+        server.user(
+            name=f"Add {user.name} to the group {group}",
+            user=user.name,
+            groups=[group],
+            append=True,
+            _if=unless_current(_in_group(settings, user.name, members)),
+        )
     files.directory(
         name=f"Create the datasets root {settings.datasets_root}",
         path=settings.datasets_root,
         user="root",
         group=group,
         mode="2755",
+        _if=unless_current(path_is(states, settings.datasets_root, "directory", "root", group, "2755")),
     )
-    default_acl(name="Set the default ACL of the datasets root", path=settings.datasets_root, entries=ACL_READONLY)
+    default_acl(
+        name="Set the default ACL of the datasets root",
+        path=settings.datasets_root,
+        entries=ACL_READONLY,
+        _if=unless_current(acl_is(settings.datasets_root, ACL_READONLY)),
+    )
     for dataset in settings.datasets:
         path = dataset_dir(settings, dataset)
-        if dataset.source.startswith("nfs:"):
+        if _is_nfs(dataset):
             # A mount point: once mounted, its owner and mode are the export's, not ours.
-            files.directory(name=f"Create dataset directory {dataset.name}", path=path)
+            files.directory(
+                name=f"Create dataset directory {dataset.name}",
+                path=path,
+                _if=unless_current(path_is(states, path, "directory")),
+            )
             continue
         # files.directory never recurses: nothing that already lives in a dataset is touched.
+        mode = "2755" if dataset.readonly else "2775"
+        entries = ACL_READONLY if dataset.readonly else ACL_WRITABLE
         files.directory(
             name=f"Create dataset directory {dataset.name}",
             path=path,
             user="root",
             group=group,
-            mode="2755" if dataset.readonly else "2775",
+            mode=mode,
+            _if=unless_current(path_is(states, path, "directory", "root", group, mode)),
         )
         default_acl(
             name=f"Set the default ACL of dataset {dataset.name}",
             path=path,
-            entries=ACL_READONLY if dataset.readonly else ACL_WRITABLE,
+            entries=entries,
+            _if=unless_current(acl_is(path, entries)),
         )
 
 
@@ -656,7 +728,13 @@ def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: in
 def lay_out_datasets(settings: Settings):
     all_settings = _all_settings()
     pullers = _pullers_of(settings.host)
-    apt.ensure_packages(name="Install the dataset tools", packages=_packages(settings, bool(pullers)))
+    tools = _packages(settings, bool(pullers))
+    prefetch(_layout_parts(settings))
+    apt.ensure_packages(
+        name="Install the dataset tools",
+        packages=tools,
+        _if=unless_current(not apt.missing_packages(tools, planned(DebPackages))),
+    )
     _lay_out(settings)
     if pullers:
         _serve_pulls(settings, pullers)

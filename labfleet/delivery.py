@@ -24,8 +24,8 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import files
 
-from labfleet import image
-from labfleet.facts import FreeBytes, ImageId
+from labfleet import image, jupyter
+from labfleet.facts import FreeBytes, ImageId, planned, prefetch
 from labfleet.preflight import require
 from labfleet.settings import REPO_ROOT, Settings
 
@@ -126,7 +126,7 @@ def load_image(archive: str, ref: str, image_id: str):
 @deploy("Ship an image")
 def ship(settings: Settings, ref: str):
     archive = saved_archive(ref)
-    if host.get_fact(ImageId, ref=ref) == archive.image_id:
+    if planned(ImageId, ref=ref) == archive.image_id:
         host.noop(f"{ref} is already here as {archive.image_id[:19]}: nothing to copy")
         return
     free = host.get_fact(FreeBytes, path=DOCKER_ROOT)
@@ -202,6 +202,9 @@ def deliver_image(settings: Settings):
         build(settings, image.image_tag(settings))
         return
     tag = built_on_controller(settings)
+    # The bring-up decides from the same host state (the tag's id, the containers): one
+    # round trip reads both while planning.
+    prefetch(((ImageId, {"ref": tag}), *jupyter.state_parts(settings)))
     if settings.image_delivery == "ship":
         ship(settings, tag)
     else:

@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 
+from pyinfra import host
 from pyinfra.api import FactBase
 
 # PCI display classes: VGA (0x0300xx) and 3D controller (0x0302xx, the data-centre cards).
@@ -539,3 +540,166 @@ def parse_gpu_in_container(lines) -> dict:
         else:
             output.append(line)
     return {"rc": rc, "output": output}
+
+
+# --- Read once while planning --------------------------------------------------------------
+
+
+class Accounts(FactBase):
+    """Some host accounts and their home directories, from ``getent``.
+
+    + names: the account names to look up
+
+    Returns ``{name: {"uid", "gid", "group", "home", "home_state"}}`` for the accounts that
+    exist: ``group`` is the primary group's name, ``home_state`` ``{"kind", "user",
+    "group"}`` (kind ``absent`` when there is no home directory). Far cheaper than pyinfra's
+    ``Users`` fact, which runs several commands for every account on the host.
+    """
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, names: tuple[str, ...]) -> str:
+        if not names:
+            return "true"
+        quoted = " ".join(shlex.quote(name) for name in names)
+        return (
+            f"getent passwd {quoted} | while IFS=: read -r n _ uid gid _ home _; do "
+            'g=$(getent group "$gid" | cut -d: -f1); '
+            'if [ -L "$home" ]; then k="link - -"; '
+            'elif [ -d "$home" ]; then k="directory $(stat -c \'%U %G\' "$home")"; '
+            'elif [ -e "$home" ]; then k="other - -"; else k="absent - -"; fi; '
+            'echo "account $n $uid $gid ${g:--} $k $home"; done; true'
+        )
+
+    def process(self, output):
+        accounts = {}
+        for line in output:
+            parts = line.split(" ", 8)
+            if len(parts) == 9 and parts[0] == "account":
+                _, name, uid, gid, group, kind, home_user, home_group, home = parts
+                accounts[name] = {
+                    "uid": uid,
+                    "gid": gid,
+                    "group": None if group == "-" else group,
+                    "home": home,
+                    "home_state": {"kind": kind, "user": home_user, "group": home_group},
+                }
+        return accounts
+
+
+class PathStates(FactBase):
+    """Kind, owner, mode and (for some files) sha1 of several paths, in one command.
+
+    + paths: the paths to look at
+    + digests: those of the paths whose sha1 is wanted (the files labfleet uploads)
+
+    Returns ``{path: {"kind", "user", "group", "mode", "sha1"}}`` for the paths that exist:
+    kind is ``file``, ``directory``, ``link`` or ``other``; mode is what ``stat -c %a``
+    prints (``"2755"``); sha1 is None unless asked for.
+    """
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, paths: tuple[str, ...], digests: tuple[str, ...] = ()) -> str:
+        if not paths:
+            return "true"
+        hashed = " ".join(shlex.quote(path) for path in digests) or "''"
+        return (
+            f"for p in {' '.join(shlex.quote(path) for path in paths)}; do "
+            "s=-; "
+            f'for h in {hashed}; do [ "$h" = "$p" ] && [ -f "$p" ] && s=$(sha1sum < "$p" | cut -d" " -f1); done; '
+            'if [ -L "$p" ]; then echo "link - - - - $p"; '
+            'elif [ -d "$p" ]; then echo "directory $(stat -c \'%U %G %a\' "$p") - $p"; '
+            'elif [ -f "$p" ]; then echo "file $(stat -c \'%U %G %a\' "$p") $s $p"; '
+            'elif [ -e "$p" ]; then echo "other - - - - $p"; fi; done; true'
+        )
+
+    def process(self, output):
+        states = {}
+        for line in output:
+            parts = line.split(" ", 5)
+            if len(parts) == 6:
+                kind, user, group, mode, sha1, path = parts
+                states[path] = {"kind": kind, "user": user, "group": group, "mode": mode, "sha1": _dash(sha1)}
+        return states
+
+
+def _dash(value: str) -> str | None:
+    return None if value == "-" else value
+
+
+def path_is(
+    states: dict,
+    path: str,
+    kind: str,
+    user: str | None = None,
+    group: str | None = None,
+    mode: str | int | None = None,
+    sha1: str | None = None,
+) -> bool:
+    """Whether a PathStates result shows path exactly as asked (None: not asked)."""
+    found = states.get(path)
+    if not found or found["kind"] != kind:
+        return False
+    if user is not None and found["user"] != user:
+        return False
+    if group is not None and found["group"] != group:
+        return False
+    if mode is not None and not (found["mode"].isdigit() and int(found["mode"], 8) == int(str(mode), 8)):
+        return False
+    return sha1 is None or found["sha1"] == sha1
+
+
+_planned: dict[tuple, object] = {}
+
+
+def _planned_key(fact_class: type[FactBase], kwargs: dict) -> tuple:
+    return (id(host.state), host.name, fact_class, repr(sorted(kwargs.items())))
+
+
+def prefetch(parts) -> None:
+    """Read, in one round trip (FactBatch), the facts a step will read while planning.
+
+    + parts: ``((FactClass, {kwargs}), ...)``; those already read are left out
+
+    Later ``planned(FactClass, **kwargs)`` calls get these readings. pyinfra plans every
+    operation before running any, so a reading taken while planning is what the host was
+    when the run began, for every step.
+    """
+    if host.state.is_executing:
+        return
+    missing = [(cls, dict(kwargs)) for cls, kwargs in parts if _planned_key(cls, dict(kwargs)) not in _planned]
+    if not missing:
+        return
+    values = host.get_fact(FactBatch, parts=tuple(missing)) if len(missing) > 1 else None
+    for index, (cls, kwargs) in enumerate(missing):
+        value = values[index] if values is not None else host.get_fact(cls, **kwargs)
+        _planned[_planned_key(cls, kwargs)] = value
+
+
+def planned(fact_class: type[FactBase], **kwargs):
+    """A fact as read while planning, once per host and run (see prefetch); read fresh while executing."""
+    if host.state.is_executing:
+        return host.get_fact(fact_class, **kwargs)
+    prefetch(((fact_class, kwargs),))
+    return _planned[_planned_key(fact_class, kwargs)]
+
+
+def changed_in_this_run() -> bool:
+    """Whether an operation has run a command on this host so far in this run."""
+    done = host.state.ops.get(host._get_module(), {})
+    return any(data.operation_meta.executed for data in done.values())
+
+
+def unless_current(current: bool):
+    """An ``_if`` for an operation that the state read while planning showed has nothing to do.
+
+    Such an operation is still planned, and named in the results, but reads nothing from
+    the host when it runs, unless an earlier operation changed this host in this run: then
+    it checks, as it always does. It saves the round trips of a run that changes nothing.
+    """
+    return lambda: not current or changed_in_this_run()

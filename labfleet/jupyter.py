@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from io import StringIO
 
@@ -11,22 +12,28 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from labfleet import compose, image, nvidia, preflight
+from labfleet.facts import PathStates, changed_in_this_run, path_is, planned, prefetch, unless_current
 from labfleet.settings import Settings
 
 SECRET_MODE = 600
 
 
 @operation(is_idempotent=True)
-def secret_token(path: str, user: str, group: str):
+def secret_token(path: str, user: str, group: str, known_current: bool = False):
     """Generate a random token once, on the host, and keep it.
 
     + path: the token file
     + user: owner (the container reads it as this UID)
     + group: group owner
+    + known_current: the state read while planning showed the token in place, with this
+      owner and mode; the file is then not read again unless this run changed the host
 
     The token is made by the host itself, so it never travels through pyinfra's output
     or arguments; an existing token is never rotated, only its owner and mode mended.
     """
+    if known_current and not changed_in_this_run():
+        host.noop(f"token {path} exists and is kept")
+        return
     info = host.get_fact(File, path=path)
     owner = f"{shlex.quote(user)}:{shlex.quote(group)}"
     if info is False:
@@ -54,24 +61,76 @@ def projects(settings: Settings) -> list[compose.Project]:
     gpu = nvidia.has_gpu(settings)
     out = []
     for user in settings.jupyter_users:
-        account = preflight.account(user.name)
+        account = preflight.account(settings, user.name)
         if account is not None:
             out.append(compose.Project(settings, user, int(account["uid"]), int(account["gid"]), gpu, tag))
     return out
 
 
+def _project_paths(project: compose.Project) -> tuple[str, ...]:
+    return tuple(
+        f"{project.directory}/{name}"
+        for name in (compose.TOKEN_SECRET, compose.PASSWORD_SECRET, "compose.yaml", ".env")
+    )
+
+
+def _state_parts(projects: list[compose.Project]) -> tuple:
+    paths = [compose.APP_ROOT]
+    uploads = []
+    for project in projects:
+        token, password, *written = _project_paths(project)
+        paths += [project.user.workspace_dir, project.directory, token, password, *written]
+        uploads += [password, *written]
+    return (
+        (PathStates, {"paths": tuple(paths), "digests": tuple(uploads)}),
+        *((ComposeService, {"project": p.name, "image": p.image}) for p in projects),
+    )
+
+
+def state_parts(settings: Settings) -> tuple:
+    """The facts the projects are decided from while planning (the image step reads them with its own)."""
+    return _state_parts(projects(settings))
+
+
+def planned_state(projects: list[compose.Project]) -> tuple[dict, list[dict]]:
+    """``(path states, [ComposeService per project])`` as read while planning, in one round trip.
+
+    Both steps of this module decide from it: an operation it shows current is still
+    planned, but reads nothing when it runs unless this run changed the host before it.
+    """
+    parts = _state_parts(projects)
+    prefetch(parts)
+    (states_fact, states_kwargs), *services = parts
+    return planned(states_fact, **states_kwargs), [planned(cls, **kwargs) for cls, kwargs in services]
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 @deploy("Write the JupyterLab compose projects")
 def write_projects(settings: Settings):
-    files.directory(name=f"Create {compose.APP_ROOT}", path=compose.APP_ROOT, user="root", group="root", mode="755")
-    for project in projects(settings):
+    mine = projects(settings)
+    states, _ = planned_state(mine)
+    files.directory(
+        name=f"Create {compose.APP_ROOT}",
+        path=compose.APP_ROOT,
+        user="root",
+        group="root",
+        mode="755",
+        _if=unless_current(path_is(states, compose.APP_ROOT, "directory", "root", "root", "755")),
+    )
+    for project in mine:
         user = project.user.name
-        group = preflight.account(user)["group"]
+        group = preflight.account(settings, user)["group"]
+        token, password_file, compose_file, env_file = _project_paths(project)
         files.directory(
             name=f"Create the workspace of {user}",
             path=project.user.workspace_dir,
             user=user,
             group=group,
             mode="750",
+            _if=unless_current(path_is(states, project.user.workspace_dir, "directory", user, group, "750")),
         )
         files.directory(
             name=f"Create the compose project of {user}",
@@ -79,40 +138,52 @@ def write_projects(settings: Settings):
             user="root",
             group="root",
             mode="755",
+            _if=unless_current(path_is(states, project.directory, "directory", "root", "root", "755")),
         )
         secret_token(
             name=f"Keep the Jupyter token of {user}",
-            path=f"{project.directory}/{compose.TOKEN_SECRET}",
+            path=token,
             user=user,
             group=group,
+            known_current=path_is(states, token, "file", user, group, SECRET_MODE),
         )
-        password_file = f"{project.directory}/{compose.PASSWORD_SECRET}"
         if settings.jupyter_password_hash:
+            text = settings.jupyter_password_hash + "\n"
             files.put(
                 name=f"Write the Jupyter password hash of {user}",
-                src=StringIO(settings.jupyter_password_hash + "\n"),
+                src=StringIO(text),
                 dest=password_file,
                 user=user,
                 group=group,
                 mode="600",
+                _if=unless_current(path_is(states, password_file, "file", user, group, "600", _sha1(text))),
             )
         else:
-            files.file(name=f"Remove the unused password hash of {user}", path=password_file, present=False)
+            files.file(
+                name=f"Remove the unused password hash of {user}",
+                path=password_file,
+                present=False,
+                _if=unless_current(password_file not in states),
+            )
+        text = compose.render_compose(project)
         files.put(
             name=f"Write compose.yaml of {user}",
-            src=StringIO(compose.render_compose(project)),
-            dest=f"{project.directory}/compose.yaml",
+            src=StringIO(text),
+            dest=compose_file,
             user="root",
             group="root",
             mode="644",
+            _if=unless_current(path_is(states, compose_file, "file", "root", "root", "644", _sha1(text))),
         )
+        text = compose.render_env(project)
         files.put(
             name=f"Write .env of {user}",
-            src=StringIO(compose.render_env(project)),
-            dest=f"{project.directory}/.env",
+            src=StringIO(text),
+            dest=env_file,
             user="root",
             group="root",
             mode="600",
+            _if=unless_current(path_is(states, env_file, "file", "root", "root", "600", _sha1(text))),
         )
 
 
@@ -135,11 +206,13 @@ class ComposeService(FactBase):
             "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} "
             '{{index .Config.Labels "' + compose.CONFIG_LABEL + '"}}'
         )
+        # The image and the container are looked up in parallel: each docker call is a round
+        # trip to the daemon.
         return (
-            f"docker image inspect --format 'image {{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null; "
+            f"docker image inspect --format 'image {{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null & "
             f"docker ps -aq --filter label=com.docker.compose.project={shlex.quote(project)} "
             "--filter label=com.docker.compose.service=jupyterlab | head -n 1 | "
-            f"xargs -r docker inspect --format {shlex.quote(container_format)}; true"
+            f"xargs -r docker inspect --format {shlex.quote(container_format)}; wait; true"
         )
 
     def process(self, output):
@@ -158,8 +231,18 @@ class ComposeService(FactBase):
 HIDE_TOKENS = "sed -E 's/(token=)[^&[:space:]]+/\\1<hidden>/g'"
 
 
+def is_current(state: dict, digest: str) -> bool:
+    """From ComposeService: running the image id the tag names, with this config digest."""
+    return (
+        state["image_id"] is not None
+        and state["container_image"] == state["image_id"]
+        and state["status"] == "running"
+        and state["digest"] == digest
+    )
+
+
 @operation(is_idempotent=True)
-def compose_up(directory: str, project: str, image: str, digest: str, timeout: int = 300):
+def compose_up(directory: str, project: str, image: str, digest: str, timeout: int = 300, known_current: bool = False):
     """Bring a compose project up, and wait until it is healthy, only when it is not current.
 
     + directory: the compose project directory
@@ -167,18 +250,21 @@ def compose_up(directory: str, project: str, image: str, digest: str, timeout: i
     + image: the image tag the project runs
     + digest: the config digest the current container must carry
     + timeout: seconds to wait for healthy
+    + known_current: the state read while planning showed the project current and healthy;
+      it is then not read again unless this run changed the host before this operation
 
     Current means running the image id the tag names, with this config digest, and
     healthy. On failure the last log lines are shown, with tokens hidden, and only this
     host fails.
     """
+    if known_current and not changed_in_this_run():
+        host.noop(f"{project} is up, current and healthy")
+        return
     state = host.get_fact(ComposeService, project=project, image=image)
     if state["image_id"] is None:
         yield f"echo {shlex.quote(f'labfleet: image {image} is missing on this host')} >&2; exit 1"
         return
-    current = (
-        state["container_image"] == state["image_id"] and state["status"] == "running" and state["digest"] == digest
-    )
+    current = is_current(state, digest)
     if current and state["health"] == "healthy":
         host.noop(f"{project} is up, current and healthy")
         return
@@ -207,14 +293,18 @@ def tunnel_hint(settings: Settings, port: int) -> str:
 
 @deploy("Bring JupyterLab up")
 def bring_up(settings: Settings):
-    for project in projects(settings):
+    mine = projects(settings)
+    _, services = planned_state(mine)
+    for project, state in zip(mine, services, strict=True):
         model = compose.compose_model(project)
+        digest = model["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL]
         compose_up(
             name=f"Bring up JupyterLab of {project.user.name}",
             directory=project.directory,
             project=project.name,
             image=project.image,
-            digest=model["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL],
+            digest=digest,
+            known_current=is_current(state, digest) and state["health"] == "healthy",
         )
 
 

@@ -6,9 +6,9 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
-from pyinfra.facts.server import Users
 
 from labfleet import certs
+from labfleet.facts import Accounts, planned, prefetch
 from labfleet.settings import Settings
 
 
@@ -28,17 +28,25 @@ def require(ok: bool, problem: str):
     yield f"echo {shlex.quote('labfleet: ' + problem)} >&2; exit 1"
 
 
-def account(name: str) -> dict | None:
-    """The host account `name` (uid, gid, group, home), or None when it does not exist."""
-    return host.get_fact(Users).get(name)
+def account_part(settings: Settings) -> tuple:
+    """The Accounts fact of the jupyter users, as every step reads it (see labfleet.facts.prefetch)."""
+    return (Accounts, {"names": tuple(sorted({user.name for user in settings.jupyter_users}))})
+
+
+def account(settings: Settings, name: str) -> dict | None:
+    """The jupyter user `name`'s account (uid, gid, group, home), or None when it does not exist."""
+    fact, kwargs = account_part(settings)
+    return planned(fact, **kwargs).get(name)
 
 
 @deploy("Preflight")
 def check_host(settings: Settings):
+    # One round trip for what preflight and the later steps read about accounts and CAs.
+    prefetch((account_part(settings), *certs.state_parts(settings)))
     for user in settings.jupyter_users:
         require(
             name=f"Check that account {user.name} exists",
-            ok=account(user.name) is not None,
+            ok=account(settings, user.name) is not None,
             problem=(
                 f"host {settings.host}: jupyter_user {user.name!r} has no account on this host; "
                 "create it (adduser) or set jupyter_user / jupyter_users to an existing account"

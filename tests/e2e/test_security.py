@@ -168,7 +168,7 @@ def test_the_container_runs_as_the_user_without_new_privileges(deployed):
     container = _container(host)
     uid = host_exec(host, "id -u lab").stdout.strip()
     assert uid != "0"
-    pids = host_exec(host, "pgrep -f 'bin/jupyter-lab'").stdout.split()
+    pids = host_exec(host, "pgrep -f '[j]upyter-lab'").stdout.split()
     assert pids, f"{host.name}: no jupyter-lab process"
     for pid in pids:
         owner = host_exec(host, f"ps -o uid= -p {pid}").stdout.strip()

@@ -70,3 +70,44 @@ def test_deb822_source_and_pin():
     assert apt.pin_preferences(["docker-ce", "docker-ce-cli"], "5:27.3.1-1") == (
         "Package: docker-ce docker-ce-cli\nPin: version 5:27.3.1-1\nPin-Priority: 1001\n"
     )
+
+
+def test_apt_get_finishes_an_interrupted_dpkg_run_and_tries_again(tmp_path):
+    # apt refuses until `dpkg --configure -a` has run, then succeeds.
+    (tmp_path / "apt-get").write_text(
+        "#!/bin/sh\n"
+        f"[ -f {tmp_path}/configured ] && {{ echo installed; exit 0; }}\n"
+        "echo \"E: dpkg was interrupted, you must manually run 'dpkg --configure -a' to correct the problem.\"\n"
+        "exit 100\n"
+    )
+    (tmp_path / "dpkg").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/configured\n')
+    for name in ("apt-get", "dpkg"):
+        (tmp_path / name).chmod(0o755)
+    result = subprocess.run(
+        ["sh", "-c", apt.apt_get("install curl", lock_timeout=60)],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "installed" in result.stdout
+    assert "finishing it with dpkg --configure -a" in result.stderr
+    assert (tmp_path / "configured").read_text().split()[-2:] == ["--configure", "-a"]
+
+
+def test_apt_get_gives_up_when_dpkg_cannot_be_finished(tmp_path):
+    (tmp_path / "apt-get").write_text("#!/bin/sh\necho 'E: dpkg was interrupted, you must manually run it'\nexit 100\n")
+    (tmp_path / "dpkg").write_text("#!/bin/sh\necho 'dpkg: error processing package x' >&2\nexit 1\n")
+    for name in ("apt-get", "dpkg"):
+        (tmp_path / name).chmod(0o755)
+    result = subprocess.run(
+        ["sh", "-c", apt.apt_get("install curl", lock_timeout=60)],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert result.returncode == 100
+    assert result.stderr.count("finishing it with dpkg --configure -a") == 2
+    assert "dpkg was interrupted" in result.stderr

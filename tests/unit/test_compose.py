@@ -153,3 +153,13 @@ def test_image_tag_is_a_content_hash_of_context_and_args(raw, tmp_path):
     assert image.image_tag(s, tmp_path) != first
     other = build("pc01", {**raw, "cuda": "12.6"})
     assert image.image_tag(other) != image.image_tag(s)
+
+
+def test_a_new_password_hash_changes_the_config_digest(raw):
+    first = "$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$aGFzaGhhc2g"
+    second = "$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$b3RoZXJoYXNo"
+    labels = [
+        _service(_project(dict(raw), jupyter_password_hash=value))["labels"][compose.CONFIG_LABEL]
+        for value in (first, second)
+    ]
+    assert labels[0] != labels[1], "a rotated password would not restart the server"
