@@ -290,8 +290,3 @@ def test_a_manifest_mismatch_fails_the_host_and_names_the_file(make_hosts, pyinf
     write_manifest(source)
     assert_converged(pyinfra_run([host], deploy=deploy, data=data))
     assert_no_changes(pyinfra_run([host], deploy=deploy, data=data))
-
-
-@pytest.mark.skip(reason="needs the JupyterLab image and its bring-up, which are not in deploy.py yet")
-def test_writing_a_readonly_dataset_fails_inside_the_container():
-    """docker exec into the user's container: touch /resource/datasets/<name>/x fails (EROFS)."""
