@@ -21,6 +21,7 @@ import pytest
 from labfleet import image
 from labfleet.delivery import CACHE_DIR
 
+from .harness.certs import self_signed_ca
 from .harness.engine import docker
 from .harness.hosts import TestHost, host_exec
 from .harness.runner import (
@@ -248,16 +249,6 @@ def test_a_killed_container_is_restarted_by_its_policy_and_status_shows_it(deplo
 # --- A disk too small for the next image --------------------------------------------------------
 
 
-def _self_signed_ca(directory: Path) -> str:
-    key, cert = directory / "next-ca.key", directory / "next-ca.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=labfleet next image",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert)
-
-
 def _df(host: TestHost, field: str) -> int:
     return int(host_exec(host, f"df -B1 --output={field} /var/lib/docker | tail -n 1").stdout.strip())
 
@@ -266,7 +257,7 @@ def _df(host: TestHost, field: str) -> int:
 def next_image(lab_data, tmp_path):
     """Settings whose image tag differs from lab_data's (one more CA), and that tag built on the
     controller as a one-label child of the current image: a distinct image id, made in seconds."""
-    cas = [*controller_ca_certificates(), _self_signed_ca(tmp_path)]
+    cas = [*controller_ca_certificates(), self_signed_ca(tmp_path, "labfleet next image")]
     data = {**lab_data, "extra_ca_certificates": cas}
     current = image.image_tag(image.controller_settings(**{**lab_data, "extra_ca_certificates": cas[:-1]}))
     tag = image.image_tag(image.controller_settings(**data))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import yaml
 
+from .harness.certs import self_signed_ca
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes, controller_ca_certificates
 from .harness.snapshots import checksum_snapshot
@@ -63,19 +62,8 @@ def test_three_hosts_converge_and_a_second_run_changes_nothing(make_hosts, pyinf
     assert len(tokens) == 3, "hosts share a token"
 
 
-def _self_signed_ca(directory) -> str:
-    """A throwaway CA certificate, made with the host-independent openssl of the controller."""
-    key, cert = directory / "test-ca.key", directory / "test-ca.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=labfleet test CA",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert)
-
-
 def test_extra_ca_certificates_are_trusted_by_the_hosts(make_hosts, pyinfra_run, tmp_path):
-    cas = [*controller_ca_certificates(), _self_signed_ca(tmp_path)]
+    cas = [*controller_ca_certificates(), self_signed_ca(tmp_path, "labfleet test CA")]
     (host,) = make_hosts(1)
     first = pyinfra_run([host], deploy=PREFLIGHT, data={"extra_ca_certificates": cas})
     assert_converged(first)
