@@ -108,38 +108,29 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def _directory(states: dict, name: str, path: str, user: str, group: str, mode: str):
+    """files.directory, which reads nothing when it runs if planning found the path as wanted."""
+    return files.directory(
+        name=name,
+        path=path,
+        user=user,
+        group=group,
+        mode=mode,
+        _if=unless_current(path_is(states, path, "directory", user, group, mode)),
+    )
+
+
 @deploy("Write the JupyterLab compose projects")
 def write_projects(settings: Settings):
     mine = projects(settings)
     states, _ = planned_state(mine)
-    files.directory(
-        name=f"Create {compose.APP_ROOT}",
-        path=compose.APP_ROOT,
-        user="root",
-        group="root",
-        mode="755",
-        _if=unless_current(path_is(states, compose.APP_ROOT, "directory", "root", "root", "755")),
-    )
+    _directory(states, f"Create {compose.APP_ROOT}", compose.APP_ROOT, "root", "root", "755")
     for project in mine:
         user = project.user.name
         group = preflight.account(settings, user)["group"]
         token, password_file, compose_file, env_file = _project_paths(project)
-        files.directory(
-            name=f"Create the workspace of {user}",
-            path=project.user.workspace_dir,
-            user=user,
-            group=group,
-            mode="750",
-            _if=unless_current(path_is(states, project.user.workspace_dir, "directory", user, group, "750")),
-        )
-        files.directory(
-            name=f"Create the compose project of {user}",
-            path=project.directory,
-            user="root",
-            group="root",
-            mode="755",
-            _if=unless_current(path_is(states, project.directory, "directory", "root", "root", "755")),
-        )
+        _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
+        _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
         secret_token(
             name=f"Keep the Jupyter token of {user}",
             path=token,
