@@ -14,36 +14,37 @@ def test_apt_get_waits_for_locks_and_never_prompts():
     assert "after 42 s" in command
 
 
-def test_apt_get_retries_on_lock_errors_until_the_deadline(tmp_path):
-    # A fake apt-get that reports the lists lock as held, always.
-    fake = tmp_path / "apt-get"
-    fake.write_text(
-        "#!/bin/sh\necho 'E: Could not get lock /var/lib/apt/lists/lock. It is held by process 7'\nexit 100\n"
-    )
-    fake.chmod(0o755)
-    result = subprocess.run(
-        ["sh", "-c", apt.apt_get("update", lock_timeout=1)],
+def _fake(directory, name: str, body: str) -> None:
+    """A stand-in command on PATH: these tests exercise apt_get's shell, not apt itself."""
+    path = directory / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def _run_with_fakes(directory, arguments: str, lock_timeout: int):
+    return subprocess.run(
+        ["sh", "-c", apt.apt_get(arguments, lock_timeout=lock_timeout)],
         capture_output=True,
         text=True,
-        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        env={"PATH": f"{directory}:/usr/bin:/bin"},
         timeout=30,
     )
+
+
+def test_apt_get_retries_on_lock_errors_until_the_deadline(tmp_path):
+    # A fake apt-get that reports the lists lock as held, always.
+    _fake(
+        tmp_path, "apt-get", "echo 'E: Could not get lock /var/lib/apt/lists/lock. It is held by process 7'\nexit 100"
+    )
+    result = _run_with_fakes(tmp_path, "update", lock_timeout=1)
     assert result.returncode == 1
     assert "waiting for the apt/dpkg lock" in result.stderr
     assert "still holds the apt/dpkg lock after 1 s" in result.stderr
 
 
 def test_apt_get_passes_other_failures_through_at_once(tmp_path):
-    fake = tmp_path / "apt-get"
-    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package nope'\nexit 100\n")
-    fake.chmod(0o755)
-    result = subprocess.run(
-        ["sh", "-c", apt.apt_get("install nope", lock_timeout=60)],
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
-        timeout=30,
-    )
+    _fake(tmp_path, "apt-get", "echo 'E: Unable to locate package nope'\nexit 100")
+    result = _run_with_fakes(tmp_path, "install nope", lock_timeout=60)
     assert result.returncode == 100
     assert "Unable to locate package nope" in result.stderr
     assert "waiting" not in result.stderr
@@ -74,22 +75,15 @@ def test_deb822_source_and_pin():
 
 def test_apt_get_finishes_an_interrupted_dpkg_run_and_tries_again(tmp_path):
     # apt refuses until `dpkg --configure -a` has run, then succeeds.
-    (tmp_path / "apt-get").write_text(
-        "#!/bin/sh\n"
+    _fake(
+        tmp_path,
+        "apt-get",
         f"[ -f {tmp_path}/configured ] && {{ echo installed; exit 0; }}\n"
         "echo \"E: dpkg was interrupted, you must manually run 'dpkg --configure -a' to correct the problem.\"\n"
-        "exit 100\n"
+        "exit 100",
     )
-    (tmp_path / "dpkg").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/configured\n')
-    for name in ("apt-get", "dpkg"):
-        (tmp_path / name).chmod(0o755)
-    result = subprocess.run(
-        ["sh", "-c", apt.apt_get("install curl", lock_timeout=60)],
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
-        timeout=30,
-    )
+    _fake(tmp_path, "dpkg", f'echo "$@" > {tmp_path}/configured')
+    result = _run_with_fakes(tmp_path, "install curl", lock_timeout=60)
     assert result.returncode == 0, result.stderr
     assert "installed" in result.stdout
     assert "finishing it with dpkg --configure -a" in result.stderr
@@ -97,17 +91,9 @@ def test_apt_get_finishes_an_interrupted_dpkg_run_and_tries_again(tmp_path):
 
 
 def test_apt_get_gives_up_when_dpkg_cannot_be_finished(tmp_path):
-    (tmp_path / "apt-get").write_text("#!/bin/sh\necho 'E: dpkg was interrupted, you must manually run it'\nexit 100\n")
-    (tmp_path / "dpkg").write_text("#!/bin/sh\necho 'dpkg: error processing package x' >&2\nexit 1\n")
-    for name in ("apt-get", "dpkg"):
-        (tmp_path / name).chmod(0o755)
-    result = subprocess.run(
-        ["sh", "-c", apt.apt_get("install curl", lock_timeout=60)],
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
-        timeout=30,
-    )
+    _fake(tmp_path, "apt-get", "echo 'E: dpkg was interrupted, you must manually run it'\nexit 100")
+    _fake(tmp_path, "dpkg", "echo 'dpkg: error processing package x' >&2\nexit 1")
+    result = _run_with_fakes(tmp_path, "install curl", lock_timeout=60)
     assert result.returncode == 100
     assert result.stderr.count("finishing it with dpkg --configure -a") == 2
     assert "dpkg was interrupted" in result.stderr
