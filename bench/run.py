@@ -94,10 +94,12 @@ def pyinfra_command() -> list[str]:
     return [str(sibling)] if sibling.exists() else [sys.executable, "-m", "pyinfra"]
 
 
-def run_deploy(hosts: list[TestHost], deploy: str | Path, data: dict, cwd: Path = REPO_ROOT, debug=False) -> Run:
+def run_deploy(
+    hosts: list[TestHost], deploy: str | Path, data: dict, cwd: Path = REPO_ROOT, debug=False, groups=None
+) -> Run:
     """`pyinfra -y --json` on hosts, timed, with the controller's peak memory from wait4."""
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-run-") as workdir:
-        inventory = write_inventory(Path(workdir), hosts, data)
+        inventory = write_inventory(Path(workdir), hosts, data, groups=groups)
         argv = [*pyinfra_command(), "-y", "--json", *(["--debug"] if debug else []), str(inventory), str(deploy)]
         out, err = Path(workdir) / "stdout", Path(workdir) / "stderr"
         with out.open("w") as stdout, err.open("w") as stderr:

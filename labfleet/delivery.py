@@ -4,97 +4,35 @@
   host builds it, unless it already has the tag. A base image that only the controller
   has (offline labs, the tests) is shipped first.
 - ship: the controller builds once and saves once (gzip); only hosts whose engine lacks
-  that image id get the archive, `docker load` it, and have the id verified. A failed or
-  interrupted load never moves the tag, so the running container keeps its image.
+  that image id get the archive, less the layers they already have (labfleet/archives.py),
+  `docker load` it, and have the id verified. A failed or interrupted load never moves the
+  tag, so the running container keeps its image.
 - registry: push once, every host pulls (labfleet/registry.py).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import shlex
 import shutil
-import subprocess
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import files
 
-from labfleet import image, jupyter
-from labfleet.facts import FreeBytes, ImageId, planned, prefetch
+from labfleet import archives, image, jupyter
+from labfleet.facts import FreeBytes, ImageId, LayerChains, planned, prefetch
 from labfleet.preflight import require
 from labfleet.settings import REPO_ROOT, Settings
 
-CACHE_DIR = REPO_ROOT / "build"
+CONTEXT_CACHE_DIR = REPO_ROOT / "build" / "contexts"
 HOST_CONTEXT_DIR = "/opt/labfleet/image"
 HOST_ARCHIVE_DIR = "/var/tmp"
 DOCKER_ROOT = "/var/lib/docker"
-# Room for the archive, the unpacked layers and some slack, relative to the image size.
-DISK_FACTOR = 1.2
 
 _lock = threading.Lock()  # hosts are prepared concurrently; the controller builds once
-_archives: dict[str, Archive] = {}
 _contexts: dict[str, Path] = {}
-
-
-@dataclass(frozen=True)
-class Archive:
-    """A `docker save` of one image on the controller, compressed."""
-
-    ref: str
-    image_id: str
-    path: Path
-    image_bytes: int
-
-    @property
-    def needed_bytes(self) -> int:
-        return int((self.image_bytes + self.path.stat().st_size) * DISK_FACTOR)
-
-
-def _inspect(ref: str) -> dict | None:
-    result = subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=False)
-    return json.loads(result.stdout)[0] if result.returncode == 0 else None
-
-
-def saved_archive(ref: str) -> Archive:
-    """The compressed archive of ref on the controller, saved once per image id and kept."""
-    with _lock:
-        if ref in _archives:
-            return _archives[ref]
-        info = _inspect(ref)
-        if info is None:
-            raise RuntimeError(f"image {ref} is not in the controller's engine")
-        image_id = info["Id"]
-        path = CACHE_DIR / "images" / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            with (
-                subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
-                gzip.open(partial, "wb", compresslevel=1) as out,
-            ):
-                shutil.copyfileobj(save.stdout, out, 1 << 20)
-            if save.returncode != 0:
-                partial.unlink(missing_ok=True)
-                raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
-            partial.rename(path)
-        _archives[ref] = Archive(ref, image_id, path, int(info["Size"]))
-        return _archives[ref]
-
-
-def image_id_on_controller(ref: str) -> str:
-    info = _inspect(ref)
-    if info is None:
-        raise RuntimeError(f"image {ref} is not in the controller's engine")
-    return info["Id"]
-
-
-def controller_has(ref: str) -> bool:
-    return _inspect(ref) is not None
 
 
 def built_on_controller(settings: Settings) -> str:
@@ -125,7 +63,7 @@ def load_image(archive: str, ref: str, image_id: str):
 
 @deploy("Ship an image")
 def ship(settings: Settings, ref: str):
-    archive = saved_archive(ref)
+    archive = archives.saved_archive(ref)
     if planned(ImageId, ref=ref) == archive.image_id:
         host.noop(f"{ref} is already here as {archive.image_id[:19]}: nothing to copy")
         return
@@ -138,8 +76,10 @@ def ship(settings: Settings, ref: str):
             f"{_gib(archive.needed_bytes)}; free some space (docker image prune) and run the deploy again"
         ),
     )
-    remote = f"{HOST_ARCHIVE_DIR}/labfleet-{archive.path.name}"
-    files.put(name=f"Copy {ref}", src=str(archive.path), dest=remote, mode="600")
+    # Read only when a copy is due: a host that has the image pays no round trip for it.
+    source = archives.for_host(archive, host.get_fact(LayerChains))
+    remote = f"{HOST_ARCHIVE_DIR}/labfleet-{source.name}"
+    files.put(name=f"Copy {ref}", src=str(source), dest=remote, mode="600")
     load_image(name=f"Load {ref}", archive=remote, ref=ref, image_id=archive.image_id)
 
 
@@ -151,7 +91,7 @@ def _context(settings: Settings) -> Path:
     tag = image.image_tag(settings)
     with _lock:
         if tag not in _contexts:
-            directory = CACHE_DIR / "contexts" / tag.rsplit(":", 1)[1]
+            directory = CONTEXT_CACHE_DIR / tag.rsplit(":", 1)[1]
             if directory.exists():
                 shutil.rmtree(directory)
             _contexts[tag] = image.assemble_context(settings, directory)
@@ -180,7 +120,7 @@ def build(settings: Settings, tag: str):
     if host.get_fact(ImageId, ref=tag):
         host.noop(f"{tag} is already built")
         return
-    if not host.get_fact(ImageId, ref=settings.base_image) and controller_has(settings.base_image):
+    if not host.get_fact(ImageId, ref=settings.base_image) and archives.controller_has(settings.base_image):
         ship(settings, settings.base_image)
     files.sync(
         name="Sync the image's build context",

@@ -26,7 +26,7 @@ from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.operations import files
 
-from labfleet import apt, delivery, docker
+from labfleet import apt, archives, delivery, docker
 from labfleet.facts import ImageId
 from labfleet.settings import Settings
 
@@ -153,7 +153,7 @@ def deliver(settings: Settings, tag: str):
     # pyinfra orders operations by how they follow each other on every host, not by the
     # code's lines, so every host calls push and then pull (each a no-op where it does not
     # apply): that is what makes every pull wait for the registry host's push.
-    image_id = delivery.image_id_on_controller(tag)
+    image_id = archives.image_id_on_controller(tag)
     if settings.is_registry:
         provision(settings)
         delivery.ship(settings, tag)

@@ -35,7 +35,7 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import state
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import compose, datasets, delivery, image
+from labfleet import archives, compose, datasets, image
 from labfleet.facts import DockerEngineStatus, FactBatch, FreeBytes, GpuHost, ImageId
 from labfleet.jupyter import ComposeService
 from labfleet.settings import Settings
@@ -458,7 +458,7 @@ def _controller_image_ids(rows: list[dict]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for tag in {row["expected_image"] for row in rows if row["delivery"] != "build"}:
         try:
-            found[tag] = delivery.image_id_on_controller(tag)
+            found[tag] = archives.image_id_on_controller(tag)
         except (RuntimeError, OSError):
             found[tag] = None
     return found

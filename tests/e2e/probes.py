@@ -9,6 +9,11 @@ def image_id(host, ref: str) -> str:
     return host_exec(host, f"docker image inspect --format '{{{{.Id}}}}' {ref}").stdout.strip()
 
 
+def rx_bytes(host) -> int:
+    """Bytes the host's network interface has received so far: what a delivery moved to it."""
+    return int(host_exec(host, "cat /sys/class/net/eth0/statistics/rx_bytes").stdout)
+
+
 def health(host, user: str = "lab") -> str:
     return host_exec(
         host,

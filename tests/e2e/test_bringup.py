@@ -5,16 +5,11 @@ The image is the `jupyter` profile on the harness's local Debian base (see conft
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
+from .harness.checkout import repo_copy
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes
 from .harness.snapshots import checksum_snapshot
 from .probes import api_status, env_tag, health, image_id
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_port_taken_on_one_host_fails_that_host_alone(make_hosts, pyinfra_run, lab_data):
@@ -48,17 +43,6 @@ def test_two_users_on_one_host_get_two_healthy_containers(make_hosts, pyinfra_ru
     assert_no_changes(pyinfra_run([host], data=data))
 
 
-def _repo_copy(tmp_path: Path) -> Path:
-    """This checkout's tracked files, to change the image without touching the checkout."""
-    copy = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in files.decode().split("\0"):
-        if name:
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, copy / name)
-    return copy
-
-
 def test_a_changed_requirement_redeploys_every_host_and_keeps_their_workspaces(
     make_hosts, pyinfra_run, lab_data, tmp_path
 ):
@@ -72,7 +56,7 @@ def test_a_changed_requirement_redeploys_every_host_and_keeps_their_workspaces(
     before = {host.name: checksum_snapshot(host, ["/srv/workspace"]) for host in hosts}
 
     # Drop one requirement (jupytext, a leaf installed without dependencies) from the lock.
-    repo = _repo_copy(tmp_path)
+    repo = repo_copy(tmp_path / "repo")
     lock = repo / "container" / "requirements" / "jupyter.txt"
     lines = lock.read_text().splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if line.startswith("jupytext=="))

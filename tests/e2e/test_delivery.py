@@ -7,10 +7,15 @@ and the bring-up does not depend on torch.
 
 from __future__ import annotations
 
+import os
+
+from .harness.checkout import repo_copy
 from .harness.engine import docker
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes
-from .probes import api_status, env_tag, health, image_id
+from .probes import api_status, env_tag, health, image_id, rx_bytes
+
+MIB = 2**20
 
 
 def test_ship_puts_one_image_id_on_every_host_and_a_rerun_moves_nothing(make_hosts, pyinfra_run, lab_data):
@@ -32,6 +37,30 @@ def test_ship_puts_one_image_id_on_every_host_and_a_rerun_moves_nothing(make_hos
     second = pyinfra_run(hosts, data=data)
     assert_no_changes(second)
     assert [op["name"] for op in second.ops if "Copy labfleet/" in op["name"]] == [], "the image was copied again"
+
+
+def test_a_new_layer_ships_only_the_layers_the_host_lacks(make_hosts, pyinfra_run, lab_data, tmp_path):
+    data = {**lab_data, "image_delivery": "ship"}
+    (host,) = make_hosts(1, engine=True)
+    assert_converged(pyinfra_run([host], data=data))
+    old_tag = env_tag(host)
+
+    repo = repo_copy(tmp_path / "repo")
+    (repo / "container" / "scripts" / "new-layer.bin").write_bytes(os.urandom(4 * MIB))
+    before = rx_bytes(host)
+    upgraded = pyinfra_run([host], data=data, cwd=repo)
+    received = rx_bytes(host) - before
+    assert_converged(upgraded)
+
+    tag = env_tag(host)
+    assert tag != old_tag
+    controller_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    assert image_id(host, tag) == controller_id
+    assert health(host) == "healthy"
+    assert host_exec(host, "ls /var/tmp | grep -c labfleet-", check=False).stdout.strip() == "0", "archive left"
+    whole = (repo / "build" / "images" / f"{controller_id.removeprefix('sha256:')[:16]}.tar.gz").stat().st_size
+    assert 4 * MIB <= received < 4 * MIB + whole // 10, f"{received} bytes moved for a 4 MiB layer ({whole} in all)"
+    assert_no_changes(pyinfra_run([host], data=data, cwd=repo))
 
 
 def _bridge_ip(host) -> str:

@@ -1,0 +1,182 @@
+"""`docker save` archives on the controller, whole or without the layers a host already has.
+
+A new tag usually changes only the top layers (a script, one requirement), so a host that
+still has the previous image needs only those. The engine's classic loader (the overlay2
+image store) looks each layer up by its chain id before reading its file from the archive,
+so an archive without the layers the host has loads into the same image id. The
+containerd image store resolves every layer from the archive itself, so hosts on it get
+the whole archive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from labfleet.settings import REPO_ROOT
+
+CACHE_DIR = REPO_ROOT / "build" / "images"
+# Room for the archive, the unpacked layers and some slack, relative to the image size.
+DISK_FACTOR = 1.2
+COMPRESSLEVEL = 1  # the copy, not the CPU, is what a delivery waits on; level 1 is most of gzip's gain
+
+_lock = threading.Lock()  # hosts are prepared concurrently; each archive is written once
+_archives: dict[str, Archive] = {}
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A compressed `docker save` of one image on the controller, and what it is made of."""
+
+    ref: str
+    image_id: str
+    path: Path
+    image_bytes: int
+    diff_ids: tuple[str, ...]
+
+    @property
+    def needed_bytes(self) -> int:
+        return int((self.image_bytes + self.path.stat().st_size) * DISK_FACTOR)
+
+
+def _inspect(ref: str) -> dict | None:
+    result = subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=False)
+    return json.loads(result.stdout)[0] if result.returncode == 0 else None
+
+
+def image_id_on_controller(ref: str) -> str:
+    info = _inspect(ref)
+    if info is None:
+        raise RuntimeError(f"image {ref} is not in the controller's engine")
+    return info["Id"]
+
+
+def controller_has(ref: str) -> bool:
+    return _inspect(ref) is not None
+
+
+def saved_archive(ref: str) -> Archive:
+    """The compressed archive of ref on the controller, saved once per image id and kept."""
+    with _lock:
+        if ref in _archives:
+            return _archives[ref]
+        info = _inspect(ref)
+        if info is None:
+            raise RuntimeError(f"image {ref} is not in the controller's engine")
+        image_id = info["Id"]
+        path = CACHE_DIR / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            with (
+                subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
+                gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
+            ):
+                shutil.copyfileobj(save.stdout, out, 1 << 20)
+            if save.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
+            partial.rename(path)
+        _archives[ref] = Archive(ref, image_id, path, int(info["Size"]), tuple(info["RootFS"]["Layers"]))
+        return _archives[ref]
+
+
+def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
+    """The OCI chain id of every layer: a layer is reusable only on top of the same layers."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        if chains:
+            diff_id = "sha256:" + hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest()
+        chains.append(diff_id)
+    return chains
+
+
+def layers_present(archive: Archive, host_chains: set[str] | None) -> int:
+    """How many of the image's bottom layers the host has already (0 when it cannot tell)."""
+    if not host_chains:
+        return 0
+    present = 0
+    for chain in chain_ids(archive.diff_ids):
+        if chain not in host_chains:
+            break
+        present += 1
+    return present
+
+
+def for_host(archive: Archive, host_chains: set[str] | None) -> Path:
+    """The archive to copy to a host whose engine has host_chains (None: send everything)."""
+    skip = layers_present(archive, host_chains)
+    if skip == 0:
+        return archive.path
+    with _lock:
+        path = archive.path.with_name(archive.path.name.replace(".tar.gz", f"-above-{skip}.tar.gz"))
+        if not path.exists():
+            layers = _layer_files(archive)
+            try:
+                _write_without(archive.path, layers[:skip], layers[skip:], path)
+            except _LinksIntoDropped:
+                return archive.path
+        return path
+
+
+def _layer_files(archive: Archive) -> list[str]:
+    """The archive's layer files in diff-id order (its manifest.json), read once and kept beside it."""
+    index = archive.path.with_name(archive.path.name.replace(".tar.gz", ".layers.json"))
+    if not index.exists():
+        with gzip.open(archive.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if member.name == "manifest.json":
+                    (entry,) = json.load(tar.extractfile(member))
+                    index.write_text(json.dumps(entry["Layers"]))
+                    break
+            else:
+                raise RuntimeError(f"{archive.path} has no manifest.json")
+    return json.loads(index.read_text())
+
+
+def _write_without(source: Path, dropped: list[str], kept: list[str], destination: Path) -> None:
+    """Copy source to destination without the dropped layers' files.
+
+    A file some kept layer also names (two layers with the same content) is kept, and so is
+    anything a link points at, so the result always holds every file the kept layers need.
+    """
+    drop = {path for path in dropped if path not in kept}
+    drop_dirs = {path.rsplit("/", 1)[0] for path in drop if path.endswith("/layer.tar")}
+    partial = destination.with_suffix(".partial")
+    with (
+        gzip.open(source) as raw,
+        tarfile.open(fileobj=raw, mode="r|") as tar,
+        gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out_raw,
+        tarfile.open(fileobj=out_raw, mode="w|", format=tarfile.PAX_FORMAT) as out,
+    ):
+        for member in tar:
+            if member.issym() or member.islnk():
+                target = member.linkname if member.islnk() else _resolve(member.name, member.linkname)
+                if target in drop or target.split("/", 1)[0] in drop_dirs:
+                    partial.unlink()
+                    raise _LinksIntoDropped(member.name)
+            if member.name in drop or member.name.split("/", 1)[0] in drop_dirs:
+                continue
+            out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    partial.rename(destination)
+
+
+class _LinksIntoDropped(Exception):
+    """A kept file links into a dropped layer (two layers of the same content): send the whole archive."""
+
+
+def _resolve(name: str, linkname: str) -> str:
+    parts = name.split("/")[:-1]
+    for part in linkname.split("/"):
+        if part == "..":
+            parts = parts[:-1]
+        elif part not in ("", "."):
+            parts.append(part)
+    return "/".join(parts)
