@@ -12,9 +12,22 @@ image, and a summary of how to reach them.
 from pyinfra import host
 
 from labfleet import datasets, delivery, docker, jupyter, nvidia, preflight, registry
+from labfleet.facts import prefetch
 from labfleet.settings import for_host
 
 settings = for_host(host)
+
+# One round trip reads what every step decides from while planning (pyinfra plans every
+# step before running any, so this is what each step would have read on its own).
+prefetch(
+    (
+        *preflight.state_parts(settings),
+        *nvidia.state_parts(settings),
+        *docker.state_parts(settings),
+        *datasets.state_parts(settings),
+        *delivery.state_parts(settings),
+    )
+)
 
 preflight.check_host(settings)
 nvidia.check_driver(settings)

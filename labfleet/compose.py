@@ -27,6 +27,14 @@ PASSWORD_SECRET = "jupyter_password_hash"
 CONFIG_LABEL = "org.labfleet.config"
 
 
+def project_directory(user: str) -> str:
+    return f"{APP_ROOT}/{user}"
+
+
+def project_name(user: str) -> str:
+    return f"labfleet-{user}"
+
+
 @dataclass(frozen=True)
 class Project:
     """What one user's compose project needs beyond the settings: facts of the host."""
@@ -40,11 +48,11 @@ class Project:
 
     @property
     def directory(self) -> str:
-        return f"{APP_ROOT}/{self.user.name}"
+        return project_directory(self.user.name)
 
     @property
     def name(self) -> str:
-        return f"labfleet-{self.user.name}"
+        return project_name(self.user.name)
 
 
 def env_values(project: Project) -> dict[str, object]:

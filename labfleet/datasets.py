@@ -133,7 +133,7 @@ def default_acl(path: str, entries: tuple[str, ...]):
     yield f"setfacl --remove-default --modify {shlex.quote(acl)} {shlex.quote(path)}"
 
 
-def _layout_parts(settings: Settings) -> tuple:
+def state_parts(settings: Settings) -> tuple:
     """The facts the layout decides from while planning, read in one round trip."""
     directories = (settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets))
     acls = (settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets if not _is_nfs(d)))
@@ -162,7 +162,7 @@ def _in_group(settings: Settings, user: str, members: dict) -> bool:
 def _lay_out(settings: Settings) -> None:
     # Each operation is planned; one that the state read while planning shows current reads
     # nothing when it runs (labfleet.facts.unless_current).
-    parts = _layout_parts(settings)
+    parts = state_parts(settings)
     prefetch(parts)
     _, (members_fact, members_kwargs), (states_fact, states_kwargs), *_ = parts
     members = planned(members_fact, **members_kwargs)
@@ -729,7 +729,7 @@ def lay_out_datasets(settings: Settings):
     all_settings = _all_settings()
     pullers = _pullers_of(settings.host)
     tools = _packages(settings, bool(pullers))
-    prefetch(_layout_parts(settings))
+    prefetch(state_parts(settings))
     apt.ensure_packages(
         name="Install the dataset tools",
         packages=tools,

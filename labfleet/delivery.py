@@ -117,10 +117,10 @@ def build_on_host(context: str, tag: str, build_args: dict[str, str]):
 
 @deploy("Build the image on the host")
 def build(settings: Settings, tag: str):
-    if host.get_fact(ImageId, ref=tag):
+    if planned(ImageId, ref=tag):
         host.noop(f"{tag} is already built")
         return
-    if not host.get_fact(ImageId, ref=settings.base_image) and archives.controller_has(settings.base_image):
+    if not planned(ImageId, ref=settings.base_image) and archives.controller_has(settings.base_image):
         ship(settings, settings.base_image)
     files.sync(
         name="Sync the image's build context",
@@ -136,15 +136,20 @@ def build(settings: Settings, tag: str):
     )
 
 
+def state_parts(settings: Settings) -> tuple:
+    """What the image and bring-up steps decide from while planning: the tag's id, the containers."""
+    tag = image.image_tag(settings)
+    base = ((ImageId, {"ref": settings.base_image}),) if settings.image_delivery == "build" else ()
+    return ((ImageId, {"ref": tag}), *base, *jupyter.state_parts(settings))
+
+
 @deploy("Deliver the image")
 def deliver_image(settings: Settings):
+    prefetch(state_parts(settings))
     if settings.image_delivery == "build":
         build(settings, image.image_tag(settings))
         return
     tag = built_on_controller(settings)
-    # The bring-up decides from the same host state (the tag's id, the containers): one
-    # round trip reads both while planning.
-    prefetch(((ImageId, {"ref": tag}), *jupyter.state_parts(settings)))
     if settings.image_delivery == "ship":
         ship(settings, tag)
     else:

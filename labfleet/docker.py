@@ -61,9 +61,10 @@ from labfleet.facts import (
     AptSourceEntries,
     DaemonJson,
     DockerEngineStatus,
-    FactBatch,
     GroupMembers,
     ServiceState,
+    planned,
+    prefetch,
 )
 from labfleet.preflight import require
 from labfleet.settings import Settings
@@ -392,7 +393,8 @@ def docker_group_members(settings: Settings) -> list[str]:
     return sorted(set(settings.docker_users) | {user.name for user in settings.jupyter_users})
 
 
-def _state_parts(settings: Settings) -> tuple:
+def state_parts(settings: Settings) -> tuple:
+    """The facts the docker step decides from while planning."""
     markers = tuple(marker for distro in ("debian", "ubuntu") for marker in repository_markers(settings, distro))
     return (
         (LinuxDistribution, {}),
@@ -408,8 +410,10 @@ def _state_parts(settings: Settings) -> tuple:
 
 
 def read_host_state(settings: Settings) -> list:
-    """Everything the docker step decides from, in one round trip (labfleet.facts.FactBatch)."""
-    return host.get_fact(FactBatch, parts=_state_parts(settings))
+    """Everything the docker step decides from, in one round trip (labfleet.facts.prefetch)."""
+    parts = state_parts(settings)
+    prefetch(parts)
+    return [planned(fact, **kwargs) for fact, kwargs in parts]
 
 
 def _sha256(text: str) -> str:

@@ -67,29 +67,30 @@ def projects(settings: Settings) -> list[compose.Project]:
     return out
 
 
-def _project_paths(project: compose.Project) -> tuple[str, ...]:
+def _project_paths(directory: str) -> tuple[str, ...]:
     return tuple(
-        f"{project.directory}/{name}"
-        for name in (compose.TOKEN_SECRET, compose.PASSWORD_SECRET, "compose.yaml", ".env")
+        f"{directory}/{name}" for name in (compose.TOKEN_SECRET, compose.PASSWORD_SECRET, "compose.yaml", ".env")
     )
 
 
-def _state_parts(projects: list[compose.Project]) -> tuple:
+def _state_parts(users, tag: str) -> tuple:
     paths = [compose.APP_ROOT]
     uploads = []
-    for project in projects:
-        token, password, *written = _project_paths(project)
-        paths += [project.user.workspace_dir, project.directory, token, password, *written]
+    for user in users:
+        directory = compose.project_directory(user.name)
+        token, password, *written = _project_paths(directory)
+        paths += [user.workspace_dir, directory, token, password, *written]
         uploads += [password, *written]
     return (
         (PathStates, {"paths": tuple(paths), "digests": tuple(uploads)}),
-        *((ComposeService, {"project": p.name, "image": p.image}) for p in projects),
+        *((ComposeService, {"project": compose.project_name(user.name), "image": tag}) for user in users),
     )
 
 
 def state_parts(settings: Settings) -> tuple:
-    """The facts the projects are decided from while planning (the image step reads them with its own)."""
-    return _state_parts(projects(settings))
+    """The facts the projects are decided from while planning; they need no account, so they can
+    be read in the same round trip as the accounts themselves."""
+    return _state_parts(settings.jupyter_users, image.image_tag(settings))
 
 
 def planned_state(projects: list[compose.Project]) -> tuple[dict, list[dict]]:
@@ -98,7 +99,7 @@ def planned_state(projects: list[compose.Project]) -> tuple[dict, list[dict]]:
     Both steps of this module decide from it: an operation it shows current is still
     planned, but reads nothing when it runs unless this run changed the host before it.
     """
-    parts = _state_parts(projects)
+    parts = _state_parts([project.user for project in projects], projects[0].image if projects else "")
     prefetch(parts)
     (states_fact, states_kwargs), *services = parts
     return planned(states_fact, **states_kwargs), [planned(cls, **kwargs) for cls, kwargs in services]
@@ -128,7 +129,7 @@ def write_projects(settings: Settings):
     for project in mine:
         user = project.user.name
         group = preflight.account(settings, user)["group"]
-        token, password_file, compose_file, env_file = _project_paths(project)
+        token, password_file, compose_file, env_file = _project_paths(project.directory)
         _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
         _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
         secret_token(

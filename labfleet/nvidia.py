@@ -88,6 +88,7 @@ from labfleet.facts import (
     GpuInContainer,
     NvidiaRuntimeState,
     ServiceState,
+    planned,
 )
 from labfleet.image import image_tag
 from labfleet.preflight import require
@@ -138,8 +139,13 @@ def gpu_state() -> dict:
     """
     key = (id(host.state), host.name)
     if key not in _planned_gpu_state:
-        _planned_gpu_state[key] = host.get_fact(GpuHost)
+        _planned_gpu_state[key] = planned(GpuHost)
     return _planned_gpu_state[key]
+
+
+def state_parts(settings: Settings) -> tuple:
+    """What the NVIDIA steps decide from while planning: the PCI bus and driver, unless `gpu` is false."""
+    return () if settings.gpu is False else ((GpuHost, {}),)
 
 
 def has_gpu(settings: Settings) -> bool:

@@ -39,10 +39,14 @@ def account(settings: Settings, name: str) -> dict | None:
     return planned(fact, **kwargs).get(name)
 
 
+def state_parts(settings: Settings) -> tuple:
+    """The facts preflight decides from while planning: accounts (later steps read them too) and CAs."""
+    return (account_part(settings), *certs.state_parts(settings))
+
+
 @deploy("Preflight")
 def check_host(settings: Settings):
-    # One round trip for what preflight and the later steps read about accounts and CAs.
-    prefetch((account_part(settings), *certs.state_parts(settings)))
+    prefetch(state_parts(settings))
     for user in settings.jupyter_users:
         require(
             name=f"Check that account {user.name} exists",

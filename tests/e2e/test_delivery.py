@@ -34,9 +34,13 @@ def test_ship_puts_one_image_id_on_every_host_and_a_rerun_moves_nothing(make_hos
         assert api_status(host, token=token) == "200"
         assert "JupyterLab of lab: http://127.0.0.1:8888/lab" in first.stderr
 
-    second = pyinfra_run(hosts, data=data)
+    second = pyinfra_run(hosts, data=data, args=("--debug",))
     assert_no_changes(second)
     assert [op["name"] for op in second.ops if "Copy labfleet/" in op["name"]] == [], "the image was copied again"
+    for host in hosts:
+        # Every step's state is read in one batched command while planning (deploy.py).
+        commands = second.stderr.count(f"Running command on {host.name}: ")
+        assert commands == 1, f"a no-change run ran {commands} commands on {host.name}, not 1"
 
 
 def test_a_new_layer_ships_only_the_layers_the_host_lacks(make_hosts, pyinfra_run, lab_data, tmp_path):

@@ -4,7 +4,7 @@ GPU check, from recorded sysfs, /proc and command output and against fake facts.
 import pytest
 from pyinfra.facts.files import FileContents
 
-from labfleet import docker, nvidia
+from labfleet import docker, facts, nvidia
 from labfleet.facts import (
     DaemonJson,
     GpuHost,
@@ -101,9 +101,11 @@ def test_toolkit_setting_decides_before_detection(settings, monkeypatch):
     assert nvidia.wants_toolkit(settings(nvidia_toolkit="auto", gpu=True)) is True
 
 
-def test_auto_reads_the_gpu_fact_once_per_host(settings, fake_host, monkeypatch):
+def test_auto_reads_the_gpu_fact_once_per_host(settings, fake_host_in, monkeypatch):
     monkeypatch.setattr(nvidia, "_planned_gpu_state", {})
-    fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION)})
+    monkeypatch.setattr(facts, "_planned", {})
+    fake = fake_host_in(nvidia, {GpuHost: parse_gpu_host(RTX_WORKSTATION)}, executing=False)
+    monkeypatch.setattr(facts, "host", fake)  # read while planning, through labfleet.facts.planned
     calls = []
     original = fake.get_fact
     fake.get_fact = lambda fact, **kw: calls.append(fact) or original(fact, **kw)
