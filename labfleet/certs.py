@@ -16,7 +16,7 @@ from pyinfra.facts.files import FindFiles
 from pyinfra.operations import apt, files, server
 from pyinfra.operations.util import any_changed
 
-from labfleet.facts import PathStates, path_is, planned, unless_current
+from labfleet.facts import PathStates, path_is, plan_unless_current, planned
 from labfleet.settings import Settings
 
 CA_DIR = "/usr/local/share/ca-certificates/labfleet"
@@ -57,28 +57,32 @@ def trust_extra_ca_certificates(settings: Settings):
     # Operations that the state read while planning shows current read nothing when they run.
     states = planned(path_states, **states_kwargs)
     changes = [
-        files.directory(
+        plan_unless_current(
+            files.directory,
+            path_is(states, CA_DIR, "directory", mode="755"),
             name="Create the labfleet CA directory",
             path=CA_DIR,
             mode="755",
-            _if=unless_current(path_is(states, CA_DIR, "directory", mode="755")),
         )
     ]
     for name, path in sorted(wanted.items()):
         dest = f"{CA_DIR}/{name}"
         changes.append(
-            files.put(
+            plan_unless_current(
+                files.put,
+                path_is(states, dest, "file", mode="644", sha1=_sha1(path)),
                 name=f"Upload CA {name}",
                 src=path,
                 dest=dest,
                 mode="644",
-                _if=unless_current(path_is(states, dest, "file", mode="644", sha1=_sha1(path))),
             )
         )
     for stale in sorted(set(present) - {f"{CA_DIR}/{name}" for name in wanted}):
         changes.append(files.file(name=f"Remove CA {Path(stale).name}, no longer listed", path=stale, present=False))
-    server.shell(
-        name="Refresh the host's trust store",
-        commands=["update-ca-certificates"],
-        _if=any_changed(*changes),
-    )
+    changes = [change for change in changes if change is not None]
+    if changes:
+        server.shell(
+            name="Refresh the host's trust store",
+            commands=["update-ca-certificates"],
+            _if=any_changed(*changes),
+        )

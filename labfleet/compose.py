@@ -25,6 +25,7 @@ WORKSPACE_DIR = "/workspace"
 TOKEN_SECRET = "jupyter_token"
 PASSWORD_SECRET = "jupyter_password_hash"
 CONFIG_LABEL = "org.labfleet.config"
+SERVICE = "jupyterlab"
 
 
 def project_directory(user: str) -> str:
@@ -33,6 +34,11 @@ def project_directory(user: str) -> str:
 
 def project_name(user: str) -> str:
     return f"labfleet-{user}"
+
+
+def container_name(project: str) -> str:
+    """The name Compose v2 gives the service's first container: <project>-<service>-1."""
+    return f"{project}-{SERVICE}-1"
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ def compose_model(project: Project) -> dict:
         secrets[PASSWORD_SECRET] = {"file": f"./{PASSWORD_SECRET}"}
     if project.gpu:
         service["deploy"] = _gpu_reservation(project.settings.gpu_devices)
-    model = {"name": project.name, "services": {"jupyterlab": service}, "secrets": secrets}
+    model = {"name": project.name, "services": {SERVICE: service}, "secrets": secrets}
     # The running container carries a digest of everything compose is given, so a run can
     # tell from one `docker inspect` whether the container is current. The password hash
     # counts too: the server reads its secret file only when it starts.

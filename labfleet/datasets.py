@@ -53,9 +53,9 @@ from labfleet.facts import (
     SshHostKey,
     parse_rsync_itemized,
     path_is,
+    plan_unless_current,
     planned,
     prefetch,
-    unless_current,
 )
 from labfleet.settings import Dataset, Settings, for_host
 
@@ -173,55 +173,61 @@ def _lay_out(settings: Settings) -> None:
         return current is not None and set(current) == set(entries)
 
     group = settings.datasets_group
-    server.group(name=f"Create the datasets group {group}", group=group, _if=unless_current(members["exists"]))
+    plan_unless_current(server.group, members["exists"], name=f"Create the datasets group {group}", group=group)
     for user in settings.jupyter_users:
-        server.user(
+        plan_unless_current(
+            server.user,
+            _in_group(settings, user.name, members),
             name=f"Add {user.name} to the group {group}",
             user=user.name,
             groups=[group],
             append=True,
-            _if=unless_current(_in_group(settings, user.name, members)),
         )
-    files.directory(
+    plan_unless_current(
+        files.directory,
+        path_is(states, settings.datasets_root, "directory", "root", group, "2755"),
         name=f"Create the datasets root {settings.datasets_root}",
         path=settings.datasets_root,
         user="root",
         group=group,
         mode="2755",
-        _if=unless_current(path_is(states, settings.datasets_root, "directory", "root", group, "2755")),
     )
-    default_acl(
+    plan_unless_current(
+        default_acl,
+        acl_is(settings.datasets_root, ACL_READONLY),
         name="Set the default ACL of the datasets root",
         path=settings.datasets_root,
         entries=ACL_READONLY,
-        _if=unless_current(acl_is(settings.datasets_root, ACL_READONLY)),
     )
     for dataset in settings.datasets:
         path = dataset_dir(settings, dataset)
         if _is_nfs(dataset):
             # A mount point: once mounted, its owner and mode are the export's, not ours.
-            files.directory(
+            plan_unless_current(
+                files.directory,
+                path_is(states, path, "directory"),
                 name=f"Create dataset directory {dataset.name}",
                 path=path,
-                _if=unless_current(path_is(states, path, "directory")),
             )
             continue
         # files.directory never recurses: nothing that already lives in a dataset is touched.
         mode = "2755" if dataset.readonly else "2775"
         entries = ACL_READONLY if dataset.readonly else ACL_WRITABLE
-        files.directory(
+        plan_unless_current(
+            files.directory,
+            path_is(states, path, "directory", "root", group, mode),
             name=f"Create dataset directory {dataset.name}",
             path=path,
             user="root",
             group=group,
             mode=mode,
-            _if=unless_current(path_is(states, path, "directory", "root", group, mode)),
         )
-        default_acl(
+        plan_unless_current(
+            default_acl,
+            acl_is(path, entries),
             name=f"Set the default ACL of dataset {dataset.name}",
             path=path,
             entries=entries,
-            _if=unless_current(acl_is(path, entries)),
         )
 
 
@@ -730,10 +736,11 @@ def lay_out_datasets(settings: Settings):
     pullers = _pullers_of(settings.host)
     tools = _packages(settings, bool(pullers))
     prefetch(state_parts(settings))
-    apt.ensure_packages(
+    plan_unless_current(
+        apt.ensure_packages,
+        not apt.missing_packages(tools, planned(DebPackages)),
         name="Install the dataset tools",
         packages=tools,
-        _if=unless_current(not apt.missing_packages(tools, planned(DebPackages))),
     )
     _lay_out(settings)
     if pullers:

@@ -64,7 +64,7 @@ def load_image(archive: str, ref: str, image_id: str):
 @deploy("Ship an image")
 def ship(settings: Settings, ref: str):
     archive = archives.saved_archive(ref)
-    if planned(ImageId, ref=ref) == archive.image_id:
+    if planned_image_id(settings, ref) == archive.image_id:
         host.noop(f"{ref} is already here as {archive.image_id[:19]}: nothing to copy")
         return
     free = host.get_fact(FreeBytes, path=DOCKER_ROOT)
@@ -117,7 +117,7 @@ def build_on_host(context: str, tag: str, build_args: dict[str, str]):
 
 @deploy("Build the image on the host")
 def build(settings: Settings, tag: str):
-    if planned(ImageId, ref=tag):
+    if planned_image_id(settings, tag):
         host.noop(f"{tag} is already built")
         return
     if not planned(ImageId, ref=settings.base_image) and archives.controller_has(settings.base_image):
@@ -137,10 +137,22 @@ def build(settings: Settings, tag: str):
 
 
 def state_parts(settings: Settings) -> tuple:
-    """What the image and bring-up steps decide from while planning: the tag's id, the containers."""
-    tag = image.image_tag(settings)
+    """What the image and bring-up steps decide from while planning: the containers and the tag's id
+    (jupyter.ComposeService reads both), and in build mode the base image's id."""
     base = ((ImageId, {"ref": settings.base_image}),) if settings.image_delivery == "build" else ()
-    return ((ImageId, {"ref": tag}), *base, *jupyter.state_parts(settings))
+    return (*base, *jupyter.state_parts(settings))
+
+
+def planned_image_id(settings: Settings, ref: str) -> str | None:
+    """The id ref names on the host, as read while planning.
+
+    The lab image's id comes with the bring-up's reading of its container (one `docker
+    inspect` of both), so it costs the host no command of its own.
+    """
+    if ref == image.image_tag(settings):
+        _, (fact, kwargs), *_ = jupyter.state_parts(settings)
+        return planned(fact, **kwargs)["image_id"]
+    return planned(ImageId, ref=ref)
 
 
 @deploy("Deliver the image")

@@ -65,6 +65,7 @@ from labfleet.facts import (
     ServiceState,
     planned,
     prefetch,
+    worth_planning,
 )
 from labfleet.preflight import require
 from labfleet.settings import Settings
@@ -544,7 +545,6 @@ def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (
         if name not in group["members"]:
             planned.append(add_to_group(name=f"Add {name} to the docker group", user=name, group=DOCKER_GROUP))
 
-    check_engine(
-        name="Check that docker info answers and docker compose is v2",
-        known=None if planned else engine,
-    )
+    known = None if planned else engine
+    if worth_planning(bool(known and known["server"] and _is_compose_v2(known["compose"]))):
+        check_engine(name="Check that docker info answers and docker compose is v2", known=known)

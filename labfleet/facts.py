@@ -748,3 +748,44 @@ def unless_current(current: bool):
     it checks, as it always does. It saves the round trips of a run that changes nothing.
     """
     return lambda: not current or changed_in_this_run()
+
+
+_current_ops_planned: dict[tuple, int] = {}
+
+
+def worth_planning(current: bool) -> bool:
+    """Whether to plan an operation that the state read while planning may show current.
+
+    pyinfra spends milliseconds of the controller's CPU on every operation it plans (it
+    walks the call stack to order it), per host: on a fleet, most of a no-change run. So
+    an operation shown current is not planned at all while every operation planned before
+    it on this host was shown current too: nothing can have changed what planning read.
+    Once an operation that may change the host is planned, every later one is planned,
+    with ``unless_current``, and checks again when it runs if the host did change.
+    """
+    if host.state.is_executing:
+        return True
+    key = (id(host.state), host.name)
+    planned_ops = len(host.state.ops.get(host._get_module(), {}))
+    if current and planned_ops == _current_ops_planned.get(key, 0):
+        return False
+    if current:
+        _current_ops_planned[key] = _current_ops_planned.get(key, 0) + 1
+    return True
+
+
+def plan_notice(operation, **kwargs):
+    """Plan an operation that only tells a person something: it does not make later operations worth planning."""
+    result = operation(**kwargs)
+    if not host.state.is_executing:
+        key = (id(host.state), host.name)
+        _current_ops_planned[key] = _current_ops_planned.get(key, 0) + 1
+    return result
+
+
+def plan_unless_current(operation, current: bool, **kwargs):
+    """Call operation(**kwargs) unless worth_planning says no; planned, it reads nothing when it runs
+    unless this run changed the host first (unless_current). Returns the operation's result or None."""
+    if not worth_planning(current):
+        return None
+    return operation(**kwargs, _if=unless_current(current))

@@ -12,7 +12,15 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from labfleet import compose, image, nvidia, preflight
-from labfleet.facts import PathStates, changed_in_this_run, path_is, planned, prefetch, unless_current
+from labfleet.facts import (
+    PathStates,
+    changed_in_this_run,
+    path_is,
+    plan_unless_current,
+    planned,
+    prefetch,
+    worth_planning,
+)
 from labfleet.settings import Settings
 
 SECRET_MODE = 600
@@ -111,13 +119,14 @@ def _sha1(text: str) -> str:
 
 def _directory(states: dict, name: str, path: str, user: str, group: str, mode: str):
     """files.directory, which reads nothing when it runs if planning found the path as wanted."""
-    return files.directory(
+    return plan_unless_current(
+        files.directory,
+        path_is(states, path, "directory", user, group, mode),
         name=name,
         path=path,
         user=user,
         group=group,
         mode=mode,
-        _if=unless_current(path_is(states, path, "directory", user, group, mode)),
     )
 
 
@@ -132,50 +141,56 @@ def write_projects(settings: Settings):
         token, password_file, compose_file, env_file = _project_paths(project.directory)
         _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
         _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
-        secret_token(
-            name=f"Keep the Jupyter token of {user}",
-            path=token,
-            user=user,
-            group=group,
-            known_current=path_is(states, token, "file", user, group, SECRET_MODE),
-        )
+        token_current = path_is(states, token, "file", user, group, SECRET_MODE)
+        if worth_planning(token_current):
+            secret_token(
+                name=f"Keep the Jupyter token of {user}",
+                path=token,
+                user=user,
+                group=group,
+                known_current=token_current,
+            )
         if settings.jupyter_password_hash:
             text = settings.jupyter_password_hash + "\n"
-            files.put(
+            plan_unless_current(
+                files.put,
+                path_is(states, password_file, "file", user, group, "600", _sha1(text)),
                 name=f"Write the Jupyter password hash of {user}",
                 src=StringIO(text),
                 dest=password_file,
                 user=user,
                 group=group,
                 mode="600",
-                _if=unless_current(path_is(states, password_file, "file", user, group, "600", _sha1(text))),
             )
         else:
-            files.file(
+            plan_unless_current(
+                files.file,
+                password_file not in states,
                 name=f"Remove the unused password hash of {user}",
                 path=password_file,
                 present=False,
-                _if=unless_current(password_file not in states),
             )
         text = compose.render_compose(project)
-        files.put(
+        plan_unless_current(
+            files.put,
+            path_is(states, compose_file, "file", "root", "root", "644", _sha1(text)),
             name=f"Write compose.yaml of {user}",
             src=StringIO(text),
             dest=compose_file,
             user="root",
             group="root",
             mode="644",
-            _if=unless_current(path_is(states, compose_file, "file", "root", "root", "644", _sha1(text))),
         )
         text = compose.render_env(project)
-        files.put(
+        plan_unless_current(
+            files.put,
+            path_is(states, env_file, "file", "root", "root", "600", _sha1(text)),
             name=f"Write .env of {user}",
             src=StringIO(text),
             dest=env_file,
             user="root",
             group="root",
             mode="600",
-            _if=unless_current(path_is(states, env_file, "file", "root", "root", "600", _sha1(text))),
         )
 
 
@@ -192,20 +207,21 @@ class ComposeService(FactBase):
     def default():
         return dict.fromkeys(("image_id", "container_image", "status", "health", "digest"))
 
+    # One `docker inspect` of both objects: every docker call is a Go program starting on
+    # the host, and this fact is read on every run. `index` reads keys an engine may leave
+    # out (no health check, no labels) without failing the template.
+    FORMAT = (
+        '{{if index . "State"}}container {{.Image}} {{.State.Status}} '
+        '{{with index .State "Health"}}{{.Status}}{{else}}none{{end}} '
+        '{{with index .Config.Labels "' + compose.CONFIG_LABEL + '"}}{{.}}{{else}}-{{end}} '
+        '{{with index .Config.Labels "com.docker.compose.project"}}{{.}}{{else}}-{{end}}'
+        "{{else}}image {{.Id}}{{end}}"
+    )
+
     def command(self, project: str, image: str) -> str:
-        container_format = (
-            "container {{.Image}} {{.State.Status}} "
-            "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} "
-            '{{index .Config.Labels "' + compose.CONFIG_LABEL + '"}}'
-        )
-        # The image and the container are looked up in parallel: each docker call is a round
-        # trip to the daemon.
-        return (
-            f"docker image inspect --format 'image {{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null & "
-            f"docker ps -aq --filter label=com.docker.compose.project={shlex.quote(project)} "
-            "--filter label=com.docker.compose.service=jupyterlab | head -n 1 | "
-            f"xargs -r docker inspect --format {shlex.quote(container_format)}; wait; true"
-        )
+        self.project = project
+        objects = f"{shlex.quote(image)} {shlex.quote(compose.container_name(project))}"
+        return f"docker inspect --format {shlex.quote(self.FORMAT)} {objects} 2>/dev/null || true"
 
     def process(self, output):
         state = self.default()
@@ -213,9 +229,11 @@ class ComposeService(FactBase):
             parts = line.split()
             if parts[:1] == ["image"] and len(parts) == 2:
                 state["image_id"] = parts[1]
-            elif parts[:1] == ["container"] and len(parts) >= 4:
+            elif parts[:1] == ["container"] and len(parts) == 6:
+                if parts[5] != getattr(self, "project", parts[5]):
+                    continue  # a container of that name outside this compose project
                 state.update(container_image=parts[1], status=parts[2], health=parts[3])
-                state["digest"] = parts[4] if len(parts) > 4 else None
+                state["digest"] = None if parts[4] == "-" else parts[4]
         return state
 
 
@@ -290,14 +308,16 @@ def bring_up(settings: Settings):
     for project, state in zip(mine, services, strict=True):
         model = compose.compose_model(project)
         digest = model["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL]
-        compose_up(
-            name=f"Bring up JupyterLab of {project.user.name}",
-            directory=project.directory,
-            project=project.name,
-            image=project.image,
-            digest=digest,
-            known_current=is_current(state, digest) and state["health"] == "healthy",
-        )
+        current = is_current(state, digest) and state["health"] == "healthy"
+        if worth_planning(current):
+            compose_up(
+                name=f"Bring up JupyterLab of {project.user.name}",
+                directory=project.directory,
+                project=project.name,
+                image=project.image,
+                digest=digest,
+                known_current=current,
+            )
 
 
 @deploy("Summary")

@@ -88,6 +88,7 @@ from labfleet.facts import (
     GpuInContainer,
     NvidiaRuntimeState,
     ServiceState,
+    plan_notice,
     planned,
 )
 from labfleet.image import image_tag
@@ -374,7 +375,8 @@ def check_driver(settings: Settings):
         if wants_toolkit(settings):
             host.noop("no NVIDIA GPU on this host: no driver to check; the toolkit is installed (nvidia_toolkit: true)")
         else:
-            explain_skip(
+            plan_notice(
+                explain_skip,
                 name="Skip the NVIDIA steps: no NVIDIA GPU on this host",
                 reason=(
                     "no NVIDIA GPU on this host (gpu: auto found none, or gpu: false): the NVIDIA driver check, "

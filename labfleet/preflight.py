@@ -8,12 +8,12 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 
 from labfleet import certs
-from labfleet.facts import Accounts, planned, prefetch
+from labfleet.facts import Accounts, planned, prefetch, worth_planning
 from labfleet.settings import Settings
 
 
 @operation(is_idempotent=True)
-def require(ok: bool, problem: str):
+def requirement(ok: bool, problem: str):
     """Stop this host, and only this host, with a message for a person.
 
     + ok: whether the requirement holds
@@ -26,6 +26,12 @@ def require(ok: bool, problem: str):
         host.noop("requirement met")
         return
     yield f"echo {shlex.quote('labfleet: ' + problem)} >&2; exit 1"
+
+
+def require(name: str, ok: bool, problem: str) -> None:
+    """Plan a requirement check; a met one only where labfleet.facts.worth_planning says so."""
+    if worth_planning(ok):
+        requirement(name=name, ok=ok, problem=problem)
 
 
 def account_part(settings: Settings) -> tuple:

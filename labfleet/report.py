@@ -107,11 +107,9 @@ class ProjectContainer(ComposeService):
 
     def command(self, project: str, image: str) -> str:
         restarts = (
-            f"docker ps -aq --filter label=com.docker.compose.project={shlex.quote(project)} "
-            "--filter label=com.docker.compose.service=jupyterlab | head -n 1 | "
-            "xargs -r docker inspect --format 'restarts {{.RestartCount}}'"
+            f"docker inspect --format 'restarts {{{{.RestartCount}}}}' {shlex.quote(compose.container_name(project))}"
         )
-        return f"{super().command(project, image)}; {restarts}; true"
+        return f"{super().command(project, image)}; {restarts} 2>/dev/null; true"
 
     def process(self, output):
         lines = list(output)

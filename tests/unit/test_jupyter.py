@@ -59,12 +59,17 @@ def test_missing_image_fails_the_host(fake_host):
     assert "image labfleet/jupyterlab:jupyter-0123456789ab is missing" in command and "exit 1" in command
 
 
-def test_compose_service_fact_parses_inspect_output():
+def test_compose_service_fact_inspects_the_image_and_the_container_in_one_command():
     fact = jupyter.ComposeService()
-    lines = ["image sha256:aaa", "container sha256:aaa running healthy d1"]
+    command = fact.command(project="labfleet-lab", image="labfleet/jupyterlab:jupyter-0123456789ab")
+    assert command.count("docker ") == 1
+    assert command.endswith("labfleet/jupyterlab:jupyter-0123456789ab labfleet-lab-jupyterlab-1 2>/dev/null || true")
+    lines = ["image sha256:aaa", "container sha256:aaa running healthy d1 labfleet-lab"]
     assert fact.process(lines) == _state()
     assert fact.process(["image sha256:aaa"])["container_image"] is None
-    assert fact.process(["container sha256:aaa exited none "])["digest"] is None
+    assert fact.process(["container sha256:aaa exited none - labfleet-lab"])["digest"] is None
+    # A container of that name that another project (or a person) made is not this project's.
+    assert fact.process(["container sha256:aaa running none d1 other"])["container_image"] is None
 
 
 def test_existing_token_is_kept_and_only_its_mode_mended(fake_host):

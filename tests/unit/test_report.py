@@ -217,7 +217,7 @@ def test_fact_parsers():
         "coco": "missing",
     }
     container = report.ProjectContainer().process(
-        [f"image {ID_A}", f"container {ID_A} running healthy 0123abcd", "restarts 2"]
+        [f"image {ID_A}", f"container {ID_A} running healthy 0123abcd labfleet-lab", "restarts 2"]
     )
     assert container == {
         "image_id": ID_A,
