@@ -59,11 +59,12 @@ _UPLOAD_LINE = re.compile(r"\[pyinfra\.connectors\.ssh\] Attempting upload")
 
 @dataclass
 class Run:
-    """One timed pyinfra run: wall seconds, the controller's peak RSS and the parsed result."""
+    """One timed pyinfra run: wall seconds, the controller's peak RSS and CPU time, the parsed result."""
 
     seconds: float
     max_rss_kb: int
     result: Result
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Measurements:
 
     no_change: dict = field(default_factory=dict)  # size -> {"deploy": [s], "floor": [s], "baseline": [s]}
     memory_kb: dict = field(default_factory=dict)  # size -> {"deploy": [kb], "floor": [kb], "baseline": [kb]}
+    cpu_s: dict = field(default_factory=dict)  # size -> {"deploy": [s], ...}: the pyinfra process's user+sys
     round_trips: dict = field(default_factory=dict)  # size -> {"deploy": per host, "floor": ..., "baseline": ...}
     round_trip_commands: dict = field(default_factory=dict)  # deploy -> {command head: count} on one host
     provision: dict = field(default_factory=dict)  # size -> [s]
@@ -119,7 +121,7 @@ def run_deploy(
         stdout_text, stderr_text = out.read_text(), err.read_text()
     parsed = _parse_json(stdout_text)
     result = Result(rc=process.returncode, stdout=stdout_text, stderr=stderr_text, json=parsed, command=argv)
-    return Run(seconds, usage.ru_maxrss, result)
+    return Run(seconds, usage.ru_maxrss, result, usage.ru_utime + usage.ru_stime)
 
 
 def _parse_json(stdout: str) -> dict | None:
@@ -182,6 +184,7 @@ def measure_no_change(fleet: Fleet, args, data: dict, found: Measurements) -> No
     for size in args.sizes:
         found.no_change[size] = {name: [] for name in names}
         found.memory_kb[size] = {name: [] for name in names}
+        found.cpu_s[size] = {name: [] for name in names}
     for round_ in range(args.repetitions):
         for size in args.sizes:
             subset = hosts[:size]
@@ -195,6 +198,7 @@ def measure_no_change(fleet: Fleet, args, data: dict, found: Measurements) -> No
                     assert_no_changes(run.result)
                 found.no_change[size][name].append(run.seconds)
                 found.memory_kb[size][name].append(run.max_rss_kb)
+                found.cpu_s[size][name].append(run.cpu_seconds)
             log(
                 f"round {round_ + 1}, {size} host(s): "
                 + ", ".join(f"{name} {found.no_change[size][name][-1]:.2f} s" for name in names)
