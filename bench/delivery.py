@@ -85,7 +85,7 @@ def new_layers_bytes(archive: Path, old_ref: str) -> int:
 
 
 def archive_of(tree: Path, ref: str) -> Path:
-    """The archive the deploy from tree saved for ref (delivery.saved_archive's cache)."""
+    """The archive the deploy from tree saved for ref (archives.saved_archive's cache)."""
     image_id = docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
     return tree / "build" / "images" / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
 

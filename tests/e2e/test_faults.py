@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from labfleet import image
-from labfleet.delivery import CACHE_DIR
+from labfleet.archives import CACHE_DIR
 
 from .harness.certs import self_signed_ca
 from .harness.engine import docker
@@ -267,7 +267,7 @@ def next_image(lab_data, tmp_path):
     image_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
     yield data, tag, image_id
     docker("rmi", tag, check=False, timeout=120)
-    for archive in (CACHE_DIR / "images").glob(f"{image_id.removeprefix('sha256:')[:16]}.*"):
+    for archive in CACHE_DIR.glob(f"{image_id.removeprefix('sha256:')[:16]}*"):
         archive.unlink(missing_ok=True)
 
 
