@@ -13,9 +13,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +76,7 @@ def saved_archive(ref: str) -> Archive:
         path = CACHE_DIR / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
+            partial = _partial_beside(path)
             with (
                 subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
                 gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
@@ -83,7 +85,7 @@ def saved_archive(ref: str) -> Archive:
             if save.returncode != 0:
                 partial.unlink(missing_ok=True)
                 raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
-            partial.rename(path)
+            partial.replace(path)
         _archives[ref] = Archive(ref, image_id, path, int(info["Size"]), tuple(info["RootFS"]["Layers"]))
         return _archives[ref]
 
@@ -134,7 +136,9 @@ def _layer_files(archive: Archive) -> list[str]:
             for member in tar:
                 if member.name == "manifest.json":
                     (entry,) = json.load(tar.extractfile(member))
-                    index.write_text(json.dumps(entry["Layers"]))
+                    partial = _partial_beside(index)
+                    partial.write_text(json.dumps(entry["Layers"]))
+                    partial.replace(index)
                     break
             else:
                 raise RuntimeError(f"{archive.path} has no manifest.json")
@@ -149,7 +153,7 @@ def _write_without(source: Path, dropped: list[str], kept: list[str], destinatio
     """
     drop = {path for path in dropped if path not in kept}
     drop_dirs = {path.rsplit("/", 1)[0] for path in drop if path.endswith("/layer.tar")}
-    partial = destination.with_suffix(".partial")
+    partial = _partial_beside(destination)
     with (
         gzip.open(source) as raw,
         tarfile.open(fileobj=raw, mode="r|") as tar,
@@ -165,7 +169,16 @@ def _write_without(source: Path, dropped: list[str], kept: list[str], destinatio
             if member.name in drop or member.name.split("/", 1)[0] in drop_dirs:
                 continue
             out.addfile(member, tar.extractfile(member) if member.isfile() else None)
-    partial.rename(destination)
+    partial.replace(destination)
+
+
+def _partial_beside(path: Path) -> Path:
+    """A file of this process's own next to path, renamed over it once complete: two deploys
+    from one checkout may write the same cache entry at once, and neither sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    return Path(name)
 
 
 class _LinksIntoDropped(Exception):

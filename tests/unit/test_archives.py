@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -103,3 +105,15 @@ def test_a_layer_that_links_to_a_left_out_one_gets_the_whole_archive(tmp_path):
     chains = archives.chain_ids(archive.diff_ids)
     assert archives.for_host(archive, set(chains[:1])) == archive.path
     assert not list(tmp_path.glob("*.partial")), "a half-written archive was left behind"
+
+
+def test_deploys_writing_the_same_archive_at_once_all_get_it_whole(tmp_path):
+    # Two deploys from one checkout (or the test workers) may write one cache entry at once.
+    archive = _saved(tmp_path / "a.tar.gz", {"base": os.urandom(4 << 20), "top": os.urandom(1 << 20)})
+    destination = tmp_path / "a-above-1.tar.gz"
+    args = (archive.path, ["base/layer.tar"], ["top/layer.tar"], destination)
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:
+        for future in [pool.submit(archives._write_without, *args) for _ in range(4)]:
+            future.result()
+    assert _members(destination)["top/layer.tar"] == _members(archive.path)["top/layer.tar"]
+    assert not list(tmp_path.glob("*partial*")), "a partial file was left behind"
