@@ -39,19 +39,16 @@ import time
 from pathlib import Path
 
 from bench.run import BENCH, DEPLOY, FLOOR, REPO_ROOT, lab_data, log, machine, run_deploy, start_hosts
+from labfleet import archives
 from tests.e2e.harness.checkout import repo_copy
 from tests.e2e.harness.engine import docker, ensure_engine
-from tests.e2e.harness.hosts import Fleet, TestHost, generate_keypair
+from tests.e2e.harness.hosts import Fleet, generate_keypair
 from tests.e2e.harness.runner import assert_converged, assert_no_changes
-from tests.e2e.probes import env_tag, rx_bytes
+from tests.e2e.probes import bridge_ip, env_tag, rx_bytes
 
 GOAL_LAYER_RATIO = 1.2
 LAYER_FILE = "container/scripts/bench-layer.bin"
 REGISTRY_PORT = 5000
-
-
-def bridge_ip(host: TestHost) -> str:
-    return docker("inspect", "--format", "{{.NetworkSettings.IPAddress}}", host.container).stdout.strip()
 
 
 def controller_images() -> set[str]:
@@ -86,8 +83,7 @@ def new_layers_bytes(archive: Path, old_ref: str) -> int:
 
 def archive_of(tree: Path, ref: str) -> Path:
     """The archive the deploy from tree saved for ref (archives.saved_archive's cache)."""
-    image_id = docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
-    return tree / "build" / "images" / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
+    return archives.archive_path(docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip(), tree)
 
 
 def measure(fleet: Fleet, mode: str, size: int, trees: dict[str, Path]) -> dict:

@@ -64,6 +64,11 @@ def controller_has(ref: str) -> bool:
     return _inspect(ref) is not None
 
 
+def archive_path(image_id: str, root: Path = REPO_ROOT) -> Path:
+    """Where the checkout at root keeps the whole archive of image_id (partial ones sit beside it)."""
+    return root / CACHE_DIR.relative_to(REPO_ROOT) / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
+
+
 def saved_archive(ref: str) -> Archive:
     """The compressed archive of ref on the controller, saved once per image id and kept."""
     with _lock:
@@ -73,7 +78,7 @@ def saved_archive(ref: str) -> Archive:
         if info is None:
             raise RuntimeError(f"image {ref} is not in the controller's engine")
         image_id = info["Id"]
-        path = CACHE_DIR / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
+        path = archive_path(image_id)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = _partial_beside(path)

@@ -765,21 +765,24 @@ def worth_planning(current: bool) -> bool:
     """
     if host.state.is_executing:
         return True
-    key = (id(host.state), host.name)
     planned_ops = len(host.state.ops.get(host._get_module(), {}))
-    if current and planned_ops == _current_ops_planned.get(key, 0):
+    if current and planned_ops == _current_ops_planned.get((id(host.state), host.name), 0):
         return False
     if current:
-        _current_ops_planned[key] = _current_ops_planned.get(key, 0) + 1
+        _count_as_current()
     return True
+
+
+def _count_as_current() -> None:
+    key = (id(host.state), host.name)
+    _current_ops_planned[key] = _current_ops_planned.get(key, 0) + 1
 
 
 def plan_notice(operation, **kwargs):
     """Plan an operation that only tells a person something: it does not make later operations worth planning."""
     result = operation(**kwargs)
     if not host.state.is_executing:
-        key = (id(host.state), host.name)
-        _current_ops_planned[key] = _current_ops_planned.get(key, 0) + 1
+        _count_as_current()
     return result
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from .harness.engine import docker
 from .harness.hosts import host_exec
 
 
 def image_id(host, ref: str) -> str:
     return host_exec(host, f"docker image inspect --format '{{{{.Id}}}}' {ref}").stdout.strip()
+
+
+def bridge_ip(host) -> str:
+    """The host's address on the engine's bridge: how the other test hosts reach it."""
+    return docker("inspect", "--format", "{{.NetworkSettings.IPAddress}}", host.container).stdout.strip()
 
 
 def rx_bytes(host) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 
+from labfleet import archives
+
 from .harness.checkout import repo_copy
 from .harness.engine import docker
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes
-from .probes import api_status, env_tag, health, image_id, rx_bytes
+from .probes import api_status, bridge_ip, env_tag, health, image_id, rx_bytes
 
 MIB = 2**20
 
@@ -62,19 +64,15 @@ def test_a_new_layer_ships_only_the_layers_the_host_lacks(make_hosts, pyinfra_ru
     assert image_id(host, tag) == controller_id
     assert health(host) == "healthy"
     assert host_exec(host, "ls /var/tmp | grep -c labfleet-", check=False).stdout.strip() == "0", "archive left"
-    whole = (repo / "build" / "images" / f"{controller_id.removeprefix('sha256:')[:16]}.tar.gz").stat().st_size
+    whole = archives.archive_path(controller_id, repo).stat().st_size
     assert 4 * MIB <= received < 4 * MIB + whole // 10, f"{received} bytes moved for a 4 MiB layer ({whole} in all)"
     assert_no_changes(pyinfra_run([host], data=data, cwd=repo))
-
-
-def _bridge_ip(host) -> str:
-    return docker("inspect", "--format", "{{.NetworkSettings.IPAddress}}", host.container).stdout.strip()
 
 
 def test_registry_pushes_once_and_every_host_pulls_the_same_id(make_hosts, pyinfra_run, lab_data):
     hosts = make_hosts(3, engine=True)
     registry_host = hosts[0]
-    data = {**lab_data, "image_delivery": "registry", "image_registry": f"{_bridge_ip(registry_host)}:5000"}
+    data = {**lab_data, "image_delivery": "registry", "image_registry": f"{bridge_ip(registry_host)}:5000"}
     groups = {"registry": [registry_host]}
     first = pyinfra_run(hosts, data=data, groups=groups)
     assert_converged(first)

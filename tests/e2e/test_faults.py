@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from labfleet import image
-from labfleet.archives import CACHE_DIR
+from labfleet import archives, image
 
 from .harness.certs import self_signed_ca
 from .harness.engine import docker
@@ -267,7 +266,8 @@ def next_image(lab_data, tmp_path):
     image_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
     yield data, tag, image_id
     docker("rmi", tag, check=False, timeout=120)
-    for archive in CACHE_DIR.glob(f"{image_id.removeprefix('sha256:')[:16]}*"):
+    whole = archives.archive_path(image_id)
+    for archive in whole.parent.glob(whole.name.removesuffix(".tar.gz") + "*"):
         archive.unlink(missing_ok=True)
 
 
