@@ -19,6 +19,7 @@ skipped with the reason (the cpu profile needs PyTorch's CPU index to be locked)
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import subprocess
@@ -31,6 +32,9 @@ from pathlib import Path
 from labfleet import image
 
 LABEL = "labfleet.bench.image"
+# Not the deploy's repository: a rebuild under the deploy's tag gives it a new image id, and
+# the lab's next deploy would copy that image to every host again.
+REPOSITORY = "labfleet-bench/jupyterlab"
 GB = 1000**3
 # Published compressed-on-disk sizes, as `docker images` shows them after a pull.
 ANCHORS = {
@@ -104,9 +108,11 @@ def bench_profile(profile: str, base: str, cuda: str, keep: bool) -> dict | None
         return None
     cas = sorted(glob.glob(LOCAL_CA_GLOB))
     settings = image.controller_settings(image_profile=profile, base_image=base, cuda=cuda, extra_ca_certificates=cas)
-    print(f"{profile}: building {image.image_tag(settings)} from {lock.name} on {base} ...", flush=True)
-    cold = image.build_image(settings, labels={LABEL: "1"}, no_cache=True, timeout=7200)
-    warm = image.build_image(settings, labels={LABEL: "1"}, force=True, cache_from=[cold.tag], timeout=3600)
+    tag = image.image_tag(settings, repository=REPOSITORY)
+    print(f"{profile}: building {tag} from {lock.name} on {base} ...", flush=True)
+    build = functools.partial(image.build_image, settings, labels={LABEL: "1"}, repository=REPOSITORY)
+    cold = build(no_cache=True, timeout=7200)
+    warm = build(force=True, cache_from=[cold.tag], timeout=3600)
     size = int(docker("image", "inspect", "--format", "{{.Size}}", cold.tag).strip())
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as workdir:
         api, healthy = time_to_healthy(cold.tag, Path(workdir))

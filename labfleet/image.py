@@ -95,18 +95,20 @@ def context_files(settings: Settings, context: Path = CONTEXT_DIR) -> dict[str, 
     return files
 
 
-def image_tag(settings: Settings, context: Path = CONTEXT_DIR) -> str:
+def image_tag(settings: Settings, context: Path = CONTEXT_DIR, repository: str = REPOSITORY) -> str:
     """`labfleet/jupyterlab:<profile>-<12 hex>` over the build context and build args.
 
     The same inputs give the same tag on every controller, so a host whose tag differs
-    was built from something else.
+    was built from something else. Benchmarks and tests that rebuild on purpose pass their
+    own repository: a rebuild under the deploy's tag gives it a new image id, and the next
+    deploy would then copy that to every host.
     """
     digest = hashlib.sha256(_context_digest(context).encode())
     for name, path in sorted(_certificate_files(settings).items()):
         digest.update(_file_digest(name, path))
     for key, value in sorted(build_args(settings).items()):
         digest.update(f"{key}={value}\0".encode())
-    return f"{REPOSITORY}:{settings.image_profile}-{digest.hexdigest()[:12]}"
+    return f"{repository}:{settings.image_profile}-{digest.hexdigest()[:12]}"
 
 
 def assemble_context(settings: Settings, destination: Path, context: Path = CONTEXT_DIR) -> Path:
@@ -151,6 +153,7 @@ def build_image(
     no_cache: bool = False,
     cache_from: Sequence[str] = (),
     timeout: float = BUILD_TIMEOUT_S,
+    repository: str = REPOSITORY,
 ) -> Build:
     """Build the image under image_tag(settings) with the local engine; skip it when the tag exists.
 
@@ -163,6 +166,7 @@ def build_image(
     + cache_from: images whose layers alone serve as cache (after a no_cache build the legacy
       builder may otherwise pick an older copy of a layer and miss the rest of the chain)
     + timeout: seconds before the build is abandoned
+    + repository: the tag's repository (see image_tag)
 
     **Examples:**
 
@@ -171,7 +175,7 @@ def build_image(
         build = build_image(settings)
         print(build.tag, "built" if build.built else "already there")
     """
-    tag = image_tag(settings, context)
+    tag = image_tag(settings, context, repository)
     if not (force or no_cache) and image_exists(tag, engine_cmd):
         return Build(tag=tag, built=False)
     argv = [*engine_cmd, "build", "--force-rm", "--tag", tag, "--label", f"{TAG_LABEL}={tag}"]

@@ -32,9 +32,14 @@ import pytest
 from labfleet import image
 
 from .harness.engine import docker
+from .harness.hosts import owner_alive, process_identity
 from .harness.runner import controller_ca_certificates
 
-LABEL = "labfleet.test.image-test"
+LABEL = "labfleet.test.image-test"  # its value: process_identity() of the pytest process that built it
+OWNER = process_identity(os.getpid())
+# Each pytest process builds under its own repository: a forced rebuild under the deploy's tag
+# would give that tag a new image id while other workers' deploys ship it.
+REPOSITORY = f"labfleet-test/jupyterlab-{os.getpid()}"
 NB_USER, NB_UID, NB_GID = "alice", 1234, 1234
 HEALTHY_TIMEOUT_S = 120
 SERVER_TIMEOUT_S = 90
@@ -57,23 +62,35 @@ def _settings(base: str, profile: str = "jupyter"):
     )
 
 
-def _remove_labelled() -> None:
-    containers = docker("ps", "-aq", "--filter", f"label={LABEL}=1").stdout.split()
-    if containers:
-        docker("rm", "--force", "--volumes", *containers, check=False, timeout=120)
-    images = docker("image", "ls", "-q", "--filter", f"label={LABEL}=1").stdout.split()
-    if images:
-        docker("rmi", "--force", *sorted(set(images)), check=False, timeout=300)
+def _build(settings, **options) -> image.Build:
+    return image.build_image(settings, labels={LABEL: OWNER}, repository=REPOSITORY, **options)
+
+
+def _remove_labelled(owned=lambda owner: owner == OWNER) -> None:
+    """Remove the containers and images labelled by the processes that owned() picks."""
+    label = f'{{{{index .Config.Labels "{LABEL}"}}}}'
+    for kind, listing, remove in (
+        ("container", ("ps", "--all"), ("rm", "--force", "--volumes")),
+        ("image", ("image", "ls"), ("rmi", "--force")),
+    ):
+        listed = docker(*listing, "--quiet", "--filter", f"label={LABEL}").stdout.split()
+        ours = [
+            i
+            for i in sorted(set(listed))
+            if owned(docker(kind, "inspect", "--format", label, i, check=False).stdout.strip())
+        ]
+        if ours:
+            docker(*remove, *ours, check=False, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def built(engine, base_image):
     """The jupyter profile built on the Debian test base; removed with its layers afterwards."""
-    _remove_labelled()
+    _remove_labelled(owned=lambda owner: not owner_alive(owner))  # left by interrupted runs
     settings = _settings(base_image("trixie"))
     try:
         # force: always this run's own build, even where another run left the same tag.
-        yield settings, image.build_image(settings, labels={LABEL: "1"}, force=True, timeout=1800)
+        yield settings, _build(settings, force=True, timeout=1800)
     finally:
         _remove_labelled()
 
@@ -99,7 +116,7 @@ def lab(built, tmp_path_factory):
     (hooks / "10-mark.sh").write_text('echo "hook ran as $(id -u) for $NB_USER" > /tmp/hook-ran\n')
     name = f"labfleet-image-test-{os.getpid()}"
     docker(
-        "run", "--detach", "--name", name, "--label", f"{LABEL}=1",
+        "run", "--detach", "--name", name, "--label", f"{LABEL}={OWNER}",
         "--init", "--security-opt", "no-new-privileges:true",
         "--env", f"NB_USER={NB_USER}", "--env", f"NB_UID={NB_UID}", "--env", f"NB_GID={NB_GID}",
         "--env", "JUPYTER_TOKEN_FILE=/run/secrets/jupyter_token",
@@ -269,12 +286,12 @@ def test_token_is_in_no_metadata_nor_history(lab):
 
 def test_rebuild_reuses_the_cache_and_the_tag(built):
     settings, first = built
-    again = image.build_image(settings, labels={LABEL: "1"}, force=True, timeout=600)
-    assert again.tag == first.tag == image.image_tag(settings)
+    again = _build(settings, force=True, timeout=600)
+    assert again.tag == first.tag == image.image_tag(settings, repository=REPOSITORY)
     # Judged from the build's own output: other runs on this engine may retag the same tag.
     assert _steps_that_ran(again.log) == [], f"steps ran again:\n{again.log[-3000:]}"
     assert _built_id(again.log) == _built_id(first.log)
-    assert image.build_image(settings, labels={LABEL: "1"}).built is False
+    assert _build(settings).built is False
 
 
 def _steps_that_ran(log: str) -> list[str]:
@@ -300,7 +317,7 @@ def test_a_profile_without_a_lock_fails_naming_the_relock_command(built):
     before = set(_dangling_images())
     try:
         with pytest.raises(image.ImageBuildError, match=r"container/relock\.sh cpu"):
-            image.build_image(cpu, labels={LABEL: "1"}, timeout=600)
+            _build(cpu, timeout=600)
     finally:
         # The failed build leaves its last layer untagged; remove only what it left.
         left = sorted(set(_dangling_images()) - before)

@@ -161,6 +161,16 @@ def test_build_image_builds_under_the_tag(raw, context, engine):
     assert "start.sh" in text  # the assembled context reached the engine
 
 
+def test_a_build_under_another_repository_leaves_the_deploy_tag_alone(raw, context, engine):
+    engine_cmd, log = engine
+    s = _settings(raw, image_profile="jupyter")
+    deploy_tag = image.image_tag(s, context)
+    result = image.build_image(s, engine_cmd, context=context, repository="labfleet-bench/jupyterlab", force=True)
+    assert result.tag == "labfleet-bench/jupyterlab:" + deploy_tag.split(":", 1)[1]
+    assert f"--tag {result.tag}" in log.read_text()
+    assert deploy_tag not in log.read_text()
+
+
 def test_build_image_skips_an_existing_tag(raw, context, engine, monkeypatch):
     engine_cmd, log = engine
     monkeypatch.setenv("INSPECT_RC", "0")

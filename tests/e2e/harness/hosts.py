@@ -193,8 +193,7 @@ def remove_stale_hosts(current_session: str) -> list[str]:
         labels = _labels(container)
         if labels.get(SESSION_LABEL) == current_session:
             continue
-        owner = labels.get(OWNER_LABEL, "")
-        if owner and owner == _identity_of(owner):
+        if owner_alive(labels.get(OWNER_LABEL, "")):
             continue
         stale.append(container)
     remove_containers(stale)
@@ -224,9 +223,10 @@ def process_identity(pid: int) -> str:
     return f"{pid}-{stat.rpartition(')')[2].split()[19]}"
 
 
-def _identity_of(owner: str) -> str:
+def owner_alive(owner: str) -> bool:
+    """Whether the process named by a process_identity() value still runs."""
     pid = owner.partition("-")[0]
-    return process_identity(int(pid)) if pid.isdigit() else ""
+    return bool(owner) and pid.isdigit() and process_identity(int(pid)) == owner
 
 
 def _published_port(container: str, port: int) -> int:
