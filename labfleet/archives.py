@@ -31,6 +31,7 @@ COMPRESSLEVEL = 1  # the copy, not the CPU, is what a delivery waits on; level 1
 
 _lock = threading.Lock()  # hosts are prepared concurrently; each archive is written once
 _archives: dict[str, Archive] = {}
+_inspected: dict[str, dict] = {}
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,17 @@ class Archive:
 
 
 def _inspect(ref: str) -> dict | None:
-    result = subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=False)
-    return json.loads(result.stdout)[0] if result.returncode == 0 else None
+    """The controller engine's `docker image inspect` of ref, None where it lacks ref.
+
+    Every host's planning asks, and each CLI start costs the controller about 0.1 s, so an
+    image found is read once per run; one not found is asked again (it may be built since).
+    """
+    if ref not in _inspected:
+        result = subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            return None
+        _inspected[ref] = json.loads(result.stdout)[0]
+    return _inspected[ref]
 
 
 def image_id_on_controller(ref: str) -> str:

@@ -36,9 +36,16 @@ _contexts: dict[str, Path] = {}
 
 
 def built_on_controller(settings: Settings) -> str:
-    """Build the image once on the controller (skipped when its engine has the tag)."""
+    """Build the image once on the controller (skipped when its engine has the tag).
+
+    Asked through archives' inspect, which remembers an image it found: every host plans
+    this under the lock, and a CLI start per host made ten hosts wait on ten in a row.
+    """
+    tag = image.image_tag(settings)
     with _lock:
-        return image.build_image(settings).tag
+        if not archives.controller_has(tag):
+            image.build_image(settings)
+        return tag
 
 
 @operation(is_idempotent=True)

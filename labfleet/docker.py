@@ -147,9 +147,12 @@ def default_packages(source: str, distro: str, major: int | None) -> tuple[str, 
 
 
 def packages_to_install(
-    settings: Settings, distro: str, major: int | None, apparmor: bool = False
+    settings: Settings, distro: str, major: int | None, apparmor: bool = False, curl: bool = False
 ) -> tuple[str, ...] | None:
-    """docker_packages (or the source's defaults), with docker_version applied; None: no Compose v2 here."""
+    """docker_packages (or the source's defaults), with docker_version applied; None: no Compose v2 here.
+
+    curl: add curl, through which every later run reads the engine's state (facts.docker_api).
+    """
     listed = settings.docker_packages
     if listed is None:
         listed = default_packages(settings.docker_source, distro, major)
@@ -162,8 +165,11 @@ def packages_to_install(
             package = f"{name}={settings.docker_version}"
         packages.append(package)
     # dockerd loads its AppArmor profile with apparmor_parser when the kernel enforces AppArmor.
-    if apparmor and "apparmor" not in {apt.split_version(p)[0] for p in packages}:
+    names = {apt.split_version(p)[0] for p in packages}
+    if apparmor and "apparmor" not in names:
         packages.append("apparmor")
+    if curl and "curl" not in names:
+        packages.append("curl")
     return tuple(packages)
 
 
@@ -441,7 +447,9 @@ def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (
         )
         return
 
-    packages = packages_to_install(settings, distro, major, apparmor=apparmor_on and "apparmor" not in installed)
+    packages = packages_to_install(
+        settings, distro, major, apparmor=apparmor_on and "apparmor" not in installed, curl="curl" not in installed
+    )
     stale, mixed = stale_apt_files(settings, apt_files)
 
     # Everything that would stop this host is checked before anything on it changes.

@@ -33,21 +33,24 @@ class FactBatch(FactBase):
     MARK = "--labfleet-fact-batch--"
 
     def command(self, parts) -> str:
-        # The parts run in parallel, each into its own file, and are printed in order.
+        # The parts run in parallel, each into its own file after its marker, and one `cat`
+        # prints them in order: every program started costs the host a fork and an exec.
         self.parts = [(fact_class(), dict(kwargs)) for fact_class, kwargs in parts]
         started = " ".join(
-            f'( {fact.command(**kwargs)} ) >"$d/{index}" 2>/dev/null &'
+            f'( echo {self.MARK}; {fact.command(**kwargs)} ) >"$d/{index}" 2>/dev/null &'
             for index, (fact, kwargs) in enumerate(self.parts)
         )
-        return (
-            f"d=$(mktemp -d) || exit 1; {started} wait; "
-            f'for i in $(seq 0 {len(self.parts) - 1}); do echo {self.MARK}; cat "$d/$i"; done; rm -rf "$d"'
-        )
+        files = " ".join(f'"$d/{index}"' for index in range(len(self.parts)))
+        return f'd=$(mktemp -d) || exit 1; {started} wait; cat {files}; rm -rf "$d"'
 
     def process(self, output):
         sections: list[list[str]] = []
         for line in output:
-            if line.strip() == self.MARK:
+            if line.rstrip().endswith(self.MARK):
+                # A part whose output has no final newline shares its last line with the mark.
+                rest = line.rstrip()[: -len(self.MARK)]
+                if rest and sections:
+                    sections[-1].append(rest)
                 sections.append([])
             elif sections:
                 sections[-1].append(line)
@@ -187,14 +190,57 @@ class AppArmorEnabled(FactBase):
         return bool(output) and output[0].strip() == "Y"
 
 
-class DockerEngineStatus(FactBase):
-    """What the docker CLI reports: ``{"server": "26.1.5" | None, "compose": "2.26.1" | None}``.
+DOCKER_SOCKET = "/var/run/docker.sock"
+HTTP_MARK = "--labfleet-http"
 
-    ``server`` is the engine's version when the engine answers ``docker version``;
-    ``compose`` is what the Compose plugin prints for ``version --short`` (Compose v1 has
-    no plugin). The plugin is run directly from the CLI's system plugin directories when
-    it is there: each Go binary started costs the host tens of milliseconds of CPU, and
-    this fact is read on every run.
+
+def docker_api(*paths: str) -> str:
+    """One curl that asks the engine's API for each path in turn, each answer followed by a
+    ``--labfleet-http <status>`` line; nothing when curl or the engine is missing.
+
+    The docker CLI is a Go program that costs the host tens of milliseconds of CPU to start,
+    and these facts are read on every run; labfleet installs curl with the engine.
+    """
+    urls = " ".join(shlex.quote(f"http://docker{path}") for path in paths)
+    return (
+        "command -v curl >/dev/null || exit 0; "
+        f"curl --silent --globoff --max-time 30 --unix-socket {DOCKER_SOCKET} "
+        f"--write-out '\\n{HTTP_MARK} %{{http_code}}\\n' {urls}"
+    )
+
+
+def api_answers(output) -> list[tuple[int, str]]:
+    """(status, body) for each answer docker_api printed; status 0 where the engine did not answer."""
+    answers, body = [], []
+    for line in output:
+        if line.startswith(HTTP_MARK):
+            code = line[len(HTTP_MARK) :].strip()
+            answers.append((int(code) if code.isdigit() else 0, "\n".join(body)))
+            body = []
+        else:
+            body.append(line)
+    return answers
+
+
+def api_json(status: int, body: str) -> dict | None:
+    """The JSON object of a 200 answer, None for anything else."""
+    if status != 200:
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class DockerEngineStatus(FactBase):
+    """The engine and Compose: ``{"server": "26.1.5" | None, "compose": "2.26.1" | None}``.
+
+    ``server`` is the engine's version when it answers on its socket (the ``Server`` header
+    of ``/_ping``, which costs the engine nothing, unlike ``/version``); ``compose`` is the
+    Compose v2 plugin's version. A plugin installed from a package has that package's
+    version (the plugin prints the same), read from dpkg; only a plugin that no package owns
+    is run (``version --short``). Compose v1 has no plugin.
     """
 
     PLUGIN_DIRS = (
@@ -212,17 +258,27 @@ class DockerEngineStatus(FactBase):
         plugins = " ".join(f"{directory}/docker-compose" for directory in self.PLUGIN_DIRS)
         return (
             "command -v docker >/dev/null || exit 0; "
-            "echo \"server $(docker version --format '{{.Server.Version}}' 2>/dev/null)\" & "
-            f'compose="docker compose"; for p in {plugins}; do [ -x "$p" ] && {{ compose=$p; break; }}; done; '
-            'echo "compose $($compose version --short 2>/dev/null)"; wait'
+            f"command -v curl >/dev/null && curl --silent --max-time 30 --unix-socket {DOCKER_SOCKET} "
+            "--output /dev/null --dump-header - http://docker/_ping; "
+            f'c=; for p in {plugins}; do [ -x "$p" ] && {{ c=$p; break; }}; done; '
+            'if [ -z "$c" ]; then echo "compose $(docker compose version --short 2>/dev/null)"; exit 0; fi; '
+            'set -- $(grep -lx -- "$c" /var/lib/dpkg/info/docker*.list 2>/dev/null); '
+            'if [ -n "$1" ]; then p=${1##*/}; echo "package $(dpkg-query -W -f \'${Version}\' "${p%.list}")"; '
+            'else echo "compose $("$c" version --short 2>/dev/null)"; fi'
         )
 
     def process(self, output):
-        status = {"server": None, "compose": None}
+        status = self.default()
         for line in output:
-            kind, _, value = line.partition(" ")
-            if kind in status and value.strip():
-                status[kind] = value.strip().lstrip("v")
+            kind, _, value = line.strip().partition(" ")
+            if kind.lower() == "server:" and value.startswith("Docker/"):
+                status["server"] = value.removeprefix("Docker/").split()[0]
+            elif kind == "compose" and value.strip():
+                status["compose"] = value.strip().lstrip("v")
+            elif kind == "package":
+                # Epoch and Debian revision off: 2.26.1-4 -> 2.26.1, 2.27.0+ds1-0ubuntu1 -> 2.27.0
+                upstream = re.match(r"(?:\d+:)?(\d+(?:\.\d+)*)", value.strip())
+                status["compose"] = upstream.group(1) if upstream else None
         return status
 
 
@@ -270,20 +326,21 @@ class ServiceState(FactBase):
 
     def command(self, service: str) -> str:
         unit = shlex.quote(service)
+        # One systemctl for both: UnitFileState is what `systemctl is-enabled` prints.
         return (
             "[ -d /run/systemd/system ] || exit 0; echo systemd; "
-            f'echo "active $(systemctl is-active {unit} 2>/dev/null)"; '
-            f'echo "enabled $(systemctl is-enabled {unit} 2>/dev/null)"'
+            f"systemctl show --property=ActiveState,UnitFileState {unit} 2>/dev/null"
         )
 
     def process(self, output):
         state = self.default()
+        keys = {"ActiveState": "active", "UnitFileState": "enabled"}
         for line in output:
-            kind, _, value = line.partition(" ")
-            if kind == "systemd":
+            key, _, value = line.strip().partition("=")
+            if key == "systemd":
                 state["systemd"] = True
-            elif kind in state:
-                state[kind] = value.strip() or None
+            elif key in keys:
+                state[keys[key]] = value or None
         return state
 
 
@@ -633,6 +690,10 @@ class Accounts(FactBase):
         return accounts
 
 
+# What `stat %F` prints, as PathStates names it (anything else is "other").
+STAT_KINDS = {"directory": "directory", "symbolic link": "link", "regular file": "file", "regular empty file": "file"}
+
+
 class PathStates(FactBase):
     """Kind, owner, mode and (for some files) sha1 of several paths, in one command.
 
@@ -649,31 +710,35 @@ class PathStates(FactBase):
         return {}
 
     def command(self, paths: tuple[str, ...], digests: tuple[str, ...] = ()) -> str:
+        # Two programs whatever the number of paths: one stat for all (a missing path is
+        # left out), one sha1sum for the files asked for. User and group names hold no "/".
         if not paths:
             return "true"
-        hashed = " ".join(shlex.quote(path) for path in digests) or "''"
-        return (
-            f"for p in {' '.join(shlex.quote(path) for path in paths)}; do "
-            "s=-; "
-            f'for h in {hashed}; do [ "$h" = "$p" ] && [ -f "$p" ] && s=$(sha1sum < "$p" | cut -d" " -f1); done; '
-            'if [ -L "$p" ]; then echo "link - - - - $p"; '
-            'elif [ -d "$p" ]; then echo "directory $(stat -c \'%U %G %a\' "$p") - $p"; '
-            'elif [ -f "$p" ]; then echo "file $(stat -c \'%U %G %a\' "$p") $s $p"; '
-            'elif [ -e "$p" ]; then echo "other - - - - $p"; fi; done; true'
+        listed = " ".join(shlex.quote(path) for path in paths)
+        hashed = " ".join(shlex.quote(path) for path in digests)
+        return f"stat --printf 'stat %F/%U/%G/%a/%n\\n' -- {listed}; " + (
+            f"sha1sum -- {hashed}; true" if hashed else "true"
         )
 
     def process(self, output):
-        states = {}
+        states, sums = {}, {}
         for line in output:
-            parts = line.split(" ", 5)
-            if len(parts) == 6:
-                kind, user, group, mode, sha1, path = parts
-                states[path] = {"kind": kind, "user": user, "group": group, "mode": mode, "sha1": _dash(sha1)}
+            if line.startswith("stat "):
+                parts = line[5:].split("/", 4)
+                if len(parts) == 5:
+                    kind, user, group, mode, path = parts
+                    kind = STAT_KINDS.get(kind, "other")
+                    if kind in ("link", "other"):
+                        user = group = mode = "-"
+                    states[path] = {"kind": kind, "user": user, "group": group, "mode": mode, "sha1": None}
+            else:
+                digest, _, path = line.partition("  ")
+                if len(digest) == 40 and path:
+                    sums[path] = digest
+        for path, state in states.items():
+            if state["kind"] == "file":
+                state["sha1"] = sums.get(path)
         return states
-
-
-def _dash(value: str) -> str | None:
-    return None if value == "-" else value
 
 
 def path_is(

@@ -14,7 +14,10 @@ from pyinfra.operations import files
 from labfleet import compose, image, nvidia, preflight
 from labfleet.facts import (
     PathStates,
+    api_answers,
+    api_json,
     changed_in_this_run,
+    docker_api,
     path_is,
     plan_unless_current,
     planned,
@@ -207,34 +210,35 @@ class ComposeService(FactBase):
     def default():
         return dict.fromkeys(("image_id", "container_image", "status", "health", "digest"))
 
-    # One `docker inspect` of both objects: every docker call is a Go program starting on
-    # the host, and this fact is read on every run. `index` reads keys an engine may leave
-    # out (no health check, no labels) without failing the template.
-    FORMAT = (
-        '{{if index . "State"}}container {{.Image}} {{.State.Status}} '
-        '{{with index .State "Health"}}{{.Status}}{{else}}none{{end}} '
-        '{{with index .Config.Labels "' + compose.CONFIG_LABEL + '"}}{{.}}{{else}}-{{end}} '
-        '{{with index .Config.Labels "com.docker.compose.project"}}{{.}}{{else}}-{{end}}'
-        "{{else}}image {{.Id}}{{end}}"
-    )
-
     def command(self, project: str, image: str) -> str:
         self.project = project
-        objects = f"{shlex.quote(image)} {shlex.quote(compose.container_name(project))}"
-        return f"docker inspect --format {shlex.quote(self.FORMAT)} {objects} 2>/dev/null || true"
+        # One request each for the image and the container, in one curl (facts.docker_api).
+        return docker_api(f"/images/{image}/json", f"/containers/{compose.container_name(project)}/json")
 
     def process(self, output):
+        return self.read(output)[0]
+
+    def read(self, output) -> tuple[dict, dict | None]:
+        """The state, and the container's whole inspect object when it is this project's."""
         state = self.default()
-        for line in output:
-            parts = line.split()
-            if parts[:1] == ["image"] and len(parts) == 2:
-                state["image_id"] = parts[1]
-            elif parts[:1] == ["container"] and len(parts) == 6:
-                if parts[5] != getattr(self, "project", parts[5]):
-                    continue  # a container of that name outside this compose project
-                state.update(container_image=parts[1], status=parts[2], health=parts[3])
-                state["digest"] = None if parts[4] == "-" else parts[4]
-        return state
+        answers = api_answers(output)
+        found_image, found_container = (api_json(*answer) for answer in [*answers, (0, ""), (0, "")][:2])
+        if found_image:
+            state["image_id"] = found_image.get("Id")
+        if not found_container:
+            return state, None
+        labels = (found_container.get("Config") or {}).get("Labels") or {}
+        project = getattr(self, "project", None)
+        if project is not None and labels.get("com.docker.compose.project") != project:
+            return state, None  # a container of that name outside this compose project
+        run = found_container.get("State") or {}
+        state.update(
+            container_image=found_container.get("Image"),
+            status=run.get("Status"),
+            health=(run.get("Health") or {}).get("Status", "none"),
+            digest=labels.get(compose.CONFIG_LABEL),
+        )
+        return state, found_container
 
 
 # Jupyter prints its URLs with the token; logs shown on failure must not carry it.

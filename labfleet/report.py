@@ -105,20 +105,10 @@ class ProjectContainer(ComposeService):
     def default():
         return {**ComposeService.default(), "restarts": None}
 
-    def command(self, project: str, image: str) -> str:
-        restarts = (
-            f"docker inspect --format 'restarts {{{{.RestartCount}}}}' {shlex.quote(compose.container_name(project))}"
-        )
-        return f"{super().command(project, image)}; {restarts} 2>/dev/null; true"
-
     def process(self, output):
-        lines = list(output)
-        found = {**super().process([line for line in lines if not line.startswith("restarts ")]), "restarts": None}
-        for line in lines:
-            kind, _, value = line.partition(" ")
-            if kind == "restarts" and value.strip().isdigit():
-                found["restarts"] = int(value)
-        return found
+        state, container = self.read(output)
+        restarts = container.get("RestartCount") if container else None
+        return {**state, "restarts": restarts if isinstance(restarts, int) else None}
 
 
 class DatasetStates(FactBase):

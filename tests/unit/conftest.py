@@ -1,6 +1,13 @@
+import http.server
+import json
 import runpy
+import shutil
+import socketserver
+import subprocess
+import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
@@ -47,3 +54,54 @@ def fake_host_in(monkeypatch):
         return fake
 
     return install
+
+
+class _EngineApi(http.server.BaseHTTPRequestHandler):
+    """Answers like dockerd's API: the canned JSON for a known path, 404 and a message otherwise."""
+
+    answers: ClassVar[dict] = {}
+
+    def do_GET(self):
+        body = self.answers.get(self.path)
+        status = 200 if body is not None else 404
+        payload = json.dumps(body if body is not None else {"message": f"No such object: {self.path}"}) + "\n"
+        self.send_response(status)
+        self.send_header("Server", "Docker/26.1.5+dfsg1 (linux)")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def address_string(self):
+        return "engine"
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def engine_api(tmp_path, monkeypatch):
+    """engine_api(answers) -> run(command): a Unix socket that answers as dockerd's API does, at
+    facts.DOCKER_SOCKET, and a runner for fact commands that print what curl got from it."""
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl, which labfleet installs on every host with the engine")
+    from labfleet import facts
+
+    path = tmp_path / "docker.sock"
+    monkeypatch.setattr(facts, "DOCKER_SOCKET", str(path))
+    handler = type("Handler", (_EngineApi,), {})
+    server = socketserver.ThreadingUnixStreamServer(str(path), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def answer(answers: dict):
+        handler.answers = answers
+
+        def run(command: str) -> list[str]:
+            result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60, check=True)
+            return result.stdout.splitlines()
+
+        return run
+
+    yield answer
+    server.shutdown()
+    server.server_close()

@@ -104,6 +104,14 @@ def test_apparmor_is_added_where_the_kernel_enforces_it(settings):
     assert docker.packages_to_install(settings(), "debian", 13, apparmor=True)[-1] == "apparmor"
 
 
+def test_curl_comes_with_the_engine_unless_it_is_there_or_listed(settings):
+    # Every later run reads the engine's state through its socket with curl.
+    assert docker.packages_to_install(settings(), "debian", 13, curl=True)[-1] == "curl"
+    assert "curl" not in docker.packages_to_install(settings(), "debian", 13)
+    listed = ("docker.io", "my-compose-v2", "curl=8.14.1-2")
+    assert docker.packages_to_install(settings(docker_packages=list(listed)), "debian", 12, curl=True) == listed
+
+
 def test_conflicts_never_include_a_wanted_package(settings):
     s = settings(docker_source="docker-ce")
     assert "docker.io" in docker.conflicting_packages(s, docker.DOCKER_CE_PACKAGES)
@@ -232,11 +240,15 @@ def test_apt_source_entries_fact():
 
 
 def test_engine_and_group_facts():
-    assert DockerEngineStatus().process(["compose v2.26.1", "server 26.1.5"]) == {
-        "server": "26.1.5",
-        "compose": "2.26.1",
-    }
-    assert DockerEngineStatus().process(["server ", "compose "]) == {"server": None, "compose": None}
+    ping = ["HTTP/1.1 200 OK", "Api-Version: 1.45", "Server: Docker/26.1.5+dfsg1 (linux)", ""]
+    assert DockerEngineStatus().process([*ping, "package 2.26.1-4"]) == {"server": "26.1.5+dfsg1", "compose": "2.26.1"}
+    # Docker's own package, and Ubuntu's with an epoch-free +ds suffix; a plugin no package owns.
+    assert DockerEngineStatus().process(["package 2.29.1-1~debian.12~bookworm"])["compose"] == "2.29.1"
+    assert DockerEngineStatus().process(["package 2.27.0+ds1-0ubuntu1~24.04.1"])["compose"] == "2.27.0"
+    assert DockerEngineStatus().process(["package 1:2.20.2-1"])["compose"] == "2.20.2"
+    assert DockerEngineStatus().process(["compose v2.30.3"])["compose"] == "2.30.3"
+    # No answer on the socket (engine stopped, or no curl yet), no plugin.
+    assert DockerEngineStatus().process(["compose "]) == {"server": None, "compose": None}
     members = GroupMembers().process(["group docker:x:996:lab,alice", "account lab"])
     assert members == {"exists": True, "members": ["lab", "alice"], "accounts": ["lab"]}
 

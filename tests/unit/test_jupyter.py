@@ -59,17 +59,45 @@ def test_missing_image_fails_the_host(fake_host):
     assert "image labfleet/jupyterlab:jupyter-0123456789ab is missing" in command and "exit 1" in command
 
 
-def test_compose_service_fact_inspects_the_image_and_the_container_in_one_command():
+CONTAINER = "/containers/labfleet-lab-jupyterlab-1/json"
+
+
+def _container(project="labfleet-lab", status="running", health="healthy", digest="d1"):
+    labels = {"com.docker.compose.project": project, **({"org.labfleet.config": digest} if digest else {})}
+    state = {"Status": status, **({"Health": {"Status": health}} if health else {})}
+    return {"Image": "sha256:aaa", "State": state, "Config": {"Labels": labels}, "RestartCount": 2}
+
+
+def test_compose_service_asks_the_engine_api_for_the_image_and_the_container_in_one_curl(engine_api):
     fact = jupyter.ComposeService()
-    command = fact.command(project="labfleet-lab", image="labfleet/jupyterlab:jupyter-0123456789ab")
-    assert command.count("docker ") == 1
-    assert command.endswith("labfleet/jupyterlab:jupyter-0123456789ab labfleet-lab-jupyterlab-1 2>/dev/null || true")
-    lines = ["image sha256:aaa", "container sha256:aaa running healthy d1 labfleet-lab"]
-    assert fact.process(lines) == _state()
-    assert fact.process(["image sha256:aaa"])["container_image"] is None
-    assert fact.process(["container sha256:aaa exited none - labfleet-lab"])["digest"] is None
-    # A container of that name that another project (or a person) made is not this project's.
-    assert fact.process(["container sha256:aaa running none d1 other"])["container_image"] is None
+    command = fact.command(project="labfleet-lab", image=IMAGE)
+    assert command.count("--unix-socket") == 1 and "docker " not in command
+    run = engine_api({f"/images/{IMAGE}/json": {"Id": "sha256:aaa"}, CONTAINER: _container()})
+    assert fact.process(run(command)) == _state()
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ({f"/images/{IMAGE}/json": {"Id": "sha256:aaa"}}, {"container_image": None, "status": None, "health": None}),
+        ({CONTAINER: _container()}, {"image_id": None}),
+        ({CONTAINER: _container(health=None, digest=None, status="exited")}, {"health": "none", "digest": None}),
+        # A container of that name that another project (or a person) made is not this project's.
+        ({CONTAINER: _container(project="other")}, {"container_image": None, "status": None}),
+        ({}, {"image_id": None, "container_image": None}),
+    ],
+)
+def test_compose_service_reads_what_the_engine_has(engine_api, answers, expected):
+    fact = jupyter.ComposeService()
+    state = fact.process(engine_api(answers)(fact.command(project="labfleet-lab", image=IMAGE)))
+    assert {key: state[key] for key in expected} == expected
+
+
+def test_compose_service_without_curl_or_engine_knows_nothing():
+    fact = jupyter.ComposeService()
+    fact.command(project="labfleet-lab", image=IMAGE)
+    assert fact.process([]) == jupyter.ComposeService.default()
+    assert fact.process(["curl: (7) Couldn't connect", "--labfleet-http 000"])["image_id"] is None
 
 
 def test_existing_token_is_kept_and_only_its_mode_mended(fake_host):

@@ -216,10 +216,26 @@ def test_fact_parsers():
         "imagenet": "ok",
         "coco": "missing",
     }
-    container = report.ProjectContainer().process(
-        [f"image {ID_A}", f"container {ID_A} running healthy 0123abcd labfleet-lab", "restarts 2"]
+    assert report.ProjectContainer().process([]) == {**report.ProjectContainer.default()}
+
+
+def test_project_container_reads_the_restart_count_from_the_same_answer(engine_api):
+    fact = report.ProjectContainer()
+    command = fact.command(project="labfleet-lab", image="labfleet/jupyterlab:jupyter-0123456789ab")
+    assert command.count("--unix-socket") == 1 and "docker " not in command
+    container = {
+        "Image": ID_A,
+        "State": {"Status": "running", "Health": {"Status": "healthy"}},
+        "Config": {"Labels": {"com.docker.compose.project": "labfleet-lab", "org.labfleet.config": "0123abcd"}},
+        "RestartCount": 2,
+    }
+    run = engine_api(
+        {
+            "/images/labfleet/jupyterlab:jupyter-0123456789ab/json": {"Id": ID_A},
+            "/containers/labfleet-lab-jupyterlab-1/json": container,
+        }
     )
-    assert container == {
+    assert fact.process(run(command)) == {
         "image_id": ID_A,
         "container_image": ID_A,
         "status": "running",
@@ -227,7 +243,6 @@ def test_fact_parsers():
         "digest": "0123abcd",
         "restarts": 2,
     }
-    assert report.ProjectContainer().process([]) == {**report.ProjectContainer.default()}
 
 
 def test_dataset_states_command_checks_each_kind():
