@@ -256,7 +256,15 @@ def is_current(state: dict, digest: str) -> bool:
 
 
 @operation(is_idempotent=True)
-def compose_up(directory: str, project: str, image: str, digest: str, timeout: int = 300, known_current: bool = False):
+def compose_up(
+    directory: str,
+    project: str,
+    image: str,
+    digest: str,
+    timeout: int = 300,
+    known_current: bool = False,
+    new_token: bool = False,
+):
     """Bring a compose project up, and wait until it is healthy, only when it is not current.
 
     + directory: the compose project directory
@@ -266,12 +274,15 @@ def compose_up(directory: str, project: str, image: str, digest: str, timeout: i
     + timeout: seconds to wait for healthy
     + known_current: the state read while planning showed the project current and healthy;
       it is then not read again unless this run changed the host before this operation
+    + new_token: the token file was missing while planning, so this run makes a new one; the
+      container is recreated, since a bind-mounted file that was replaced keeps showing the
+      container the old one, and the token in the file would not open JupyterLab
 
     Current means running the image id the tag names, with this config digest, and
     healthy. On failure the last log lines are shown, with tokens hidden, and only this
     host fails.
     """
-    if known_current and not changed_in_this_run():
+    if known_current and not new_token and not changed_in_this_run():
         host.noop(f"{project} is up, current and healthy")
         return
     state = host.get_fact(ComposeService, project=project, image=image)
@@ -279,10 +290,10 @@ def compose_up(directory: str, project: str, image: str, digest: str, timeout: i
         yield f"echo {shlex.quote(f'labfleet: image {image} is missing on this host')} >&2; exit 1"
         return
     current = is_current(state, digest)
-    if current and state["health"] == "healthy":
+    if current and state["health"] == "healthy" and not new_token:
         host.noop(f"{project} is up, current and healthy")
         return
-    recreate = " --force-recreate" if current and state["health"] == "unhealthy" else ""
+    recreate = " --force-recreate" if new_token or (current and state["health"] == "unhealthy") else ""
     yield (
         f"cd {shlex.quote(directory)} && "
         f"docker compose up -d --wait --wait-timeout {int(timeout)}{recreate} 2>&1 || "
@@ -308,11 +319,13 @@ def tunnel_hint(settings: Settings, port: int) -> str:
 @deploy("Bring JupyterLab up")
 def bring_up(settings: Settings):
     mine = projects(settings)
-    _, services = planned_state(mine)
+    states, services = planned_state(mine)
     for project, state in zip(mine, services, strict=True):
         model = compose.compose_model(project)
         digest = model["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL]
-        current = is_current(state, digest) and state["health"] == "healthy"
+        token, *_ = _project_paths(project.directory)
+        new_token = token not in states  # write_projects makes it in this run
+        current = is_current(state, digest) and state["health"] == "healthy" and not new_token
         if worth_planning(current):
             compose_up(
                 name=f"Bring up JupyterLab of {project.user.name}",
@@ -321,6 +334,7 @@ def bring_up(settings: Settings):
                 image=project.image,
                 digest=digest,
                 known_current=current,
+                new_token=new_token,
             )
 
 

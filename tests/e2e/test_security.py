@@ -23,6 +23,7 @@ import pytest
 from .harness.engine import docker
 from .harness.hosts import TestHost, host_exec
 from .harness.runner import Result, assert_converged, run_pyinfra
+from .probes import api_status
 
 PROJECT = "/opt/labfleet/lab"
 FIND_CONTAINER = "docker ps -q --filter label=com.docker.compose.project=labfleet-lab"
@@ -90,6 +91,16 @@ def _container(host: TestHost) -> str:
     container = host_exec(host, FIND_CONTAINER).stdout.strip()
     assert container, f"{host.name}: no running jupyterlab container"
     return container
+
+
+def test_a_token_made_anew_is_the_one_jupyterlab_accepts(deployed):
+    # The peer's token file was deleted before the second run, which made a new one; the old
+    # one stays bind-mounted in a container that is not recreated.
+    peer = deployed.peer
+    _, old, new = deployed.tokens
+    assert deployed.runs[1].status(peer, "Bring up JupyterLab of lab") == "success"
+    assert api_status(peer, 8888, new) == "200"
+    assert api_status(peer, 8888, old) == "403", "the deleted token still opens JupyterLab"
 
 
 def test_secrets_never_appear_in_pyinfra_output(deployed):
