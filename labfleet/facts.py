@@ -194,6 +194,11 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 HTTP_MARK = "--labfleet-http"
 
 
+def _socket_curl() -> str:
+    """curl on the engine's socket (read when a command is made, so tests can point it elsewhere)."""
+    return f"curl --silent --globoff --max-time 30 --unix-socket {shlex.quote(DOCKER_SOCKET)}"
+
+
 def docker_api(*paths: str) -> str:
     """One curl that asks the engine's API for each path in turn, each answer followed by a
     ``--labfleet-http <status>`` line; nothing when curl or the engine is missing.
@@ -203,9 +208,7 @@ def docker_api(*paths: str) -> str:
     """
     urls = " ".join(shlex.quote(f"http://docker{path}") for path in paths)
     return (
-        "command -v curl >/dev/null || exit 0; "
-        f"curl --silent --globoff --max-time 30 --unix-socket {DOCKER_SOCKET} "
-        f"--write-out '\\n{HTTP_MARK} %{{http_code}}\\n' {urls}"
+        f"command -v curl >/dev/null || exit 0; {_socket_curl()} --write-out '\\n{HTTP_MARK} %{{http_code}}\\n' {urls}"
     )
 
 
@@ -258,8 +261,7 @@ class DockerEngineStatus(FactBase):
         plugins = " ".join(f"{directory}/docker-compose" for directory in self.PLUGIN_DIRS)
         return (
             "command -v docker >/dev/null || exit 0; "
-            f"command -v curl >/dev/null && curl --silent --max-time 30 --unix-socket {DOCKER_SOCKET} "
-            "--output /dev/null --dump-header - http://docker/_ping; "
+            f"command -v curl >/dev/null && {_socket_curl()} --output /dev/null --dump-header - http://docker/_ping; "
             f'c=; for p in {plugins}; do [ -x "$p" ] && {{ c=$p; break; }}; done; '
             'if [ -z "$c" ]; then echo "compose $(docker compose version --short 2>/dev/null)"; exit 0; fi; '
             'set -- $(grep -lx -- "$c" /var/lib/dpkg/info/docker*.list 2>/dev/null); '

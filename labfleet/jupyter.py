@@ -222,7 +222,8 @@ class ComposeService(FactBase):
         """The state, and the container's whole inspect object when it is this project's."""
         state = self.default()
         answers = api_answers(output)
-        found_image, found_container = (api_json(*answer) for answer in [*answers, (0, ""), (0, "")][:2])
+        answers += [(0, "")] * (2 - len(answers))  # the engine did not answer (or no curl yet)
+        found_image, found_container = (api_json(*answer) for answer in answers[:2])
         if found_image:
             state["image_id"] = found_image.get("Id")
         if not found_container:

@@ -1,5 +1,7 @@
 """Planning of the docker step: package lists, apt files, daemon.json merge, against fake facts."""
 
+import shutil
+
 import pytest
 
 from labfleet import docker
@@ -251,6 +253,14 @@ def test_engine_and_group_facts():
     assert DockerEngineStatus().process(["compose "]) == {"server": None, "compose": None}
     members = GroupMembers().process(["group docker:x:996:lab,alice", "account lab"])
     assert members == {"exists": True, "members": ["lab", "alice"], "accounts": ["lab"]}
+
+
+def test_engine_status_reads_the_version_from_the_socket(engine_api):
+    if shutil.which("docker") is None:
+        pytest.skip("the fact asks nothing where there is no docker CLI")
+    fact = DockerEngineStatus()
+    # The stand-in engine sends dockerd's Server header on every answer, /_ping included.
+    assert fact.process(engine_api({"/_ping": "OK"})(fact.command()))["server"] == "26.1.5+dfsg1"
 
 
 def test_fact_batch_gives_each_part_its_own_parser():
