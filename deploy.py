@@ -12,7 +12,7 @@ image, and a summary of how to reach them.
 from pyinfra import host
 
 from labfleet import datasets, delivery, docker, jupyter, nvidia, preflight, registry
-from labfleet.facts import prefetch
+from labfleet.planning import prefetch
 from labfleet.settings import for_host
 
 settings = for_host(host)

@@ -28,7 +28,7 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.facts.deb import DebPackages
 
-from labfleet.facts import KeyringDigests
+from labfleet.facts.apt import KeyringDigests
 
 KEYRING_DIR = "/etc/apt/keyrings"
 # How long to wait for another apt or dpkg (unattended-upgrades on a fresh boot) to finish.

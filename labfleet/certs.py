@@ -16,7 +16,8 @@ from pyinfra.facts.files import FindFiles
 from pyinfra.operations import apt, files, server
 from pyinfra.operations.util import any_changed
 
-from labfleet.facts import PathStates, path_is, plan_unless_current, planned
+from labfleet.facts.system import PathStates, path_is
+from labfleet.planning import plan_unless_current, planned
 from labfleet.settings import Settings
 
 CA_DIR = "/usr/local/share/ca-certificates/labfleet"

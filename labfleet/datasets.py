@@ -43,20 +43,9 @@ from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
 from labfleet import apt, preflight
-from labfleet.facts import (
-    DefaultAcl,
-    GroupMembers,
-    ManifestState,
-    PathStates,
-    PublicKeyFile,
-    RsyncDryRun,
-    SshHostKey,
-    parse_rsync_itemized,
-    path_is,
-    plan_unless_current,
-    planned,
-    prefetch,
-)
+from labfleet.facts.datasets import DefaultAcl, ManifestState, RsyncDryRun, parse_rsync_itemized
+from labfleet.facts.system import GroupMembers, PathStates, PublicKeyFile, SshHostKey, path_is
+from labfleet.planning import plan_unless_current, planned, prefetch
 from labfleet.settings import Dataset, Settings, for_host
 
 # Default ACLs: read-only datasets never give the group write, writable ones always do.

@@ -22,7 +22,9 @@ from pyinfra.api import deploy, operation
 from pyinfra.operations import files
 
 from labfleet import archives, image, jupyter
-from labfleet.facts import FreeBytes, ImageId, LayerChains, planned, prefetch
+from labfleet.facts.image import ImageId, LayerChains
+from labfleet.facts.system import FreeBytes
+from labfleet.planning import planned, prefetch
 from labfleet.preflight import require
 from labfleet.settings import REPO_ROOT, Settings
 

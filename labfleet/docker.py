@@ -56,17 +56,10 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import files, server
 
 from labfleet import apt
-from labfleet.facts import (
-    AppArmorEnabled,
-    AptSourceEntries,
-    DaemonJson,
-    DockerEngineStatus,
-    GroupMembers,
-    ServiceState,
-    planned,
-    prefetch,
-    worth_planning,
-)
+from labfleet.facts.apt import AptSourceEntries
+from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
+from labfleet.facts.system import GroupMembers, ServiceState
+from labfleet.planning import planned, prefetch, worth_planning
 from labfleet.preflight import require
 from labfleet.settings import Settings
 

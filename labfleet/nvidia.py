@@ -80,18 +80,12 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import files, server
 
 from labfleet import apt, docker
-from labfleet.facts import (
-    AptSourceEntries,
-    DaemonJson,
-    FactBatch,
-    GpuHost,
-    GpuInContainer,
-    NvidiaRuntimeState,
-    ServiceState,
-    plan_notice,
-    planned,
-)
+from labfleet.facts.apt import AptSourceEntries
+from labfleet.facts.docker import DaemonJson
+from labfleet.facts.nvidia import GpuHost, GpuInContainer, NvidiaRuntimeState
+from labfleet.facts.system import ServiceState
 from labfleet.image import image_tag
+from labfleet.planning import FactBatch, plan_notice, planned
 from labfleet.preflight import require
 from labfleet.settings import Settings
 

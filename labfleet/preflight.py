@@ -8,7 +8,8 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 
 from labfleet import certs
-from labfleet.facts import Accounts, planned, prefetch, worth_planning
+from labfleet.facts.system import Accounts
+from labfleet.planning import planned, prefetch, worth_planning
 from labfleet.settings import Settings
 
 

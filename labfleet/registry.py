@@ -23,11 +23,12 @@ from io import StringIO
 
 import yaml
 from pyinfra import host
-from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api import deploy, operation
 from pyinfra.operations import files
 
 from labfleet import apt, archives, delivery, docker
-from labfleet.facts import ImageId
+from labfleet.facts.image import ImageId
+from labfleet.facts.registry import RegistryHasTag
 from labfleet.settings import Settings
 
 CONFIG = "/etc/docker/registry/config.yml"
@@ -57,19 +58,6 @@ def config(settings: Settings) -> str:
         "http": {"addr": settings.registry_listen, "headers": {"X-Content-Type-Options": ["nosniff"]}},
     }
     return "# Managed by labfleet (registry_listen, registry_storage).\n" + yaml.safe_dump(document, sort_keys=False)
-
-
-class RegistryHasTag(FactBase):
-    """Whether the registry on this host's loopback serves a manifest for the tag."""
-
-    def command(self, port: int, tag: str) -> str:
-        repository, reference = tag.rsplit(":", 1)
-        url = f"http://127.0.0.1:{int(port)}/v2/{repository}/manifests/{reference}"
-        accept = "application/vnd.docker.distribution.manifest.v2+json"
-        return f"curl -fsS -o /dev/null -I -H {shlex.quote('Accept: ' + accept)} {shlex.quote(url)} && echo yes || true"
-
-    def process(self, output):
-        return bool(output) and output[-1].strip() == "yes"
 
 
 @operation(is_idempotent=True)

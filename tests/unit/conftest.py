@@ -84,7 +84,7 @@ def engine_api(tmp_path, monkeypatch):
     facts.DOCKER_SOCKET, and a runner for fact commands that print what curl got from it."""
     if shutil.which("curl") is None:
         pytest.skip("needs curl, which labfleet installs on every host with the engine")
-    from labfleet import facts
+    from labfleet.facts import docker as facts
 
     path = tmp_path / "docker.sock"
     monkeypatch.setattr(facts, "DOCKER_SOCKET", str(path))

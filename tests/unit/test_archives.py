@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from labfleet import archives
-from labfleet.facts import parse_layer_chains
+from labfleet.facts.image import parse_layer_chains
 
 # An image's diff ids and the chain ids Docker 20.10 keeps for them in its layer database
 # (image/overlay2/layerdb/sha256/<chain id>), read off a real engine.

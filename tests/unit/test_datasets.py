@@ -11,7 +11,7 @@ import pytest
 from pyinfra.api.exceptions import PyinfraError
 
 from labfleet import datasets
-from labfleet.facts import DefaultAcl, ManifestState, parse_rsync_itemized
+from labfleet.facts.datasets import DefaultAcl, ManifestState, parse_rsync_itemized
 from labfleet.settings import Dataset, build
 
 

@@ -5,7 +5,10 @@ import shutil
 import pytest
 
 from labfleet import docker
-from labfleet.facts import AptSourceEntries, DaemonJson, DockerEngineStatus, FactBatch, GroupMembers, parse_daemon_json
+from labfleet.facts.apt import AptSourceEntries
+from labfleet.facts.docker import DaemonJson, DockerEngineStatus, parse_daemon_json
+from labfleet.facts.system import GroupMembers
+from labfleet.planning import FactBatch
 from labfleet.settings import build
 
 

@@ -3,7 +3,9 @@
 import hashlib
 import subprocess
 
-from labfleet import facts
+from labfleet import planning
+from labfleet.facts import docker as docker_facts
+from labfleet.facts import system as facts
 
 
 def test_accounts_parses_getent_and_the_home_directory():
@@ -63,12 +65,12 @@ def test_service_state_reads_both_states_from_one_systemctl():
 
 def test_fact_batch_runs_its_parts_in_parallel_and_prints_them_in_order(tmp_path):
     (tmp_path / "daemon.json").write_text('{"a": 1}')
-    batch = facts.FactBatch()
+    batch = planning.FactBatch()
     parts = (
         (facts.PathStates, {"paths": (str(tmp_path),)}),
-        (facts.DaemonJson, {"path": str(tmp_path / "daemon.json")}),
-        (facts.DaemonJson, {"path": str(tmp_path / "missing.json")}),
-        (facts.AppArmorEnabled, {}),
+        (docker_facts.DaemonJson, {"path": str(tmp_path / "daemon.json")}),
+        (docker_facts.DaemonJson, {"path": str(tmp_path / "missing.json")}),
+        (docker_facts.AppArmorEnabled, {}),
     )
     command = batch.command(parts=parts)
     assert command.rsplit("wait; ", 1)[1].count("cat ") == 1, "one cat prints every part"

@@ -5,16 +5,16 @@ import pytest
 from pyinfra.facts.files import FileContents
 
 from labfleet import docker, facts, nvidia
-from labfleet.facts import (
-    DaemonJson,
+from labfleet.facts.docker import DaemonJson
+from labfleet.facts.nvidia import (
     GpuHost,
     GpuInContainer,
     NvidiaRuntimeState,
-    ServiceState,
     parse_gpu_host,
     parse_gpu_in_container,
     parse_nvidia_runtime_state,
 )
+from labfleet.facts.system import ServiceState
 from labfleet.settings import build
 
 COMPONENTS = ("contrib", "non-free", "non-free-firmware")

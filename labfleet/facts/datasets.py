@@ -1,0 +1,83 @@
+"""Facts about datasets: default ACLs, rsync dry runs, manifests (labfleet.datasets)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from pyinfra.api import FactBase
+
+
+class DefaultAcl(FactBase):
+    """The default ACL of a directory, as getfacl prints it without header or comments.
+
+    Returns a tuple of entries such as ``("user::rwx", "group::r-x", "other::r-x")`` (empty when
+    the directory has none), or None when the directory does not exist.
+    """
+
+    requires_command = "getfacl"
+
+    def command(self, path: str) -> str:
+        quoted = shlex.quote(path)
+        return f"if [ -d {quoted} ]; then echo present; getfacl --absolute-names --omit-header --default {quoted}; fi"
+
+    def process(self, output):
+        lines = [line.strip() for line in output if line.strip()]
+        if not lines or lines[0] != "present":
+            return None
+        return tuple(line.removeprefix("default:") for line in lines[1:] if not line.startswith("#"))
+
+
+class RsyncDryRun(FactBase):
+    """What an rsync would transfer: runs the given rsync command line with --dry-run.
+
+    + command: an rsync command line that has --itemize-changes, without --dry-run
+
+    Returns ``{"rc": int, "changes": [itemized lines], "errors": [other lines]}``. The command
+    never fails the fact: a peer that cannot be reached is the caller's to report.
+    """
+
+    def command(self, command: str) -> str:
+        return f'{command} --dry-run 2>&1; echo "labfleet-rc=$?"'
+
+    def process(self, output):
+        return parse_rsync_itemized(list(output))
+
+
+def parse_rsync_itemized(lines) -> dict:
+    """Split rsync --itemize-changes output (with a final ``labfleet-rc=N``) into changes and errors."""
+    rc, changes, errors = 0, [], []
+    for line in lines:
+        if line.startswith("labfleet-rc="):
+            rc = int(line.partition("=")[2] or 1)
+        elif _ITEMIZED.match(line):
+            changes.append(line)
+        elif line.strip():
+            errors.append(line)
+    return {"rc": rc, "changes": changes, "errors": errors}
+
+
+# rsync's itemized lines: "YXcstpoguax path" (Y is <, >, c, h, . or *), e.g. ">f+++++++++ a/b",
+# "cd+++++++++ a/", ".f...p..... x", "*deleting   old".
+_ITEMIZED = re.compile(r"^([<>ch.][fdLDS][.+?cstpoguaxn ]{9,} |\*deleting +)\S")
+
+
+class ManifestState(FactBase):
+    """The sha256 of a dataset's manifest and the stamp of its last successful verification.
+
+    Returns ``{"manifest": sha256 | None, "stamp": str | None}``.
+    """
+
+    def command(self, manifest: str, stamp: str) -> str:
+        return (
+            f"echo manifest $(sha256sum < {shlex.quote(manifest)} 2>/dev/null | cut -d' ' -f1); "
+            f"echo stamp $(cat {shlex.quote(stamp)} 2>/dev/null)"
+        )
+
+    def process(self, output):
+        state = {"manifest": None, "stamp": None}
+        for line in output:
+            key, _, value = line.strip().partition(" ")
+            if key in state and value.strip():
+                state[key] = value.strip()
+        return state
