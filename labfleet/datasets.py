@@ -310,13 +310,10 @@ def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
     dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, check=False)
     pending = parse_rsync_itemized(dry.stdout.splitlines())
     if dry.returncode != 0:
-        yield from preflight.require._inner(
-            ok=False,
-            problem=(
-                f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {dry.returncode}): "
-                f"{dry.stderr.strip()[-1000:]}; check that rsync is installed on both sides and that "
-                "the SSH settings of this host work"
-            ),
+        yield preflight.failing_command(
+            f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {dry.returncode}): "
+            f"{dry.stderr.strip()[-1000:]}; check that rsync is installed on both sides and that "
+            "the SSH settings of this host work"
         )
         return
     if not pending["changes"]:
@@ -453,12 +450,9 @@ def authorize_pullers(path: str, pullers: list[tuple[str, str, str, str | None]]
         return
     rrsync = host.get_fact(Which, command="rrsync")
     if not rrsync:
-        yield from preflight.require._inner(
-            ok=False,
-            problem=(
-                f"host {host.name}: rrsync is missing, so peers cannot pull datasets from it; it comes with "
-                "rsync 3.2.4 and later (/usr/bin/rrsync); upgrade rsync"
-            ),
+        yield preflight.failing_command(
+            f"host {host.name}: rrsync is missing, so peers cannot pull datasets from it; it comes with "
+            "rsync 3.2.4 and later (/usr/bin/rrsync); upgrade rsync"
         )
         return
     existing = {}
@@ -516,20 +510,16 @@ def pull_datasets(pulls: list[tuple[str, str, str, str, str]]):
         return
     for peer, remote_path, command, dest, stamp in pulls:
         if host.inventory.get_host(peer) in host.state.failed_hosts:
-            yield from preflight.require._inner(
-                ok=False,
-                problem=f"host {host.name}: the peer {peer} failed earlier in this run, so {dest} was not pulled",
+            yield preflight.failing_command(
+                f"host {host.name}: the peer {peer} failed earlier in this run, so {dest} was not pulled",
             )
             return
         pending = host.get_fact(RsyncDryRun, command=command)
         if pending["rc"] != 0:
-            yield from preflight.require._inner(
-                ok=False,
-                problem=(
-                    f"host {host.name}: cannot pull {peer}:{remote_path} (rsync exit {pending['rc']}): "
-                    f"{' '.join(pending['errors'])[-1000:]}; check lan_address / lan_ssh_port of {peer} "
-                    f"and that {host.name} reaches it"
-                ),
+            yield preflight.failing_command(
+                f"host {host.name}: cannot pull {peer}:{remote_path} (rsync exit {pending['rc']}): "
+                f"{' '.join(pending['errors'])[-1000:]}; check lan_address / lan_ssh_port of {peer} "
+                f"and that {host.name} reaches it"
             )
             return
         if not pending["changes"]:
@@ -626,9 +616,8 @@ def verify_manifest(directory: str, manifest: str, stamp: str, label: str):
     manifest_path = posixpath.join(directory, manifest)
     state = host.get_fact(ManifestState, manifest=manifest_path, stamp=stamp)
     if state["manifest"] is None:
-        yield from preflight.require._inner(
-            ok=False,
-            problem=f"host {host.name}: {label} has no manifest {manifest}; add it to the source or drop manifest",
+        yield preflight.failing_command(
+            f"host {host.name}: {label} has no manifest {manifest}; add it to the source or drop manifest",
         )
         return
     if state["stamp"] == state["manifest"]:

@@ -26,7 +26,12 @@ def requirement(ok: bool, problem: str):
     if ok:
         host.noop("requirement met")
         return
-    yield f"echo {shlex.quote('labfleet: ' + problem)} >&2; exit 1"
+    yield failing_command(problem)
+
+
+def failing_command(problem: str) -> str:
+    """The shell command that fails this host with problem, for operations that find it while running."""
+    return f"echo {shlex.quote('labfleet: ' + problem)} >&2; exit 1"
 
 
 def require(name: str, ok: bool, problem: str) -> None:
