@@ -1,12 +1,15 @@
 """Every setting's validation, good and bad: each error names host, key, value and form."""
 
+import ast
 from types import SimpleNamespace
 
 import pytest
 
-from labfleet import settings
+from labfleet import model, settings
+from labfleet.model import Source
 from labfleet.settings import SettingsError, build, validate_inventory
 
+REPO = model.REPO_ROOT
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 # (key, bad value, a fragment the error must contain besides host/key/value)
@@ -163,6 +166,8 @@ def test_defaults_are_valid(raw):
 def test_driver_floor_follows_cuda(raw):
     raw["cuda"] = "13.0"
     assert build("pc01", raw).nvidia_driver_min == "580"
+    # jupyter's one lock serves every CUDA line; pytorch has none for 12.4.
+    raw["image_profile"] = "jupyter"
     raw["cuda"] = "12.4"
     assert build("pc01", raw).nvidia_driver_min == "525.60.13"
     raw["nvidia_driver_min"] = "560"
@@ -297,3 +302,113 @@ def test_inventory_validation_returns_settings_per_host(raw):
     result = validate_inventory(inventory)
     assert result["pc02"].jupyter_user.port == 9999
     assert result["pc01"].jupyter_user.port == 8888
+
+
+def _all_py_settings() -> dict[str, int]:
+    """group_data/all.py's settings -> the line each is assigned on."""
+    tree = ast.parse((REPO / "group_data" / "all.py").read_text())
+    return {
+        target.id: node.lineno
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+def test_group_data_all_and_the_declarations_list_the_same_keys():
+    written = set(_all_py_settings())
+    declared = set(model.declarations())
+    assert written - declared == set(), "in group_data/all.py but not declared in labfleet/model.py"
+    assert declared - written == set(), "declared in labfleet/model.py but without a default in group_data/all.py"
+    assert model.declarations() == settings.FIELDS
+
+
+def test_every_setting_in_group_data_all_has_a_comment_above_it():
+    lines = (REPO / "group_data" / "all.py").read_text().splitlines()
+    for key, lineno in _all_py_settings().items():
+        above = lines[lineno - 2].strip()
+        assert above.startswith("# ") and len(above) > 4, f"group_data/all.py: {key} has no comment above it"
+
+
+def test_every_declared_field_is_a_settings_attribute_or_input_only():
+    fields = {f.name for f in model.dataclasses.fields(model.Settings)}
+    for key in model.declarations():
+        assert key in fields or key in model.INPUT_ONLY, key
+    assert not set(model.INPUT_ONLY) & fields
+
+
+def test_model_imports_nothing_from_labfleet():
+    tree = ast.parse((REPO / "labfleet" / "model.py").read_text())
+    imported = [
+        name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in ([node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])
+    ]
+    assert not [name for name in imported if name.startswith("labfleet")], imported
+
+
+def test_no_import_inside_a_function_in_checks_or_settings():
+    for module in ("checks", "settings", "model"):
+        tree = ast.parse((REPO / "labfleet" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                assert not [n for n in inner if (getattr(n, "module", "") or "").startswith("labfleet")], (
+                    f"labfleet/{module}.py: {node.name} imports from labfleet inside the function"
+                )
+
+
+@pytest.mark.parametrize(
+    ("profile", "cuda", "expected"),
+    [
+        ("pytorch", "12.4", 'expected one of "12.8", "13.0", or lock it with container/relock.sh pytorch --cuda 12.4'),
+        ("pytorch", "12.6", "no container/requirements/pytorch-cu126.txt or pytorch.txt"),
+        ("cpu", "12.8", "expected a CUDA line it is locked for (none yet), or lock it with container/relock.sh cpu"),
+    ],
+)
+def test_cuda_without_a_lock_for_the_profile_stops_before_any_host(raw, profile, cuda, expected):
+    raw.update(image_profile=profile, cuda=cuda)
+    with pytest.raises(SettingsError) as err:
+        validate_inventory(_fake_inventory({"pc01": raw}))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid settings, no host was changed:"
+    assert len(lines) == 2, lines
+    assert lines[1].startswith(f"host pc01: cuda = {cuda!r} is invalid: image_profile {profile!r} has no lock"), lines
+    assert expected in lines[1]
+
+
+def test_every_cuda_with_a_lock_passes(raw):
+    for profile in ("pytorch", "jupyter"):
+        for cuda in model.locked_cudas(profile):
+            assert build("pc01", {**raw, "image_profile": profile, "cuda": cuda}).cuda == cuda
+    assert model.locked_cudas("pytorch") == ("12.8", "13.0")
+    assert model.locked_cudas("jupyter") == tuple(model.CUDA_DRIVER_FLOOR)
+
+
+SOURCES = [
+    ("manual", Source("manual", "manual")),
+    (
+        "host:pc02:/srv/datasets/coco",
+        Source("host", "host:pc02:/srv/datasets/coco", path="/srv/datasets/coco", peer="pc02"),
+    ),
+    ("nfs:nas.lab:/export/coco", Source("nfs", "nfs:nas.lab:/export/coco", server="nas.lab", export="/export/coco")),
+]
+
+
+@pytest.mark.parametrize(("text", "parsed"), SOURCES, ids=[text for text, _ in SOURCES])
+def test_dataset_source_is_parsed_once(raw, text, parsed):
+    raw["datasets"] = {"coco": text}
+    (dataset,) = build("pc01", raw, frozenset({"pc01", "pc02"})).datasets
+    assert dataset.source == parsed
+    assert str(dataset.source) == text
+
+
+def test_local_source_is_resolved_on_the_controller(raw, tmp_path):
+    (tmp_path / "coco").mkdir()
+    raw["datasets"] = {"coco": {"source": f"local:{tmp_path}/./coco", "readonly": False}}
+    (dataset,) = build("pc01", raw).datasets
+    resolved = str((tmp_path / "coco").resolve())
+    assert dataset.source == Source("local", f"local:{resolved}", path=resolved)
+    assert (dataset.readonly, str(dataset.source)) == (False, f"local:{resolved}")

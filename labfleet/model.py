@@ -1,0 +1,575 @@
+"""The settings model: what every setting is, how its value is checked, and the frozen views steps read.
+
+This module imports nothing from the rest of labfleet, so any module may import it without
+a cycle. `labfleet.settings` reads host.data and validates it against the declarations here;
+`labfleet.checks` holds the checks that relate settings to each other, to the inventory and to
+the controller's files.
+
+Add a setting in two places:
+
+1. group_data/all.py: its default, with a one-line comment above it;
+2. here, one field of `Settings` whose metadata is ``setting(check, expected)``: the check
+   turns the raw value into the typed one or raises `Invalid`, and the expected form is what
+   the error message shows.
+
+A value that depends on other settings (a derived default) is filled in by
+``labfleet.settings.build``; a key that only feeds other fields goes into `INPUT_ONLY`.
+tests/unit/test_settings.py checks that group_data/all.py and the declarations list the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS_DIR = REPO_ROOT / "container" / "requirements"
+
+# The first driver release that runs each CUDA line's wheels (the floor used when
+# nvidia_driver_min is not set).
+CUDA_DRIVER_FLOOR = {
+    "11.8": "450.80.02",
+    "12.1": "525.60.13",
+    "12.4": "525.60.13",
+    "12.6": "525.60.13",
+    "12.8": "570",
+    "12.9": "570",
+    "13.0": "580",
+}
+
+
+# --- Checks of single values ------------------------------------------------------------
+# Each returns the normalised value or raises Invalid with a short detail; the caller adds
+# the host, the key, the value and the expected form to the message.
+
+
+class Invalid(ValueError):
+    """A value does not have the expected form."""
+
+
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_PACKAGE_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
+_PACKAGE_SPEC = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[0-9][A-Za-z0-9.+~:-]*)?$")
+_DRIVER_VERSION = re.compile(r"^\d{3}(\.\d{1,3}){0,2}$")
+_SIZE = re.compile(r"^[1-9][0-9]*(b|k|kb|m|mb|g|gb)?$", re.IGNORECASE)
+_ARGON2 = re.compile(r"^(argon2:)?\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_IMAGE_REF = re.compile(
+    r"^(?:[a-z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+_DEVICE_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]{36}|MIG-[0-9a-fA-F-]{36})$")
+
+
+def choice(*allowed):
+    def check(value):
+        # bool is an int in Python: compare type as well so 1 is not true.
+        for option in allowed:
+            if type(value) is type(option) and value == option:
+                return value
+        raise Invalid("")
+
+    return check
+
+
+def optional(inner):
+    def check(value):
+        return None if value is None else inner(value)
+
+    return check
+
+
+def list_of(inner):
+    def check(value):
+        if not isinstance(value, (list, tuple)):
+            raise Invalid("not a list")
+        out = []
+        for index, item in enumerate(value):
+            try:
+                out.append(inner(item))
+            except Invalid as exc:
+                raise Invalid(f"item {index} {item!r}" + (f": {exc}" if str(exc) else "")) from None
+        return tuple(out)
+
+    return check
+
+
+def _string(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid("not a non-empty string")
+    if any(ch in value for ch in "\n\r\0"):
+        raise Invalid("contains a newline or NUL")
+    return value
+
+
+def boolean(value):
+    if not isinstance(value, bool):
+        raise Invalid("")
+    return value
+
+
+def port(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise Invalid("")
+    return value
+
+
+def username(value):
+    if not isinstance(value, str) or not _USERNAME.match(value):
+        raise Invalid("")
+    return value
+
+
+def package_version(value):
+    if not isinstance(value, str) or not _PACKAGE_VERSION.match(value):
+        raise Invalid("")
+    return value
+
+
+def package_spec(value):
+    """A Debian package name, optionally pinned: ``docker.io`` or ``docker-ce=5:27.3.1-1~debian.13~trixie``."""
+    if not isinstance(value, str) or not _PACKAGE_SPEC.match(value):
+        raise Invalid("")
+    return value
+
+
+def driver_version(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not _DRIVER_VERSION.match(value):
+        raise Invalid("")
+    return value
+
+
+def url(value):
+    _string(value)
+    parsed = urlparse(value)
+    if parsed.scheme in ("http", "https") and parsed.netloc and " " not in value:
+        return value.rstrip("/")
+    if parsed.scheme == "file" and parsed.path.startswith("/"):
+        return value.rstrip("/")
+    raise Invalid("")
+
+
+def absolute_path(value):
+    _string(value)
+    path = PurePosixPath(value)
+    if not path.is_absolute() or ".." in path.parts:
+        raise Invalid("not absolute, or contains ..")
+    if str(path) == "/":
+        raise Invalid("the root directory")
+    return str(path)
+
+
+def workspace_dir(value):
+    path = absolute_path(value)
+    leftover = path.replace("{user}", "")
+    if "{" in leftover or "}" in leftover:
+        raise Invalid("the only placeholder allowed is {user}")
+    return path
+
+
+def ip_address(value):
+    _string(value)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid("") from None
+
+
+def argon2_hash(value):
+    _string(value)
+    if not _ARGON2.match(value):
+        raise Invalid("")
+    return value if value.startswith("argon2:") else "argon2:" + value
+
+
+def size(value):
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    if not isinstance(value, str) or not _SIZE.match(value):
+        raise Invalid("")
+    return value.lower()
+
+
+def json_object(value):
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise Invalid("")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise Invalid(f"not JSON-serialisable: {exc}") from None
+    return dict(value)
+
+
+def registry(value):
+    _string(value)
+    host, _, rest = value.partition("/")
+    name, _, port_text = host.partition(":")
+    if "://" in value or not _HOSTNAME.match(name):
+        raise Invalid("give host[:port], without a scheme")
+    if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise Invalid("bad port")
+    if rest and not re.match(r"^[a-z0-9._/-]+$", rest):
+        raise Invalid("bad path")
+    return value
+
+
+def image_reference(value):
+    _string(value)
+    if not _IMAGE_REF.match(value):
+        raise Invalid("")
+    return value
+
+
+def pem_file(value):
+    _string(value)
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise Invalid("no such file on the controller")
+    if b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
+        raise Invalid("not a PEM certificate")
+    return str(path.resolve())
+
+
+def gpu_devices(value):
+    if value == "all":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise Invalid("a count must be at least 1")
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        ids = tuple(str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+        for item in ids:
+            if not isinstance(item, str) or not _DEVICE_ID.match(item):
+                raise Invalid(f"device id {item!r} is not an index or a GPU-/MIG- UUID")
+        return ids
+    raise Invalid("")
+
+
+def profile(available):
+    def check(value):
+        if not isinstance(value, str) or value not in available():
+            raise Invalid("available: " + ", ".join(available()))
+        return value
+
+    return check
+
+
+def dataset_name(value):
+    if not isinstance(value, str) or not _DATASET_NAME.match(value) or value in (".", ".."):
+        raise Invalid(f"dataset name {value!r} must be letters, digits, '.', '_' or '-', without '/', '..' or spaces")
+    return value
+
+
+def host_address(value):
+    _string(value)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value):
+        raise Invalid("not an IP address or a DNS name")
+    return value
+
+
+# --- Datasets -----------------------------------------------------------------------------
+
+SOURCE_FORMS = "manual, local:<path>, host:<inventory host>:</path> or nfs:<server>:</export>"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset comes from, parsed once while the settings are validated.
+
+    ``kind`` is one of "manual", "local", "host", "nfs"; ``text`` is the setting as written
+    (a local path resolved on the controller). ``path`` is the controller's directory for
+    local: and the peer's directory for host:; ``peer`` names the inventory host of host:;
+    ``server`` and ``export`` are those of nfs:. The fields a kind does not use are None.
+    """
+
+    kind: str
+    text: str
+    path: str | None = None
+    peer: str | None = None
+    server: str | None = None
+    export: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def dataset_source(value: Any) -> Source:
+    _string(value)
+    kind, _, rest = value.partition(":")
+    if value == "manual":
+        return Source("manual", value)
+    if kind == "local" and rest:
+        # Checked here, on the controller, so that a typo stops the run before any host is touched.
+        path = Path(rest).expanduser()
+        if not path.is_dir():
+            raise Invalid(f"local source {rest!r} is not a directory on the controller")
+        resolved = str(path.resolve())
+        return Source("local", f"local:{resolved}", path=resolved)
+    if kind == "host":
+        peer, _, peer_path = rest.partition(":")
+        if peer and peer_path.startswith("/"):
+            return Source("host", value, path=peer_path, peer=peer)
+    if kind == "nfs":
+        server, _, export = rest.partition(":")
+        if server and export.startswith("/"):
+            return Source("nfs", value, server=server, export=export)
+    raise Invalid(f"source {value!r} must be {SOURCE_FORMS}")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: Source
+    readonly: bool = True
+    prune: bool = False
+    manifest: str | None = None
+
+
+def datasets(value: Any) -> tuple[Dataset, ...]:
+    if not isinstance(value, dict):
+        raise Invalid("not a mapping")
+    out = []
+    for name, spec in value.items():
+        dataset_name(name)
+        if isinstance(spec, str):
+            spec = {"source": spec}
+        if not isinstance(spec, dict):
+            raise Invalid(f"dataset {name!r} must be a mapping with a source")
+        unknown = set(spec) - {"source", "readonly", "prune", "manifest"}
+        if unknown:
+            raise Invalid(f"dataset {name!r} has unknown keys {sorted(unknown)}")
+        if "source" not in spec:
+            raise Invalid(f"dataset {name!r} has no source")
+        try:
+            readonly = boolean(spec.get("readonly", True))
+            prune = boolean(spec.get("prune", False))
+        except Invalid:
+            raise Invalid(f"dataset {name!r}: readonly and prune must be true or false") from None
+        manifest = spec.get("manifest")
+        if manifest is not None:
+            _string(manifest)
+            parts = PurePosixPath(manifest).parts
+            if manifest.startswith("/") or ".." in parts:
+                raise Invalid(f"dataset {name!r}: manifest {manifest!r} must be a path inside the dataset (SHA256SUMS)")
+        source = dataset_source(spec["source"])
+        if source.kind == "nfs" and not readonly:
+            raise Invalid(f"dataset {name!r}: an nfs: source is mounted read-only; remove readonly: false")
+        out.append(Dataset(name, source, readonly, prune, manifest))
+    return tuple(out)
+
+
+def jupyter_user_entry(value):
+    if isinstance(value, str):
+        return username(value)
+    if isinstance(value, dict) and set(value) <= {"name", "port"} and "name" in value:
+        name = username(value["name"])
+        return (name, port(value["port"])) if "port" in value else name
+    raise Invalid("expected a user name or {name, port}")
+
+
+ULIMIT_NAMES = frozenset(
+    {
+        *("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice"),
+        *("nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"),
+    }
+)
+
+
+def ulimits(value):
+    if not isinstance(value, dict):
+        raise Invalid("not a mapping")
+    for name, limit in value.items():
+        if name not in ULIMIT_NAMES:
+            raise Invalid(f"unknown ulimit {name!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+            raise Invalid(f"{name} must be an integer, -1 for unlimited")
+    return dict(value)
+
+
+def listen_address(value):
+    _string(value)
+    address, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise Invalid("")
+    if address not in ("", "0.0.0.0", "[::]"):
+        ip_address(address.strip("[]"))
+    return value
+
+
+# --- Image profiles and their locks ----------------------------------------------------------
+
+
+def profiles() -> tuple[str, ...]:
+    """The requirement profiles: container/requirements/<profile>.in."""
+    return tuple(sorted(p.stem for p in REQUIREMENTS_DIR.glob("*.in")))
+
+
+def lock_file(profile: str, cuda: str) -> Path | None:
+    """The lock the image build installs for this profile and CUDA line, or None when there is none.
+
+    The same rule as container/install-profile.sh: <profile>-cu<NNN>.txt for a profile locked
+    per CUDA line, else <profile>.txt for one whose lock serves every line.
+    """
+    for name in (f"{profile}-cu{cuda.replace('.', '')}.txt", f"{profile}.txt"):
+        if (REQUIREMENTS_DIR / name).is_file():
+            return REQUIREMENTS_DIR / name
+    return None
+
+
+def locked_cudas(profile: str) -> tuple[str, ...]:
+    """The CUDA lines of CUDA_DRIVER_FLOOR that have a lock for this profile."""
+    return tuple(cuda for cuda in CUDA_DRIVER_FLOOR if lock_file(profile, cuda))
+
+
+# --- The model --------------------------------------------------------------------------------
+
+SETTING = "labfleet.setting"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one key of group_data/all.py is checked, and the form its error message asks for."""
+
+    check: Callable[[Any], Any]
+    expected: str
+
+
+def setting(check: Callable[[Any], Any], expected: str) -> dict[str, Setting]:
+    """A Settings field's metadata: ``field(metadata=setting(check, expected))``."""
+    return {SETTING: Setting(check, expected)}
+
+
+def _one_of(*options: str) -> str:
+    return "one of " + ", ".join(f'"{option}"' for option in options)
+
+
+URL = "an http(s):// or file:/ URL"
+PORT = "an integer port 1-65535"
+
+
+@dataclass(frozen=True)
+class JupyterUser:
+    """One compose project: a host account, its published port and its workspace."""
+
+    name: str
+    port: int
+    workspace_dir: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One host's settings, validated and typed: the only view of host.data that steps read.
+
+    Each field with ``setting`` metadata is the group_data/all.py key of the same name.
+    nvidia_driver_min, lan_address, lan_ssh_port and jupyter_users are completed from other
+    settings when left unset (labfleet.settings.build); host and groups come from the inventory.
+    """
+
+    host: str
+    gpu: str | bool = field(metadata=setting(choice("auto", True, False), 'one of "auto", true, false'))
+    gpu_devices: str | int | tuple[str, ...] = field(
+        metadata=setting(gpu_devices, '"all", a GPU count >= 1, or a list of device ids')
+    )
+    docker_source: str = field(metadata=setting(choice("docker-ce", "distro"), _one_of("docker-ce", "distro")))
+    docker_apt_mirror: str = field(metadata=setting(url, URL))
+    docker_version: str | None = field(metadata=setting(optional(package_version), "null or a version like 5:27.3.1"))
+    docker_packages: tuple[str, ...] | None = field(
+        metadata=setting(
+            optional(list_of(package_spec)),
+            'null (the source\'s default list) or a list of package names, each optionally "name=version"',
+        )
+    )
+    docker_users: tuple[str, ...] = field(metadata=setting(list_of(username), "a list of user names"))
+    docker_daemon: dict = field(metadata=setting(json_object, "a mapping of daemon.json keys to JSON values"))
+    nvidia_toolkit: str | bool = field(metadata=setting(choice("auto", True, False), 'one of "auto", true, false'))
+    nvidia_toolkit_apt_mirror: str = field(metadata=setting(url, URL))
+    nvidia_toolkit_apt_key: str | None = field(metadata=setting(optional(url), "null or " + URL))
+    nvidia_toolkit_version: str | None = field(
+        metadata=setting(optional(package_version), "null or a version like 1.17.8-1")
+    )
+    nvidia_default_runtime: bool = field(metadata=setting(boolean, "true or false"))
+    # None in group_data/all.py means the floor of the cuda line (CUDA_DRIVER_FLOOR).
+    nvidia_driver_min: str = field(
+        metadata=setting(optional(driver_version), 'null or a driver version like "570" or "525.60.13"')
+    )
+    nvidia_driver_install: bool = field(metadata=setting(boolean, "true or false"))
+    cuda: str = field(metadata=setting(choice(*CUDA_DRIVER_FLOOR), _one_of(*CUDA_DRIVER_FLOOR)))
+    datasets_root: str = field(metadata=setting(absolute_path, "an absolute path"))
+    datasets: tuple[Dataset, ...] = field(
+        metadata=setting(datasets, "a mapping of dataset name to {source, readonly, prune, manifest}")
+    )
+    datasets_group: str = field(metadata=setting(username, "a group name like labdata"))
+    # None means the inventory's ssh_hostname (or the host's name).
+    lan_address: str = field(metadata=setting(optional(host_address), "null, an IP address or a DNS name"))
+    # None means the inventory's ssh_port while lan_address is None, else 22.
+    lan_ssh_port: int = field(metadata=setting(optional(port), "null or " + PORT))
+    workspace_dir: str = field(metadata=setting(workspace_dir, 'an absolute path, optionally with "{user}"'))
+    # Built from jupyter_users, jupyter_user (INPUT_ONLY), jupyter_port and workspace_dir.
+    jupyter_users: tuple[JupyterUser, ...] = field(
+        metadata=setting(list_of(jupyter_user_entry), "a list of user names or {name, port} mappings")
+    )
+    jupyter_port: int = field(metadata=setting(port, PORT))
+    jupyter_bind: str = field(metadata=setting(ip_address, "an IPv4 or IPv6 address such as 127.0.0.1"))
+    jupyter_password_hash: str | None = field(
+        metadata=setting(
+            optional(argon2_hash), "null or an argon2 hash (argon2:$argon2id$v=19$m=...,t=...,p=...$salt$hash)"
+        )
+    )
+    image_profile: str = field(metadata=setting(profile(profiles), "a profile under container/requirements"))
+    image_delivery: str = field(
+        metadata=setting(choice("build", "ship", "registry"), _one_of("build", "ship", "registry"))
+    )
+    image_registry: str | None = field(
+        metadata=setting(optional(registry), "null or a registry address like registry.lab:5000")
+    )
+    registry_listen: str = field(metadata=setting(listen_address, 'an address and port like "0.0.0.0:5000"'))
+    registry_storage: str = field(metadata=setting(absolute_path, "an absolute path"))
+    base_image: str = field(metadata=setting(image_reference, "an image reference like ubuntu:24.04@sha256:<64 hex>"))
+    extra_ca_certificates: tuple[str, ...] = field(
+        metadata=setting(list_of(pem_file), "a list of PEM certificate files on the controller")
+    )
+    shm_size: str = field(metadata=setting(size, 'a size like "16g", "512m" or "1073741824"'))
+    ulimits: dict = field(
+        metadata=setting(ulimits, "a mapping of ulimit names (memlock, stack, nofile, ...) to integers, -1 = unlimited")
+    )
+    groups: tuple[str, ...] = ()
+
+    @property
+    def is_registry(self) -> bool:
+        """This host is the lab's registry (inventory group `registry`)."""
+        return "registry" in self.groups
+
+    @property
+    def jupyter_user(self) -> JupyterUser:
+        """The first (usually the only) jupyter user."""
+        return self.jupyter_users[0]
+
+
+# Keys of group_data/all.py that only feed other fields: jupyter_user names the one user
+# when jupyter_users is empty (Settings.jupyter_user is that user, with port and workspace).
+INPUT_ONLY: dict[str, Setting] = {
+    "jupyter_user": Setting(optional(username), "null or a user name"),
+}
+
+
+def declarations() -> dict[str, Setting]:
+    """Every setting of group_data/all.py: its key -> how it is checked."""
+    declared = {f.name: f.metadata[SETTING] for f in dataclasses.fields(Settings) if SETTING in f.metadata}
+    return {**declared, **INPUT_ONLY}
