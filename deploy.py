@@ -11,22 +11,21 @@ image, and a summary of how to reach them.
 
 from pyinfra import host
 
-from labfleet import datasets, delivery, docker, jupyter, nvidia, preflight, registry
-from labfleet.planning import prefetch
+from labfleet import certs, datasets, delivery, docker, jupyter, nvidia, planning, preflight, registry
 from labfleet.settings import for_host
 
 settings = for_host(host)
 
 # One round trip reads what every step decides from while planning (pyinfra plans every
 # step before running any, so this is what each step would have read on its own).
-prefetch(
-    (
-        *preflight.state_parts(settings),
-        *nvidia.state_parts(settings),
-        *docker.state_parts(settings),
-        *datasets.state_parts(settings),
-        *delivery.state_parts(settings),
-    )
+planning.read_ahead(
+    preflight.reads(settings),
+    planning.from_parts(certs.state_parts(settings)),
+    planning.from_parts(nvidia.state_parts(settings)),
+    planning.from_parts(docker.state_parts(settings)),
+    datasets.reads(settings),
+    delivery.reads(settings),
+    jupyter.reads(settings),
 )
 
 preflight.check_host(settings)

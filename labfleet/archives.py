@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from labfleet.planning import current_run
 from labfleet.settings import REPO_ROOT
 
 CACHE_DIR = REPO_ROOT / "build" / "images"
@@ -29,9 +30,9 @@ CACHE_DIR = REPO_ROOT / "build" / "images"
 DISK_FACTOR = 1.2
 COMPRESSLEVEL = 1  # the copy, not the CPU, is what a delivery waits on; level 1 is most of gzip's gain
 
-_lock = threading.Lock()  # hosts are prepared concurrently; each archive is written once
-_archives: dict[str, Archive] = {}
-_inspected: dict[str, dict] = {}
+# Hosts are prepared concurrently, and a cache file is written by one of them (the process's
+# own files; what one run has learned lives in ControllerImages).
+_writing = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -49,60 +50,72 @@ class Archive:
         return int((self.image_bytes + self.path.stat().st_size) * DISK_FACTOR)
 
 
-def _inspect(ref: str) -> dict | None:
-    """The controller engine's `docker image inspect` of ref, None where it lacks ref.
-
-    Every host's planning asks, and each CLI start costs the controller about 0.1 s, so an
-    image found is read once per run; one not found is asked again (it may be built since).
-    """
-    if ref not in _inspected:
-        result = subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            return None
-        _inspected[ref] = json.loads(result.stdout)[0]
-    return _inspected[ref]
-
-
-def image_id_on_controller(ref: str) -> str:
-    info = _inspect(ref)
-    if info is None:
-        raise RuntimeError(f"image {ref} is not in the controller's engine")
-    return info["Id"]
-
-
-def controller_has(ref: str) -> bool:
-    return _inspect(ref) is not None
-
-
 def archive_path(image_id: str, root: Path = REPO_ROOT) -> Path:
     """Where the checkout at root keeps the whole archive of image_id (partial ones sit beside it)."""
     return root / CACHE_DIR.relative_to(REPO_ROOT) / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
 
 
-def saved_archive(ref: str) -> Archive:
-    """The compressed archive of ref on the controller, saved once per image id and kept."""
-    with _lock:
-        if ref in _archives:
-            return _archives[ref]
-        info = _inspect(ref)
+class ControllerImages:
+    """The controller engine's images as one run sees them: inspected and saved once each.
+
+    Every host's planning asks about the same few images, and each docker CLI start costs
+    the controller about 0.1 s, so an image found is inspected once per run (one not found
+    is asked again: it may have been built since), and each is saved once.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.inspected: dict[str, dict] = {}
+        self.archives: dict[str, Archive] = {}
+
+    def inspect(self, ref: str) -> dict | None:
+        """`docker image inspect` of ref on the controller, None where its engine lacks ref."""
+        with self.lock:
+            if ref not in self.inspected:
+                argv = ["docker", "image", "inspect", ref]
+                result = subprocess.run(argv, capture_output=True, text=True, check=False)
+                if result.returncode != 0:
+                    return None
+                self.inspected[ref] = json.loads(result.stdout)[0]
+            return self.inspected[ref]
+
+    def has(self, ref: str) -> bool:
+        return self.inspect(ref) is not None
+
+    def image_id(self, ref: str) -> str:
+        info = self.inspect(ref)
         if info is None:
             raise RuntimeError(f"image {ref} is not in the controller's engine")
-        image_id = info["Id"]
-        path = archive_path(image_id)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = _partial_beside(path)
-            with (
-                subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
-                gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
-            ):
-                shutil.copyfileobj(save.stdout, out, 1 << 20)
-            if save.returncode != 0:
-                partial.unlink(missing_ok=True)
-                raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
-            partial.replace(path)
-        _archives[ref] = Archive(ref, image_id, path, int(info["Size"]), tuple(info["RootFS"]["Layers"]))
-        return _archives[ref]
+        return info["Id"]
+
+    def saved_archive(self, ref: str) -> Archive:
+        """The compressed archive of ref on the controller, saved once per image id and kept."""
+        with self.lock:
+            if ref not in self.archives:
+                self.archives[ref] = _save(ref, self.image_id(ref), self.inspect(ref) or {})
+            return self.archives[ref]
+
+
+def controller() -> ControllerImages:
+    """This run's view of the controller's images."""
+    return current_run().once("controller images", ControllerImages)
+
+
+def _save(ref: str, image_id: str, info: dict) -> Archive:
+    path = archive_path(image_id)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = _partial_beside(path)
+        with (
+            subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
+            gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
+        ):
+            shutil.copyfileobj(save.stdout, out, 1 << 20)
+        if save.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
+        partial.replace(path)
+    return Archive(ref, image_id, path, int(info["Size"]), tuple(info["RootFS"]["Layers"]))
 
 
 def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
@@ -132,7 +145,7 @@ def for_host(archive: Archive, host_chains: set[str] | None) -> Path:
     skip = layers_present(archive, host_chains)
     if skip == 0:
         return archive.path
-    with _lock:
+    with _writing:
         path = archive.path.with_name(archive.path.name.replace(".tar.gz", f"-above-{skip}.tar.gz"))
         if not path.exists():
             layers = _layer_files(archive)

@@ -51,6 +51,12 @@ class Project:
     gid: int
     gpu: bool
     image: str
+    # The account's primary group, which owns the workspace (None: a group named like the user).
+    group_name: str | None = None
+
+    @property
+    def group(self) -> str:
+        return self.group_name or self.user.name
 
     @property
     def directory(self) -> str:
@@ -101,6 +107,11 @@ def _dataset_mounts(settings: Settings) -> list[dict]:
                 }
             )
     return mounts
+
+
+def project_digest(project: Project) -> str:
+    """The digest of the settings a current container of this project was started with (its label)."""
+    return compose_model(project)["services"]["jupyterlab"]["labels"][CONFIG_LABEL]
 
 
 def compose_model(project: Project) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host, logger
@@ -11,31 +12,32 @@ from pyinfra.api import deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
-from labfleet import compose, image, nvidia, preflight
-from labfleet.facts.jupyter import ComposeService
-from labfleet.facts.system import PathStates, path_is
-from labfleet.planning import changed_in_this_run, plan_unless_current, planned, prefetch, worth_planning
+from labfleet import compose, image, nvidia, planning, preflight
+from labfleet.facts.jupyter import ComposeService, ComposeState
+from labfleet.facts.system import PathState, PathStates, path_is
+from labfleet.planning import Read, unless_current
 from labfleet.settings import Settings
 
 SECRET_MODE = 600
 
 
 @operation(is_idempotent=True)
-def secret_token(path: str, user: str, group: str, known_current: bool = False):
+def secret_token(path: str, user: str, group: str):
     """Generate a random token once, on the host, and keep it.
 
     + path: the token file
     + user: owner (the container reads it as this UID)
     + group: group owner
-    + known_current: the state read while planning showed the token in place, with this
-      owner and mode; the file is then not read again unless this run changed the host
 
     The token is made by the host itself, so it never travels through pyinfra's output
     or arguments; an existing token is never rotated, only its owner and mode mended.
+
+    **Example:**
+
+    .. code:: python
+
+        secret_token(name="Keep alice's token", path="/opt/labfleet/alice/jupyter_token", user="alice", group="alice")
     """
-    if known_current and not changed_in_this_run():
-        host.noop(f"token {path} exists and is kept")
-        return
     info = host.get_fact(File, path=path)
     owner = f"{shlex.quote(user)}:{shlex.quote(group)}"
     if info is False:
@@ -65,7 +67,8 @@ def projects(settings: Settings) -> list[compose.Project]:
     for user in settings.jupyter_users:
         account = preflight.account(settings, user.name)
         if account is not None:
-            out.append(compose.Project(settings, user, int(account["uid"]), int(account["gid"]), gpu, tag))
+            ids = int(account["uid"]), int(account["gid"])
+            out.append(compose.Project(settings, user, *ids, gpu, tag, group_name=account["group"]))
     return out
 
 
@@ -75,47 +78,55 @@ def _project_paths(directory: str) -> tuple[str, ...]:
     )
 
 
-def _state_parts(users, tag: str) -> tuple:
+def reads(settings: Settings) -> dict[str, Read]:
+    """What the projects are decided from: their files, and each user's container and the tag's image.
+
+    None of it needs an account, so it is read in the same round trip as the accounts.
+    """
     paths = [compose.APP_ROOT]
     uploads = []
-    for user in users:
+    for user in settings.jupyter_users:
         directory = compose.project_directory(user.name)
         token, password, *written = _project_paths(directory)
         paths += [user.workspace_dir, directory, token, password, *written]
         uploads += [password, *written]
-    return (
-        (PathStates, {"paths": tuple(paths), "digests": tuple(uploads)}),
-        *((ComposeService, {"project": compose.project_name(user.name), "image": tag}) for user in users),
-    )
+    tag = image.image_tag(settings)
+    return {
+        "paths": Read(PathStates, {"paths": tuple(paths), "digests": tuple(uploads)}),
+        **{
+            f"service {user.name}": Read(ComposeService, {"project": compose.project_name(user.name), "image": tag})
+            for user in settings.jupyter_users
+        },
+    }
 
 
-def state_parts(settings: Settings) -> tuple:
-    """The facts the projects are decided from while planning; they need no account, so they can
-    be read in the same round trip as the accounts themselves."""
-    return _state_parts(settings.jupyter_users, image.image_tag(settings))
+@dataclass(frozen=True)
+class ProjectsState:
+    """The projects' files, and each jupyter user's container (by user name), as planning read them."""
+
+    paths: dict[str, PathState]
+    services: dict[str, ComposeState]
+
+    @property
+    def image_id(self) -> str | None:
+        """The id the lab image's tag names on the host (each container reading asks for it too)."""
+        return next((service["image_id"] for service in self.services.values()), None)
 
 
-def planned_state(projects: list[compose.Project]) -> tuple[dict, list[dict]]:
-    """``(path states, [ComposeService per project])`` as read while planning, in one round trip.
-
-    Both steps of this module decide from it: an operation it shows current is still
-    planned, but reads nothing when it runs unless this run changed the host before it.
-    """
-    parts = _state_parts([project.user for project in projects], projects[0].image if projects else "")
-    prefetch(parts)
-    (states_fact, states_kwargs), *services = parts
-    return planned(states_fact, **states_kwargs), [planned(cls, **kwargs) for cls, kwargs in services]
+def host_state(settings: Settings) -> ProjectsState:
+    found = planning.read(reads(settings))
+    services = {user.name: found[f"service {user.name}"] for user in settings.jupyter_users}
+    return ProjectsState(paths=found["paths"], services=services)
 
 
 def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _directory(states: dict, name: str, path: str, user: str, group: str, mode: str):
-    """files.directory, which reads nothing when it runs if planning found the path as wanted."""
-    return plan_unless_current(
+def _directory(states: dict[str, PathState], name: str, path: str, user: str, group: str, mode: str):
+    return unless_current(
         files.directory,
-        path_is(states, path, "directory", user, group, mode),
+        current=path_is(states, path, "directory", user, group, mode),
         name=name,
         path=path,
         user=user,
@@ -124,68 +135,51 @@ def _directory(states: dict, name: str, path: str, user: str, group: str, mode: 
     )
 
 
+def _upload(states: dict[str, PathState], name: str, text: str, dest: str, user: str, group: str, mode: str):
+    return unless_current(
+        files.put,
+        current=path_is(states, dest, "file", user, group, mode, _sha1(text)),
+        name=name,
+        src=StringIO(text),
+        dest=dest,
+        user=user,
+        group=group,
+        mode=mode,
+    )
+
+
 @deploy("Write the JupyterLab compose projects")
 def write_projects(settings: Settings):
-    mine = projects(settings)
-    states, _ = planned_state(mine)
+    states = host_state(settings).paths
     _directory(states, f"Create {compose.APP_ROOT}", compose.APP_ROOT, "root", "root", "755")
-    for project in mine:
+    for project in projects(settings):
         user = project.user.name
-        group = preflight.account(settings, user)["group"]
+        group = project.group
         token, password_file, compose_file, env_file = _project_paths(project.directory)
         _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
         _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
-        token_current = path_is(states, token, "file", user, group, SECRET_MODE)
-        if worth_planning(token_current):
-            secret_token(
-                name=f"Keep the Jupyter token of {user}",
-                path=token,
-                user=user,
-                group=group,
-                known_current=token_current,
-            )
+        unless_current(
+            secret_token,
+            current=path_is(states, token, "file", user, group, SECRET_MODE),
+            name=f"Keep the Jupyter token of {user}",
+            path=token,
+            user=user,
+            group=group,
+        )
         if settings.jupyter_password_hash:
             text = settings.jupyter_password_hash + "\n"
-            plan_unless_current(
-                files.put,
-                path_is(states, password_file, "file", user, group, "600", _sha1(text)),
-                name=f"Write the Jupyter password hash of {user}",
-                src=StringIO(text),
-                dest=password_file,
-                user=user,
-                group=group,
-                mode="600",
-            )
+            _upload(states, f"Write the Jupyter password hash of {user}", text, password_file, user, group, "600")
         else:
-            plan_unless_current(
+            unless_current(
                 files.file,
-                password_file not in states,
+                current=password_file not in states,
                 name=f"Remove the unused password hash of {user}",
                 path=password_file,
                 present=False,
             )
         text = compose.render_compose(project)
-        plan_unless_current(
-            files.put,
-            path_is(states, compose_file, "file", "root", "root", "644", _sha1(text)),
-            name=f"Write compose.yaml of {user}",
-            src=StringIO(text),
-            dest=compose_file,
-            user="root",
-            group="root",
-            mode="644",
-        )
-        text = compose.render_env(project)
-        plan_unless_current(
-            files.put,
-            path_is(states, env_file, "file", "root", "root", "600", _sha1(text)),
-            name=f"Write .env of {user}",
-            src=StringIO(text),
-            dest=env_file,
-            user="root",
-            group="root",
-            mode="600",
-        )
+        _upload(states, f"Write compose.yaml of {user}", text, compose_file, "root", "root", "644")
+        _upload(states, f"Write .env of {user}", compose.render_env(project), env_file, "root", "root", "600")
 
 
 # Jupyter prints its URLs with the token; logs shown on failure must not carry it.
@@ -209,7 +203,6 @@ def compose_up(
     image: str,
     digest: str,
     timeout: int = 300,
-    known_current: bool = False,
     new_token: bool = False,
 ):
     """Bring a compose project up, and wait until it is healthy, only when it is not current.
@@ -219,8 +212,6 @@ def compose_up(
     + image: the image tag the project runs
     + digest: the config digest the current container must carry
     + timeout: seconds to wait for healthy
-    + known_current: the state read while planning showed the project current and healthy;
-      it is then not read again unless this run changed the host before this operation
     + new_token: the token file was missing while planning, so this run makes a new one; the
       container is recreated, since a bind-mounted file that was replaced keeps showing the
       container the old one, and the token in the file would not open JupyterLab
@@ -229,9 +220,6 @@ def compose_up(
     healthy. On failure the last log lines are shown, with tokens hidden, and only this
     host fails.
     """
-    if known_current and not new_token and not changed_in_this_run():
-        host.noop(f"{project} is up, current and healthy")
-        return
     state = host.get_fact(ComposeService, project=project, image=image)
     if state["image_id"] is None:
         yield f"echo {shlex.quote(f'labfleet: image {image} is missing on this host')} >&2; exit 1"
@@ -265,24 +253,22 @@ def tunnel_hint(settings: Settings, port: int) -> str:
 
 @deploy("Bring JupyterLab up")
 def bring_up(settings: Settings):
-    mine = projects(settings)
-    states, services = planned_state(mine)
-    for project, state in zip(mine, services, strict=True):
-        model = compose.compose_model(project)
-        digest = model["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL]
+    state = host_state(settings)
+    for project in projects(settings):
+        service = state.services[project.user.name]
+        digest = compose.project_digest(project)
         token, *_ = _project_paths(project.directory)
-        new_token = token not in states  # write_projects makes it in this run
-        current = is_current(state, digest) and state["health"] == "healthy" and not new_token
-        if worth_planning(current):
-            compose_up(
-                name=f"Bring up JupyterLab of {project.user.name}",
-                directory=project.directory,
-                project=project.name,
-                image=project.image,
-                digest=digest,
-                known_current=current,
-                new_token=new_token,
-            )
+        new_token = token not in state.paths  # write_projects makes it in this run
+        unless_current(
+            compose_up,
+            current=is_current(service, digest) and service["health"] == "healthy" and not new_token,
+            name=f"Bring up JupyterLab of {project.user.name}",
+            directory=project.directory,
+            project=project.name,
+            image=project.image,
+            digest=digest,
+            new_token=new_token,
+        )
 
 
 @deploy("Summary")

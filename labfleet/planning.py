@@ -327,3 +327,7 @@ def worth_planning(current: bool) -> bool:
 
 plan_unless_current = unless_current
 plan_notice = notice
+
+
+def from_parts(parts) -> dict[str, Read]:
+    return {str(index): Read(cls, dict(kwargs)) for index, (cls, kwargs) in enumerate(parts)}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
 
 from labfleet import certs
-from labfleet.facts.system import Accounts
-from labfleet.planning import planned, prefetch, worth_planning
+from labfleet.facts.system import Account, Accounts
+from labfleet.planning import Read, snapshot, unless_current
 from labfleet.settings import Settings
 
 
@@ -35,30 +36,33 @@ def failing_command(problem: str) -> str:
 
 
 def require(name: str, ok: bool, problem: str) -> None:
-    """Plan a requirement check; a met one only where labfleet.facts.worth_planning says so."""
-    if worth_planning(ok):
-        requirement(name=name, ok=ok, problem=problem)
+    """Plan a requirement check: one that holds is planned only where planning.unless_current says so."""
+    unless_current(requirement, current=ok, name=name, ok=ok, problem=problem)
+
+
+def reads(settings: Settings) -> dict[str, Read]:
+    """What preflight decides from: the jupyter users' accounts (the later steps read them too)."""
+    return {"accounts": Read(Accounts, {"names": tuple(sorted({user.name for user in settings.jupyter_users}))})}
+
+
+@dataclass(frozen=True)
+class PreflightState:
+    accounts: dict[str, Account]
 
 
 def account_part(settings: Settings) -> tuple:
-    """The Accounts fact of the jupyter users, as every step reads it (see labfleet.facts.prefetch)."""
-    return (Accounts, {"names": tuple(sorted({user.name for user in settings.jupyter_users}))})
+    """Legacy: the Accounts read as a (fact, kwargs) pair, until datasets reads through reads()."""
+    one = reads(settings)["accounts"]
+    return (one.fact, dict(one.kwargs))
 
 
-def account(settings: Settings, name: str) -> dict | None:
+def account(settings: Settings, name: str) -> Account | None:
     """The jupyter user `name`'s account (uid, gid, group, home), or None when it does not exist."""
-    fact, kwargs = account_part(settings)
-    return planned(fact, **kwargs).get(name)
-
-
-def state_parts(settings: Settings) -> tuple:
-    """The facts preflight decides from while planning: accounts (later steps read them too) and CAs."""
-    return (account_part(settings), *certs.state_parts(settings))
+    return snapshot(PreflightState, reads(settings)).accounts.get(name)
 
 
 @deploy("Preflight")
 def check_host(settings: Settings):
-    prefetch(state_parts(settings))
     for user in settings.jupyter_users:
         require(
             name=f"Check that account {user.name} exists",

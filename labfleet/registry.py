@@ -26,9 +26,10 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import files
 
-from labfleet import apt, archives, delivery, docker
+from labfleet import apt, archives, docker, shipping
 from labfleet.facts.image import ImageId
 from labfleet.facts.registry import RegistryHasTag
+from labfleet.planning import current_run
 from labfleet.settings import Settings
 
 CONFIG = "/etc/docker/registry/config.yml"
@@ -120,20 +121,18 @@ def provision(settings: Settings):
     docker.ensure_service(name="Start and enable the registry", service=SERVICE)
 
 
-_pushed: set[str] = set()
-
-
 def push_from_controller(settings: Settings, tag: str) -> None:
     """With no registry host in the inventory, the controller's engine pushes, once per run."""
-    with delivery._lock:
-        if tag in _pushed:
-            return
-        remote = registry_ref(settings.image_registry, tag)
+    remote = registry_ref(settings.image_registry, tag)
+
+    def push() -> str:
         for argv in (["docker", "tag", tag, remote], ["docker", "push", "--quiet", remote]):
             result = subprocess.run(argv, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
-        _pushed.add(tag)
+        return remote
+
+    current_run().once(f"pushed {remote}", push)
 
 
 @deploy("Deliver the image through the registry")
@@ -141,10 +140,10 @@ def deliver(settings: Settings, tag: str):
     # pyinfra orders operations by how they follow each other on every host, not by the
     # code's lines, so every host calls push and then pull (each a no-op where it does not
     # apply): that is what makes every pull wait for the registry host's push.
-    image_id = archives.image_id_on_controller(tag)
+    image_id = archives.controller().image_id(tag)
     if settings.is_registry:
         provision(settings)
-        delivery.ship(settings, tag)
+        shipping.ship(settings, tag)
     elif not any("registry" in getattr(h, "groups", ()) for h in host.inventory):
         push_from_controller(settings, tag)
     push(name="Push the image to the lab registry", tag=tag, port=local_port(settings), here=settings.is_registry)

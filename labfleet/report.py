@@ -33,7 +33,7 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import state
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import archives, compose, datasets, image
+from labfleet import archives, compose, datasets, image, shipping
 from labfleet.facts.docker import DockerEngineStatus
 from labfleet.facts.image import ImageId
 from labfleet.facts.nvidia import GpuHost
@@ -43,7 +43,7 @@ from labfleet.planning import FactBatch
 from labfleet.settings import Settings
 
 FORMAT_ENV = "LABFLEET_STATUS_FORMAT"
-DOCKER_ROOT = "/var/lib/docker"
+
 # Dataset states that are fine; any other state marks the host.
 DATASET_OK = ("ok", "present", "mounted")
 
@@ -82,7 +82,7 @@ def _expected_digest(settings: Settings, user, ids: tuple[int, int] | None, gpu:
     if ids is None:
         return None
     project = compose.Project(settings, user, ids[0], ids[1], gpu, tag)
-    return compose.compose_model(project)["services"]["jupyterlab"]["labels"][compose.CONFIG_LABEL]
+    return compose.project_digest(project)
 
 
 def host_row(settings: Settings) -> dict:
@@ -97,7 +97,7 @@ def host_row(settings: Settings) -> dict:
         (GpuNames, {}),
         (ImageId, {"ref": tag}),
         (FreeBytes, {"path": settings.datasets_root}),
-        (FreeBytes, {"path": DOCKER_ROOT}),
+        (FreeBytes, {"path": shipping.DOCKER_ROOT}),
         (DatasetStates, {"entries": _dataset_entries(settings)}),
         (AccountIds, {"users": names}),
         *((ProjectContainer, {"project": f"labfleet-{name}", "image": tag}) for name in names),
@@ -344,7 +344,7 @@ def _controller_image_ids(rows: list[dict]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for tag in {row["expected_image"] for row in rows if row["delivery"] != "build"}:
         try:
-            found[tag] = archives.image_id_on_controller(tag)
+            found[tag] = archives.controller().image_id(tag)
         except (RuntimeError, OSError):
             found[tag] = None
     return found

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from pyinfra.api import FactBase
 
 from labfleet import compose
 from labfleet.facts.docker import api_answers, api_json, docker_api
 
 
-class ComposeService(FactBase):
+class ComposeState(TypedDict):
+    image_id: str | None  # the id the tag names on the host
+    container_image: str | None  # the image id the project's container runs
+    status: str | None  # running, exited, ...; None without a container
+    health: str | None  # healthy, unhealthy, starting, none
+    digest: str | None  # the settings digest the container was started with
+
+
+class ComposeService(FactBase[ComposeState]):
     """The jupyterlab container of one compose project, and the image id its tag names now.
 
     Returns ``{"image_id", "container_image", "status", "health", "digest"}``; the
@@ -18,8 +28,8 @@ class ComposeService(FactBase):
     requires_command = "docker"
 
     @staticmethod
-    def default():
-        return dict.fromkeys(("image_id", "container_image", "status", "health", "digest"))
+    def default() -> ComposeState:
+        return ComposeState(image_id=None, container_image=None, status=None, health=None, digest=None)
 
     def command(self, project: str, image: str) -> str:
         self.project = project
@@ -29,7 +39,7 @@ class ComposeService(FactBase):
     def process(self, output):
         return self.read(output)[0]
 
-    def read(self, output) -> tuple[dict, dict | None]:
+    def read(self, output) -> tuple[ComposeState, dict | None]:
         """The state, and the container's whole inspect object when it is this project's."""
         state = self.default()
         answers = api_answers(output)

@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import shlex
+from typing import TypedDict
 
 from pyinfra.api import FactBase
 
 
-class Accounts(FactBase):
+class HomeState(TypedDict):
+    kind: str  # directory, link, other or absent
+    user: str
+    group: str
+
+
+class Account(TypedDict):
+    uid: str
+    gid: str
+    group: str | None  # the primary group's name
+    home: str
+    home_state: HomeState
+
+
+class PathState(TypedDict):
+    kind: str  # file, directory, link or other
+    user: str
+    group: str
+    mode: str  # as `stat -c %a` prints it: "2755"
+    sha1: str | None
+
+
+class UnitState(TypedDict):
+    systemd: bool
+    active: str | None
+    enabled: str | None
+
+
+class Accounts(FactBase[dict[str, Account]]):
     """Some host accounts and their home directories, from ``getent``.
 
     + names: the account names to look up
@@ -55,7 +84,7 @@ class Accounts(FactBase):
 STAT_KINDS = {"directory": "directory", "symbolic link": "link", "regular file": "file", "regular empty file": "file"}
 
 
-class PathStates(FactBase):
+class PathStates(FactBase[dict[str, PathState]]):
     """Kind, owner, mode and (for some files) sha1 of several paths, in one command.
 
     + paths: the paths to look at
@@ -155,7 +184,7 @@ class GroupMembers(FactBase):
         return found
 
 
-class ServiceState(FactBase):
+class ServiceState(FactBase[UnitState]):
     """A systemd unit's state: ``{"systemd": bool, "active": "active" | ..., "enabled": "enabled" | ...}``.
 
     One command for both states, and no error on a host without systemd (``systemd`` is

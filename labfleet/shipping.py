@@ -1,0 +1,76 @@
+"""Shipping an image the controller has to a host: only the layers the host lacks, checked by id.
+
+Used by ``ship`` delivery, by ``build`` delivery for a base image only the controller has,
+and by the registry host, which receives the image this way and then pushes to itself.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.operations import files
+
+from labfleet import archives, image, jupyter, planning
+from labfleet.facts.image import ImageId, LayerChains
+from labfleet.facts.system import FreeBytes
+from labfleet.planning import Read
+from labfleet.preflight import require
+from labfleet.settings import Settings
+
+HOST_ARCHIVE_DIR = "/var/tmp"
+DOCKER_ROOT = "/var/lib/docker"
+
+
+def planned_image_id(settings: Settings, ref: str) -> str | None:
+    """The id ref names on the host, as planning read it (the lab image's tag, or the base image)."""
+    if ref == image.image_tag(settings) and settings.jupyter_users:
+        return jupyter.host_state(settings).image_id
+    return planning.read({"image": Read(ImageId, {"ref": ref})})["image"]
+
+
+@operation(is_idempotent=True)
+def load_image(archive: str, ref: str, image_id: str):
+    """Load a saved image on the host and check that ref now names image_id.
+
+    + archive: the archive's path on the host, removed afterwards whatever happens
+    + ref: the tag the archive carries
+    + image_id: the id the tag must name afterwards
+    """
+    if host.get_fact(ImageId, ref=ref) == image_id:
+        host.noop(f"{ref} is already {image_id[:19]}")
+        return
+    quoted = shlex.quote(archive)
+    check = f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}"
+    yield (
+        f"docker load --input {quoted} >/dev/null; loaded=$?; rm -f {quoted}; "
+        f'[ $loaded -eq 0 ] && [ "$({check})" = {shlex.quote(image_id)} ] || '
+        f"{{ echo {shlex.quote(f'labfleet: loading {ref} did not give image {image_id}')} >&2; exit 1; }}"
+    )
+
+
+@deploy("Ship an image")
+def ship(settings: Settings, ref: str):
+    archive = archives.controller().saved_archive(ref)
+    if planned_image_id(settings, ref) == archive.image_id:
+        host.noop(f"{ref} is already here as {archive.image_id[:19]}: nothing to copy")
+        return
+    free = host.get_fact(FreeBytes, path=DOCKER_ROOT)
+    require(
+        name=f"Check the free disk for {ref}",
+        ok=free is not None and free >= archive.needed_bytes,
+        problem=(
+            f"host {settings.host}: {_gib(free)} free under {DOCKER_ROOT}, but {ref} needs about "
+            f"{_gib(archive.needed_bytes)}; free some space (docker image prune) and run the deploy again"
+        ),
+    )
+    # Read only when a copy is due: a host that has the image pays no round trip for it.
+    source = archives.for_host(archive, host.get_fact(LayerChains))
+    remote = f"{HOST_ARCHIVE_DIR}/labfleet-{source.name}"
+    files.put(name=f"Copy {ref}", src=str(source), dest=remote, mode="600")
+    load_image(name=f"Load {ref}", archive=remote, ref=ref, image_id=archive.image_id)
+
+
+def _gib(value: int | None) -> str:
+    return "an unknown amount" if value is None else f"{value / 2**30:.1f} GiB"
