@@ -58,7 +58,7 @@ def _dataset_entries(settings: Settings) -> tuple:
     for dataset in settings.datasets:
         directory = datasets.dataset_dir(settings, dataset)
         manifest = f"{directory}/{dataset.manifest}" if dataset.manifest else ""
-        mount = dataset.source.startswith("nfs:")
+        mount = dataset.source.kind == "nfs"
         entries.append((dataset.name, directory, manifest, datasets.stamp_path(dataset), mount))
     return tuple(entries)
 

@@ -151,7 +151,7 @@ def test_image_tag_is_a_content_hash_of_context_and_args(raw, tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM y\n")
     image._context_digest.cache_clear()
     assert image.image_tag(s, tmp_path) != first
-    other = build("pc01", {**raw, "cuda": "12.6"})
+    other = build("pc01", {**raw, "cuda": "13.0"})
     assert image.image_tag(other) != image.image_tag(s)
 
 

@@ -84,7 +84,7 @@ def test_tag_ignores_modes_and_caches(raw, context):
     ("key", "value"),
     [
         ("cuda", "13.0"),
-        ("image_profile", "cpu"),
+        ("image_profile", "jupyter"),
         ("base_image", "debian:trixie@sha256:" + "a" * 64),
     ],
 )
