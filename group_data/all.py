@@ -1,6 +1,10 @@
 """Every labfleet setting with its default. Override per group (group_data/<group>.py),
 per host (inventory.py) or per run (--data key=value). labfleet/settings.py validates
-all of them for every host before anything runs."""
+all of them for every host before anything runs.
+
+A new setting is its default here, with a one-line comment above it, plus its field (type,
+check, expected form) on Settings in labfleet/model.py; tests/unit/test_settings.py checks
+that the two list the same keys."""
 
 # --- GPU ---------------------------------------------------------------------------
 # "auto" detects NVIDIA GPUs (PCI vendor 10de or /proc/driver/nvidia); true/false overrides.
