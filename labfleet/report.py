@@ -28,18 +28,16 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from pyinfra import host
-from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import state
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import archives, compose, datasets, image, shipping
+from labfleet import archives, compose, datasets, image, nvidia, planning, preflight, shipping
 from labfleet.facts.docker import DockerEngineStatus
 from labfleet.facts.image import ImageId
 from labfleet.facts.nvidia import GpuHost
-from labfleet.facts.report import AccountIds, DatasetStates, GpuNames, ProjectContainer, ToolkitVersion
+from labfleet.facts.report import DatasetStates, GpuNames, ProjectContainer, ToolkitVersion
 from labfleet.facts.system import FreeBytes
-from labfleet.planning import FactBatch
+from labfleet.planning import Read, current_run
 from labfleet.settings import Settings
 
 FORMAT_ENV = "LABFLEET_STATUS_FORMAT"
@@ -85,31 +83,39 @@ def _expected_digest(settings: Settings, user, ids: tuple[int, int] | None, gpu:
     return compose.project_digest(project)
 
 
+def reads(settings: Settings) -> dict[str, Read]:
+    """Everything the status shows about this host; with the deploy's own reads where they are the same."""
+    tag = image.image_tag(settings)
+    return {
+        "distro": Read(LinuxDistribution),
+        "engine": Read(DockerEngineStatus),
+        "toolkit": Read(ToolkitVersion),
+        "gpu": Read(GpuHost),
+        "gpu_names": Read(GpuNames),
+        "image_id": Read(ImageId, {"ref": tag}),
+        "free_datasets": Read(FreeBytes, {"path": settings.datasets_root}),
+        "free_docker": Read(FreeBytes, {"path": shipping.DOCKER_ROOT}),
+        "datasets": Read(DatasetStates, {"entries": _dataset_entries(settings)}),
+        **preflight.reads(settings),
+        **{
+            f"service {user.name}": Read(ProjectContainer, {"project": compose.project_name(user.name), "image": tag})
+            for user in settings.jupyter_users
+        },
+    }
+
+
 def host_row(settings: Settings) -> dict:
     """Everything the status shows about this host, read in one round trip."""
     tag = image.image_tag(settings)
-    names = tuple(user.name for user in settings.jupyter_users)
-    parts = (
-        (LinuxDistribution, {}),
-        (DockerEngineStatus, {}),
-        (ToolkitVersion, {}),
-        (GpuHost, {}),
-        (GpuNames, {}),
-        (ImageId, {"ref": tag}),
-        (FreeBytes, {"path": settings.datasets_root}),
-        (FreeBytes, {"path": shipping.DOCKER_ROOT}),
-        (DatasetStates, {"entries": _dataset_entries(settings)}),
-        (AccountIds, {"users": names}),
-        *((ProjectContainer, {"project": f"labfleet-{name}", "image": tag}) for name in names),
-    )
-    distro, engine, toolkit, gpu, gpu_names, image_id, free_data, free_docker, dataset_states, accounts, *services = (
-        host.get_fact(FactBatch, parts=parts)
-    )
-    has_gpu = settings.gpu if isinstance(settings.gpu, bool) else bool(gpu["gpus"])
-    wants_toolkit = settings.nvidia_toolkit if isinstance(settings.nvidia_toolkit, bool) else has_gpu
+    found = planning.read(reads(settings))
+    image_id, gpu, accounts = found["image_id"], found["gpu"], found["accounts"]
+    has_gpu = nvidia.has_gpu(settings)
     users = []
-    for user, service in zip(settings.jupyter_users, services, strict=True):
-        digest = _expected_digest(settings, user, accounts.get(user.name), has_gpu, tag)
+    for user in settings.jupyter_users:
+        service = found[f"service {user.name}"]
+        account = accounts.get(user.name)
+        ids = (int(account["uid"]), int(account["gid"])) if account else None
+        digest = _expected_digest(settings, user, ids, has_gpu, tag)
         users.append(
             {
                 "user": user.name,
@@ -124,21 +130,21 @@ def host_row(settings: Settings) -> dict:
         )
     return {
         "host": settings.host,
-        "os": _os_name(distro or {}),
-        "docker": engine["server"],
-        "compose": engine["compose"],
-        "toolkit": toolkit,
-        "toolkit_wanted": wants_toolkit,
+        "os": _os_name(found["distro"] or {}),
+        "docker": found["engine"]["server"],
+        "compose": found["engine"]["compose"],
+        "toolkit": found["toolkit"],
+        "toolkit_wanted": nvidia.wants_toolkit(settings),
         "driver": gpu["driver"],
         "gpus": len(gpu["gpus"]),
-        "gpu_names": gpu_names,
+        "gpu_names": found["gpu_names"],
         "delivery": settings.image_delivery,
         "expected_image": tag,
         "image": image_id,
         "users": users,
-        "datasets": {dataset.name: dataset_states.get(dataset.name, "missing") for dataset in settings.datasets},
-        "free_datasets": free_data,
-        "free_docker": free_docker,
+        "datasets": {dataset.name: found["datasets"].get(dataset.name, "missing") for dataset in settings.datasets},
+        "free_datasets": found["free_datasets"],
+        "free_docker": found["free_docker"],
     }
 
 
@@ -352,26 +358,30 @@ def _controller_image_ids(rows: list[dict]) -> dict[str, str | None]:
 
 # --- Gathering ---------------------------------------------------------------------------------
 
-_rows: dict[str, dict] = {}
-_printed: list[bool] = []
 
-
-def _all_collected() -> bool:
+def _all_collected(rows: dict[str, dict]) -> bool:
     """True once, for whichever host is read last (pyinfra prepares hosts concurrently)."""
     active = {h.name for h in state.inventory.get_active_hosts()}
-    if _printed or not active <= set(_rows):
+    if "printed" in rows or not active <= set(rows):
         return False
-    _printed.append(True)
+    rows["printed"] = {}
     return True
 
 
 def collect(settings: Settings) -> None:
-    """Read this host; once every reachable host is read, print the status and raise on drift."""
-    _rows[settings.host] = host_row(settings)
-    if not _all_collected():
-        return
-    rows = [_rows[name] for name in sorted(_rows)]
-    unreachable = sorted(h.name for h in state.inventory if h.name not in _rows)
+    """Read this host; once every reachable host is read, print the status and its verdict.
+
+    Drift ends the run with exit status 1 after the verdict line: a SystemExit, not a
+    pyinfra error, which would point at this file as if it had crashed.
+    """
+    run = current_run()
+    with run.lock:
+        collected: dict[str, dict] = run.shared.setdefault("status rows", {})
+        collected[settings.host] = host_row(settings)
+        if not _all_collected(collected):
+            return
+    rows = [collected[name] for name in sorted(collected) if name != "printed"]
+    unreachable = sorted(h.name for h in state.inventory if h.name not in collected)
     controller_ids = _controller_image_ids(rows)
     image_ids = fleet_image_ids(rows, controller_ids)
     reasons = drift(rows, image_ids)
@@ -381,8 +391,15 @@ def collect(settings: Settings) -> None:
         print(json.dumps(document(rows, reasons, image_ids, remarks), indent=2, sort_keys=True))
     else:
         print(table(rows, reasons, image_ids, unreachable, remarks))
+        print(verdict(reasons, len(rows) + len(unreachable)))
     sys.stdout.flush()
+    if any(reasons.values()):
+        raise SystemExit(1)
+
+
+def verdict(reasons: Mapping[str, list[str]], total: int) -> str:
+    """The status's last line: the fleet is identical, or which hosts drift."""
     drifting = sorted(name for name, why in reasons.items() if why)
-    if drifting:
-        total = len(rows) + len(unreachable)
-        raise PyinfraError(f"fleet drift on {len(drifting)} of {total} hosts: {', '.join(drifting)}")
+    if not drifting:
+        return f"labfleet status: all {total} hosts match the fleet and their settings"
+    return f"labfleet status: drift on {len(drifting)} of {total} hosts: {', '.join(drifting)}"

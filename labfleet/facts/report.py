@@ -39,26 +39,6 @@ class GpuNames(FactBase):
         return lines[1:]
 
 
-class AccountIds(FactBase):
-    """``{name: (uid, gid)}`` of the given accounts that exist."""
-
-    @staticmethod
-    def default():
-        return {}
-
-    def command(self, users: tuple[str, ...]) -> str:
-        names = " ".join(shlex.quote(user) for user in users)
-        return f'for u in {names}; do getent passwd "$u"; done; true'
-
-    def process(self, output):
-        found = {}
-        for line in output:
-            fields = line.strip().split(":")
-            if len(fields) >= 4 and fields[2].isdigit() and fields[3].isdigit():
-                found[fields[0]] = (int(fields[2]), int(fields[3]))
-        return found
-
-
 class ProjectContainer(ComposeService):
     """ComposeService plus the container's restart count (``restarts``, None without a container)."""
 

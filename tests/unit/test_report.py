@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from labfleet import report
+from labfleet.facts import report as report_facts
 
 TAG = "labfleet/jupyterlab:jupyter-0123456789ab"
 ID_A = "sha256:" + "a" * 64
@@ -204,23 +205,22 @@ def test_url_follows_the_bind_address(raw):
 
 
 def test_fact_parsers():
-    assert report.ToolkitVersion().process(["ii  1.17.8-1"]) == "1.17.8-1"
-    assert report.ToolkitVersion().process(["rc  1.17.8-1"]) is None
-    assert report.GpuNames().process([]) is None
-    assert report.GpuNames().process(["nvidia-smi", "NVIDIA RTX A6000", "NVIDIA RTX A6000"]) == [
+    assert report_facts.ToolkitVersion().process(["ii  1.17.8-1"]) == "1.17.8-1"
+    assert report_facts.ToolkitVersion().process(["rc  1.17.8-1"]) is None
+    assert report_facts.GpuNames().process([]) is None
+    assert report_facts.GpuNames().process(["nvidia-smi", "NVIDIA RTX A6000", "NVIDIA RTX A6000"]) == [
         "NVIDIA RTX A6000",
         "NVIDIA RTX A6000",
     ]
-    assert report.AccountIds().process(["lab:x:1000:1000::/home/lab:/bin/bash"]) == {"lab": (1000, 1000)}
-    assert report.DatasetStates().process(["dataset imagenet ok", "dataset coco missing", "junk"]) == {
+    assert report_facts.DatasetStates().process(["dataset imagenet ok", "dataset coco missing", "junk"]) == {
         "imagenet": "ok",
         "coco": "missing",
     }
-    assert report.ProjectContainer().process([]) == {**report.ProjectContainer.default()}
+    assert report_facts.ProjectContainer().process([]) == {**report_facts.ProjectContainer.default()}
 
 
 def test_project_container_reads_the_restart_count_from_the_same_answer(engine_api):
-    fact = report.ProjectContainer()
+    fact = report_facts.ProjectContainer()
     command = fact.command(project="labfleet-lab", image="labfleet/jupyterlab:jupyter-0123456789ab")
     assert command.count("--unix-socket") == 1 and "docker " not in command
     container = {
@@ -246,7 +246,7 @@ def test_project_container_reads_the_restart_count_from_the_same_answer(engine_a
 
 
 def test_dataset_states_command_checks_each_kind():
-    command = report.DatasetStates().command(
+    command = report_facts.DatasetStates().command(
         entries=(
             ("plain", "/srv/datasets/plain", "", "/var/lib/labfleet/datasets/plain.verified", False),
             ("sums", "/srv/datasets/sums", "/srv/datasets/sums/SHA256SUMS", "/s/sums.verified", False),
@@ -256,3 +256,11 @@ def test_dataset_states_command_checks_each_kind():
     assert "s=present" in command
     assert "sha256sum < /srv/datasets/sums/SHA256SUMS" in command
     assert "mountpoint -q /srv/datasets/nfs" in command
+
+
+def test_the_verdict_names_the_hosts_that_drift():
+    assert (
+        report.verdict({"pc01": [], "pc02": []}, 2) == "labfleet status: all 2 hosts match the fleet and their settings"
+    )
+    reasons = {"pc01": [], "pc02": ["lab: container absent"], "pc03": ["unreachable"]}
+    assert report.verdict(reasons, 3) == "labfleet status: drift on 2 of 3 hosts: pc02, pc03"
