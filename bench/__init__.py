@@ -1,1 +1,1 @@
-"""Benchmarks that print ratios; run them as modules, e.g. ``python -m bench.docker_noop``."""
+"""Benchmarks that print ratios; run them with `./run bench [module]`, e.g. ``./run bench docker_noop``."""

@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from labfleet.datasets import push_command  # noqa: E402
-from tests.e2e.harness.engine import ensure_engine  # noqa: E402
-from tests.e2e.harness.hosts import Fleet, generate_keypair, host_exec  # noqa: E402
-from tests.e2e.harness.runner import assert_converged, assert_no_changes, run_pyinfra, write_inventory  # noqa: E402
-from tests.e2e.test_datasets import DEPLOY, make_dataset  # noqa: E402
+from labfleet.datasets import push_command
+from tests.e2e.harness.engine import ensure_engine
+from tests.e2e.harness.hosts import Fleet, generate_keypair, host_exec
+from tests.e2e.harness.runner import assert_converged, assert_no_changes, run_pyinfra, write_inventory
+from tests.e2e.test_datasets import DEPLOY, make_dataset
 
 GOALS = {"cold push": 1.2, "no-change": 1.5}
 FLOOR_DIR = "/srv/bench-floor"

@@ -1,6 +1,6 @@
 """Image delivery: the bytes each host receives and the time, for ship and registry (issue 7).
 
-    .venv/bin/python -m bench.delivery                    # ship and registry to 1, 3 and 6 hosts
+    ./run bench delivery                 # ship and registry to 1, 3 and 6 hosts
     .venv/bin/python -m bench.delivery --sizes 1 3 --layer-mib 16
 
 Needs what the end-to-end tests need (root and Docker; see tests/README.md). For each mode
@@ -13,7 +13,7 @@ registry mode) and runs, with the end-to-end tests' whole-deploy settings:
 3. a deploy from a copy of the checkout (tree B) whose container/scripts/ holds one more
    file of random bytes (--layer-mib): a new tag whose image differs from A's in the layer
    of `COPY scripts/` and the small `RUN chmod` layer after it;
-4. the floor, `bench/floor_deploy.py`, on the same hosts: what one SSH command moves.
+4. the floor, `bench/deploys/floor.py`, on the same hosts: what one SSH command moves.
 
 Bytes are what each host's network interface received (`rx_bytes` of its eth0) during the
 run, pyinfra's SSH traffic included; the floor shows how much of that is SSH alone. The

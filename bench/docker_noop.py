@@ -6,9 +6,9 @@ Starts test hosts with the e2e harness (tests/e2e/harness: root and Docker neede
 installs Docker Engine on them once (docker_source = "distro", from the hosts' archive),
 then alternates, on the same hosts, in the same run:
 
-- floor:          bench/floor_deploy.py, one ``server.shell("true")``
-- docker:         bench/docker_only.py, the docker step alone
-- preflight+docker: bench/docker_step.py
+- floor:          bench/deploys/floor.py, one ``server.shell("true")``
+- docker:         bench/deploys/docker_only.py, the docker step alone
+- preflight+docker: bench/deploys/docker_step.py
 
 and prints the medians and each deploy's ratio to the floor (goal for the docker step:
 1.5x or less). Every timed re-run must report zero changes, or the benchmark stops.
@@ -29,9 +29,9 @@ from tests.e2e.harness.runner import assert_converged, assert_no_changes, run_py
 
 BENCH = Path(__file__).resolve().parent
 DEPLOYS = {
-    "floor": BENCH / "floor_deploy.py",
-    "docker": BENCH / "docker_only.py",
-    "preflight+docker": BENCH / "docker_step.py",
+    "floor": BENCH / "deploys" / "floor.py",
+    "docker": BENCH / "deploys" / "docker_only.py",
+    "preflight+docker": BENCH / "deploys" / "docker_step.py",
 }
 DATA = {"docker_source": "distro", "extra_ca_certificates": []}
 

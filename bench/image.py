@@ -1,6 +1,6 @@
 """The JupyterLab image against its anchors: size per profile, cold/warm build, up to healthy.
 
-    .venv/bin/python -m bench.image                       # the jupyter profile
+    ./run bench image                    # the jupyter profile
     .venv/bin/python -m bench.image --profile pytorch     # the CUDA torch stack (GBs from PyPI)
     .venv/bin/python -m bench.image --profile pytorch --cuda 13.0
     .venv/bin/python -m bench.image --base-image ubuntu:24.04@sha256:...   # a base the engine has
@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from labfleet import image
+from tests.e2e.harness.images import base_image
 
 LABEL = "labfleet.bench.image"
 # Not the deploy's repository: a rebuild under the deploy's tag gives it a new image id, and
@@ -63,9 +64,6 @@ def lock_for(profile: str, cuda: str) -> Path | None:
 
 def default_base() -> str:
     # The harness builds (once) and caches a plain Debian 13 minbase image.
-    sys.path.insert(0, str(image.REPO_ROOT))
-    from tests.e2e.harness.images import base_image
-
     return base_image("trixie")
 
 

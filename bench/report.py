@@ -1,16 +1,18 @@
-"""bench/RESULTS.md, bench/results.png and bench/results.json from one `python -m bench` run.
+"""bench/RESULTS.md and bench/results.png from the figures of one `python -m bench` run.
 
-`python -m bench.report [results.json]` writes them again from a results.json. Only the
+bench/run.py saves those figures (bench/results.json, bench/measurements.py) before it calls
+write_report; `./run bench report [results.json]` writes the report again from them. Only the
 part of RESULTS.md between the two markers below is rewritten; the text around it (the
 profile notes, written by hand) stays.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-from dataclasses import asdict
+import sys
 from pathlib import Path
+
+from bench.measurements import RESULTS_JSON, Measurements, load
 
 BEGIN = "<!-- bench:begin (written by python -m bench; edit outside these markers) -->"
 END = "<!-- bench:end -->"
@@ -32,7 +34,7 @@ def _cpu(row: dict) -> str:
     return f"{row['cpu']['deploy']:.2f} s / {row['cpu']['floor']:.2f} s = {row['cpu_ratio']:.2f}x"
 
 
-def no_change_rows(found) -> list[dict]:
+def no_change_rows(found: Measurements) -> list[dict]:
     rows = []
     sizes = sorted(found.no_change)
     first = sizes[0]
@@ -57,7 +59,7 @@ def no_change_rows(found) -> list[dict]:
     return rows
 
 
-def markdown(found, info: dict) -> str:
+def markdown(found: Measurements, info: dict) -> str:
     rows = no_change_rows(found)
     has_baseline = any("baseline" in row for row in rows)
     label = info.get("baseline") or "before"
@@ -69,7 +71,7 @@ def markdown(found, info: dict) -> str:
         "",
         "### No-change re-run of deploy.py against the floor",
         "",
-        "The floor is `bench/floor_deploy.py`, one `server.shell('true')`, on the same hosts in the same "
+        "The floor is `bench/deploys/floor.py`, one `server.shell('true')`, on the same hosts in the same "
         f"rounds. Goal: at most {GOAL_NO_CHANGE}x the floor at every size, and a flat time per added host.",
         "",
     ]
@@ -167,7 +169,7 @@ def markdown(found, info: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(found, info: dict, path: Path) -> None:
+def plot(found: Measurements, info: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,10 +217,9 @@ def plot(found, info: dict, path: Path) -> None:
     pyplot.close(figure)
 
 
-def write_report(found, info: dict, output: Path) -> None:
+def write_report(found: Measurements, info: dict, output: Path) -> None:
+    """results.png and RESULTS.md under output; results.json is bench.measurements.save's."""
     output.mkdir(parents=True, exist_ok=True)
-    document = {"machine": info, **{key: _jsonable(value) for key, value in asdict(found).items()}}
-    (output / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     plot(found, info, output / "results.png")
     generated = f"{BEGIN}\n{markdown(found, info)}\n{END}"
     results = output / "RESULTS.md"
@@ -232,26 +233,18 @@ def write_report(found, info: dict, output: Path) -> None:
 
 def rerender(results_json: Path) -> None:
     """Rewrite the report beside results.json from it, e.g. after changing this module."""
-    from bench.run import Measurements
-
-    document = json.loads(results_json.read_text())
-    info = document.pop("machine")
-    sized = {
-        key: {int(size): value for size, value in sizes.items()}
-        for key, sizes in document.items()
-        if key != "round_trip_commands"
-    }
-    found = Measurements(round_trip_commands=document.get("round_trip_commands", {}), **sized)
+    found, info = load(results_json)
     write_report(found, info, results_json.parent)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    return value
+def main(argv: list[str] | None = None) -> int:
+    from bench.dependencies import REPORT_MODULES, require
+
+    require(REPORT_MODULES)
+    args = sys.argv[1:] if argv is None else argv
+    rerender(Path(args[0]) if args else Path(__file__).resolve().parent / RESULTS_JSON)
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    rerender(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results.json")
+    sys.exit(main())

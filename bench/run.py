@@ -1,8 +1,8 @@
 """The whole deploy against its floor: no-change re-runs, fresh provisions, round trips, memory.
 
-    .venv/bin/python -m bench                 # 1, 3, 6, 10 hosts; 3 alternating rounds (about 20 min)
-    .venv/bin/python -m bench --quick         # 1 and 3 hosts; fewer rounds (about 8 min)
-    .venv/bin/python -m bench --baseline-tree /tmp/before   # also time another checkout's deploy.py
+    ./run bench                 # 1, 3, 6, 10 hosts; 3 alternating rounds (about 20 min)
+    ./run bench --quick         # 1 and 3 hosts; fewer rounds (about 8 min)
+    ./run bench --baseline-tree ../before   # also time another checkout's deploy.py
 
 Needs what the end-to-end tests need (root and Docker; see tests/README.md). It starts
 trixie test hosts with the distribution's Docker Engine preinstalled (the harness's
@@ -13,7 +13,7 @@ from this machine, gpu false. Everything it sends goes to 127.0.0.1 and its own 
 What it measures, with medians of alternating rounds:
 
 - no change: ``deploy.py`` re-run on hosts it has already converged, against the floor,
-  ``bench/floor_deploy.py`` (one ``server.shell("true")``) on the same hosts, at each size;
+  ``bench/deploys/floor.py`` (one ``server.shell("true")``) on the same hosts, at each size;
 - fresh provision: ``deploy.py`` on new hosts, from an engine-only host to healthy
   JupyterLab; the engine is preinstalled so that installing Docker from the archive does
   not dominate (``--bare-provision`` adds one timing on bare hosts);
@@ -21,8 +21,10 @@ What it measures, with medians of alternating rounds:
   ``--debug`` log (one line per command), in an extra, untimed run;
 - controller memory: the peak RSS of the pyinfra process (``wait4``), per run.
 
-It writes bench/RESULTS.md, bench/results.png and bench/results.json, and asserts
-nothing about time: a run that changes something, or fails, stops the benchmark.
+It checks that the report's modules import before it measures, saves the raw figures to
+bench/results.json as soon as the measuring ends, then writes bench/RESULTS.md and
+bench/results.png (bench/report.py). It asserts nothing about time: a run that changes
+something, or fails, stops the benchmark.
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench import measurements
+from bench.dependencies import REPORT_MODULES, require
+from bench.measurements import Measurements
+from bench.report import write_report
+from tests.e2e.harness.engine import ensure_engine
+from tests.e2e.harness.hosts import MAX_HOSTS_PER_CALL, Fleet, TestHost, generate_keypair
+from tests.e2e.harness.images import base_image
+from tests.e2e.harness.runner import Result, assert_converged, assert_no_changes, write_inventory
+
 BENCH = Path(__file__).resolve().parent
 REPO_ROOT = BENCH.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from tests.e2e.harness.engine import ensure_engine  # noqa: E402
-from tests.e2e.harness.hosts import MAX_HOSTS_PER_CALL, Fleet, TestHost, generate_keypair  # noqa: E402
-from tests.e2e.harness.images import base_image  # noqa: E402
-from tests.e2e.harness.runner import Result, assert_converged, assert_no_changes, write_inventory  # noqa: E402
-
-FLOOR = BENCH / "floor_deploy.py"
+FLOOR = BENCH / "deploys" / "floor.py"
 DEPLOY = "deploy.py"
 RUN_TIMEOUT_S = 1800
 _COMMAND_LINE = re.compile(r"Running command on (\S+): ")
@@ -65,19 +70,6 @@ class Run:
     max_rss_kb: int
     result: Result
     cpu_seconds: float = 0.0
-
-
-@dataclass
-class Measurements:
-    """Everything one benchmark run measured, in the shape results.json keeps."""
-
-    no_change: dict = field(default_factory=dict)  # size -> {"deploy": [s], "floor": [s], "baseline": [s]}
-    memory_kb: dict = field(default_factory=dict)  # size -> {"deploy": [kb], "floor": [kb], "baseline": [kb]}
-    cpu_s: dict = field(default_factory=dict)  # size -> {"deploy": [s], ...}: the pyinfra process's user+sys
-    round_trips: dict = field(default_factory=dict)  # size -> {"deploy": per host, "floor": ..., "baseline": ...}
-    round_trip_commands: dict = field(default_factory=dict)  # deploy -> {command head: count} on one host
-    provision: dict = field(default_factory=dict)  # size -> [s]
-    bare_provision: dict = field(default_factory=dict)  # size -> [s]
 
 
 def lab_data() -> dict:
@@ -282,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.sizes + args.provision_sizes) > 20:
         parser.error("at most 20 hosts")
 
-    from bench.report import write_report  # matplotlib is needed only here, after the measuring
-
+    require(REPORT_MODULES)  # now, not after twenty minutes of measuring
     ensure_engine()
     data = lab_data()
     found = Measurements()
@@ -301,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     info["repetitions"] = args.repetitions
     info["provision_repetitions"] = args.provision_repetitions
     info["baseline"] = args.baseline_label if args.baseline_tree else None
+    saved = measurements.save(found, info, args.output)
+    log(f"raw figures saved to {saved}")
     write_report(found, info, args.output)
     print((args.output / "RESULTS.md").read_text())
     return 0

@@ -1,4 +1,4 @@
-"""The floor of bench/docker_noop.py: one operation that changes nothing on the host."""
+"""The benchmarks' floor (bench/run.py, bench/docker_noop.py): one operation that changes nothing."""
 
 from pyinfra.operations import server
 

@@ -20,7 +20,7 @@ from .harness.snapshots import assert_files_preserved, checksum_snapshot
 
 pytestmark = pytest.mark.e2e
 
-DOCKER_STEP = "bench/docker_step.py"
+DOCKER_STEP = "bench/deploys/docker_step.py"
 DEAD_MIRROR = "http://127.0.0.1:9"
 # What the test hosts do not need to reach: the controller's CAs are not part of these tests.
 BASE = {"extra_ca_certificates": [], "docker_apt_mirror": DEAD_MIRROR}
