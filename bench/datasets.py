@@ -1,6 +1,6 @@
 """How much the datasets step costs over plain rsync: a cold push to 3 hosts, and a no-change run.
 
-    .venv/bin/python -m bench.datasets [--files 300] [--big-mb 50] [--repeat 3]
+    ./run bench datasets [--files 300] [--big-mb 50] [--repeat 3]
 
 Starts 3 test hosts (tests/e2e/harness, so it needs root and Docker like the e2e tests),
 generates a dataset on the controller, and times, in the same run:

@@ -1,7 +1,7 @@
 """Image delivery: the bytes each host receives and the time, for ship and registry (issue 7).
 
     ./run bench delivery                 # ship and registry to 1, 3 and 6 hosts
-    .venv/bin/python -m bench.delivery --sizes 1 3 --layer-mib 16
+    ./run bench delivery --sizes 1 3 --layer-mib 16
 
 Needs what the end-to-end tests need (root and Docker; see tests/README.md). For each mode
 and fleet size it starts fresh engine hosts (plus one registry host, group `registry`, in

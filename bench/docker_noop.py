@@ -1,6 +1,6 @@
 """How much a no-change re-run of the docker step costs over the cost of reaching the hosts.
 
-    .venv/bin/python -m bench.docker_noop [--hosts 3] [--repetitions 5]
+    ./run bench docker_noop [--hosts 3] [--repetitions 5]
 
 Starts test hosts with the e2e harness (tests/e2e/harness: root and Docker needed),
 installs Docker Engine on them once (docker_source = "distro", from the hosts' archive),

@@ -1,9 +1,9 @@
 """The JupyterLab image against its anchors: size per profile, cold/warm build, up to healthy.
 
     ./run bench image                    # the jupyter profile
-    .venv/bin/python -m bench.image --profile pytorch     # the CUDA torch stack (GBs from PyPI)
-    .venv/bin/python -m bench.image --profile pytorch --cuda 13.0
-    .venv/bin/python -m bench.image --base-image ubuntu:24.04@sha256:...   # a base the engine has
+    ./run bench image --profile pytorch     # the CUDA torch stack (GBs from PyPI)
+    ./run bench image --profile pytorch --cuda 13.0
+    ./run bench image --base-image ubuntu:24.04@sha256:...   # a base the engine has
 
 Each profile is built cold (--no-cache) and again warm (nothing changed: every layer from the
 cache), then started as compose starts it, timing `docker run` to the first /api answer and to
