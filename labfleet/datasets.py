@@ -31,21 +31,23 @@ import ipaddress
 import posixpath
 import shlex
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, deploy, operation
+from pyinfra.api import FunctionCommand, deploy, operation
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
-from labfleet import apt, preflight
-from labfleet.facts.datasets import DefaultAcl, ManifestState, RsyncDryRun, parse_rsync_itemized
-from labfleet.facts.system import GroupMembers, PathStates, PublicKeyFile, SshHostKey, path_is
-from labfleet.planning import plan_unless_current, planned, prefetch
+from labfleet import apt, planning, preflight
+from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
+from labfleet.facts.system import Account, GroupMembers, PathState, PathStates, PublicKeyFile, SshHostKey, path_is
+from labfleet.planning import Read, unless_current
 from labfleet.settings import Dataset, Settings, for_host
 
 # Default ACLs: read-only datasets never give the group write, writable ones always do.
@@ -59,6 +61,7 @@ KNOWN_HOSTS = f"{PULL_DIR}/known_hosts"
 # The account a peer serves pulls from: no sudo, no password, a forced read-only rrsync per key.
 SYNC_USER = "labfleet-sync"
 SYNC_HOME = "/var/lib/labfleet-sync"
+SYNC_SSH_DIR = f"{SYNC_HOME}/.ssh"
 KEY_TAG = "labfleet-pull"
 # Longest chain of pulls (pc03 <- pc02 <- pc01 is 2) one run can order; see lay_out_datasets.
 MAX_PULL_DEPTH = 3
@@ -70,6 +73,11 @@ def dataset_dir(settings: Settings, dataset: Dataset) -> str:
 
 def stamp_path(dataset: Dataset) -> str:
     return posixpath.join(STATE_DIR, f"{dataset.name}.verified")
+
+
+def one_line(lines: list[str], limit: int = 1000) -> str:
+    """What rsync said, on one line (its last limit characters): an error message is one line."""
+    return " ".join(line.strip() for line in lines if line.strip())[-limit:]
 
 
 def rsync_flags(dataset: Dataset, group: str) -> list[str]:
@@ -113,7 +121,7 @@ def default_acl(path: str, entries: tuple[str, ...]):
         default_acl(name="Group-writable shared data", path="/srv/shared",
                     entries=("user::rwx", "group::rwx", "other::r-x"))
     """
-    current = host.get_fact(DefaultAcl, path=path)
+    current = host.get_fact(DefaultAcls, paths=(path,)).get(path)
     if current is not None and set(current) == set(entries):
         host.noop(f"{path} already has default ACL {','.join(entries)}")
         return
@@ -122,79 +130,82 @@ def default_acl(path: str, entries: tuple[str, ...]):
     yield f"setfacl --remove-default --modify {shlex.quote(acl)} {shlex.quote(path)}"
 
 
-def state_parts(settings: Settings) -> tuple:
-    """The facts the layout decides from while planning, read in one round trip."""
-    directories = (settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets))
-    acls = (settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets if not _is_nfs(d)))
-    users = tuple(sorted({user.name for user in settings.jupyter_users}))
-    return (
-        (DebPackages, {}),
-        (GroupMembers, {"group": settings.datasets_group, "users": users}),
-        (PathStates, {"paths": directories}),
-        *((DefaultAcl, {"path": path}) for path in acls),
-        preflight.account_part(settings),
-    )
+@dataclass(frozen=True)
+class DatasetsState:
+    """What the datasets step decides from while planning (see ``reads``)."""
+
+    packages: dict[str, list[str]]
+    group: dict  # GroupMembers: {"exists", "members", "accounts"}
+    paths: dict[str, PathState]
+    acls: dict[str, tuple[str, ...]]
+    accounts: dict[str, Account]
 
 
-def _is_nfs(dataset: Dataset) -> bool:
-    return dataset.source.startswith("nfs:")
+def reads(settings: Settings) -> dict[str, Read]:
+    """The facts the datasets step decides from while planning, by DatasetsState's field names."""
+    owned = [dataset_dir(settings, d) for d in settings.datasets if not SOURCE_KINDS[d.source.kind].mounted]
+    users = {user.name for user in settings.jupyter_users}
+    paths = [settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets)]
+    if _pullers_of(settings.host):
+        users.add(SYNC_USER)
+        paths.append(SYNC_SSH_DIR)
+    return {
+        "packages": Read(DebPackages),
+        "group": Read(GroupMembers, {"group": settings.datasets_group, "users": tuple(sorted(users))}),
+        "paths": Read(PathStates, {"paths": tuple(paths)}),
+        "acls": Read(DefaultAcls, {"paths": (settings.datasets_root, *owned)}),
+        "accounts": preflight.reads(settings)["accounts"],
+    }
 
 
-def _in_group(settings: Settings, user: str, members: dict) -> bool:
+def _acl_is(state: DatasetsState, path: str, entries: tuple[str, ...]) -> bool:
+    current = state.acls.get(path)
+    return current is not None and set(current) == set(entries)
+
+
+def _in_group(state: DatasetsState, user: str) -> bool:
     """What server.user(groups=[group], append=True) would find current: the account is in
     the group, and its home directory exists, owned by the user and the group named after it."""
-    account = preflight.account(settings, user)
-    home = (account or {}).get("home_state") or {}
-    return user in members["members"] and home == {"kind": "directory", "user": user, "group": user}
+    account = state.accounts.get(user)
+    home = account["home_state"] if account else None
+    return user in state.group["members"] and home == {"kind": "directory", "user": user, "group": user}
 
 
-def _lay_out(settings: Settings) -> None:
-    # Each operation is planned; one that the state read while planning shows current reads
-    # nothing when it runs (labfleet.facts.unless_current).
-    parts = state_parts(settings)
-    prefetch(parts)
-    _, (members_fact, members_kwargs), (states_fact, states_kwargs), *_ = parts
-    members = planned(members_fact, **members_kwargs)
-    states = planned(states_fact, **states_kwargs)
-
-    def acl_is(path: str, entries: tuple[str, ...]) -> bool:
-        current = planned(DefaultAcl, path=path)
-        return current is not None and set(current) == set(entries)
-
+def _lay_out(settings: Settings, state: DatasetsState) -> None:
     group = settings.datasets_group
-    plan_unless_current(server.group, members["exists"], name=f"Create the datasets group {group}", group=group)
+    unless_current(server.group, current=state.group["exists"], name=f"Create the datasets group {group}", group=group)
     for user in settings.jupyter_users:
-        plan_unless_current(
+        unless_current(
             server.user,
-            _in_group(settings, user.name, members),
+            current=_in_group(state, user.name),
             name=f"Add {user.name} to the group {group}",
             user=user.name,
             groups=[group],
             append=True,
         )
-    plan_unless_current(
+    unless_current(
         files.directory,
-        path_is(states, settings.datasets_root, "directory", "root", group, "2755"),
+        current=path_is(state.paths, settings.datasets_root, "directory", "root", group, "2755"),
         name=f"Create the datasets root {settings.datasets_root}",
         path=settings.datasets_root,
         user="root",
         group=group,
         mode="2755",
     )
-    plan_unless_current(
+    unless_current(
         default_acl,
-        acl_is(settings.datasets_root, ACL_READONLY),
+        current=_acl_is(state, settings.datasets_root, ACL_READONLY),
         name="Set the default ACL of the datasets root",
         path=settings.datasets_root,
         entries=ACL_READONLY,
     )
     for dataset in settings.datasets:
         path = dataset_dir(settings, dataset)
-        if _is_nfs(dataset):
+        if SOURCE_KINDS[dataset.source.kind].mounted:
             # A mount point: once mounted, its owner and mode are the export's, not ours.
-            plan_unless_current(
+            unless_current(
                 files.directory,
-                path_is(states, path, "directory"),
+                current=path_is(state.paths, path, "directory"),
                 name=f"Create dataset directory {dataset.name}",
                 path=path,
             )
@@ -202,18 +213,18 @@ def _lay_out(settings: Settings) -> None:
         # files.directory never recurses: nothing that already lives in a dataset is touched.
         mode = "2755" if dataset.readonly else "2775"
         entries = ACL_READONLY if dataset.readonly else ACL_WRITABLE
-        plan_unless_current(
+        unless_current(
             files.directory,
-            path_is(states, path, "directory", "root", group, mode),
+            current=path_is(state.paths, path, "directory", "root", group, mode),
             name=f"Create dataset directory {dataset.name}",
             path=path,
             user="root",
             group=group,
             mode=mode,
         )
-        plan_unless_current(
+        unless_current(
             default_acl,
-            acl_is(path, entries),
+            current=_acl_is(state, path, entries),
             name=f"Set the default ACL of dataset {dataset.name}",
             path=path,
             entries=entries,
@@ -221,14 +232,11 @@ def _lay_out(settings: Settings) -> None:
 
 
 def _packages(settings: Settings, serves_pulls: bool) -> list[str]:
-    kinds = {dataset.source.partition(":")[0] for dataset in settings.datasets}
     wanted = ["acl"]
-    if kinds & {"local", "host"} or serves_pulls:
+    for kind in sorted({dataset.source.kind for dataset in settings.datasets}):
+        wanted += [name for name in SOURCE_KINDS[kind].packages if name not in wanted]
+    if serves_pulls and "rsync" not in wanted:
         wanted.append("rsync")
-    if "host" in kinds:
-        wanted.append("openssh-client")
-    if "nfs" in kinds:
-        wanted.append("nfs-common")
     return wanted
 
 
@@ -267,12 +275,14 @@ def push_command(data, host_name: str, src: str, dest: str, flags: list[str], su
 
 
 def _run_rsync(state, host, argv: list[str], what: str) -> bool:
+    # A FunctionCommand: pyinfra passes the state and the host it runs for.
     completed = subprocess.run(argv, capture_output=True, text=True, check=False)
     moved = [line for line in completed.stdout.splitlines() if parse_rsync_itemized([line])["changes"]]
     host.log_styled(f"{what}: {len(moved)} item(s) synced", log_func=_logger().info)
     if completed.returncode != 0:
         host.log_styled(
-            f"labfleet: {what} failed (rsync exit {completed.returncode}): {completed.stderr.strip()[-2000:]}",
+            f"labfleet: host {host.name}: {what} failed (rsync exit {completed.returncode}): "
+            f"{one_line(completed.stderr.splitlines())}; run again: what arrived is whole and is not sent twice",
             fg="red",
             log_func=_logger().error,
         )
@@ -312,7 +322,7 @@ def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
     if dry.returncode != 0:
         yield preflight.failing_command(
             f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {dry.returncode}): "
-            f"{dry.stderr.strip()[-1000:]}; check that rsync is installed on both sides and that "
+            f"{one_line(dry.stderr.splitlines())}; check that rsync is installed on both sides and that "
             "the SSH settings of this host work"
         )
         return
@@ -326,11 +336,6 @@ def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
 # --- host: pulls from a peer -----------------------------------------------------------------
 
 
-def _peer_of(dataset: Dataset) -> tuple[str, str]:
-    _, peer, path = dataset.source.split(":", 2)
-    return peer, path
-
-
 def _all_settings() -> dict[str, Settings]:
     return {other.name: for_host(other) for other in host.inventory}
 
@@ -341,7 +346,7 @@ def _pullers_of(peer: str) -> list[tuple[Settings, Dataset]]:
         (other, dataset)
         for other in _all_settings().values()
         for dataset in other.datasets
-        if dataset.source.startswith("host:") and _peer_of(dataset)[0] == peer
+        if dataset.source.kind == "host" and dataset.source.peer == peer
     ]
 
 
@@ -351,13 +356,13 @@ def pull_depth(all_settings: dict[str, Settings], host_name: str, dataset: Datas
     A peer that itself pulls the path it serves must finish first: pulls run in rounds of
     this depth, so a chain pc03 <- pc02 <- pc01 works in one run.
     """
-    if not dataset.source.startswith("host:"):
+    if dataset.source.kind != "host":
         return 0
     key = (host_name, dataset.name)
     if key in seen:
         chain = " -> ".join(f"{h}:{d}" for h, d in (*seen, key))
         raise PyinfraError(f"datasets pull from each other in a circle: {chain}; give one of them another source")
-    peer, path = _peer_of(dataset)
+    peer, path = dataset.source.peer, dataset.source.path
     peer_settings = all_settings[peer]
     for upstream in peer_settings.datasets:
         if posixpath.normpath(dataset_dir(peer_settings, upstream)) == posixpath.normpath(path):
@@ -430,7 +435,12 @@ def trust_peer_host_keys(path: str, peers: list[tuple[str, str, int]]):
     for name, address, port in sorted(set(peers)):
         key = host.inventory.get_host(name).get_fact(SshHostKey)
         if key is None:
-            raise OperationError(f"host {name}: no SSH host key found in /etc/ssh; is sshd installed?")
+            # A failing command, not an exception: an exception here would stop every host.
+            yield preflight.failing_command(
+                f"host {host.name}: the peer {name} has no SSH host key in /etc/ssh, so {host.name} cannot "
+                f"check whom it pulls from; install openssh-server on {name} (or run ssh-keygen -A there)"
+            )
+            return
         pattern = address if port == 22 else f"[{address}]:{port}"
         lines.append(f"{pattern} {key}")
     yield from files.put._inner(src=StringIO("\n".join(lines) + "\n"), dest=path, user="root", group="root", mode="644")
@@ -511,14 +521,15 @@ def pull_datasets(pulls: list[tuple[str, str, str, str, str]]):
     for peer, remote_path, command, dest, stamp in pulls:
         if host.inventory.get_host(peer) in host.state.failed_hosts:
             yield preflight.failing_command(
-                f"host {host.name}: the peer {peer} failed earlier in this run, so {dest} was not pulled",
+                f"host {host.name}: the peer {peer} failed earlier in this run, so {dest} was not pulled; "
+                f"fix what stopped {peer} (its error is above) and run again",
             )
             return
         pending = host.get_fact(RsyncDryRun, command=command)
         if pending["rc"] != 0:
             yield preflight.failing_command(
                 f"host {host.name}: cannot pull {peer}:{remote_path} (rsync exit {pending['rc']}): "
-                f"{' '.join(pending['errors'])[-1000:]}; check lan_address / lan_ssh_port of {peer} "
+                f"{one_line(pending['errors'])}; check lan_address / lan_ssh_port of {peer} "
                 f"and that {host.name} reaches it"
             )
             return
@@ -554,7 +565,7 @@ def mount_unit_name(where: str) -> str:
 
 def nfs_mount_unit(dataset: Dataset, where: str) -> str:
     """The systemd mount unit that mounts an nfs: dataset read-only at where."""
-    _, what = dataset.source.split(":", 1)
+    what = f"{dataset.source.server}:{dataset.source.export}"
     return (
         "# Written by labfleet (labfleet/datasets.py); edits are replaced on the next run.\n"
         "[Unit]\n"
@@ -651,8 +662,10 @@ def _verify(settings: Settings, dataset: Dataset) -> None:
 # --- the step -------------------------------------------------------------------------------
 
 
-def _serve_pulls(settings: Settings, pullers: list[tuple[Settings, Dataset]]) -> None:
-    server.user(
+def _serve_pulls(settings: Settings, state: DatasetsState) -> None:
+    unless_current(
+        server.user,
+        current=SYNC_USER in state.group["accounts"] and SYNC_USER in state.group["members"],
         name=f"Create the account {SYNC_USER} that peers pull datasets through",
         user=SYNC_USER,
         system=True,
@@ -663,16 +676,39 @@ def _serve_pulls(settings: Settings, pullers: list[tuple[Settings, Dataset]]) ->
         groups=[settings.datasets_group],
         append=True,
     )
-    files.directory(
-        name=f"Create {SYNC_HOME}/.ssh", path=f"{SYNC_HOME}/.ssh", user=SYNC_USER, group=SYNC_USER, mode="700"
+    unless_current(
+        files.directory,
+        current=path_is(state.paths, SYNC_SSH_DIR, "directory", SYNC_USER, SYNC_USER, "700"),
+        name=f"Create {SYNC_SSH_DIR}",
+        path=SYNC_SSH_DIR,
+        user=SYNC_USER,
+        group=SYNC_USER,
+        mode="700",
     )
+
+
+def pull_rounds(all_settings: dict[str, Settings]) -> int:
+    """How many rounds of pulls the fleet needs (the longest chain of peers), at most MAX_PULL_DEPTH."""
+    depth, deepest = 0, None
+    for name, settings in sorted(all_settings.items()):
+        for dataset in settings.datasets:
+            here = pull_depth(all_settings, name, dataset)
+            if here > depth:
+                depth, deepest = here, (name, dataset)
+    if deepest is not None and depth > MAX_PULL_DEPTH:
+        name, dataset = deepest
+        raise PyinfraError(
+            f"host {name}: datasets.{dataset.name}.source = {dataset.source.text!r} is pulled through a chain of "
+            f"{depth} hosts; at most {MAX_PULL_DEPTH} are supported: let some hosts pull from the first peer instead"
+        )
+    return depth
 
 
 def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> None:
     # Every host runs each of these operations, with nothing to do where it neither pulls
     # nor serves: an operation that all hosts share is a barrier in pyinfra's order, so
     # every puller has its key before any peer reads it.
-    mine = [d for d in settings.datasets if d.source.startswith("host:")]
+    mine = [d for d in settings.datasets if d.source.kind == "host"]
     served = sorted(_pullers_of(settings.host), key=lambda item: (item[0].host, item[1].name))
     ensure_pull_keys(
         name="Make the keys that pull datasets from peers",
@@ -683,22 +719,21 @@ def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> Non
         path=KNOWN_HOSTS,
         peers=[
             (peer, all_settings[peer].lan_address, all_settings[peer].lan_ssh_port)
-            for peer in sorted({_peer_of(d)[0] for d in mine})
+            for peer in sorted({d.source.peer for d in mine})
         ],
     )
     authorize_pullers(
         name="Let peers pull datasets from this host, read-only",
-        path=f"{SYNC_HOME}/.ssh/authorized_keys",
-        pullers=[(p.host, pull_key_path(d), _peer_of(d)[1], _source_address(p)) for p, d in served],
+        path=f"{SYNC_SSH_DIR}/authorized_keys",
+        pullers=[(p.host, pull_key_path(d), d.source.path, _source_address(p)) for p, d in served],
     )
 
 
 def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: int) -> None:
     pulls = []
-    mine = [d for d in settings.datasets if d.source.startswith("host:")]
-    mine = [d for d in mine if pull_depth(all_settings, settings.host, d) == depth]
+    mine = [d for d in settings.datasets if pull_depth(all_settings, settings.host, d) == depth]
     for dataset in mine:
-        peer, path = _peer_of(dataset)
+        peer, path = dataset.source.peer, dataset.source.path
         dest = dataset_dir(settings, dataset)
         flags = rsync_flags(dataset, settings.datasets_group)
         command = pull_command(all_settings[peer], path, dest, pull_key_path(dataset), KNOWN_HOSTS, flags)
@@ -708,41 +743,30 @@ def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: in
         _verify(settings, dataset)
 
 
-@deploy("Lay out the dataset directories")
-def lay_out_datasets(settings: Settings):
-    all_settings = _all_settings()
-    pullers = _pullers_of(settings.host)
-    tools = _packages(settings, bool(pullers))
-    prefetch(state_parts(settings))
-    plan_unless_current(
-        apt.ensure_packages,
-        not apt.missing_packages(tools, planned(DebPackages)),
-        name="Install the dataset tools",
-        packages=tools,
-    )
-    _lay_out(settings)
-    if pullers:
-        _serve_pulls(settings, pullers)
+def _bring_in_manual(settings: Settings, datasets: list[Dataset]) -> None:
+    for dataset in datasets:
+        _verify(settings, dataset)
 
-    for dataset in settings.datasets:
-        if dataset.source.startswith("local:"):
-            push_dataset(
-                name=f"Push dataset {dataset.name} from the controller",
-                src=dataset.source.partition(":")[2],
-                dest=dataset_dir(settings, dataset),
-                flags=rsync_flags(dataset, settings.datasets_group),
-                stamp=stamp_path(dataset),
-            )
-            _verify(settings, dataset)
 
-    depth = max((pull_depth(all_settings, name, d) for name, s in all_settings.items() for d in s.datasets), default=0)
-    if depth > MAX_PULL_DEPTH:
-        raise PyinfraError(
-            f"datasets are pulled through a chain of {depth} hosts; at most {MAX_PULL_DEPTH} are supported: "
-            "let some hosts pull from the first peer instead"
+def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
+    for dataset in datasets:
+        push_dataset(
+            name=f"Push dataset {dataset.name} from the controller",
+            src=dataset.source.path,
+            dest=dataset_dir(settings, dataset),
+            flags=rsync_flags(dataset, settings.datasets_group),
+            stamp=stamp_path(dataset),
         )
-    # depth is the same on every host, so every host calls the same operations here, and
-    # one call per hop (not a loop) keeps hop 1 (a peer pulling) before hop 2 (pulls from it).
+        _verify(settings, dataset)
+
+
+def _bring_in_from_peers(settings: Settings, datasets: list[Dataset]) -> None:
+    # Called on every host, whatever it pulls: depth is the same on every host, so every
+    # host plans the same operations here, and one call per hop (not a loop) keeps hop 1
+    # (a peer pulling) before hop 2 (pulls from it) in pyinfra's order.
+    del datasets  # each round picks this host's pulls of its depth
+    all_settings = _all_settings()
+    depth = pull_rounds(all_settings)
     if depth >= 1:
         _prepare_pulls(settings, all_settings)
         _pull_round(settings, all_settings, 1)
@@ -751,9 +775,53 @@ def lay_out_datasets(settings: Settings):
     if depth >= 3:
         _pull_round(settings, all_settings, 3)
 
-    for dataset in settings.datasets:
-        if dataset.source.startswith("nfs:"):
-            _mount_nfs(settings, dataset)
-            _verify(settings, dataset)
-        elif dataset.source == "manual":
-            _verify(settings, dataset)
+
+def _bring_in_nfs(settings: Settings, datasets: list[Dataset]) -> None:
+    for dataset in datasets:
+        _mount_nfs(settings, dataset)
+        _verify(settings, dataset)
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What one kind of dataset source needs: host packages, and how its datasets come in.
+
+    + packages: what the host needs for this kind (``acl`` is always installed)
+    + bring_in: plans the operations that fill this kind's datasets on this host; called on
+      every host, in this table's order, with this host's datasets of the kind (maybe none)
+    + mounted: the dataset directory is a mount point, whose owner, mode and ACL are the
+      mounted file system's, so the layout only makes sure it exists
+    """
+
+    packages: tuple[str, ...]
+    bring_in: Callable[[Settings, list[Dataset]], None]
+    mounted: bool = False
+
+
+# Adding a source kind: one entry here and its bring_in function above (and its form in
+# labfleet/settings.py). The order is the order of the step: pushes before pulls, since a
+# peer may serve what the controller pushed to it.
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "local": SourceKind(packages=("rsync",), bring_in=_bring_in_local),
+    "host": SourceKind(packages=("rsync", "openssh-client"), bring_in=_bring_in_from_peers),
+    "nfs": SourceKind(packages=("nfs-common",), bring_in=_bring_in_nfs, mounted=True),
+    "manual": SourceKind(packages=(), bring_in=_bring_in_manual),
+}
+
+
+@deploy("Lay out the dataset directories")
+def lay_out_datasets(settings: Settings):
+    state = planning.snapshot(DatasetsState, reads(settings))
+    serves_pulls = bool(_pullers_of(settings.host))
+    tools = _packages(settings, serves_pulls)
+    unless_current(
+        apt.ensure_packages,
+        current=not apt.missing_packages(tools, state.packages),
+        name="Install the dataset tools",
+        packages=tools,
+    )
+    _lay_out(settings, state)
+    if serves_pulls:
+        _serve_pulls(settings, state)
+    for kind, source_kind in SOURCE_KINDS.items():
+        source_kind.bring_in(settings, [d for d in settings.datasets if d.source.kind == kind])

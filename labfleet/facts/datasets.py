@@ -8,24 +8,42 @@ import shlex
 from pyinfra.api import FactBase
 
 
-class DefaultAcl(FactBase):
-    """The default ACL of a directory, as getfacl prints it without header or comments.
+class DefaultAcls(FactBase):
+    """The default ACLs of some directories, as getfacl prints them without header or comments.
 
-    Returns a tuple of entries such as ``("user::rwx", "group::r-x", "other::r-x")`` (empty when
-    the directory has none), or None when the directory does not exist.
+    + paths: the directories
+
+    Returns ``{path: entries}`` for the paths that are directories, entries a tuple such as
+    ``("user::rwx", "group::r-x", "other::r-x")`` (empty when the directory has none). One
+    command for all of them: the datasets step reads the root and every dataset at once.
     """
 
     requires_command = "getfacl"
+    MARK = "labfleet-acl-of "
 
-    def command(self, path: str) -> str:
-        quoted = shlex.quote(path)
-        return f"if [ -d {quoted} ]; then echo present; getfacl --absolute-names --omit-header --default {quoted}; fi"
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, paths: tuple[str, ...]) -> str:
+        if not paths:
+            return "true"
+        listed = " ".join(shlex.quote(path) for path in paths)
+        return (
+            f'for p in {listed}; do if [ -d "$p" ]; then echo "{self.MARK}$p"; '
+            'getfacl --absolute-names --omit-header --default "$p"; fi; done; true'
+        )
 
     def process(self, output):
-        lines = [line.strip() for line in output if line.strip()]
-        if not lines or lines[0] != "present":
-            return None
-        return tuple(line.removeprefix("default:") for line in lines[1:] if not line.startswith("#"))
+        acls: dict[str, tuple[str, ...]] = {}
+        current = None
+        for line in output:
+            if line.startswith(self.MARK):
+                current = line[len(self.MARK) :]
+                acls[current] = ()
+            elif current is not None and line.strip() and not line.startswith("#"):
+                acls[current] = (*acls[current], line.strip().removeprefix("default:"))
+        return acls
 
 
 class RsyncDryRun(FactBase):

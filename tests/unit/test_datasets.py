@@ -6,13 +6,18 @@ no mount can happen there (see tests/e2e/test_datasets.py).
 
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.facts.server import Which
 
 from labfleet import datasets
-from labfleet.facts.datasets import DefaultAcl, ManifestState, parse_rsync_itemized
+from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
+from labfleet.model import Source, dataset_source
 from labfleet.settings import Dataset, build
+
+MANUAL = Source("manual", "manual")
 
 
 def _settings(raw, name, **data):
@@ -38,7 +43,7 @@ def test_mount_unit_names_follow_systemd_escape(path, unit):
 
 
 def test_nfs_unit_mounts_read_only_and_is_enabled_at_boot():
-    dataset = Dataset("imagenet", "nfs:nas.lab:/export/imagenet")
+    dataset = Dataset("imagenet", dataset_source("nfs:nas.lab:/export/imagenet"))
     unit = datasets.nfs_mount_unit(dataset, "/srv/datasets/imagenet")
     lines = unit.splitlines()
     assert "What=nas.lab:/export/imagenet" in lines
@@ -52,12 +57,12 @@ def test_nfs_unit_mounts_read_only_and_is_enabled_at_boot():
 
 @pytest.mark.parametrize(("readonly", "chmod"), [(True, "D2755,Fu+rw,Fgo+r,Fgo-w"), (False, "D2775,Fug+rw,Fo+r,Fo-w")])
 def test_rsync_never_deletes_or_writes_in_place_unless_told(readonly, chmod):
-    flags = datasets.rsync_flags(Dataset("d", "manual", readonly=readonly), "labdata")
+    flags = datasets.rsync_flags(Dataset("d", MANUAL, readonly=readonly), "labdata")
     assert "--delete" not in flags
     assert not {"--inplace", "--partial", "--append"} & set(flags)
     assert f"--chmod={chmod}" in flags
     assert "--chown=root:labdata" in flags and "--itemize-changes" in flags
-    assert "--delete" in datasets.rsync_flags(Dataset("d", "manual", prune=True), "labdata")
+    assert "--delete" in datasets.rsync_flags(Dataset("d", MANUAL, prune=True), "labdata")
 
 
 def test_push_uses_the_hosts_own_ssh_settings():
@@ -153,9 +158,150 @@ def test_rsync_itemized_output_is_split_into_changes_and_errors():
 
 
 def test_acl_and_manifest_facts_parse_their_output():
-    acl = DefaultAcl().process(["present", "user::rwx", "group::rwx", "other::r-x", ""])
-    assert acl == ("user::rwx", "group::rwx", "other::r-x")
-    assert DefaultAcl().process(["present"]) == ()
-    assert DefaultAcl().process([]) is None
+    acls = DefaultAcls().process(
+        [
+            "labfleet-acl-of /srv/datasets",
+            "user::rwx",
+            "group::r-x",
+            "other::r-x",
+            "",
+            "labfleet-acl-of /srv/datasets/a b",
+            "default:user::rwx",
+            "default:group::rwx",
+            "default:other::r-x",
+            "labfleet-acl-of /srv/datasets/none",
+        ]
+    )
+    assert acls == {
+        "/srv/datasets": ("user::rwx", "group::r-x", "other::r-x"),
+        "/srv/datasets/a b": ("user::rwx", "group::rwx", "other::r-x"),
+        "/srv/datasets/none": (),
+    }
+    assert DefaultAcls().process([]) == {}
     assert ManifestState().process(["manifest abc", "stamp"]) == {"manifest": "abc", "stamp": None}
     assert ManifestState().process(["manifest abc", "stamp abc"]) == {"manifest": "abc", "stamp": "abc"}
+
+
+def test_each_source_kind_has_one_entry_in_the_table(raw):
+    assert set(datasets.SOURCE_KINDS) == {"manual", "local", "host", "nfs"}
+    assert [kind for kind, entry in datasets.SOURCE_KINDS.items() if entry.mounted] == ["nfs"]
+    fleet = _settings(
+        raw,
+        "pc02",
+        datasets={"a": "manual", "b": "host:pc01:/srv/datasets/b", "c": "nfs:nas.lab:/export/c"},
+    )
+    assert datasets._packages(fleet, serves_pulls=False) == ["acl", "rsync", "openssh-client", "nfs-common"]
+    assert datasets._packages(_settings(raw, "pc01"), serves_pulls=True) == ["acl", "rsync"]
+
+
+def test_a_pull_chain_longer_than_the_rounds_stops_the_run(raw):
+    fleet = {"pc1": _settings(raw, "pc1", datasets={"ref": "manual"})}
+    for index in range(2, 6):
+        fleet[f"pc{index}"] = _settings(raw, f"pc{index}", datasets={"ref": f"host:pc{index - 1}:/srv/datasets/ref"})
+    with pytest.raises(PyinfraError) as stopped:
+        datasets.pull_rounds(fleet)
+    assert str(stopped.value) == (
+        "host pc5: datasets.ref.source = 'host:pc4:/srv/datasets/ref' is pulled through a chain of 4 hosts; "
+        "at most 3 are supported: let some hosts pull from the first peer instead"
+    )
+    del fleet["pc5"]
+    assert datasets.pull_rounds(fleet) == 3
+
+
+# --- the failures an operation finds while it runs: each fails its host with one line --------
+
+
+def _fails_with(commands: list) -> str:
+    """Run the one command an operation yielded; it must fail, and say one line on stderr."""
+    assert len(commands) == 1, commands
+    ran = subprocess.run(["sh", "-c", str(commands[0])], capture_output=True, text=True, check=False)
+    assert ran.returncode == 1 and ran.stdout == ""
+    (line,) = ran.stderr.splitlines()
+    assert line.startswith("labfleet: host pc01: ")
+    return line.removeprefix("labfleet: ")
+
+
+class _Peer:
+    """Another inventory host, as an operation sees it: a name and its SSH host key."""
+
+    def __init__(self, name, key=None):
+        self.name, self.key = name, key
+
+    def get_fact(self, fact, **kwargs):
+        return self.key
+
+
+def _peers(fake, keys=None, failed=()):
+    """Give a FakeHost an inventory of peers (with their SSH host keys) and failed hosts."""
+    peers = {name: _Peer(name, key) for name, key in (keys or {}).items()}
+    for name in failed:
+        peers.setdefault(name, _Peer(name))
+    fake.inventory = SimpleNamespace(get_host=lambda name: peers[name])
+    fake.state.failed_hosts = {peers[name] for name in failed}
+    return fake
+
+
+def test_a_failed_dry_run_of_a_push_fails_the_host(fake_host_in, monkeypatch):
+    fake = fake_host_in(datasets)
+    fake.data, fake.current_op_global_arguments = {"ssh_hostname": "127.0.0.1"}, {"_sudo": True}
+    closed = subprocess.CompletedProcess(
+        [], 12, "", "sudo: rsync: command not found\nrsync: connection unexpectedly closed"
+    )
+    real_run = subprocess.run
+    monkeypatch.setattr(
+        datasets.subprocess, "run", lambda argv, **kwargs: closed if argv[0] == "rsync" else real_run(argv, **kwargs)
+    )
+    line = _fails_with(list(datasets.push_dataset._inner(src="/data/m", dest="/srv/datasets/m", flags=[], stamp="/s")))
+    assert line == (
+        "host pc01: cannot rsync /data/m to /srv/datasets/m (rsync exit 12): sudo: rsync: command not found "
+        "rsync: connection unexpectedly closed; check that rsync is installed on both sides and that the SSH "
+        "settings of this host work"
+    )
+
+
+def test_a_peer_without_rrsync_fails_and_says_to_upgrade_rsync(fake_host_in):
+    fake_host_in(datasets, {Which: None})
+    pullers = [("pc02", "/etc/labfleet/dataset-pull/id_m", "/srv/datasets/m", None)]
+    line = _fails_with(list(datasets.authorize_pullers._inner(path="/k", pullers=pullers)))
+    assert "rrsync is missing, so peers cannot pull datasets from it" in line and line.endswith("upgrade rsync")
+
+
+def test_a_peer_without_an_ssh_host_key_fails_only_the_puller(fake_host_in):
+    fake = _peers(fake_host_in(datasets), keys={"pc02": None})
+    line = _fails_with(list(datasets.trust_peer_host_keys._inner(path="/kh", peers=[("pc02", "10.0.0.2", 22)])))
+    assert line == (
+        "host pc01: the peer pc02 has no SSH host key in /etc/ssh, so pc01 cannot check whom it pulls from; "
+        "install openssh-server on pc02 (or run ssh-keygen -A there)"
+    )
+    assert fake.noops == []
+
+
+def test_a_pull_from_a_failed_or_unreachable_peer_fails_the_puller(fake_host_in):
+    pulls = [("pc02", "/srv/datasets/m", "rsync ...", "/srv/datasets/m", "/s")]
+    _peers(fake_host_in(datasets), failed=["pc02"])
+    line = _fails_with(list(datasets.pull_datasets._inner(pulls=pulls)))
+    assert line == (
+        "host pc01: the peer pc02 failed earlier in this run, so /srv/datasets/m was not pulled; "
+        "fix what stopped pc02 (its error is above) and run again"
+    )
+
+    refused = {"rc": 255, "changes": [], "errors": ["ssh: connect to host 10.0.0.2 port 22: Connection refused"]}
+    _peers(fake_host_in(datasets, {RsyncDryRun: refused}), keys={"pc02": "ssh-ed25519 K"})
+    line = _fails_with(list(datasets.pull_datasets._inner(pulls=pulls)))
+    assert line == (
+        "host pc01: cannot pull pc02:/srv/datasets/m (rsync exit 255): ssh: connect to host 10.0.0.2 port 22: "
+        "Connection refused; check lan_address / lan_ssh_port of pc02 and that pc01 reaches it"
+    )
+
+
+def test_a_missing_manifest_fails_the_host(fake_host_in):
+    fake_host_in(datasets, {ManifestState: {"manifest": None, "stamp": None}})
+    commands = list(
+        datasets.verify_manifest._inner(
+            directory="/srv/datasets/m", manifest="SHA256SUMS", stamp="/s", label="dataset m"
+        )
+    )
+    assert (
+        _fails_with(commands)
+        == "host pc01: dataset m has no manifest SHA256SUMS; add it to the source or drop manifest"
+    )
