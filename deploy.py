@@ -21,8 +21,8 @@ settings = for_host(host)
 planning.read_ahead(
     preflight.reads(settings),
     planning.from_parts(certs.state_parts(settings)),
-    planning.from_parts(nvidia.state_parts(settings)),
-    planning.from_parts(docker.state_parts(settings)),
+    nvidia.reads(settings),
+    docker.reads(settings),
     datasets.reads(settings),
     delivery.reads(settings),
     jupyter.reads(settings),

@@ -109,6 +109,14 @@ def _dataset_mounts(settings: Settings) -> list[dict]:
     return mounts
 
 
+def url(settings: Settings, port: int) -> str:
+    """How a person opens this user's JupyterLab: through a tunnel when it is bound to loopback."""
+    bind = settings.jupyter_bind
+    address = settings.lan_address if bind in ("0.0.0.0", "::") else bind
+    address = f"[{address}]" if ":" in address else address
+    return f"http://{address}:{port}/lab"
+
+
 def project_digest(project: Project) -> str:
     """The digest of the settings a current container of this project was started with (its label)."""
     return compose_model(project)["services"]["jupyterlab"]["labels"][CONFIG_LABEL]

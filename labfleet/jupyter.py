@@ -245,10 +245,12 @@ def announce(message: str):
     yield  # an operation is a generator, even one that yields nothing
 
 
-def tunnel_hint(settings: Settings, port: int) -> str:
-    if settings.jupyter_bind in ("127.0.0.1", "::1"):
-        return f"ssh -L {port}:127.0.0.1:{port} {settings.host}"
-    return "no tunnel needed"
+def reach_hint(settings: Settings, port: int) -> str:
+    """How a person reaches the port from another machine: an SSH tunnel when it is bound to
+    loopback, nothing to add on the machine itself (@local) or when it listens on the LAN."""
+    if settings.host.startswith("@local") or settings.jupyter_bind not in ("127.0.0.1", "::1"):
+        return ""
+    return f"tunnel: ssh -L {port}:127.0.0.1:{port} {settings.host}; "
 
 
 @deploy("Bring JupyterLab up")
@@ -283,7 +285,7 @@ def announce_projects(settings: Settings):
         announce(
             name=f"How {project.user.name} reaches JupyterLab",
             message=(
-                f"JupyterLab of {project.user.name}: http://127.0.0.1:{port}/lab "
-                f"(tunnel: {tunnel_hint(settings, port)}; {secret})"
+                f"JupyterLab of {project.user.name}: {compose.url(settings, port)} "
+                f"({reach_hint(settings, port)}{secret})"
             ),
         )

@@ -188,14 +188,19 @@ class _HostOutput(logging.Filter):
 
     def __init__(self, prefix: str) -> None:
         super().__init__()
-        self.prefix, self.lines = prefix, []
+        self.prefix = prefix
+        self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith(self.prefix):
+        if not record.getMessage().startswith(self.prefix):
             return True
-        self.lines.append(re.sub(r"\x1b\[[0-9;]*m", "", message[len(self.prefix) :]).strip())
+        self.records.append(record)
         return False
+
+    @property
+    def lines(self) -> list[str]:
+        """What was held back, without the host prefix and the terminal colours."""
+        return [re.sub(r"\x1b\[[0-9;]*m", "", r.getMessage()[len(self.prefix) :]).strip() for r in self.records]
 
 
 def _batched(missing: list[Read]) -> list:
@@ -207,13 +212,13 @@ def _batched(missing: list[Read]) -> list:
         values = host.get_fact(FactBatch, parts=parts)
     except PyinfraError:
         # pyinfra stops the run when this was the last host standing.
+        logger.removeFilter(held)
         logger.error(f"{host.print_prefix}{read_failure(host.name, held.lines)}")
         raise
-    finally:
-        logger.removeFilter(held)
+    logger.removeFilter(held)
     if values is not None and _real_host() not in host.state.failed_hosts:
-        for line in held.lines:
-            logger.error(f"{host.print_prefix}{line}")
+        for record in held.records:
+            logger.handle(record)
         return values
     logger.error(f"{host.print_prefix}{read_failure(host.name, held.lines)}")
     # The host is failed and runs nothing; the steps plan against an empty host meanwhile.

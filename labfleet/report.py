@@ -61,14 +61,6 @@ def _dataset_entries(settings: Settings) -> tuple:
     return tuple(entries)
 
 
-def url(settings: Settings, port: int) -> str:
-    """How a person opens this user's JupyterLab: through a tunnel when it is bound to loopback."""
-    bind = settings.jupyter_bind
-    address = settings.lan_address if bind in ("0.0.0.0", "::") else bind
-    address = f"[{address}]" if ":" in address else address
-    return f"http://{address}:{port}/lab"
-
-
 def _os_name(distro: Mapping) -> str:
     meta = distro.get("release_meta") or {}
     version = meta.get("VERSION_ID") or distro.get("major") or ""
@@ -119,7 +111,7 @@ def host_row(settings: Settings) -> dict:
         users.append(
             {
                 "user": user.name,
-                "url": url(settings, user.port),
+                "url": compose.url(settings, user.port),
                 "status": service["status"],
                 "health": service["health"] if service["status"] == "running" else (service["status"] or "absent"),
                 "restarts": service["restarts"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from labfleet import report
+from labfleet import compose, report
 from labfleet.facts import report as report_facts
 
 TAG = "labfleet/jupyterlab:jupyter-0123456789ab"
@@ -197,11 +197,11 @@ def test_url_follows_the_bind_address(raw):
     from labfleet.settings import build
 
     loopback = build("pc01", {**raw, "ssh_hostname": "10.0.0.5"})
-    assert report.url(loopback, 8888) == "http://127.0.0.1:8888/lab"
+    assert compose.url(loopback, 8888) == "http://127.0.0.1:8888/lab"
     everywhere = build("pc01", {**raw, "ssh_hostname": "10.0.0.5", "jupyter_bind": "0.0.0.0"})
-    assert report.url(everywhere, 8890) == "http://10.0.0.5:8890/lab"
+    assert compose.url(everywhere, 8890) == "http://10.0.0.5:8890/lab"
     v6 = build("pc01", {**raw, "jupyter_bind": "::1"})
-    assert report.url(v6, 8888) == "http://[::1]:8888/lab"
+    assert compose.url(v6, 8888) == "http://[::1]:8888/lab"
 
 
 def test_fact_parsers():
