@@ -110,7 +110,7 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
             subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
             gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
         ):
-            shutil.copyfileobj(save.stdout, out, 1 << 20)
+            shutil.copyfileobj(save.stdout, out, 1 << 20)  # type: ignore[arg-type]  # stdout=PIPE
         if save.returncode != 0:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
@@ -163,7 +163,10 @@ def _layer_files(archive: Archive) -> list[str]:
         with gzip.open(archive.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
                 if member.name == "manifest.json":
-                    (entry,) = json.load(tar.extractfile(member))
+                    manifest = tar.extractfile(member)
+                    if manifest is None:
+                        raise RuntimeError(f"{archive.path}: manifest.json is not a file")
+                    (entry,) = json.load(manifest)
                     partial = _partial_beside(index)
                     partial.write_text(json.dumps(entry["Layers"]))
                     partial.replace(index)

@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import operation
 from pyinfra.operations import files
 
 from labfleet import archives, image, jupyter, registry, shipping
 from labfleet.facts.image import ImageId
-from labfleet.planning import Read, current_run
+from labfleet.planning import Read, current_run, step
 from labfleet.settings import REPO_ROOT, Settings
 
 CONTEXT_CACHE_DIR = REPO_ROOT / "build" / "contexts"
@@ -74,7 +74,7 @@ def build_on_host(context: str, tag: str, build_args: dict[str, str]):
     yield f"docker image inspect {shlex.quote(tag)} >/dev/null"
 
 
-@deploy("Build the image on the host")
+@step("Build the image on the host")
 def build(settings: Settings, tag: str):
     if shipping.planned_image_id(settings, tag):
         host.noop(f"{tag} is already built")
@@ -103,7 +103,7 @@ def reads(settings: Settings) -> dict[str, Read]:
     return {**found, **jupyter.reads(settings)}
 
 
-@deploy("Deliver the image")
+@step("Deliver the image")
 def deliver_image(settings: Settings):
     if settings.image_delivery == "build":
         build(settings, image.image_tag(settings))

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host, logger
-from pyinfra.api import deploy, operation
+from pyinfra.api import operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from labfleet import compose, image, nvidia, planning, preflight
 from labfleet.facts.jupyter import ComposeService, ComposeState
 from labfleet.facts.system import PathState, PathStates, path_is
-from labfleet.planning import Read, unless_current
+from labfleet.planning import Read, step, unless_current
 from labfleet.settings import Settings
 
 SECRET_MODE = 600
@@ -148,7 +148,7 @@ def _upload(states: dict[str, PathState], name: str, text: str, dest: str, user:
     )
 
 
-@deploy("Write the JupyterLab compose projects")
+@step("Write the JupyterLab compose projects")
 def write_projects(settings: Settings):
     states = host_state(settings).paths
     _directory(states, f"Create {compose.APP_ROOT}", compose.APP_ROOT, "root", "root", "755")
@@ -186,7 +186,7 @@ def write_projects(settings: Settings):
 HIDE_TOKENS = "sed -E 's/(token=)[^&[:space:]]+/\\1<hidden>/g'"
 
 
-def is_current(state: dict, digest: str) -> bool:
+def is_current(state: ComposeState, digest: str) -> bool:
     """From ComposeService: running the image id the tag names, with this config digest."""
     return (
         state["image_id"] is not None
@@ -253,7 +253,7 @@ def reach_hint(settings: Settings, port: int) -> str:
     return f"tunnel: ssh -L {port}:127.0.0.1:{port} {settings.host}; "
 
 
-@deploy("Bring JupyterLab up")
+@step("Bring JupyterLab up")
 def bring_up(settings: Settings):
     state = host_state(settings)
     for project in projects(settings):
@@ -273,7 +273,7 @@ def bring_up(settings: Settings):
         )
 
 
-@deploy("Summary")
+@step("Summary")
 def announce_projects(settings: Settings):
     for project in projects(settings):
         port = project.user.port

@@ -27,16 +27,26 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 from weakref import WeakKeyDictionary
 
 from pyinfra import host
-from pyinfra.api import FactBase
+from pyinfra.api import FactBase, deploy
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.api.state import State
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def step(title: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """pyinfra's ``@deploy(title)``, typed as the function it wraps.
+
+    pyinfra types a deploy as an operation, whose call signature a type checker cannot match
+    with a step's own arguments; at run time this is ``deploy`` itself.
+    """
+    return cast(Callable[[Callable[P, T]], Callable[P, T]], deploy(title))
 
 
 @dataclass(frozen=True)
@@ -211,10 +221,11 @@ def _batched(missing: list[Read]) -> list:
     try:
         values = host.get_fact(FactBatch, parts=parts)
     except PyinfraError:
-        # pyinfra stops the run when this was the last host standing.
+        # pyinfra stops the run when this was the last host standing ("No hosts remaining"):
+        # the line above says why, so the run ends without a pointer into this file.
         logger.removeFilter(held)
         logger.error(f"{host.print_prefix}{read_failure(host.name, held.lines)}")
-        raise
+        raise SystemExit(1) from None
     logger.removeFilter(held)
     if values is not None and _real_host() not in host.state.failed_hosts:
         for record in held.records:

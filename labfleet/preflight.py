@@ -6,11 +6,11 @@ import shlex
 from dataclasses import dataclass
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import operation
 
 from labfleet import certs
 from labfleet.facts.system import Account, Accounts
-from labfleet.planning import Read, snapshot, unless_current
+from labfleet.planning import Read, snapshot, step, unless_current
 from labfleet.settings import Settings
 
 
@@ -61,7 +61,7 @@ def account(settings: Settings, name: str) -> Account | None:
     return snapshot(PreflightState, reads(settings)).accounts.get(name)
 
 
-@deploy("Preflight")
+@step("Preflight")
 def check_host(settings: Settings):
     for user in settings.jupyter_users:
         require(

@@ -20,16 +20,17 @@ from __future__ import annotations
 import shlex
 import subprocess
 from io import StringIO
+from typing import cast
 
 import yaml
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import operation
 from pyinfra.operations import files
 
 from labfleet import apt, archives, docker, shipping
 from labfleet.facts.image import ImageId
 from labfleet.facts.registry import RegistryHasTag
-from labfleet.planning import current_run
+from labfleet.planning import current_run, step
 from labfleet.settings import Settings
 
 CONFIG = "/etc/docker/registry/config.yml"
@@ -45,6 +46,11 @@ def daemon_keys(settings: Settings) -> dict:
 
 def registry_ref(registry: str, tag: str) -> str:
     return f"{registry}/{tag}"
+
+
+def registry_address(settings: Settings) -> str:
+    """image_registry: validation (checks.py) refuses registry delivery without one."""
+    return cast(str, settings.image_registry)
 
 
 def local_port(settings: Settings) -> int:
@@ -107,7 +113,7 @@ def pull(registry: str, tag: str, image_id: str, here: bool = True):
     )
 
 
-@deploy("Provision the lab registry")
+@step("Provision the lab registry")
 def provision(settings: Settings):
     apt.ensure_packages(name="Install docker-registry", packages=["docker-registry", "curl"])
     files.directory(name="Create the registry storage", path=settings.registry_storage, mode="755")
@@ -123,7 +129,7 @@ def provision(settings: Settings):
 
 def push_from_controller(settings: Settings, tag: str) -> None:
     """With no registry host in the inventory, the controller's engine pushes, once per run."""
-    remote = registry_ref(settings.image_registry, tag)
+    remote = registry_ref(registry_address(settings), tag)
 
     def push() -> str:
         for argv in (["docker", "tag", tag, remote], ["docker", "push", "--quiet", remote]):
@@ -135,7 +141,7 @@ def push_from_controller(settings: Settings, tag: str) -> None:
     current_run().once(f"pushed {remote}", push)
 
 
-@deploy("Deliver the image through the registry")
+@step("Deliver the image through the registry")
 def deliver(settings: Settings, tag: str):
     # pyinfra orders operations by how they follow each other on every host, not by the
     # code's lines, so every host calls push and then pull (each a no-op where it does not
@@ -149,7 +155,7 @@ def deliver(settings: Settings, tag: str):
     push(name="Push the image to the lab registry", tag=tag, port=local_port(settings), here=settings.is_registry)
     pull(
         name="Pull the image from the lab registry",
-        registry=settings.image_registry,
+        registry=registry_address(settings),
         tag=tag,
         image_id=image_id,
         here=not settings.is_registry,

@@ -279,7 +279,7 @@ def table(
 ) -> str:
     """The status as text: a row per host, ``!`` in front of the hosts that drift, then why."""
     image_ids = fleet_image_ids(rows) if image_ids is None else image_ids
-    lines = [HEADER]
+    lines: list[tuple[str, ...]] = [HEADER]
     for row in rows:
         jupyter_cell = ", ".join(f"{u['user']}:{u['health']} {u['url']}" for u in row["users"]) or "-"
         datasets_cell = ", ".join(f"{name}:{s}" for name, s in row["datasets"].items()) or "-"

@@ -9,13 +9,13 @@ from __future__ import annotations
 import shlex
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import operation
 from pyinfra.operations import files
 
 from labfleet import archives, image, jupyter, planning
 from labfleet.facts.image import ImageId, LayerChains
 from labfleet.facts.system import FreeBytes
-from labfleet.planning import Read
+from labfleet.planning import Read, step
 from labfleet.preflight import require
 from labfleet.settings import Settings
 
@@ -50,7 +50,7 @@ def load_image(archive: str, ref: str, image_id: str):
     )
 
 
-@deploy("Ship an image")
+@step("Ship an image")
 def ship(settings: Settings, ref: str):
     archive = archives.controller().saved_archive(ref)
     if planned_image_id(settings, ref) == archive.image_id:

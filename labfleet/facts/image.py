@@ -11,7 +11,8 @@ from pyinfra.api import FactBase
 class ImageId(FactBase):
     """The id of the image a reference names on this host, or None."""
 
-    requires_command = "docker"
+    def requires_command(self, *args, **kwargs) -> str:
+        return "docker"
 
     def command(self, ref: str) -> str:
         return f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)} 2>/dev/null || true"
@@ -27,7 +28,8 @@ class LayerChains(FactBase):
     (labfleet.archives); with None, hosts get whole archives.
     """
 
-    requires_command = "docker"
+    def requires_command(self, *args, **kwargs) -> str:
+        return "docker"
 
     def command(self) -> str:
         return (

@@ -25,7 +25,8 @@ class ComposeService(FactBase[ComposeState]):
     container keys are None when there is no container.
     """
 
-    requires_command = "docker"
+    def requires_command(self, *args, **kwargs) -> str:
+        return "docker"
 
     @staticmethod
     def default() -> ComposeState:
@@ -54,10 +55,8 @@ class ComposeService(FactBase[ComposeState]):
         if project is not None and labels.get("com.docker.compose.project") != project:
             return state, None  # a container of that name outside this compose project
         run = found_container.get("State") or {}
-        state.update(
-            container_image=found_container.get("Image"),
-            status=run.get("Status"),
-            health=(run.get("Health") or {}).get("Status", "none"),
-            digest=labels.get(compose.CONFIG_LABEL),
-        )
+        state["container_image"] = found_container.get("Image")
+        state["status"] = run.get("Status")
+        state["health"] = (run.get("Health") or {}).get("Status", "none")
+        state["digest"] = labels.get(compose.CONFIG_LABEL)
         return state, found_container

@@ -166,7 +166,7 @@ def test_the_last_host_failing_still_gets_its_line(planning_host, caplog, monkey
         raise PyinfraError("No hosts remaining!")
 
     monkeypatch.setattr(fake, "get_fact", no_hosts_left)
-    with caplog.at_level(logging.ERROR, logger="pyinfra"), pytest.raises(PyinfraError):
+    with caplog.at_level(logging.ERROR, logger="pyinfra"), pytest.raises(SystemExit):
         planning.read_ahead({"daemon": Read(DaemonJson), "arch": Read(DebArch)})
     assert [r.getMessage() for r in caplog.records][-1].startswith("[pc01] host pc01: could not read the host's state")
 
