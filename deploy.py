@@ -20,7 +20,7 @@ settings = for_host(host)
 # step before running any, so this is what each step would have read on its own).
 planning.read_ahead(
     preflight.reads(settings),
-    planning.from_parts(certs.state_parts(settings)),
+    certs.reads(settings),
     nvidia.reads(settings),
     docker.reads(settings),
     datasets.reads(settings),

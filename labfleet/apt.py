@@ -16,19 +16,28 @@ One helper per job, shared by the docker and nvidia steps:
   or a source changed, so a re-run costs no network and reports no change.
 - ``pin_preferences`` renders /etc/apt/preferences.d content that holds packages at one
   version, so an ``apt upgrade`` by hand does not move a pinned engine.
+- ``AptRepository`` and ``add_repository``: the one step that adds a signed third-party
+  repository (Docker's, NVIDIA's): stale files out, prerequisites, key, deb822 source, pin;
+  the install that follows refreshes apt only when that changed something.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import shlex
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import operation
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import files
 
-from labfleet.facts.apt import KeyringDigests
+from labfleet import planning
+from labfleet.facts.apt import AptSourceEntries, KeyringDigests
 
 KEYRING_DIR = "/etc/apt/keyrings"
 # How long to wait for another apt or dpkg (unattended-upgrades on a fresh boot) to finish.
@@ -104,7 +113,7 @@ def split_version(package: str) -> tuple[str, str | None]:
     return name, (version if sep else None)
 
 
-def missing_packages(wanted: Iterable[str], installed: dict) -> list[str]:
+def missing_packages(wanted: Iterable[str], installed: Mapping) -> list[str]:
     """The wanted packages (``name`` or ``name=version``) that are not installed as asked."""
     missing = []
     for package in wanted:
@@ -240,3 +249,201 @@ def install_keyring(url: str, path: str):
         f'install -d -m 755 {shlex.quote(posixpath.dirname(path))} && install -m 644 "$tmp" {q_path}; '
         'rc=$?; rm -f "$tmp"; exit $rc'
     )
+
+
+# --- A signed third-party repository ---------------------------------------------------------
+
+SOURCES_DIR = "/etc/apt/sources.list.d"
+PREFERENCES_DIR = "/etc/apt/preferences.d"
+# The distribution's own file: never removed, even when every entry in it is the repository's.
+SOURCES_LIST = "/etc/apt/sources.list"
+
+
+@dataclass(frozen=True)
+class AptRepository:
+    """A signed third-party apt repository as labfleet keeps it on every host.
+
+    One deb822 file, ``/etc/apt/sources.list.d/<name>.sources``, whose Signed-By names the
+    repository's own keyring, ``/etc/apt/keyrings/<name>.asc`` (the key trusts that
+    repository only), and with a version set, ``/etc/apt/preferences.d/labfleet-<name>``.
+    No other file may name the repository: an old ``.list`` from an install guide, or a
+    second copy of its key, makes apt fail with "Conflicting values set for option
+    Signed-By".
+
+    + name: the stem of the repository's files
+    + owner: who publishes it, for operation names and messages ("Docker")
+    + product: what it installs ("Docker Engine"), for the pin's operation name
+    + markers: URL fragments that identify an apt entry as this repository's
+    + key_files: other places where guides put its key; each is removed
+    + pin_packages: the packages that a version pin holds together
+    + sources_comment, pin_comment: the first line of the files, saying which settings wrote them
+
+    Everything here is known from the settings alone, so a step can declare what it reads
+    (``repository_read``) before it knows the host's release; what depends on the host (its
+    URL, suite, architecture) is an ``AptSource``.
+    """
+
+    name: str
+    owner: str
+    product: str
+    markers: tuple[str, ...]
+    key_files: tuple[str, ...] = ()
+    pin_packages: tuple[str, ...] = ()
+    sources_comment: str | None = None
+    pin_comment: str | None = None
+
+    @property
+    def sources_file(self) -> str:
+        return f"{SOURCES_DIR}/{self.name}.sources"
+
+    @property
+    def keyring(self) -> str:
+        return f"{KEYRING_DIR}/{self.name}.asc"
+
+    @property
+    def pin_file(self) -> str:
+        return f"{PREFERENCES_DIR}/labfleet-{self.name}"
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """What a repository's sources file says on one host, once its release and architecture are read.
+
+    + uris, suites, components, architectures: the deb822 fields (``components=None`` for a
+      flat repository such as NVIDIA's, whose suite is ``/``)
+    + key_url: where the repository serves its public key
+    + pin_version: the version its pin_packages are held at; None: no pin
+    """
+
+    uris: str
+    suites: str
+    components: str | None
+    architectures: str | None
+    key_url: str
+    pin_version: str | None = None
+
+
+def repository_read(repo: AptRepository) -> planning.Read:
+    """The read a step declares (under a name of its choosing) for add_repository's ``entries``."""
+    paths = (*repo.key_files, repo.keyring, repo.pin_file, repo.sources_file)
+    return planning.Read(AptSourceEntries, {"markers": repo.markers, "paths": tuple(dict.fromkeys(paths))})
+
+
+def sources_text(repo: AptRepository, source: AptSource) -> str:
+    """The text of the repository's sources file on this host."""
+    return deb822_source(
+        uris=source.uris,
+        suites=source.suites,
+        components=source.components,
+        architectures=source.architectures,
+        signed_by=repo.keyring,
+        comment=repo.sources_comment,
+    )
+
+
+def pin_text(repo: AptRepository, source: AptSource) -> str | None:
+    """The text of the repository's pin file, or None when no version is pinned."""
+    if source.pin_version is None:
+        return None
+    return pin_preferences(repo.pin_packages, source.pin_version, comment=repo.pin_comment)
+
+
+def _kept(repo: AptRepository, source: AptSource | None) -> set[str]:
+    if source is None:
+        return set()
+    return {repo.sources_file, repo.keyring} | ({repo.pin_file} if source.pin_version is not None else set())
+
+
+def stale_files(repo: AptRepository, source: AptSource | None, entries: Mapping) -> list[str]:
+    """The files of this repository that go: every file that names only it (other than the
+    sources file labfleet keeps), a key or pin labfleet does not keep; with source None, all.
+
+    + entries: the AptSourceEntries of ``repository_read(repo)``
+    """
+    keep = _kept(repo, source)
+    remove = [
+        entry["path"]
+        for entry in entries["files"]
+        if entry["path"] not in keep and entry["matching"] == entry["entries"] and entry["path"] != SOURCES_LIST
+    ]
+    return remove + [path for path in entries["present"] if path not in keep and path not in remove]
+
+
+def mixed_files(repo: AptRepository, source: AptSource | None, entries: Mapping) -> list[str]:
+    """The files that mix this repository's entries with other repositories': labfleet does not
+    edit them, so the host stops (``mixed_problem``) before anything changes."""
+    keep = _kept(repo, source)
+    return [
+        entry["path"]
+        for entry in entries["files"]
+        if entry["path"] not in keep and (entry["matching"] != entry["entries"] or entry["path"] == SOURCES_LIST)
+    ]
+
+
+def mixed_problem(repo: AptRepository, host_name: str, mixed: Sequence[str]) -> str:
+    """The message that stops a host whose apt files mix this repository's entries with others'."""
+    return (
+        f"host {host_name}: {', '.join(mixed)} mixes {repo.owner}'s apt entries with other repositories'; "
+        f"labfleet does not edit other repositories' files: move {repo.owner}'s entries out (labfleet writes "
+        f"{repo.sources_file}), then run the deploy again"
+    )
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def add_repository(
+    repo: AptRepository, source: AptSource | None, entries: Mapping, installed: Mapping
+) -> Callable[[], bool]:
+    """Plan the repository's files on this host; with source None, plan their removal.
+
+    + repo: the repository
+    + source: what its sources file says here, or None where the repository is not wanted
+    + entries: the AptSourceEntries of ``repository_read(repo)``, from the step's snapshot
+    + installed: the DebPackages of the step's snapshot (for curl and ca-certificates)
+
+    The step has stopped the host already when ``mixed_files`` found any. Returns a callable
+    that tells, when the packages are installed, whether this run changed the repository,
+    for ``ensure_packages(refresh=...)``: apt's lists are refreshed only then.
+
+    **Example:**
+
+    .. code:: python
+
+        changed = add_repository(DOCKER, source, state.apt_files, state.packages)
+        ensure_packages(name="Install Docker Engine packages", packages=packages, refresh=changed)
+    """
+    changes: list[OperationMeta | None] = [
+        files.file(name=f"Remove {repo.owner}'s stale apt file {path}", path=path, present=False)
+        for path in stale_files(repo, source, entries)
+    ]
+    if source is not None:
+        prerequisites = ["ca-certificates"] + ([] if {"curl", "wget"} & set(installed) else ["curl"])
+        planning.unless_current(
+            ensure_packages,
+            current=not missing_packages(prerequisites, installed),
+            name="Install ca-certificates and curl",
+            packages=prerequisites,
+        )
+        # Always planned: only the host can tell whether the served key changed.
+        changes.append(
+            install_keyring(name=f"Install {repo.owner}'s repository key", url=source.key_url, path=repo.keyring)
+        )
+        wanted = {repo.sources_file: (f"Add {repo.owner}'s apt repository", sources_text(repo, source))}
+        pin = pin_text(repo, source)
+        if pin is not None:
+            wanted[repo.pin_file] = (f"Pin {repo.product} to {source.pin_version}", pin)
+        for path, (title, text) in wanted.items():
+            changes.append(
+                planning.unless_current(
+                    files.put,
+                    current=entries["sha256"].get(path) == _sha256(text),
+                    name=title,
+                    src=StringIO(text),
+                    dest=path,
+                    mode="644",
+                )
+            )
+    planned = [change for change in changes if change is not None]
+    return lambda: any(change.did_change() for change in planned)

@@ -43,104 +43,87 @@ cover the engine, the NVIDIA runtime and the registry. For example deploy.py can
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, deploy, operation
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import files, server
+from pyinfra.operations import server
 
-from labfleet import apt
-from labfleet.facts.apt import AptSourceEntries
-from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
-from labfleet.facts.system import GroupMembers, ServiceState
-from labfleet.planning import planned, prefetch, worth_planning
-from labfleet.preflight import require
+from labfleet import apt, planning, platform
+from labfleet.facts.apt import AptFiles
+from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DaemonJsonState, DockerEngineStatus, EngineStatus
+from labfleet.facts.system import GroupMembers, ServiceState, UnitState
+from labfleet.planning import Read
+from labfleet.preflight import failing_command, require
 from labfleet.settings import Settings
 
-SOURCES_FILE = "/etc/apt/sources.list.d/docker.sources"
-KEYRING = f"{apt.KEYRING_DIR}/docker.asc"
-PIN_FILE = "/etc/apt/preferences.d/labfleet-docker"
 DAEMON_JSON = "/etc/docker/daemon.json"
 DOCKER_GROUP = "docker"
 DOCKER_SERVICE = "docker.service"
-# Where Docker's install guides, older guides and other tools have put Docker's key.
-DOCKER_KEY_FILES = (
-    KEYRING,
-    f"{apt.KEYRING_DIR}/docker.gpg",
-    f"{apt.KEYRING_DIR}/docker-archive-keyring.gpg",
-    "/usr/share/keyrings/docker.gpg",
-    "/usr/share/keyrings/docker.asc",
-    "/usr/share/keyrings/docker-archive-keyring.gpg",
-    "/etc/apt/trusted.gpg.d/docker.gpg",
-    "/etc/apt/trusted.gpg.d/docker.asc",
-    "/etc/apt/trusted.gpg.d/docker-archive-keyring.gpg",
-)
 DOCKER_REPOSITORY = "download.docker.com/linux/"
 
-DOCKER_CE_PACKAGES = ("docker-ce", "docker-ce-cli", "containerd.io", "docker-buildx-plugin", "docker-compose-plugin")
-# The packages each source replaces; apt refuses to install one set over the other.
-CONFLICTS = {
-    "docker-ce": (
-        "docker.io",
-        "docker-doc",
-        "docker-cli",
-        "docker-compose",
-        "docker-compose-v2",
-        "docker-buildx",
-        "podman-docker",
-        "containerd",
-        "runc",
-    ),
-    "distro": (*DOCKER_CE_PACKAGES, "docker-ce-rootless-extras", "podman-docker"),
-}
-# The packages docker_version pins: those that carry the engine's own version string.
-PINNED = {"docker-ce": ("docker-ce", "docker-ce-cli"), "distro": ("docker.io", "docker-cli")}
+
+def repository(settings: Settings) -> apt.AptRepository:
+    """Docker's apt repository, as labfleet keeps it (labfleet.apt.AptRepository)."""
+    return apt.AptRepository(
+        name="docker",
+        owner="Docker",
+        product="Docker Engine",
+        markers=repository_markers(settings),
+        # Where Docker's install guides, older guides and other tools have put Docker's key.
+        key_files=(
+            f"{apt.KEYRING_DIR}/docker.gpg",
+            f"{apt.KEYRING_DIR}/docker-archive-keyring.gpg",
+            "/usr/share/keyrings/docker.gpg",
+            "/usr/share/keyrings/docker.asc",
+            "/usr/share/keyrings/docker-archive-keyring.gpg",
+            "/etc/apt/trusted.gpg.d/docker.gpg",
+            "/etc/apt/trusted.gpg.d/docker.asc",
+            "/etc/apt/trusted.gpg.d/docker-archive-keyring.gpg",
+        ),
+        pin_packages=platform.DOCKER_PINNED["docker-ce"],
+        sources_comment="Docker's apt repository; written by labfleet (docker_source, docker_apt_mirror).",
+        pin_comment="Written by labfleet (docker_version): keeps apt upgrade from moving the engine.",
+    )
 
 
-class UnsupportedDistribution(ValueError):
-    """The host is not a Debian or Ubuntu release labfleet knows how to give Docker."""
+def repository_url(settings: Settings, distro: str) -> str:
+    return f"{settings.docker_apt_mirror}/{distro}"
 
 
-def distribution(release: Mapping) -> tuple[str, str, int | None]:
-    """``(distro, codename, major)`` from the LinuxDistribution fact: ``("debian", "trixie", 13)``.
-
-    Ubuntu derivatives (ID_LIKE ubuntu) use Ubuntu's repository, as Docker's guide says.
-    """
-    meta = release.get("release_meta") or {}
-    distro_id = (meta.get("ID") or "").lower()
-    like = (meta.get("ID_LIKE") or "").lower().split()
-    if distro_id in ("debian", "ubuntu"):
-        codename = meta.get("VERSION_CODENAME") or meta.get("UBUNTU_CODENAME") or ""
-    elif "ubuntu" in like:
-        distro_id, codename = "ubuntu", meta.get("UBUNTU_CODENAME") or ""
-    else:
-        name = release.get("name") or distro_id or "this distribution"
-        raise UnsupportedDistribution(f"{name} is not Debian or Ubuntu")
-    if not codename:
-        raise UnsupportedDistribution(f"/etc/os-release of this {distro_id} host names no VERSION_CODENAME")
-    return distro_id, codename, release.get("major")
+def repository_markers(settings: Settings) -> tuple[str, ...]:
+    """URL fragments that identify an apt entry as Docker's: upstream, or the configured
+    mirror for either distribution (known before the host's release is read)."""
+    markers = [DOCKER_REPOSITORY]
+    for distro in platform.FAMILIES:
+        mirror = repository_url(settings, distro).split("://", 1)[-1]
+        markers += [mirror + "/", mirror + " "]
+    return tuple(dict.fromkeys(markers))
 
 
-def default_packages(source: str, distro: str, major: int | None) -> tuple[str, ...] | None:
-    """The packages installed when docker_packages is None; None when the source has no Compose v2."""
-    if source == "docker-ce":
-        return DOCKER_CE_PACKAGES
-    if distro == "ubuntu":
-        return ("docker.io", "docker-compose-v2", "docker-buildx")
-    if major is not None and major < 13:
+def apt_source(settings: Settings, release: platform.Distribution, arch: str) -> apt.AptSource | None:
+    """What docker.sources says on this host; None with docker_source "distro" (no repository)."""
+    if settings.docker_source != "docker-ce":
         return None
-    # Debian 13's docker.io only recommends docker-cli, which holds the docker command.
-    return ("docker.io", "docker-cli", "docker-compose", "docker-buildx")
+    url = repository_url(settings, release.id)
+    return apt.AptSource(
+        uris=url,
+        suites=release.codename,
+        components="stable",
+        architectures=arch,
+        key_url=f"{url}/gpg",
+        pin_version=settings.docker_version,
+    )
 
 
 def packages_to_install(
-    settings: Settings, distro: str, major: int | None, apparmor: bool = False, curl: bool = False
+    settings: Settings, release: platform.Distribution, apparmor: bool = False, curl: bool = False
 ) -> tuple[str, ...] | None:
     """docker_packages (or the source's defaults), with docker_version applied; None: no Compose v2 here.
 
@@ -148,13 +131,13 @@ def packages_to_install(
     """
     listed = settings.docker_packages
     if listed is None:
-        listed = default_packages(settings.docker_source, distro, major)
+        listed = platform.docker_packages(settings.docker_source, release)
         if listed is None:
             return None
     packages = []
     for package in listed:
         name, version = apt.split_version(package)
-        if version is None and settings.docker_version and name in PINNED[settings.docker_source]:
+        if version is None and settings.docker_version and name in platform.DOCKER_PINNED[settings.docker_source]:
             package = f"{name}={settings.docker_version}"
         packages.append(package)
     # dockerd loads its AppArmor profile with apparmor_parser when the kernel enforces AppArmor.
@@ -168,47 +151,7 @@ def packages_to_install(
 
 def conflicting_packages(settings: Settings, wanted: Iterable[str]) -> tuple[str, ...]:
     keep = {apt.split_version(package)[0] for package in wanted}
-    return tuple(name for name in CONFLICTS[settings.docker_source] if name not in keep)
-
-
-def repository_url(settings: Settings, distro: str) -> str:
-    return f"{settings.docker_apt_mirror}/{distro}"
-
-
-def sources_file(settings: Settings, distro: str, codename: str, arch: str) -> str:
-    """The text of /etc/apt/sources.list.d/docker.sources."""
-    return apt.deb822_source(
-        uris=repository_url(settings, distro),
-        suites=codename,
-        components="stable",
-        architectures=arch,
-        signed_by=KEYRING,
-        comment="Docker's apt repository; written by labfleet (docker_source, docker_apt_mirror).",
-    )
-
-
-def repository_markers(settings: Settings, distro: str) -> tuple[str, ...]:
-    """URL fragments that identify an apt entry as Docker's (upstream or the configured mirror)."""
-    mirror = repository_url(settings, distro).split("://", 1)[-1]
-    return tuple(dict.fromkeys((DOCKER_REPOSITORY, mirror + "/", mirror + " ")))
-
-
-def stale_apt_files(settings: Settings, entries: Mapping) -> tuple[list[str], list[str]]:
-    """``(to_remove, mixed)``: Docker's apt files that are not the one labfleet keeps, and
-    files that mix Docker's entries with other repositories' (left alone, reported)."""
-    keep = {SOURCES_FILE, KEYRING} if settings.docker_source == "docker-ce" else set()
-    if settings.docker_version is not None and settings.docker_source == "docker-ce":
-        keep.add(PIN_FILE)
-    remove, mixed = [], []
-    for entry in entries["files"]:
-        if entry["path"] in keep:
-            continue
-        if entry["matching"] == entry["entries"] and entry["path"] != "/etc/apt/sources.list":
-            remove.append(entry["path"])
-        else:
-            mixed.append(entry["path"])
-    remove += [path for path in entries["present"] if path not in keep and path not in remove]
-    return remove, mixed
+    return tuple(name for name in platform.DOCKER_CONFLICTS[settings.docker_source] if name not in keep)
 
 
 def deep_merge(base: Mapping, overlay: Mapping) -> dict:
@@ -254,9 +197,9 @@ def merge_daemon_json(keys: dict, path: str = DAEMON_JSON):
     """
     current = host.get_fact(DaemonJson, path=path)
     if current["error"]:
-        yield f"echo {shlex.quote(_invalid_daemon_json(path, current['error']))} >&2; exit 1"
+        yield failing_command(invalid_daemon_json(host.name, path, current["error"]))
         return
-    existing = current["config"] if current["present"] else {}
+    existing = (current["config"] or {}) if current["present"] else {}
     merged = merged_daemon_json(existing, keys)
     if current["present"] and merged == existing:
         host.noop(f"{path} already has the wanted keys")
@@ -276,10 +219,10 @@ def merge_daemon_json(keys: dict, path: str = DAEMON_JSON):
     )
 
 
-def _invalid_daemon_json(path: str, error: str) -> str:
+def invalid_daemon_json(host_name: str, path: str, error: str) -> str:
     return (
-        f"labfleet: {path} on this host is not valid JSON ({error}); it was left untouched. "
-        "Fix it by hand (python3 -m json.tool shows where), then run the deploy again"
+        f"host {host_name}: {path} is not valid JSON ({error}); labfleet left it untouched; "
+        "fix it by hand (python3 -m json.tool shows where), then run the deploy again"
     )
 
 
@@ -353,13 +296,11 @@ def add_to_group(user: str, group: str):
 
 
 @operation(is_idempotent=True)
-def check_engine(known: Mapping | None = None):
+def check_engine():
     """Check that ``docker info`` answers and that ``docker compose version`` reports v2; change nothing.
 
-    + known: a DockerEngineStatus read earlier in this run, when nothing changed since
-
-    Healthy: a no-op, on the first run as on every other. Otherwise the host runs the
-    check itself, giving a starting engine up to 60 s, and fails with what is wrong.
+    Healthy: a no-op. Otherwise the host runs the check itself, giving a starting engine
+    up to 60 s, and fails with what is wrong.
 
     **Example:**
 
@@ -367,8 +308,8 @@ def check_engine(known: Mapping | None = None):
 
         check_engine(name="Check the engine")
     """
-    status = known or host.get_fact(DockerEngineStatus)
-    if status["server"] and _is_compose_v2(status["compose"]):
+    status = host.get_fact(DockerEngineStatus)
+    if engine_is_healthy(status):
         host.noop(f"engine {status['server']} answers, docker compose {status['compose']}")
         return
     no_engine = shlex.quote("labfleet: docker info does not answer after 60 s; see journalctl -u docker")
@@ -389,35 +330,79 @@ def _is_compose_v2(version: str | None) -> bool:
     return major.isdigit() and int(major) >= 2
 
 
+def engine_is_healthy(status: Mapping) -> bool:
+    """From DockerEngineStatus: the engine answers and Compose is v2."""
+    return bool(status["server"]) and _is_compose_v2(status["compose"])
+
+
 def docker_group_members(settings: Settings) -> list[str]:
     return sorted(set(settings.docker_users) | {user.name for user in settings.jupyter_users})
 
 
-def state_parts(settings: Settings) -> tuple:
-    """The facts the docker step decides from while planning."""
-    markers = tuple(marker for distro in ("debian", "ubuntu") for marker in repository_markers(settings, distro))
-    return (
-        (LinuxDistribution, {}),
-        (DebArch, {}),
-        (AppArmorEnabled, {}),
-        (DebPackages, {}),
-        (AptSourceEntries, {"markers": markers, "paths": (*DOCKER_KEY_FILES, PIN_FILE, SOURCES_FILE)}),
-        (DaemonJson, {"path": DAEMON_JSON}),
-        (ServiceState, {"service": DOCKER_SERVICE}),
-        (DockerEngineStatus, {}),
-        (GroupMembers, {"group": DOCKER_GROUP, "users": tuple(docker_group_members(settings))}),
-    )
+@dataclass(frozen=True)
+class DockerHost:
+    """What the docker step decides from, read once per host while planning (``reads``)."""
+
+    release: dict
+    arch: str
+    apparmor: bool
+    packages: dict[str, list[str]]
+    apt_files: AptFiles
+    daemon_json: DaemonJsonState
+    service: UnitState
+    engine: EngineStatus
+    group: dict
 
 
-def read_host_state(settings: Settings) -> list:
-    """Everything the docker step decides from, in one round trip (labfleet.facts.prefetch)."""
-    parts = state_parts(settings)
-    prefetch(parts)
-    return [planned(fact, **kwargs) for fact, kwargs in parts]
+def reads(settings: Settings) -> dict[str, Read]:
+    """The facts the docker step decides from, by DockerHost field."""
+    return {
+        "release": Read(LinuxDistribution),
+        "arch": Read(DebArch),
+        "apparmor": Read(AppArmorEnabled),
+        "packages": Read(DebPackages),
+        "apt_files": apt.repository_read(repository(settings)),
+        "daemon_json": Read(DaemonJson, {"path": DAEMON_JSON}),
+        "service": Read(ServiceState, {"service": DOCKER_SERVICE}),
+        "engine": Read(DockerEngineStatus),
+        "group": Read(GroupMembers, {"group": DOCKER_GROUP, "users": tuple(docker_group_members(settings))}),
+    }
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def problems(
+    settings: Settings,
+    state: DockerHost,
+    release: platform.Distribution,
+    packages: tuple[str, ...] | None,
+    mixed: list[str],
+) -> list[str]:
+    """Everything that stops this host before the docker step changes anything on it."""
+    checks = [
+        (
+            state.service["systemd"],
+            f"host {settings.host}: systemd is not running here, and labfleet runs dockerd as a systemd service",
+        ),
+        (
+            packages is not None,
+            f"host {settings.host}: Debian {release.major} ({release.codename}) ships only Compose v1, and labfleet "
+            "needs `docker compose` (v2); use docker_source = 'docker-ce' (Docker's repository has the "
+            "docker-compose-plugin), or list a Compose v2 package from your own mirror in docker_packages",
+        ),
+        (
+            state.daemon_json["error"] is None,
+            invalid_daemon_json(settings.host, DAEMON_JSON, state.daemon_json["error"] or ""),
+        ),
+        (not mixed, apt.mixed_problem(repository(settings), settings.host, mixed)),
+        *(
+            (
+                name in state.group["accounts"],
+                f"host {settings.host}: docker_users names {name!r}, which has no account on this host; "
+                "create it (adduser) or remove it from docker_users",
+            )
+            for name in settings.docker_users
+        ),
+    ]
+    return [problem for ok, problem in checks if not ok]
 
 
 @deploy("Install Docker Engine")
@@ -428,124 +413,73 @@ def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (
     + daemon_extra: daemon.json keys from later steps (NVIDIA runtime, registries), merged
       under docker_daemon into one write and at most one restart
     """
-    members = docker_group_members(settings)
-    platform, arch, apparmor_on, installed, apt_files, daemon_json, service, engine, group = read_host_state(settings)
+    state = planning.snapshot(DockerHost, reads(settings))
+    title = "Check that Docker can be installed here"
     try:
-        distro, codename, major = distribution(platform)
-    except UnsupportedDistribution as error:
+        release = platform.distribution(state.release)
+    except platform.UnsupportedDistribution as error:
         require(
-            name="Check that Docker can be installed here",
+            name=title,
             ok=False,
             problem=f"host {settings.host}: {error}; labfleet installs Docker on Debian 12/13 and Ubuntu 22.04/24.04",
         )
         return
-
+    installed = state.packages
     packages = packages_to_install(
-        settings, distro, major, apparmor=apparmor_on and "apparmor" not in installed, curl="curl" not in installed
+        settings, release, apparmor=state.apparmor and "apparmor" not in installed, curl="curl" not in installed
     )
-    stale, mixed = stale_apt_files(settings, apt_files)
-
-    # Everything that would stop this host is checked before anything on it changes.
-    checks = [
-        (
-            service["systemd"],
-            f"host {settings.host}: systemd is not running here, and labfleet runs dockerd as a systemd service",
-        ),
-        (
-            packages is not None,
-            f"host {settings.host}: Debian {major} ({codename}) ships only Compose v1, and labfleet needs "
-            "`docker compose` (v2); use docker_source = 'docker-ce' (Docker's repository has the "
-            "docker-compose-plugin), or list a Compose v2 package from your own mirror in docker_packages",
-        ),
-        (
-            daemon_json["error"] is None,
-            f"host {settings.host}: {DAEMON_JSON} is not valid JSON ({daemon_json['error']}); labfleet left it "
-            "untouched; fix it by hand (python3 -m json.tool shows where), then run the deploy again",
-        ),
-        (
-            not mixed,
-            f"host {settings.host}: {', '.join(mixed)} mixes Docker's apt entries with other repositories'; "
-            "labfleet does not edit other repositories' files: move Docker's entries out (labfleet writes "
-            f"{SOURCES_FILE}), then run the deploy again",
-        ),
-        *(
-            (
-                name in group["accounts"],
-                f"host {settings.host}: docker_users names {name!r}, which has no account on this host; "
-                "create it (adduser) or remove it from docker_users",
-            )
-            for name in settings.docker_users
-        ),
-    ]
-    failed = [problem for ok, problem in checks if not ok]
-    require(name="Check that Docker can be installed here", ok=not failed, problem="; ".join(failed))
-    if failed:
+    docker_repo, source = repository(settings), apt_source(settings, release, state.arch)
+    failed = problems(settings, state, release, packages, apt.mixed_files(docker_repo, source, state.apt_files))
+    require(name=title, ok=not failed, problem="; ".join(failed))
+    if failed or packages is None:
         return
 
-    # Each operation below is planned only when the state read above says it has work;
-    # each then reads its own facts again when it runs, so it stays correct on its own.
-    planned = []
-    conflicts = [name for name in conflicting_packages(settings, packages) if name in installed]
-    if conflicts:
-        planned.append(
-            apt.remove_packages(name="Remove packages that conflict with the Docker source", packages=conflicts)
-        )
-    for path in stale:
-        planned.append(files.file(name=f"Remove Docker's stale apt file {path}", path=path, present=False))
-
-    sources, keyring = [], None
-    if settings.docker_source == "docker-ce":
-        prerequisites = ["ca-certificates"] + ([] if {"curl", "wget"} & set(installed) else ["curl"])
-        if apt.missing_packages(prerequisites, installed):
-            planned.append(apt.ensure_packages(name="Install ca-certificates and curl", packages=prerequisites))
-        # Always planned: only the host can tell whether the served key changed. A new key
-        # alone changes neither the packages nor the engine.
-        keyring = apt.install_keyring(
-            name="Install Docker's repository key", url=f"{repository_url(settings, distro)}/gpg", path=KEYRING
-        )
-        wanted_files = {SOURCES_FILE: ("Add Docker's apt repository", sources_file(settings, distro, codename, arch))}
-        if settings.docker_version is not None:
-            wanted_files[PIN_FILE] = (
-                f"Pin Docker Engine to {settings.docker_version}",
-                apt.pin_preferences(
-                    PINNED["docker-ce"],
-                    settings.docker_version,
-                    comment="Written by labfleet (docker_version): keeps apt upgrade from moving the engine.",
-                ),
-            )
-        for path, (title, text) in wanted_files.items():
-            if apt_files["sha256"].get(path) != _sha256(text):
-                sources.append(files.put(name=title, src=StringIO(text), dest=path, mode="644"))
-    planned += sources
-
-    if not group["exists"]:
-        # Before the packages, so that the engine's socket is group-owned from its first start.
-        planned.append(server.group(name="Create the docker group", group=DOCKER_GROUP, system=True))
-    if apt.missing_packages(packages, installed) or planned:
-        planned.append(
-            apt.ensure_packages(
-                name="Install Docker Engine packages",
-                packages=packages,
-                refresh=lambda: any(op.did_change() for op in [*sources, keyring] if op is not None),
-            )
-        )
+    conflicts = conflicting_packages(settings, packages)
+    planning.unless_current(
+        apt.remove_packages,
+        current=not any(name in installed for name in conflicts),
+        name="Remove packages that conflict with the Docker source",
+        packages=conflicts,
+    )
+    repository_changed = apt.add_repository(docker_repo, source, state.apt_files, installed)
+    # Before the packages, so that the engine's socket is group-owned from its first start.
+    planning.unless_current(
+        server.group, current=state.group["exists"], name="Create the docker group", group=DOCKER_GROUP, system=True
+    )
+    planning.unless_current(
+        apt.ensure_packages,
+        current=not apt.missing_packages(packages, installed),
+        name="Install Docker Engine packages",
+        packages=packages,
+        refresh=repository_changed,
+    )
 
     wanted_keys = daemon_config(settings, daemon_extra)
-    current = daemon_json["config"] if daemon_json["present"] else {}
-    if merged_daemon_json(current, wanted_keys) != current:
-        daemon = merge_daemon_json(name=f"Merge settings into {DAEMON_JSON}", keys=wanted_keys)
-        planned.append(daemon)
-        planned.append(
-            restart_service(
-                name="Restart dockerd for its new daemon.json", service=DOCKER_SERVICE, _if=daemon.did_change
-            )
+    current = state.daemon_json["config"] if state.daemon_json["present"] else {}
+    daemon = planning.unless_current(
+        merge_daemon_json,
+        current=merged_daemon_json(current or {}, wanted_keys) == current,
+        name=f"Merge settings into {DAEMON_JSON}",
+        keys=wanted_keys,
+    )
+    if daemon is not None:
+        restart_service(name="Restart dockerd for its new daemon.json", service=DOCKER_SERVICE, _if=daemon.did_change)
+    planning.unless_current(
+        ensure_service,
+        current=(state.service["active"], state.service["enabled"]) == ("active", "enabled"),
+        name="Start and enable dockerd",
+        service=DOCKER_SERVICE,
+    )
+    for name in docker_group_members(settings):
+        planning.unless_current(
+            add_to_group,
+            current=name in state.group["members"],
+            name=f"Add {name} to the docker group",
+            user=name,
+            group=DOCKER_GROUP,
         )
-    if planned or service["active"] != "active" or service["enabled"] != "enabled":
-        planned.append(ensure_service(name="Start and enable dockerd", service=DOCKER_SERVICE))
-    for name in members:
-        if name not in group["members"]:
-            planned.append(add_to_group(name=f"Add {name} to the docker group", user=name, group=DOCKER_GROUP))
-
-    known = None if planned else engine
-    if worth_planning(bool(known and known["server"] and _is_compose_v2(known["compose"]))):
-        check_engine(name="Check that docker info answers and docker compose is v2", known=known)
+    planning.unless_current(
+        check_engine,
+        current=engine_is_healthy(state.engine),
+        name="Check that docker info answers and docker compose is v2",
+    )

@@ -62,7 +62,6 @@ the output says so.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 import shlex
@@ -77,15 +76,15 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import files, server
+from pyinfra.operations import server
 
-from labfleet import apt, docker
-from labfleet.facts.apt import AptSourceEntries
-from labfleet.facts.docker import DaemonJson
-from labfleet.facts.nvidia import GpuHost, GpuInContainer, NvidiaRuntimeState
-from labfleet.facts.system import ServiceState
+from labfleet import apt, docker, planning, platform
+from labfleet.facts.apt import AptFiles
+from labfleet.facts.docker import DaemonJson, DaemonJsonState
+from labfleet.facts.nvidia import GpuHost, GpuHostState, GpuInContainer, NvidiaRuntimeState, RuntimeState
+from labfleet.facts.system import ServiceState, UnitState
 from labfleet.image import image_tag
-from labfleet.planning import FactBatch, plan_notice, planned
+from labfleet.planning import Read
 from labfleet.preflight import require
 from labfleet.settings import Settings
 
@@ -95,9 +94,6 @@ TOOLKIT_PACKAGES = (
     "libnvidia-container-tools",
     "libnvidia-container1",
 )
-SOURCES_FILE = "/etc/apt/sources.list.d/nvidia-container-toolkit.sources"
-KEYRING = f"{apt.KEYRING_DIR}/nvidia-container-toolkit.asc"
-PIN_FILE = "/etc/apt/preferences.d/labfleet-nvidia-container-toolkit"
 NVIDIA_REPOSITORY = "nvidia.github.io/libnvidia-container/"
 RUNTIME = "nvidia-container-runtime"
 HOOK = "nvidia-container-runtime-hook"
@@ -105,10 +101,84 @@ CGROUPFS = "native.cgroupdriver=cgroupfs"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 CDI_MARKER = "/var/lib/labfleet/nvidia/cdi-driver-version"
 CDI_REFRESH_UNIT = "nvidia-cdi-refresh.path"
-# The files the Debian installer writes; non-free is enabled only there, never in a
-# third party's file whose repository may not have that component.
-DEBIAN_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
-DEBIAN_DRIVER_COMPONENTS = ("contrib", "non-free", "non-free-firmware")
+# The files labfleet keeps for NVIDIA's repository (labfleet.apt.AptRepository's layout).
+SOURCES_FILE = f"{apt.SOURCES_DIR}/nvidia-container-toolkit.sources"
+KEYRING = f"{apt.KEYRING_DIR}/nvidia-container-toolkit.asc"
+PIN_FILE = f"{apt.PREFERENCES_DIR}/labfleet-nvidia-container-toolkit"
+
+
+def repository(settings: Settings) -> apt.AptRepository:
+    """NVIDIA's Container Toolkit repository, as labfleet keeps it (labfleet.apt.AptRepository)."""
+    return apt.AptRepository(
+        name="nvidia-container-toolkit",
+        owner="NVIDIA",
+        product="the NVIDIA Container Toolkit",
+        markers=repository_markers(settings),
+        # Where NVIDIA's install guide puts the key, for the .list file it writes.
+        key_files=("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",),
+        pin_packages=TOOLKIT_PACKAGES,
+        sources_comment=(
+            "NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key)."
+        ),
+        pin_comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
+    )
+
+
+# --- What the NVIDIA steps read --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NvidiaHost:
+    """What every NVIDIA step decides from, read once per host while planning (``reads``).
+
+    ``debian_sources`` and ``sources_list`` (the distribution's own apt files) are read only
+    with ``nvidia_driver_install``, where the driver may need Debian's non-free component.
+    """
+
+    gpu: GpuHostState
+    release: dict
+    arch: str
+    packages: dict[str, list[str]]
+    apt_files: AptFiles
+    daemon_json: DaemonJsonState
+    runtime: RuntimeState
+    cdi_refresh: UnitState
+    debian_sources: list[str] | None = None
+    sources_list: list[str] | None = None
+
+
+GPU_READ = Read(GpuHost)
+
+
+def reads(settings: Settings) -> dict[str, Read]:
+    """The facts the NVIDIA steps decide from, by NvidiaHost field; none where they do nothing.
+
+    All of them, GPU or not, so that deploy.py's one batch answers every NVIDIA step on a
+    GPU host as on a CPU-only one; only ``gpu: false`` without ``nvidia_toolkit: true``
+    reads nothing.
+    """
+    if settings.gpu is False and settings.nvidia_toolkit is not True:
+        return {}
+    found = {
+        "gpu": GPU_READ,
+        "release": Read(LinuxDistribution),
+        "arch": Read(DebArch),
+        "packages": Read(DebPackages),
+        "apt_files": apt.repository_read(repository(settings)),
+        "daemon_json": Read(DaemonJson, {"path": docker.DAEMON_JSON}),
+        "runtime": Read(NvidiaRuntimeState, RUNTIME_STATE),
+        "cdi_refresh": Read(ServiceState, {"service": CDI_REFRESH_UNIT}),
+    }
+    if settings.nvidia_driver_install:
+        debian_sources, sources_list = platform.DEBIAN_SOURCES
+        found["debian_sources"] = Read(FileContents, {"path": debian_sources})
+        found["sources_list"] = Read(FileContents, {"path": sources_list})
+    return found
+
+
+def snapshot(settings: Settings) -> NvidiaHost:
+    """This host's NvidiaHost: the batch's readings while planning, fresh while executing."""
+    return planning.snapshot(NvidiaHost, reads(settings))
 
 
 # --- Detection and the driver floor ---------------------------------------------------
@@ -123,31 +193,11 @@ def driver_meets(driver: str | None, floor: str) -> bool:
     return driver is not None and version_tuple(driver) >= version_tuple(floor)
 
 
-_planned_gpu_state: dict[tuple[int, str], dict] = {}
-
-
-def gpu_state() -> dict:
-    """This host's GpuHost fact as read while planning, once per host and run.
-
-    Every NVIDIA step decides from the same reading, and a CPU-only host pays one round
-    trip for all of them. Operations that must see a change (a reboot) read it again.
-    """
-    key = (id(host.state), host.name)
-    if key not in _planned_gpu_state:
-        _planned_gpu_state[key] = planned(GpuHost)
-    return _planned_gpu_state[key]
-
-
-def state_parts(settings: Settings) -> tuple:
-    """What the NVIDIA steps decide from while planning: the PCI bus and driver, unless `gpu` is false."""
-    return () if settings.gpu is False else ((GpuHost, {}),)
-
-
 def has_gpu(settings: Settings) -> bool:
-    """`gpu: true/false` decides; `auto` asks the PCI bus and the driver."""
+    """`gpu: true/false` decides; `auto` asks the PCI bus and the driver (once per host and run)."""
     if isinstance(settings.gpu, bool):
         return settings.gpu
-    return bool(gpu_state()["gpus"])
+    return bool(planning.read({"gpu": GPU_READ})["gpu"]["gpus"])
 
 
 def wants_toolkit(settings: Settings) -> bool:
@@ -161,16 +211,9 @@ def driver_branch(settings: Settings) -> str:
     return settings.nvidia_driver_min.split(".")[0]
 
 
-def driver_advice(settings: Settings, distro: dict, gpu: dict) -> str:
+def driver_advice(settings: Settings, release: Mapping, gpu: Mapping) -> str:
     """What to install, in the words of this host's distribution."""
-    branch = driver_branch(settings)
-    name = (distro.get("name") or "").lower()
-    if "ubuntu" in name:
-        install = f"`sudo apt install nvidia-driver-{branch}-server` (or `sudo ubuntu-drivers install`)"
-    elif "debian" in name:
-        install = "`nvidia-driver` from Debian's non-free component (or NVIDIA's CUDA repository)"
-    else:
-        install = f"NVIDIA driver {branch} or newer"
+    install = platform.driver_install_hint(release.get("name") or "", driver_branch(settings))
     notes = []
     if gpu["nouveau"]:
         notes.append("nouveau is loaded and must be blacklisted")
@@ -180,49 +223,26 @@ def driver_advice(settings: Settings, distro: dict, gpu: dict) -> str:
     return f"install {install}, then reboot.{extra} Or set nvidia_driver_install: true to let labfleet install it"
 
 
-def _below_floor(settings: Settings, gpu: Mapping, distro: Mapping) -> str:
+def _below_floor(settings: Settings, gpu: Mapping, release: Mapping) -> str:
     found = gpu["driver"] or "none loaded"
     return (
         f"host {settings.host}: NVIDIA driver {found} is below {settings.nvidia_driver_min}, the floor for "
-        f"CUDA {settings.cuda} (nvidia_driver_min); {driver_advice(settings, dict(distro), dict(gpu))}"
+        f"CUDA {settings.cuda} (nvidia_driver_min); {driver_advice(settings, release, gpu)}"
     )
 
 
-@dataclass(frozen=True)
-class DriverPlan:
-    """How a host gets the distribution's driver branch (``nvidia_driver_install: true``).
-
-    ``packages`` are installed with apt; ``ubuntu_drivers`` is the ``ubuntu-drivers
-    install`` argument; ``installed_when`` is the package whose presence means it is done;
-    ``components`` are enabled in the distribution's own sources first.
-    """
-
-    packages: tuple[str, ...] = ()
-    ubuntu_drivers: str | None = None
-    installed_when: str = ""
-    components: tuple[str, ...] = ()
-
-
-def driver_install_plan(settings: Settings, distro: str, arch: str, secure_boot: bool | None) -> DriverPlan | str:
-    """The plan for this host, or why labfleet will not install the driver here."""
-    branch = driver_branch(settings)
-    if distro == "ubuntu":
-        return DriverPlan(
-            packages=("ubuntu-drivers-common",),
-            ubuntu_drivers=f"nvidia:{branch}-server",
-            installed_when=f"nvidia-driver-{branch}-server",
-        )
-    if secure_boot:
+def driver_install_plan(
+    settings: Settings, distro: str, arch: str, secure_boot: bool | None
+) -> platform.DriverPlan | str:
+    """The plan for this host (platform.nvidia_driver), or why labfleet will not install the driver here."""
+    plan = platform.nvidia_driver(distro, driver_branch(settings), arch)
+    if secure_boot and not plan.signed_modules:
         return (
             f"host {settings.host}: Secure Boot is on, and Debian's nvidia-driver is a DKMS module that must be "
             "signed with a key enrolled at the console (mokutil --import /var/lib/dkms/mok.pub, then reboot and "
             "enrol it); labfleet does not automate that: install the driver by hand, or turn Secure Boot off"
         )
-    return DriverPlan(
-        packages=(f"linux-headers-{arch}", "nvidia-driver", "firmware-misc-nonfree"),
-        installed_when="nvidia-driver",
-        components=DEBIAN_DRIVER_COMPONENTS,
-    )
+    return plan
 
 
 _ONE_LINE = re.compile(r"^(\s*deb(?:-src)?\s+(?:\[[^\]]*\]\s+)?\S+\s+)(\S+)((?:\s+[^\s#]+)*)(\s*(?:#.*)?)$")
@@ -369,7 +389,7 @@ def check_driver(settings: Settings):
         if wants_toolkit(settings):
             host.noop("no NVIDIA GPU on this host: no driver to check; the toolkit is installed (nvidia_toolkit: true)")
         else:
-            plan_notice(
+            planning.notice(
                 explain_skip,
                 name="Skip the NVIDIA steps: no NVIDIA GPU on this host",
                 reason=(
@@ -378,29 +398,27 @@ def check_driver(settings: Settings):
                 ),
             )
         return
-    gpu = gpu_state()
+    state = snapshot(settings)
     title = f"Check that the NVIDIA driver is at least {settings.nvidia_driver_min}"
-    if driver_meets(gpu["driver"], settings.nvidia_driver_min):
+    if driver_meets(state.gpu["driver"], settings.nvidia_driver_min):
         require(name=title, ok=True, problem="")
     elif settings.nvidia_driver_install:
-        _install_driver(settings, gpu, title)
+        _install_driver(settings, state, title)
     else:
-        require(name=title, ok=False, problem=_below_floor(settings, gpu, host.get_fact(LinuxDistribution) or {}))
+        require(name=title, ok=False, problem=_below_floor(settings, state.gpu, state.release))
 
 
-def _install_driver(settings: Settings, gpu: Mapping, title: str):
-    release, arch, *sources = host.get_fact(
-        FactBatch,
-        parts=((LinuxDistribution, {}), (DebArch, {}), *((FileContents, {"path": path}) for path in DEBIAN_SOURCES)),
-    )
+def _install_driver(settings: Settings, state: NvidiaHost, title: str):
     try:
-        distro, codename, _ = docker.distribution(release)
-        plan = driver_install_plan(settings, distro, arch, gpu["secure_boot"])
-    except docker.UnsupportedDistribution as error:
+        release = platform.distribution(state.release)
+        plan = driver_install_plan(settings, release.id, state.arch, state.gpu["secure_boot"])
+    except platform.UnsupportedDistribution as error:
         plan = f"host {settings.host}: {error}; labfleet installs NVIDIA drivers on Debian and Ubuntu only"
     if isinstance(plan, str):
-        require(name=title, ok=False, problem=f"{_below_floor(settings, gpu, release)}. {plan}")
+        require(name=title, ok=False, problem=f"{_below_floor(settings, state.gpu, state.release)}. {plan}")
         return
+    codename = release.codename
+    distribution_sources = zip(platform.DEBIAN_SOURCES, (state.debian_sources, state.sources_list), strict=True)
     changed_sources = [
         enable_apt_components(
             name=f"Enable {' '.join(plan.components)} in {path}",
@@ -408,7 +426,7 @@ def _install_driver(settings: Settings, gpu: Mapping, title: str):
             suites=(codename, f"{codename}-updates", f"{codename}-security"),
             components=plan.components,
         )
-        for path, lines in zip(DEBIAN_SOURCES, sources, strict=True)
+        for path, lines in distribution_sources
         if plan.components and lines is not None
     ]
     packages = apt.ensure_packages(
@@ -459,25 +477,15 @@ def key_url(settings: Settings) -> str:
     return urlunsplit(parts._replace(path=posixpath.join(root, "gpgkey")))
 
 
-def sources_file(settings: Settings, arch: str) -> str:
-    """The text of /etc/apt/sources.list.d/nvidia-container-toolkit.sources."""
-    return apt.deb822_source(
+def apt_source(settings: Settings, arch: str) -> apt.AptSource:
+    """What nvidia-container-toolkit.sources says on a host of dpkg architecture arch."""
+    return apt.AptSource(
         uris=repository_url(settings, arch),
         suites="/",
         components=None,
         architectures=arch,
-        signed_by=KEYRING,
-        comment="NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key).",
-    )
-
-
-def pin_file(settings: Settings) -> str | None:
-    if settings.nvidia_toolkit_version is None:
-        return None
-    return apt.pin_preferences(
-        TOOLKIT_PACKAGES,
-        settings.nvidia_toolkit_version,
-        comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
+        key_url=key_url(settings),
+        pin_version=settings.nvidia_toolkit_version,
     )
 
 
@@ -486,53 +494,23 @@ def repository_markers(settings: Settings) -> tuple[str, ...]:
     return tuple(dict.fromkeys((NVIDIA_REPOSITORY, mirror + "/")))
 
 
-def stale_toolkit_files(entries: Mapping) -> tuple[list[str], list[str]]:
-    """``(to_remove, mixed)``: NVIDIA's apt source files other than labfleet's (NVIDIA's guide
-    writes nvidia-container-toolkit.list, and two Signed-By values for one repository make
-    apt fail), and files that mix them with other repositories (left alone, reported)."""
-    remove, mixed = [], []
-    for entry in entries["files"]:
-        if entry["path"] == SOURCES_FILE:
-            continue
-        if entry["matching"] == entry["entries"] and entry["path"] != "/etc/apt/sources.list":
-            remove.append(entry["path"])
-        else:
-            mixed.append(entry["path"])
-    return remove, mixed
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 @deploy("Install the NVIDIA Container Toolkit")
 def install_container_toolkit(settings: Settings) -> OperationMeta | None:
     """NVIDIA's signed apt repository and the four toolkit packages; returns the install
-    operation (for ``configure_container_runtime``), or None when nothing is installed."""
+    operation (for ``configure_container_runtime``), or None when it is not planned."""
     if not wants_toolkit(settings):
         host.noop("no NVIDIA GPU on this host: the NVIDIA Container Toolkit is skipped")
         return None
-    release, arch, installed, entries = host.get_fact(
-        FactBatch,
-        parts=(
-            (LinuxDistribution, {}),
-            (DebArch, {}),
-            (DebPackages, {}),
-            (AptSourceEntries, {"markers": repository_markers(settings), "paths": (KEYRING, PIN_FILE, SOURCES_FILE)}),
-        ),
-    )
-    stale, mixed = stale_toolkit_files(entries)
+    state = snapshot(settings)
+    nvidia_repo, source = repository(settings), apt_source(settings, state.arch)
     problems = []
     try:
-        docker.distribution(release)
-    except docker.UnsupportedDistribution as error:
+        platform.distribution(state.release)
+    except platform.UnsupportedDistribution as error:
         problems.append(f"host {settings.host}: {error}; labfleet installs NVIDIA's toolkit on Debian and Ubuntu")
+    mixed = apt.mixed_files(nvidia_repo, source, state.apt_files)
     if mixed:
-        problems.append(
-            f"host {settings.host}: {', '.join(mixed)} mixes NVIDIA's toolkit apt entries with other repositories'; "
-            f"labfleet does not edit other repositories' files: move NVIDIA's entries out (labfleet writes "
-            f"{SOURCES_FILE}), then run the deploy again"
-        )
+        problems.append(apt.mixed_problem(nvidia_repo, settings.host, mixed))
     require(
         name="Check that the NVIDIA Container Toolkit can be installed here",
         ok=not problems,
@@ -540,36 +518,25 @@ def install_container_toolkit(settings: Settings) -> OperationMeta | None:
     )
     if problems:
         return None
-
-    planned = [files.file(name=f"Remove NVIDIA's stale apt file {path}", path=path, present=False) for path in stale]
-    prerequisites = ["ca-certificates"] + ([] if {"curl", "wget"} & set(installed) else ["curl"])
-    if apt.missing_packages(prerequisites, installed):
-        planned.append(apt.ensure_packages(name="Install ca-certificates and curl", packages=prerequisites))
-    # Always planned: only the host can tell whether the served key changed.
-    keyring = apt.install_keyring(name="Install NVIDIA's repository key", url=key_url(settings), path=KEYRING)
-    wanted = {SOURCES_FILE: ("Add NVIDIA's Container Toolkit apt repository", sources_file(settings, arch))}
-    pin = pin_file(settings)
-    if pin is not None:
-        wanted[PIN_FILE] = (f"Pin the NVIDIA Container Toolkit to {settings.nvidia_toolkit_version}", pin)
-    sources = [
-        files.put(name=title, src=StringIO(text), dest=path, mode="644")
-        for path, (title, text) in wanted.items()
-        if entries["sha256"].get(path) != _sha256(text)
-    ]
-    if pin is None and PIN_FILE in entries["present"]:
-        sources.append(files.file(name="Remove the toolkit's old version pin", path=PIN_FILE, present=False))
+    repository_changed = apt.add_repository(nvidia_repo, source, state.apt_files, state.packages)
     packages = toolkit_packages(settings)
-    if not (apt.missing_packages(packages, installed) or planned or sources):
-        host.noop(f"{', '.join(TOOLKIT_PACKAGES)} already installed")
-        return None
-    return apt.ensure_packages(
+    return planning.unless_current(
+        apt.ensure_packages,
+        current=not apt.missing_packages(packages, state.packages),
         name="Install the NVIDIA Container Toolkit packages",
         packages=packages,
-        refresh=lambda: any(op.did_change() for op in [*sources, keyring]),
+        refresh=repository_changed,
     )
 
 
 # --- The runtime in Docker ---------------------------------------------------------------
+
+RUNTIME_STATE = {"spec": CDI_SPEC, "marker": CDI_MARKER, "hook": HOOK, "service": docker.DOCKER_SERVICE}
+
+
+def runtime_state(spec: str = CDI_SPEC, marker: str = CDI_MARKER) -> RuntimeState:
+    """NvidiaRuntimeState read now, for an operation that runs after this run changed the host."""
+    return host.get_fact(NvidiaRuntimeState, spec=spec, marker=marker, hook=HOOK, service=docker.DOCKER_SERVICE)
 
 
 def exec_opts_with_cgroupfs(current) -> list[str]:
@@ -583,13 +550,14 @@ def exec_opts_with_cgroupfs(current) -> list[str]:
 def daemon_keys(settings: Settings) -> dict:
     """The daemon.json keys of the NVIDIA runtime, for the docker step's one merge.
 
-    The runtime entry is what ``nvidia-ctk runtime configure`` would write, so a host
-    set up by hand by NVIDIA's guide reads as unchanged. The cgroupfs driver keeps GPUs
-    in containers across ``systemctl daemon-reload`` (see the module docstring).
+    The runtime entry is what ``nvidia-ctk runtime configure`` writes, so a host set up by
+    hand by NVIDIA's guide keeps its entry as it is. The cgroupfs driver keeps GPUs in
+    containers across ``systemctl daemon-reload`` (see the module docstring); other
+    exec-opts found in daemon.json are kept, in their order.
     """
     if not wants_toolkit(settings):
         return {}
-    current = host.get_fact(DaemonJson, path=docker.DAEMON_JSON)
+    current = snapshot(settings).daemon_json
     keys: dict = {
         "runtimes": {"nvidia": {"path": RUNTIME, "args": []}},
         "exec-opts": exec_opts_with_cgroupfs((current["config"] or {}).get("exec-opts")),
@@ -601,7 +569,7 @@ def daemon_keys(settings: Settings) -> dict:
 
 def cdi_spec_is_current(driver: str | None, state: Mapping) -> bool:
     """No driver loaded: nothing to describe. Otherwise the spec must exist and be for this driver."""
-    return driver is None or (state["spec"] and state["spec_driver"] == driver)
+    return driver is None or bool(state["spec"] and state["spec_driver"] == driver)
 
 
 def dockerd_predates_hook(state: Mapping) -> bool:
@@ -610,8 +578,9 @@ def dockerd_predates_hook(state: Mapping) -> bool:
     return started is not None and hook is not None and started < hook
 
 
-def _runtime_state() -> dict:
-    return host.get_fact(NvidiaRuntimeState, spec=CDI_SPEC, marker=CDI_MARKER, hook=HOOK, service=docker.DOCKER_SERVICE)
+def cdi_refresh_is_current(unit: Mapping) -> bool:
+    """nvidia-cdi-refresh is enabled and active, or this toolkit does not ship it."""
+    return not docker.unit_exists(unit) or (unit["enabled"], unit["active"]) == ("enabled", "active")
 
 
 @operation(is_idempotent=True)
@@ -628,7 +597,7 @@ def generate_cdi_spec(spec: str = CDI_SPEC, marker: str = CDI_MARKER):
         generate_cdi_spec(name="Generate the CDI spec")
     """
     driver = host.get_fact(GpuHost)["driver"]
-    state = host.get_fact(NvidiaRuntimeState, spec=spec, marker=marker, hook=HOOK, service=docker.DOCKER_SERVICE)
+    state = runtime_state(spec, marker)
     if driver is None:
         host.noop("no NVIDIA driver is loaded: there is no CDI spec to generate")
         return
@@ -648,6 +617,10 @@ def configure_container_runtime(settings: Settings, toolkit: OperationMeta | Non
     """After the docker step: dockerd aware of the toolkit, the CDI spec, nvidia-cdi-refresh.
 
     + toolkit: what ``install_container_toolkit`` returned
+
+    Each operation here is skipped when the snapshot shows it current and nothing before it
+    changed the host; a toolkit or driver installed by this run changes the host, so then
+    each one looks again when it runs.
     """
     if not wants_toolkit(settings):
         host.noop("no NVIDIA GPU on this host: the NVIDIA runtime is not configured")
@@ -656,27 +629,21 @@ def configure_container_runtime(settings: Settings, toolkit: OperationMeta | Non
         docker.restart_service(
             name="Restart dockerd so that it registers NVIDIA's GPU driver",
             service=docker.DOCKER_SERVICE,
-            _if=[toolkit.did_change, lambda: dockerd_predates_hook(_runtime_state())],
+            _if=[toolkit.did_change, lambda: dockerd_predates_hook(runtime_state())],
         )
-    state, refresh = host.get_fact(
-        FactBatch,
-        parts=(
-            (
-                NvidiaRuntimeState,
-                {"spec": CDI_SPEC, "marker": CDI_MARKER, "hook": HOOK, "service": docker.DOCKER_SERVICE},
-            ),
-            (ServiceState, {"service": CDI_REFRESH_UNIT}),
-        ),
+    state = snapshot(settings)
+    planning.unless_current(
+        generate_cdi_spec,
+        current=cdi_spec_is_current(state.gpu["driver"], state.runtime),
+        name="Generate the CDI spec for the loaded driver",
     )
-    # A driver installed by this run changes the driver the spec must describe.
-    if toolkit is not None or settings.nvidia_driver_install or not cdi_spec_is_current(gpu_state()["driver"], state):
-        generate_cdi_spec(name="Generate the CDI spec for the loaded driver")
-    if toolkit is not None or (
-        docker.unit_exists(refresh) and (refresh["enabled"], refresh["active"]) != ("enabled", "active")
-    ):
-        docker.ensure_service(
-            name=f"Enable {CDI_REFRESH_UNIT} where the toolkit has it", service=CDI_REFRESH_UNIT, if_present=True
-        )
+    planning.unless_current(
+        docker.ensure_service,
+        current=cdi_refresh_is_current(state.cdi_refresh),
+        name=f"Enable {CDI_REFRESH_UNIT} where the toolkit has it",
+        service=CDI_REFRESH_UNIT,
+        if_present=True,
+    )
 
 
 # --- Verify -------------------------------------------------------------------------------

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import shlex
+from typing import TypedDict
 
 from pyinfra.api import FactBase
 
 
-class AptSourceEntries(FactBase):
+class AptFileEntries(TypedDict):
+    path: str
+    entries: int
+    matching: int
+
+
+class AptFiles(TypedDict):
+    files: list[AptFileEntries]
+    present: list[str]
+    sha256: dict[str, str]
+
+
+class AptSourceEntries(FactBase[AptFiles]):
     """apt source files that hold entries for any of the given repository URLs, and which of some paths exist.
 
     + markers: URL fragments that identify the repository

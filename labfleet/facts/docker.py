@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from typing import TypedDict
 
 from pyinfra.api import FactBase
 
 
-class DaemonJson(FactBase):
+class DaemonJsonState(TypedDict):
+    present: bool
+    config: dict | None
+    error: str | None
+
+
+class EngineStatus(TypedDict):
+    server: str | None
+    compose: str | None
+
+
+class DaemonJson(FactBase[DaemonJsonState]):
     """Docker's daemon.json, parsed.
 
     Returns ``{"present": bool, "config": dict | None, "error": str | None}``; ``error``
@@ -83,7 +95,8 @@ def docker_api(*paths: str) -> str:
 
 def api_answers(output) -> list[tuple[int, str]]:
     """(status, body) for each answer docker_api printed; status 0 where the engine did not answer."""
-    answers, body = [], []
+    answers: list[tuple[int, str]] = []
+    body: list[str] = []
     for line in output:
         if line.startswith(HTTP_MARK):
             code = line[len(HTTP_MARK) :].strip()
@@ -105,7 +118,7 @@ def api_json(status: int, body: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-class DockerEngineStatus(FactBase):
+class DockerEngineStatus(FactBase[EngineStatus]):
     """The engine and Compose: ``{"server": "26.1.5" | None, "compose": "2.26.1" | None}``.
 
     ``server`` is the engine's version when it answers on its socket (the ``Server`` header

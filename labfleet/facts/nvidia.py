@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import TypedDict
 
 from pyinfra.api import FactBase
 
@@ -13,7 +14,21 @@ GPU_CLASSES = ("0x0300", "0x0302")
 SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 
-class GpuHost(FactBase):
+class GpuHostState(TypedDict):
+    gpus: list[str]
+    driver: str | None
+    nouveau: bool
+    secure_boot: bool | None
+
+
+class RuntimeState(TypedDict):
+    spec: bool
+    spec_driver: str | None
+    hook_changed: int | None
+    service_started: int | None
+
+
+class GpuHost(FactBase[GpuHostState]):
     """Everything the NVIDIA step decides from, in one round trip.
 
     Returns ``{"gpus": [slot, ...], "driver": "570.86.15" | None, "nouveau": bool,
@@ -22,7 +37,7 @@ class GpuHost(FactBase):
     """
 
     @staticmethod
-    def default():
+    def default() -> GpuHostState:
         return {"gpus": [], "driver": None, "nouveau": False, "secure_boot": None}
 
     def command(self) -> str:
@@ -41,7 +56,7 @@ class GpuHost(FactBase):
         return parse_gpu_host(output)
 
 
-def parse_gpu_host(lines) -> dict:
+def parse_gpu_host(lines) -> GpuHostState:
     state = GpuHost.default()
     gpus: set[str] = set()
     for line in lines:
@@ -62,7 +77,7 @@ def parse_gpu_host(lines) -> dict:
     return state
 
 
-class NvidiaRuntimeState(FactBase):
+class NvidiaRuntimeState(FactBase[RuntimeState]):
     """What the NVIDIA runtime step decides from, in one round trip.
 
     + spec: the CDI spec labfleet generates
@@ -77,7 +92,7 @@ class NvidiaRuntimeState(FactBase):
     """
 
     @staticmethod
-    def default():
+    def default() -> RuntimeState:
         return {"spec": False, "spec_driver": None, "hook_changed": None, "service_started": None}
 
     def command(self, spec: str, marker: str, hook: str, service: str) -> str:
@@ -95,7 +110,7 @@ class NvidiaRuntimeState(FactBase):
         return parse_nvidia_runtime_state(output)
 
 
-def parse_nvidia_runtime_state(lines) -> dict:
+def parse_nvidia_runtime_state(lines) -> RuntimeState:
     state = NvidiaRuntimeState.default()
     for line in lines:
         kind, _, value = line.strip().partition(" ")
@@ -104,8 +119,10 @@ def parse_nvidia_runtime_state(lines) -> dict:
             state["spec"] = True
         elif kind == "spec-driver":
             state["spec_driver"] = value or None
-        elif kind in ("hook-changed", "service-started") and value.isdigit():
-            state[kind.replace("-", "_")] = int(value)
+        elif kind == "hook-changed" and value.isdigit():
+            state["hook_changed"] = int(value)
+        elif kind == "service-started" and value.isdigit():
+            state["service_started"] = int(value)
     return state
 
 

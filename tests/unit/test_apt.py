@@ -31,15 +31,29 @@ def _run_with_fakes(directory, arguments: str, lock_timeout: int):
     )
 
 
-def test_apt_get_retries_on_lock_errors_until_the_deadline(tmp_path):
-    # A fake apt-get that reports the lists lock as held, always.
+def test_apt_get_waits_while_the_lock_is_held_and_then_runs(tmp_path):
+    # A fake apt-get that finds the lists lock held once, then gets it.
+    _fake(
+        tmp_path,
+        "apt-get",
+        f"[ -f {tmp_path}/released ] && {{ echo updated; exit 0; }}\n"
+        f"touch {tmp_path}/released\n"
+        "echo 'E: Could not get lock /var/lib/apt/lists/lock. It is held by process 7'\nexit 100",
+    )
+    result = _run_with_fakes(tmp_path, "update", lock_timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "waiting for the apt/dpkg lock: E: Could not get lock" in result.stderr
+    assert "updated" in result.stdout
+
+
+def test_apt_get_gives_up_on_a_lock_held_past_the_deadline(tmp_path):
     _fake(
         tmp_path, "apt-get", "echo 'E: Could not get lock /var/lib/apt/lists/lock. It is held by process 7'\nexit 100"
     )
-    result = _run_with_fakes(tmp_path, "update", lock_timeout=1)
+    result = _run_with_fakes(tmp_path, "update", lock_timeout=0)
     assert result.returncode == 1
-    assert "waiting for the apt/dpkg lock" in result.stderr
-    assert "still holds the apt/dpkg lock after 1 s" in result.stderr
+    assert "still holds the apt/dpkg lock after 0 s" in result.stderr
+    assert "let it finish, or stop it, then run the deploy again" in result.stderr
 
 
 def test_apt_get_passes_other_failures_through_at_once(tmp_path):

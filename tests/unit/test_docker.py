@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from labfleet import docker
+from labfleet import apt, docker, platform
 from labfleet.facts.apt import AptSourceEntries
 from labfleet.facts.docker import DaemonJson, DockerEngineStatus, parse_daemon_json
 from labfleet.facts.system import GroupMembers
@@ -20,6 +20,10 @@ def settings(raw):
     return make
 
 
+def D(distro_id, major):
+    return platform.Distribution(distro_id, "trixie" if distro_id == "debian" else "noble", major)
+
+
 def release(distro_id, codename, major, **meta):
     return {
         "name": distro_id.title(),
@@ -31,20 +35,20 @@ def release(distro_id, codename, major, **meta):
 @pytest.mark.parametrize(
     ("fact", "expected"),
     [
-        (release("debian", "trixie", 13), ("debian", "trixie", 13)),
-        (release("ubuntu", "noble", 24), ("ubuntu", "noble", 24)),
+        (release("debian", "trixie", 13), platform.Distribution("debian", "trixie", 13)),
+        (release("ubuntu", "noble", 24), platform.Distribution("ubuntu", "noble", 24)),
         (
             {
                 "name": "Linuxmint",
                 "major": 22,
                 "release_meta": {"ID": "linuxmint", "ID_LIKE": "ubuntu debian", "UBUNTU_CODENAME": "noble"},
             },
-            ("ubuntu", "noble", 22),
+            platform.Distribution("ubuntu", "noble", 22),
         ),
     ],
 )
 def test_distribution_from_os_release(fact, expected):
-    assert docker.distribution(fact) == expected
+    assert platform.distribution(fact) == expected
 
 
 @pytest.mark.parametrize(
@@ -55,38 +59,43 @@ def test_distribution_from_os_release(fact, expected):
     ],
 )
 def test_unsupported_distribution(fact):
-    with pytest.raises(docker.UnsupportedDistribution):
-        docker.distribution(fact)
+    with pytest.raises(platform.UnsupportedDistribution):
+        platform.distribution(fact)
 
 
 def test_docker_ce_packages_are_the_same_everywhere(settings):
     s = settings(docker_source="docker-ce")
     expected = ("docker-ce", "docker-ce-cli", "containerd.io", "docker-buildx-plugin", "docker-compose-plugin")
-    assert docker.packages_to_install(s, "debian", 12) == expected
-    assert docker.packages_to_install(s, "ubuntu", 24) == expected
+    assert docker.packages_to_install(s, D("debian", 12)) == expected
+    assert docker.packages_to_install(s, D("ubuntu", 24)) == expected
 
 
 def test_distro_packages_per_distribution(settings):
     s = settings(docker_source="distro")
-    assert docker.packages_to_install(s, "debian", 13) == ("docker.io", "docker-cli", "docker-compose", "docker-buildx")
-    assert docker.packages_to_install(s, "debian", None) == (
+    assert docker.packages_to_install(s, D("debian", 13)) == (
         "docker.io",
         "docker-cli",
         "docker-compose",
         "docker-buildx",
     )
-    assert docker.packages_to_install(s, "ubuntu", 24) == ("docker.io", "docker-compose-v2", "docker-buildx")
+    assert docker.packages_to_install(s, D("debian", None)) == (
+        "docker.io",
+        "docker-cli",
+        "docker-compose",
+        "docker-buildx",
+    )
+    assert docker.packages_to_install(s, D("ubuntu", 24)) == ("docker.io", "docker-compose-v2", "docker-buildx")
 
 
 def test_bookworm_distro_has_no_compose_v2_unless_listed(settings):
-    assert docker.packages_to_install(settings(docker_source="distro"), "debian", 12) is None
+    assert docker.packages_to_install(settings(docker_source="distro"), D("debian", 12)) is None
     custom = settings(docker_source="distro", docker_packages=["docker.io", "my-compose-v2"])
-    assert docker.packages_to_install(custom, "debian", 12) == ("docker.io", "my-compose-v2")
+    assert docker.packages_to_install(custom, D("debian", 12)) == ("docker.io", "my-compose-v2")
 
 
 def test_docker_version_pins_the_engine_packages_only(settings):
     s = settings(docker_version="5:27.3.1-1~debian.13~trixie")
-    assert docker.packages_to_install(s, "debian", 13) == (
+    assert docker.packages_to_install(s, D("debian", 13)) == (
         "docker-ce=5:27.3.1-1~debian.13~trixie",
         "docker-ce-cli=5:27.3.1-1~debian.13~trixie",
         "containerd.io",
@@ -94,7 +103,7 @@ def test_docker_version_pins_the_engine_packages_only(settings):
         "docker-compose-plugin",
     )
     distro = settings(docker_source="distro", docker_version="26.1.5+dfsg1-9")
-    assert docker.packages_to_install(distro, "debian", 13)[:2] == (
+    assert docker.packages_to_install(distro, D("debian", 13))[:2] == (
         "docker.io=26.1.5+dfsg1-9",
         "docker-cli=26.1.5+dfsg1-9",
     )
@@ -102,24 +111,24 @@ def test_docker_version_pins_the_engine_packages_only(settings):
 
 def test_an_explicit_version_in_docker_packages_wins(settings):
     s = settings(docker_version="5:27.3.1-1", docker_packages=["docker-ce=5:28.0.0-1", "docker-ce-cli"])
-    assert docker.packages_to_install(s, "debian", 13) == ("docker-ce=5:28.0.0-1", "docker-ce-cli=5:27.3.1-1")
+    assert docker.packages_to_install(s, D("debian", 13)) == ("docker-ce=5:28.0.0-1", "docker-ce-cli=5:27.3.1-1")
 
 
 def test_apparmor_is_added_where_the_kernel_enforces_it(settings):
-    assert docker.packages_to_install(settings(), "debian", 13, apparmor=True)[-1] == "apparmor"
+    assert docker.packages_to_install(settings(), D("debian", 13), apparmor=True)[-1] == "apparmor"
 
 
 def test_curl_comes_with_the_engine_unless_it_is_there_or_listed(settings):
     # Every later run reads the engine's state through its socket with curl.
-    assert docker.packages_to_install(settings(), "debian", 13, curl=True)[-1] == "curl"
-    assert "curl" not in docker.packages_to_install(settings(), "debian", 13)
+    assert docker.packages_to_install(settings(), D("debian", 13), curl=True)[-1] == "curl"
+    assert "curl" not in docker.packages_to_install(settings(), D("debian", 13))
     listed = ("docker.io", "my-compose-v2", "curl=8.14.1-2")
-    assert docker.packages_to_install(settings(docker_packages=list(listed)), "debian", 12, curl=True) == listed
+    assert docker.packages_to_install(settings(docker_packages=list(listed)), D("debian", 12), curl=True) == listed
 
 
 def test_conflicts_never_include_a_wanted_package(settings):
     s = settings(docker_source="docker-ce")
-    assert "docker.io" in docker.conflicting_packages(s, docker.DOCKER_CE_PACKAGES)
+    assert "docker.io" in docker.conflicting_packages(s, platform.DOCKER_CE_PACKAGES)
     assert "containerd" not in docker.conflicting_packages(s, ["docker.io", "containerd", "runc"])
     distro = settings(docker_source="distro")
     assert set(docker.conflicting_packages(distro, ["docker.io"])) >= {"docker-ce", "containerd.io", "podman-docker"}
@@ -127,7 +136,7 @@ def test_conflicts_never_include_a_wanted_package(settings):
 
 def test_sources_file_is_deb822_with_signed_by(settings):
     s = settings(docker_apt_mirror="http://127.0.0.1:8080/")
-    text = docker.sources_file(s, "debian", "trixie", "arm64")
+    text = apt.sources_text(docker.repository(s), docker.apt_source(s, D("debian", 13), "arm64"))
     lines = [line for line in text.splitlines() if not line.startswith("#")]
     assert lines == [
         "Types: deb",
@@ -137,6 +146,12 @@ def test_sources_file_is_deb822_with_signed_by(settings):
         "Architectures: arm64",
         "Signed-By: /etc/apt/keyrings/docker.asc",
     ]
+
+
+def stale_apt_files(s, entries):
+    """(to remove, mixed) for Docker's repository on a trixie host, as the docker step plans them."""
+    repo, source = docker.repository(s), docker.apt_source(s, D("debian", 13), "amd64")
+    return apt.stale_files(repo, source, entries), apt.mixed_files(repo, source, entries)
 
 
 def _entries(*files, present=()):
@@ -153,7 +168,7 @@ def test_stale_docker_files_go_and_the_managed_ones_stay(settings):
         ("/etc/apt/sources.list.d/docker.list", 1, 1),
         present=["/etc/apt/keyrings/docker.asc", "/usr/share/keyrings/docker-archive-keyring.gpg"],
     )
-    remove, mixed = docker.stale_apt_files(settings(docker_source="docker-ce"), entries)
+    remove, mixed = stale_apt_files(settings(docker_source="docker-ce"), entries)
     assert remove == ["/etc/apt/sources.list.d/docker.list", "/usr/share/keyrings/docker-archive-keyring.gpg"]
     assert mixed == []
 
@@ -161,23 +176,31 @@ def test_stale_docker_files_go_and_the_managed_ones_stay(settings):
 def test_the_distro_source_removes_every_docker_file(settings):
     entries = _entries(
         ("/etc/apt/sources.list.d/docker.sources", 1, 1),
-        present=["/etc/apt/sources.list.d/docker.sources", "/etc/apt/keyrings/docker.asc", docker.PIN_FILE],
+        present=[
+            "/etc/apt/sources.list.d/docker.sources",
+            "/etc/apt/keyrings/docker.asc",
+            "/etc/apt/preferences.d/labfleet-docker",
+        ],
     )
-    remove, _ = docker.stale_apt_files(settings(docker_source="distro"), entries)
-    assert remove == ["/etc/apt/sources.list.d/docker.sources", "/etc/apt/keyrings/docker.asc", docker.PIN_FILE]
+    remove, _ = stale_apt_files(settings(docker_source="distro"), entries)
+    assert remove == [
+        "/etc/apt/sources.list.d/docker.sources",
+        "/etc/apt/keyrings/docker.asc",
+        "/etc/apt/preferences.d/labfleet-docker",
+    ]
 
 
 def test_files_shared_with_other_repositories_are_reported_not_removed(settings):
     entries = _entries(("/etc/apt/sources.list.d/mixed.list", 3, 1), ("/etc/apt/sources.list", 1, 1))
-    remove, mixed = docker.stale_apt_files(settings(), entries)
+    remove, mixed = stale_apt_files(settings(), entries)
     assert remove == []
     assert mixed == ["/etc/apt/sources.list.d/mixed.list", "/etc/apt/sources.list"]
 
 
 def test_markers_match_upstream_and_the_mirror(settings):
-    markers = docker.repository_markers(settings(docker_apt_mirror="http://apt.lab/docker"), "debian")
+    markers = docker.repository_markers(settings(docker_apt_mirror="http://apt.lab/docker"))
     assert "download.docker.com/linux/" in markers
-    assert "apt.lab/docker/debian/" in markers
+    assert "apt.lab/docker/debian/" in markers and "apt.lab/docker/ubuntu/" in markers
 
 
 def test_daemon_config_merges_steps_under_the_users_keys(settings):

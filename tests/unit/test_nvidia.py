@@ -2,10 +2,14 @@
 GPU check, from recorded sysfs, /proc and command output and against fake facts."""
 
 import pytest
+from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import LinuxDistribution
+from test_planning import PlanningHost
 
-from labfleet import docker, facts, nvidia
-from labfleet.facts.docker import DaemonJson
+from labfleet import apt, docker, nvidia, planning
+from labfleet.facts.apt import AptSourceEntries
+from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
 from labfleet.facts.nvidia import (
     GpuHost,
     GpuInContainer,
@@ -14,7 +18,8 @@ from labfleet.facts.nvidia import (
     parse_gpu_in_container,
     parse_nvidia_runtime_state,
 )
-from labfleet.facts.system import ServiceState
+from labfleet.facts.system import GroupMembers, ServiceState
+from labfleet.planning import FactBatch
 from labfleet.settings import build
 
 COMPONENTS = ("contrib", "non-free", "non-free-firmware")
@@ -101,24 +106,93 @@ def test_toolkit_setting_decides_before_detection(settings, monkeypatch):
     assert nvidia.wants_toolkit(settings(nvidia_toolkit="auto", gpu=True)) is True
 
 
-def test_auto_reads_the_gpu_fact_once_per_host(settings, fake_host_in, monkeypatch):
-    monkeypatch.setattr(nvidia, "_planned_gpu_state", {})
-    monkeypatch.setattr(facts, "_planned", {})
-    fake = fake_host_in(nvidia, {GpuHost: parse_gpu_host(RTX_WORKSTATION)}, executing=False)
-    monkeypatch.setattr(facts, "host", fake)  # read while planning, through labfleet.facts.planned
-    calls = []
-    original = fake.get_fact
-    fake.get_fact = lambda fact, **kw: calls.append(fact) or original(fact, **kw)
+def host_facts(gpu=RTX_WORKSTATION, daemon_json=None) -> dict:
+    """A converged stand-in toolkit host as every NVIDIA fact reads it."""
+    return {
+        GpuHost: parse_gpu_host(gpu),
+        LinuxDistribution: {
+            "name": "Debian",
+            "major": 13,
+            "release_meta": {"ID": "debian", "VERSION_CODENAME": "trixie"},
+        },
+        DebArch: "amd64",
+        DebPackages: {name: ["1.17.8-1"] for name in nvidia.TOOLKIT_PACKAGES},
+        AptSourceEntries: {
+            "files": [{"path": nvidia.SOURCES_FILE, "entries": 1, "matching": 1}],
+            "present": [],
+            "sha256": {},
+        },
+        DaemonJson: {"present": True, "config": daemon_json or {}, "error": None},
+        NvidiaRuntimeState: parse_nvidia_runtime_state(RUNTIME_STATE),
+        ServiceState: {"systemd": True, "active": "active", "enabled": "enabled"},
+        # The docker step's own facts, which deploy.py reads in the same batch.
+        AppArmorEnabled: False,
+        DockerEngineStatus: {"server": "26.1.5", "compose": "2.26.1"},
+        GroupMembers: {"exists": True, "members": ["alice"], "accounts": ["alice"]},
+    }
+
+
+@pytest.fixture
+def planning_hosts(monkeypatch):
+    """planning_hosts(name: facts, ...) -> {name: PlanningHost}; use(name) makes that host pyinfra's `host`."""
+
+    def make(**answers):
+        hosts = {name: PlanningHost(facts) for name, facts in answers.items()}
+        for name, fake in hosts.items():
+            fake.name, fake.print_prefix = name, f"[{name}] "
+
+        def use(name):
+            monkeypatch.setattr(planning, "host", hosts[name])
+            monkeypatch.setattr(nvidia, "host", hosts[name])
+            return hosts[name]
+
+        return hosts, use
+
+    return make
+
+
+def test_every_nvidia_step_reads_one_batch_per_host(settings, planning_hosts):
+    """What deploy.py reads ahead answers every NVIDIA decision: one round trip per host."""
+    hosts, use = planning_hosts(gpu01=host_facts(), cpu01=host_facts(gpu=CPU_ONLY))
     s = settings()
-    assert nvidia.has_gpu(s) and nvidia.wants_toolkit(s) and nvidia.has_gpu(s)
-    assert calls == [GpuHost]
+    for name in hosts:
+        use(name)
+        planning.read_ahead(nvidia.reads(s), docker.reads(s))
+    for name, gpu in (("gpu01", True), ("cpu01", False)):
+        use(name)
+        assert nvidia.has_gpu(s) is gpu and nvidia.wants_toolkit(s) is gpu and nvidia.has_gpu(s) is gpu
+        snapshot = nvidia.snapshot(s)
+        assert snapshot.runtime["spec_driver"] == "570.86.15" and snapshot.cdi_refresh["active"] == "active"
+        assert ("runtimes" in nvidia.daemon_keys(s)) is gpu
+    assert {name: fake.reads for name, fake in hosts.items()} == {"gpu01": [FactBatch], "cpu01": [FactBatch]}
+
+
+def test_auto_reads_the_gpu_fact_once_per_host(settings, planning_hosts):
+    """Without deploy.py's read-ahead, the NVIDIA steps still read each host once."""
+    hosts, use = planning_hosts(pc01=host_facts(), pc02=host_facts(gpu=FRESH_SERVER))
+    s = settings()
+    for name in hosts:
+        use(name)
+        assert nvidia.has_gpu(s) and nvidia.wants_toolkit(s) and nvidia.has_gpu(s)
+        assert nvidia.snapshot(s).gpu["gpus"]
+    assert {name: fake.reads for name, fake in hosts.items()} == {
+        "pc01": [GpuHost, FactBatch],
+        "pc02": [GpuHost, FactBatch],
+    }
+
+
+def test_gpu_false_reads_nothing_unless_the_toolkit_is_wanted(settings):
+    assert nvidia.reads(settings(gpu=False)) == {}
+    assert "runtime" in nvidia.reads(settings(gpu=False, nvidia_toolkit=True))
+    assert "debian_sources" in nvidia.reads(settings(nvidia_driver_install=True))
 
 
 # --- Toolkit source, key, pin -----------------------------------------------------------------
 
 
 def test_sources_file_is_a_flat_deb822_repository_per_architecture(settings):
-    text = nvidia.sources_file(settings(), "arm64")
+    s = settings()
+    text = apt.sources_text(nvidia.repository(s), nvidia.apt_source(s, "arm64"))
     assert [line for line in text.splitlines() if not line.startswith("#")] == [
         "Types: deb",
         "URIs: https://nvidia.github.io/libnvidia-container/stable/deb/arm64",
@@ -148,12 +222,17 @@ def test_key_url_follows_nvidias_layout_unless_set(settings, mirror, key, expect
     assert nvidia.key_url(settings(nvidia_toolkit_apt_mirror=mirror, nvidia_toolkit_apt_key=key)) == expected
 
 
+def pin_text(s):
+    return apt.pin_text(nvidia.repository(s), nvidia.apt_source(s, "amd64"))
+
+
 def test_version_pins_all_four_packages_together(settings):
     assert nvidia.toolkit_packages(settings()) == nvidia.TOOLKIT_PACKAGES
-    assert nvidia.pin_file(settings()) is None
+    assert pin_text(settings()) is None
     pinned = settings(nvidia_toolkit_version="1.17.8-1")
     assert nvidia.toolkit_packages(pinned) == tuple(f"{name}=1.17.8-1" for name in nvidia.TOOLKIT_PACKAGES)
-    pin = nvidia.pin_file(pinned)
+    pin = pin_text(pinned)
+    assert nvidia.repository(pinned).pin_file == nvidia.PIN_FILE
     assert "Package: nvidia-container-toolkit nvidia-container-toolkit-base libnvidia-container-tools " in pin
     assert "libnvidia-container1\nPin: version 1.17.8-1\nPin-Priority: 1001\n" in pin
 
@@ -166,12 +245,22 @@ def test_nvidias_guide_list_goes_and_mixed_files_are_reported(settings):
             {"path": "/etc/apt/sources.list.d/lab.list", "entries": 3, "matching": 1},
             {"path": "/etc/apt/sources.list", "entries": 1, "matching": 1},
         ],
-        "present": [],
+        "present": [nvidia.KEYRING, nvidia.PIN_FILE, "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"],
         "sha256": {},
     }
-    remove, mixed = nvidia.stale_toolkit_files(entries)
-    assert remove == ["/etc/apt/sources.list.d/nvidia-container-toolkit.list"]
+    repo, source = nvidia.repository(settings()), nvidia.apt_source(settings(), "amd64")
+    assert apt.stale_files(repo, source, entries) == [
+        "/etc/apt/sources.list.d/nvidia-container-toolkit.list",
+        nvidia.PIN_FILE,  # no nvidia_toolkit_version any more
+        "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",
+    ]
+    mixed = apt.mixed_files(repo, source, entries)
     assert mixed == ["/etc/apt/sources.list.d/lab.list", "/etc/apt/sources.list"]
+    assert apt.mixed_problem(repo, "pc01", mixed) == (
+        "host pc01: /etc/apt/sources.list.d/lab.list, /etc/apt/sources.list mixes NVIDIA's apt entries with "
+        "other repositories'; labfleet does not edit other repositories' files: move NVIDIA's entries out "
+        f"(labfleet writes {nvidia.SOURCES_FILE}), then run the deploy again"
+    )
     assert nvidia.repository_markers(settings(nvidia_toolkit_apt_mirror="http://apt.lab/nv")) == (
         "nvidia.github.io/libnvidia-container/",
         "apt.lab/nv/",
@@ -201,8 +290,9 @@ def test_cgroupfs_driver_keeps_other_exec_opts(current, expected):
     assert nvidia.exec_opts_with_cgroupfs(current) == expected
 
 
-def test_daemon_keys_register_the_runtime_by_merge(settings, fake_host):
-    fake_host({DaemonJson: {"present": True, "config": {"exec-opts": ["native.umask=normal"]}, "error": None}})
+def test_daemon_keys_register_the_runtime_by_merge(settings, planning_hosts):
+    _, use = planning_hosts(pc01=host_facts(daemon_json={"exec-opts": ["native.umask=normal"]}))
+    use("pc01")
     keys = nvidia.daemon_keys(settings(nvidia_toolkit=True))
     assert keys == {
         "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}},
@@ -212,14 +302,22 @@ def test_daemon_keys_register_the_runtime_by_merge(settings, fake_host):
     assert nvidia.daemon_keys(settings(nvidia_toolkit=False)) == {}
 
 
-def test_a_host_configured_by_nvidia_ctk_reads_as_unchanged(settings, fake_host):
-    by_nvidia_ctk = {
-        "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}},
-        "exec-opts": ["native.cgroupdriver=cgroupfs"],
-    }
-    fake_host({DaemonJson: {"present": True, "config": by_nvidia_ctk, "error": None}})
-    wanted = docker.daemon_config(settings(nvidia_toolkit=True), [nvidia.daemon_keys(settings(nvidia_toolkit=True))])
-    assert docker.merged_daemon_json(by_nvidia_ctk, wanted) == by_nvidia_ctk
+# What `nvidia-ctk runtime configure --runtime=docker` writes into an empty daemon.json: the
+# runtime entry and nothing else.
+BY_NVIDIA_CTK = {"runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}}}
+
+
+def test_a_host_configured_by_nvidia_ctk_keeps_its_runtime_and_gains_only_the_cgroupfs_driver(settings, planning_hosts):
+    _, use = planning_hosts(pc01=host_facts(daemon_json=BY_NVIDIA_CTK))
+    use("pc01")
+    s = settings(nvidia_toolkit=True)
+    wanted = docker.daemon_config(s, [nvidia.daemon_keys(s)])
+    merged = docker.merged_daemon_json(BY_NVIDIA_CTK, wanted)
+    # NVIDIA's entry is labfleet's own, so the merge changes only what nvidia-ctk does not write:
+    # one daemon.json write (and one dockerd restart) on the first deploy, none after.
+    assert merged == {**BY_NVIDIA_CTK, "exec-opts": ["native.cgroupdriver=cgroupfs"]}
+    assert merged["runtimes"] == BY_NVIDIA_CTK["runtimes"]
+    assert docker.merged_daemon_json(merged, wanted) == merged
 
 
 # --- CDI and dockerd --------------------------------------------------------------------------
