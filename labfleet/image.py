@@ -28,6 +28,7 @@ CERTS_DIR = "certs"
 TAG_LABEL = "org.labfleet.image.tag"
 BUILD_TIMEOUT_S = 3600
 LOG_TAIL_LINES = 30
+WHEELS_ENV = "LABFLEET_BUILD_WHEELS"
 
 
 class ImageBuildError(RuntimeError):
@@ -154,6 +155,7 @@ def build_image(
     cache_from: Sequence[str] = (),
     timeout: float = BUILD_TIMEOUT_S,
     repository: str = REPOSITORY,
+    wheels: str | None = None,
 ) -> Build:
     """Build the image under image_tag(settings) with the local engine; skip it when the tag exists.
 
@@ -167,6 +169,10 @@ def build_image(
       builder may otherwise pick an older copy of a layer and miss the rest of the chain)
     + timeout: seconds before the build is abandoned
     + repository: the tag's repository (see image_tag)
+    + wheels: a find-links URL on this machine that holds every wheel of the profile's lock
+      (default: $LABFLEET_BUILD_WHEELS; the end-to-end tests' one wheel cache): the build reads
+      them from there instead of the index, hashes still checked, so the image and its tag are
+      the ones the index gives. The build runs on the host's network to reach 127.0.0.1.
 
     **Examples:**
 
@@ -187,6 +193,9 @@ def build_image(
         argv += ["--label", f"{key}={value}"]
     for key, value in sorted(build_args(settings).items()):
         argv += ["--build-arg", f"{key}={value}"]
+    wheels = wheels or os.environ.get(WHEELS_ENV)
+    if wheels:
+        argv += ["--network", "host", "--build-arg", f"PIP_FIND_LINKS={wheels}", "--build-arg", "PIP_NO_INDEX=1"]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="labfleet-context-") as directory:
         assemble_context(settings, Path(directory), context)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from labfleet.image import build_image, controller_settings, image_tag
+from labfleet.image import CONTEXT_DIR, WHEELS_ENV, build_image, controller_settings, image_tag
 
-from .harness import images
+from .harness import images, wheels
 from .harness.engine import EngineUnavailable, ensure_engine
 from .harness.hosts import Fleet, TestHost, generate_keypair, remove_stale_hosts
 from .harness.runner import controller_ca_certificates, run_pyinfra
@@ -79,6 +79,26 @@ def base_image(engine) -> Callable[[str], str]:
 
 
 @pytest.fixture(scope="session")
+def wheel_cache(base_image) -> Iterator[str]:
+    """The find-links URL of the one wheel cache (harness/wheels.py) that every image build reads.
+
+    It is exported as LABFLEET_BUILD_WHEELS too, so the builds inside the deploys that tests run
+    (pyinfra in a subprocess) read it as well, instead of fetching the same wheels again.
+    """
+    directory = wheels.fill(wheels.lock_files("jupyter", CONTEXT_DIR), base_image("trixie"))
+    previous = os.environ.get(WHEELS_ENV)
+    with wheels.serve(directory) as url:
+        os.environ[WHEELS_ENV] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop(WHEELS_ENV, None)
+            else:
+                os.environ[WHEELS_ENV] = previous
+
+
+@pytest.fixture(scope="session")
 def fleet(engine, tmp_path_factory: pytest.TempPathFactory):
     """This session's test hosts; stale hosts of interrupted runs are removed first."""
     key = generate_keypair(tmp_path_factory.mktemp("ssh"))
@@ -120,7 +140,7 @@ def pyinfra_run():
 
 
 @pytest.fixture(scope="session")
-def lab_data(base_image) -> dict:
+def lab_data(base_image, wheel_cache) -> dict:
     """Settings for a whole deploy on test hosts: the distribution's engine, and the image's
     `jupyter` profile (JupyterLab and its extensions, no torch: PyTorch's CPU wheel index is
     out of these machines' reach) on the local Debian base, shipped from this machine."""
@@ -138,5 +158,5 @@ def lab_data(base_image) -> dict:
     )
     tag = image_tag(settings)
     with images.image_lock(tag):
-        build_image(settings)
+        build_image(settings, wheels=wheel_cache)
     return data

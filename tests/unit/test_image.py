@@ -143,6 +143,7 @@ def engine(tmp_path, monkeypatch):
     monkeypatch.setenv("INSPECT_RC", "1")
     monkeypatch.setenv("BUILD_RC", "0")
     monkeypatch.delenv("DOCKER_BUILDKIT", raising=False)
+    monkeypatch.delenv(image.WHEELS_ENV, raising=False)
     return (str(script),), log
 
 
@@ -159,6 +160,33 @@ def test_build_image_builds_under_the_tag(raw, context, engine):
         assert f"--build-arg {key}={value}" in text
     assert "DOCKER_BUILDKIT=0" in text  # no buildx: the legacy builder
     assert "start.sh" in text  # the assembled context reached the engine
+
+
+def test_a_build_without_a_wheel_cache_uses_the_index_on_the_default_network(raw, context, engine):
+    engine_cmd, log = engine
+    image.build_image(_settings(raw, image_profile="jupyter"), engine_cmd, context=context)
+    assert "--network" not in log.read_text() and "PIP_" not in log.read_text()
+
+
+@pytest.mark.parametrize("from_env", [False, True], ids=["argument", "LABFLEET_BUILD_WHEELS"])
+def test_a_wheel_cache_replaces_the_index_and_keeps_the_tag(raw, context, engine, monkeypatch, from_env):
+    engine_cmd, log = engine
+    s = _settings(raw, image_profile="jupyter")
+    url = "http://127.0.0.1:41000/"
+    if from_env:
+        monkeypatch.setenv(image.WHEELS_ENV, url)
+    result = image.build_image(s, engine_cmd, context=context, **({} if from_env else {"wheels": url}))
+    text = log.read_text()
+    assert f"--network host --build-arg PIP_FIND_LINKS={url} --build-arg PIP_NO_INDEX=1" in text
+    assert result.tag == image.image_tag(s, context)
+
+
+def test_the_wheel_cache_arguments_are_declared_without_a_value_before_the_install():
+    # Unset, they leave the product image and its layer cache as they were; set, pip reads them.
+    text = (CONTAINER / "Dockerfile").read_text()
+    install = text.index('install-profile.sh "$PROFILE"')
+    for name in ("PIP_FIND_LINKS", "PIP_NO_INDEX"):
+        assert re.search(rf"^ARG {name}$", text[:install], re.M), f"container/Dockerfile lacks a bare ARG {name}"
 
 
 def test_a_build_under_another_repository_leaves_the_deploy_tag_alone(raw, context, engine):
