@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import StringIO
 
 from pyinfra import host
@@ -69,28 +69,32 @@ DOCKER_SERVICE = "docker.service"
 DOCKER_REPOSITORY = "download.docker.com/linux/"
 
 
+# Docker's apt repository as labfleet keeps it; its markers come from the settings (repository()).
+REPOSITORY = apt.AptRepository(
+    name="docker",
+    owner="Docker",
+    product="Docker Engine",
+    markers=(DOCKER_REPOSITORY,),
+    # Where Docker's install guides, older guides and other tools have put Docker's key.
+    key_files=(
+        f"{apt.KEYRING_DIR}/docker.gpg",
+        f"{apt.KEYRING_DIR}/docker-archive-keyring.gpg",
+        "/usr/share/keyrings/docker.gpg",
+        "/usr/share/keyrings/docker.asc",
+        "/usr/share/keyrings/docker-archive-keyring.gpg",
+        "/etc/apt/trusted.gpg.d/docker.gpg",
+        "/etc/apt/trusted.gpg.d/docker.asc",
+        "/etc/apt/trusted.gpg.d/docker-archive-keyring.gpg",
+    ),
+    pin_packages=platform.DOCKER_PINNED["docker-ce"],
+    sources_comment="Docker's apt repository; written by labfleet (docker_source, docker_apt_mirror).",
+    pin_comment="Written by labfleet (docker_version): keeps apt upgrade from moving the engine.",
+)
+
+
 def repository(settings: Settings) -> apt.AptRepository:
-    """Docker's apt repository, as labfleet keeps it (labfleet.apt.AptRepository)."""
-    return apt.AptRepository(
-        name="docker",
-        owner="Docker",
-        product="Docker Engine",
-        markers=repository_markers(settings),
-        # Where Docker's install guides, older guides and other tools have put Docker's key.
-        key_files=(
-            f"{apt.KEYRING_DIR}/docker.gpg",
-            f"{apt.KEYRING_DIR}/docker-archive-keyring.gpg",
-            "/usr/share/keyrings/docker.gpg",
-            "/usr/share/keyrings/docker.asc",
-            "/usr/share/keyrings/docker-archive-keyring.gpg",
-            "/etc/apt/trusted.gpg.d/docker.gpg",
-            "/etc/apt/trusted.gpg.d/docker.asc",
-            "/etc/apt/trusted.gpg.d/docker-archive-keyring.gpg",
-        ),
-        pin_packages=platform.DOCKER_PINNED["docker-ce"],
-        sources_comment="Docker's apt repository; written by labfleet (docker_source, docker_apt_mirror).",
-        pin_comment="Written by labfleet (docker_version): keeps apt upgrade from moving the engine.",
-    )
+    """Docker's repository, recognised upstream and at docker_apt_mirror."""
+    return replace(REPOSITORY, markers=repository_markers(settings))
 
 
 def repository_url(settings: Settings, distro: str) -> str:

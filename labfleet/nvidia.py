@@ -66,7 +66,7 @@ import posixpath
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import StringIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -101,27 +101,27 @@ CGROUPFS = "native.cgroupdriver=cgroupfs"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 CDI_MARKER = "/var/lib/labfleet/nvidia/cdi-driver-version"
 CDI_REFRESH_UNIT = "nvidia-cdi-refresh.path"
-# The files labfleet keeps for NVIDIA's repository (labfleet.apt.AptRepository's layout).
-SOURCES_FILE = f"{apt.SOURCES_DIR}/nvidia-container-toolkit.sources"
-KEYRING = f"{apt.KEYRING_DIR}/nvidia-container-toolkit.asc"
-PIN_FILE = f"{apt.PREFERENCES_DIR}/labfleet-nvidia-container-toolkit"
+# NVIDIA's Container Toolkit repository as labfleet keeps it; its markers come from the
+# settings (repository()).
+REPOSITORY = apt.AptRepository(
+    name="nvidia-container-toolkit",
+    owner="NVIDIA",
+    product="the NVIDIA Container Toolkit",
+    markers=(NVIDIA_REPOSITORY,),
+    pin_packages=TOOLKIT_PACKAGES,
+    # Where NVIDIA's install guide puts the key, for the .list file it writes.
+    key_files=("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",),
+    sources_comment=(
+        "NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key)."
+    ),
+    pin_comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
+)
+SOURCES_FILE, KEYRING, PIN_FILE = REPOSITORY.sources_file, REPOSITORY.keyring, REPOSITORY.pin_file
 
 
 def repository(settings: Settings) -> apt.AptRepository:
-    """NVIDIA's Container Toolkit repository, as labfleet keeps it (labfleet.apt.AptRepository)."""
-    return apt.AptRepository(
-        name="nvidia-container-toolkit",
-        owner="NVIDIA",
-        product="the NVIDIA Container Toolkit",
-        markers=repository_markers(settings),
-        # Where NVIDIA's install guide puts the key, for the .list file it writes.
-        key_files=("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",),
-        pin_packages=TOOLKIT_PACKAGES,
-        sources_comment=(
-            "NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key)."
-        ),
-        pin_comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
-    )
+    """NVIDIA's Container Toolkit repository, recognised upstream and at nvidia_toolkit_apt_mirror."""
+    return replace(REPOSITORY, markers=repository_markers(settings))
 
 
 # --- What the NVIDIA steps read --------------------------------------------------------

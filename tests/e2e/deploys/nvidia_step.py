@@ -6,10 +6,13 @@ and the lab image, which the stand-in toolkit cannot provide.
 
 from pyinfra import host
 
-from labfleet import docker, nvidia, preflight
+from labfleet import certs, docker, nvidia, planning, preflight
 from labfleet.settings import for_host
 
 settings = for_host(host)
+
+# As deploy.py: one round trip reads what these steps decide from.
+planning.read_ahead(preflight.reads(settings), certs.reads(settings), nvidia.reads(settings), docker.reads(settings))
 
 preflight.check_host(settings)
 nvidia.check_driver(settings)
