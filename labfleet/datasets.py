@@ -280,8 +280,13 @@ def _run_rsync(state, host, argv: list[str], what: str) -> bool:
     moved = [line for line in completed.stdout.splitlines() if parse_rsync_itemized([line])["changes"]]
     host.log_styled(f"{what}: {len(moved)} item(s) synced", log_func=_logger().info)
     if completed.returncode != 0:
+        ended = (
+            f"rsync exit {completed.returncode}"
+            if completed.returncode > 0
+            else f"killed by signal {-completed.returncode}"
+        )
         host.log_styled(
-            f"labfleet: host {host.name}: {what} failed (rsync exit {completed.returncode}): "
+            f"labfleet: host {host.name}: {what} failed ({ended}): "
             f"{one_line(completed.stderr.splitlines())}; run again: what arrived is whole and is not sent twice",
             fg="red",
             log_func=_logger().error,

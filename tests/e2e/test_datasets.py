@@ -236,7 +236,8 @@ def test_a_killed_transfer_leaves_no_partial_file_and_a_rerun_completes(make_hos
     command = [str(Path(REPO_ROOT, ".venv/bin/pyinfra")), "-y", "--json", str(inventory), deploy]
     if not Path(command[0]).exists():
         command[0:1] = ["pyinfra"]
-    run = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "pyinfra.log"
+    run = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
     partial = f"find {ROOT}/big -maxdepth 1 -name '.big.bin.*' -size +1M | grep -q ."
     killed = False
     try:
@@ -262,19 +263,32 @@ def test_a_killed_transfer_leaves_no_partial_file_and_a_rerun_completes(make_hos
             run.wait()
     assert killed, "the transfer finished before it could be interrupted"
     assert run.returncode != 0, "pyinfra reported success for a killed transfer"
+    stderr = log.read_text()
+    assert re.search(
+        rf"labfleet: host {host.name}: push {re.escape(str(source))} -> {ROOT}/big failed \(killed by signal 9\): ",
+        stderr,
+    ), f"no one-line failure for the killed push: {stderr[-2000:]}"
 
-    # Whatever arrived is whole: no file sits under its final name with partial content.
+    # The receiving rsync notices the lost connection and cleans up; wait until it has exited.
+    for _ in range(600):
+        if host_exec(host, "pgrep -x rsync", check=False).returncode != 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"{host.name}: rsync still runs after the push was killed")
+    # Whatever arrived is whole: no file sits under its final name with partial content, and
+    # rsync's temporary files (".big.bin.XXXXXX", ".~tmp~") are gone. The source has no dot files.
+    leftovers = host_exec(host, f"find {ROOT}/big -name '.*'").stdout.split()
+    assert leftovers == [], f"{host.name}: the killed transfer left temporary files behind: {leftovers}"
     expected = local_digests(source)
-    time.sleep(1)
     for path, digest in host_digests(host, f"{ROOT}/big").items():
-        if not path.startswith(".big.bin."):
-            assert digest == expected[path], f"{host.name}: {path} is corrupt after the killed transfer"
+        assert digest == expected[path], f"{host.name}: {path} is corrupt after the killed transfer"
 
     rerun = pyinfra_run([host], deploy=deploy, data=data)
     assert_converged(rerun)
     assert rerun.status(host, "Verify dataset big against SHA256SUMS") == "success"
-    final = {path: digest for path, digest in host_digests(host, f"{ROOT}/big").items()}
-    assert {p: d for p, d in final.items() if not p.startswith(".big.bin.")} == expected
+    assert host_digests(host, f"{ROOT}/big") == expected
+    assert host_exec(host, f"find {ROOT}/big -name '.*'").stdout.split() == []
     assert_no_changes(pyinfra_run([host], deploy=deploy, data=data))
 
 
@@ -290,3 +304,65 @@ def test_a_manifest_mismatch_fails_the_host_and_names_the_file(make_hosts, pyinf
     write_manifest(source)
     assert_converged(pyinfra_run([host], deploy=deploy, data=data))
     assert_no_changes(pyinfra_run([host], deploy=deploy, data=data))
+
+
+def test_what_only_the_hosts_know_fails_one_host_with_one_line(make_hosts, pyinfra_run, deploy, tmp_path):
+    """Five failures that a host reports while the run executes, on three hosts in two runs."""
+    source = make_dataset(tmp_path / "ref", files=20, big_mb=0)
+    own = make_dataset(tmp_path / "own", files=5, big_mb=0, seed=9)
+    peer, puller, third = hosts = make_hosts(3)
+    host_data = lan(hosts)
+
+    # The peer serves ref, and its manual dataset lacks the manifest it names; the third
+    # host pulls a path that the peer does not have.
+    host_data[peer.name]["datasets"] = {
+        "ref": f"local:{source}",
+        "notes": {"source": "manual", "manifest": "SHA256SUMS"},
+    }
+    host_data[puller.name]["datasets"] = {"ref": f"host:{peer.name}:{ROOT}/ref"}
+    host_data[third.name]["datasets"] = {"gone": f"host:{peer.name}:/srv/nowhere"}
+    first = pyinfra_run(hosts, deploy=deploy, host_data=host_data, expect_fail=True)
+    assert sorted(first.errors()) == sorted(
+        [
+            (peer.name, f"{STEP} | Verify dataset notes against SHA256SUMS"),
+            (third.name, f"{STEP} | Pull datasets from peers"),
+        ]
+    ), first.stderr_tail()
+    assert (
+        f"labfleet: host {peer.name}: dataset notes has no manifest SHA256SUMS; add it to the source or drop manifest"
+    ) in first.stderr
+    assert re.search(
+        rf"labfleet: host {third.name}: cannot pull {peer.name}:/srv/nowhere \(rsync exit [1-9]\d*\): .+; "
+        rf"check lan_address / lan_ssh_port of {peer.name} and that {third.name} reaches it",
+        first.stderr,
+    ), first.stderr_tail()
+    assert host_digests(puller, f"{ROOT}/ref") == local_digests(source), "the healthy pull did not complete"
+
+    # The peer loses rrsync, and the third host's rsync is gone although its package stays.
+    host_exec(peer, "mv /usr/bin/rrsync /usr/bin/rrsync.away")
+    host_exec(third, "mv /usr/bin/rsync /usr/bin/rsync.away")
+    host_data[peer.name]["datasets"] = {"ref": f"local:{source}"}
+    host_data[third.name]["datasets"] = {"own": f"local:{own}"}
+    second = pyinfra_run(hosts, deploy=deploy, host_data=host_data, expect_fail=True)
+    assert {name for name, _ in second.errors()} == {host.name for host in hosts}, second.stderr_tail()
+    assert (
+        f"labfleet: host {peer.name}: rrsync is missing, so peers cannot pull datasets from it; it comes with "
+        "rsync 3.2.4 and later (/usr/bin/rrsync); upgrade rsync"
+    ) in second.stderr
+    assert (
+        f"labfleet: host {puller.name}: the peer {peer.name} failed earlier in this run, so {ROOT}/ref was not "
+        f"pulled; fix what stopped {peer.name} (its error is above) and run again"
+    ) in second.stderr
+    assert re.search(
+        rf"labfleet: host {third.name}: cannot rsync {re.escape(str(own))} to {ROOT}/own \(rsync exit [1-9]\d*\): .+; "
+        "check that rsync is installed on both sides and that the SSH settings of this host work",
+        second.stderr,
+    ), second.stderr_tail()
+    for line in second.stderr.splitlines():
+        assert "Traceback" not in line and "AttributeError" not in line, second.stderr_tail()
+
+    host_exec(peer, "mv /usr/bin/rrsync.away /usr/bin/rrsync")
+    host_exec(third, "mv /usr/bin/rsync.away /usr/bin/rsync")
+    assert_converged(pyinfra_run(hosts, deploy=deploy, host_data=host_data))
+    assert host_digests(third, f"{ROOT}/own") == local_digests(own)
+    assert_no_changes(pyinfra_run(hosts, deploy=deploy, host_data=host_data))
