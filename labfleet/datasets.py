@@ -6,7 +6,7 @@ ACL so that new files get the group's permissions whatever the creator's umask: 
 datasets give the group r-x, ``readonly: False`` datasets give it rwx (lab members write
 there). The jupyter users join the group.
 
-Sources (``Dataset.source``):
+Sources (``Dataset.source.kind``; each is one entry of ``SOURCE_KINDS`` and its function here):
 
 - ``manual``: the directory only.
 - ``local:<path>``: pushed from the controller with rsync, over the SSH settings pyinfra
@@ -69,6 +69,13 @@ MAX_PULL_DEPTH = 3
 
 def dataset_dir(settings: Settings, dataset: Dataset) -> str:
     return posixpath.join(settings.datasets_root, dataset.name)
+
+
+def pulled_from(dataset: Dataset) -> tuple[str, str]:
+    """(peer, path on the peer) of a host: dataset; its Source holds both for that kind."""
+    peer, path = dataset.source.peer, dataset.source.path
+    assert peer is not None and path is not None, dataset
+    return peer, path
 
 
 def stamp_path(dataset: Dataset) -> str:
@@ -320,7 +327,8 @@ def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
         push_dataset(name="Push mnist", src="/data/mnist", dest="/srv/datasets/mnist",
                      flags=rsync_flags(dataset, "labdata"), stamp="/var/lib/labfleet/datasets/mnist.verified")
     """
-    sudo = bool((host.current_op_global_arguments or {}).get("_sudo", host.data.get("_sudo")))
+    arguments = host.current_op_global_arguments
+    sudo = bool(arguments["_sudo"] if arguments and "_sudo" in arguments else host.data.get("_sudo"))
     argv = push_command(host.data, host.name, src, dest, flags, sudo)
     dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, check=False)
     pending = parse_rsync_itemized(dry.stdout.splitlines())
@@ -367,7 +375,7 @@ def pull_depth(all_settings: dict[str, Settings], host_name: str, dataset: Datas
     if key in seen:
         chain = " -> ".join(f"{h}:{d}" for h, d in (*seen, key))
         raise PyinfraError(f"datasets pull from each other in a circle: {chain}; give one of them another source")
-    peer, path = dataset.source.peer, dataset.source.path
+    peer, path = pulled_from(dataset)
     peer_settings = all_settings[peer]
     for upstream in peer_settings.datasets:
         if posixpath.normpath(dataset_dir(peer_settings, upstream)) == posixpath.normpath(path):
@@ -724,13 +732,13 @@ def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> Non
         path=KNOWN_HOSTS,
         peers=[
             (peer, all_settings[peer].lan_address, all_settings[peer].lan_ssh_port)
-            for peer in sorted({d.source.peer for d in mine})
+            for peer in sorted({pulled_from(d)[0] for d in mine})
         ],
     )
     authorize_pullers(
         name="Let peers pull datasets from this host, read-only",
         path=f"{SYNC_SSH_DIR}/authorized_keys",
-        pullers=[(p.host, pull_key_path(d), d.source.path, _source_address(p)) for p, d in served],
+        pullers=[(p.host, pull_key_path(d), pulled_from(d)[1], _source_address(p)) for p, d in served],
     )
 
 
@@ -738,7 +746,7 @@ def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: in
     pulls = []
     mine = [d for d in settings.datasets if pull_depth(all_settings, settings.host, d) == depth]
     for dataset in mine:
-        peer, path = dataset.source.peer, dataset.source.path
+        peer, path = pulled_from(dataset)
         dest = dataset_dir(settings, dataset)
         flags = rsync_flags(dataset, settings.datasets_group)
         command = pull_command(all_settings[peer], path, dest, pull_key_path(dataset), KNOWN_HOSTS, flags)
@@ -757,7 +765,7 @@ def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
     for dataset in datasets:
         push_dataset(
             name=f"Push dataset {dataset.name} from the controller",
-            src=dataset.source.path,
+            src=str(dataset.source.path),
             dest=dataset_dir(settings, dataset),
             flags=rsync_flags(dataset, settings.datasets_group),
             stamp=stamp_path(dataset),

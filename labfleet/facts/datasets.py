@@ -18,8 +18,10 @@ class DefaultAcls(FactBase):
     command for all of them: the datasets step reads the root and every dataset at once.
     """
 
-    requires_command = "getfacl"
     MARK = "labfleet-acl-of "
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "getfacl"
 
     @staticmethod
     def default():
