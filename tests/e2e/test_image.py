@@ -53,8 +53,6 @@ EXTENSIONS = (
 )
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the workspace to UID 1234")
-
 
 def _settings(base: str, profile: str = "jupyter"):
     return image.controller_settings(
@@ -84,7 +82,7 @@ def _remove_labelled(owned=lambda owner: owner == OWNER) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(engine, base_image):
+def built(engine, base_image, wheel_cache):
     """The jupyter profile built on the Debian test base; removed with its layers afterwards."""
     _remove_labelled(owned=lambda owner: not owner_alive(owner))  # left by interrupted runs
     settings = _settings(base_image("trixie"))
@@ -101,16 +99,15 @@ def lab(built, tmp_path_factory):
     _, build = built
     root = tmp_path_factory.mktemp("lab")
     workspace = root / "workspace"
-    workspace.mkdir(mode=0o750)
-    os.chown(workspace, NB_UID, NB_GID)
-    foreign = workspace / "foreign.txt"
-    foreign.write_text("owned by someone else\n")
-    os.chown(foreign, 4321, 4321)
+    workspace.mkdir(mode=0o755)  # 755: the tests read what UID 1234 writes, whoever runs them
+    (workspace / "foreign.txt").write_text("owned by someone else\n")
     token = secrets.token_hex(24)
     token_file = root / "jupyter_token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
-    os.chown(token_file, NB_UID, NB_GID)
+    _chown_as_root(
+        build.tag, root, f"{NB_UID}:{NB_GID} /lab/workspace /lab/jupyter_token", "4321:4321 /lab/workspace/foreign.txt"
+    )
     hooks = root / "hooks"
     hooks.mkdir()
     (hooks / "10-mark.sh").write_text('echo "hook ran as $(id -u) for $NB_USER" > /tmp/hook-ran\n')
@@ -134,6 +131,21 @@ def lab(built, tmp_path_factory):
         yield {"name": name, "port": port, "token": token, "workspace": workspace, "build": build}
     finally:
         docker("rm", "--force", "--volumes", name, check=False, timeout=120)
+        # Back to whoever runs the tests, so that pytest can remove its temporary directory.
+        _chown_as_root(build.tag, root, f"-R {os.getuid()}:{os.getgid()} /lab")
+
+
+def _chown_as_root(tag: str, root, *changes: str) -> None:
+    """chown under root (mounted at /lab) as root inside a container of the image.
+
+    Handing the workspace to UID 1234 needs root; any user who can talk to the engine has it
+    there, so the image tests run for a non-root user with Docker access as well as for root.
+    """
+    script = "set -e; " + "; ".join(f"chown {change}" for change in changes)
+    docker(
+        "run", "--rm", "--user", "0", "--entrypoint", "sh", "--label", f"{LABEL}={OWNER}",
+        "--mount", f"type=bind,source={root},target=/lab", tag, "-c", script,
+    )  # fmt: skip
 
 
 def _published_port(name: str) -> int:
