@@ -68,8 +68,8 @@ def main() -> None:
     args = parser.parse_args()
 
     ensure_engine()
-    with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
         fleet = Fleet(generate_keypair(scratch / "ssh"))
         try:
             hosts = fleet.start_hosts(3)

@@ -75,7 +75,9 @@ def new_layers_bytes(archive: Path, old_ref: str) -> int:
         for member in tar:
             sizes[member.name] = member.size
             if member.isfile() and member.size < 1 << 20:  # manifest and config; big layers are read past
-                small[member.name] = tar.extractfile(member).read()
+                content = tar.extractfile(member)
+                if content is not None:
+                    small[member.name] = content.read()
     (entry,) = json.loads(small["manifest.json"])
     diff_ids = json.loads(small[entry["Config"]])["rootfs"]["diff_ids"]
     return sum(sizes[path] for path, diff_id in zip(entry["Layers"], diff_ids, strict=True) if diff_id not in old)
@@ -96,7 +98,7 @@ def measure(fleet: Fleet, mode: str, size: int, trees: dict[str, Path]) -> dict:
         data["image_registry"] = f"{bridge_ip(registry)}:{REGISTRY_PORT}"
         groups = {"registry": [registry]}
     everyone = hosts + ([registry] if registry else [])
-    found = {"mode": mode, "hosts": size}
+    found: dict = {"mode": mode, "hosts": size}
     try:
         for step, tree, check in (
             ("first", trees["A"], assert_converged),

@@ -24,6 +24,12 @@ def _median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _number(value: float | None) -> float:
+    """A median the report needs to compute with: the runs it comes from were measured."""
+    assert value is not None, "no measurement of this kind"
+    return value
+
+
 def _s(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f} s"
 
@@ -47,13 +53,14 @@ def no_change_rows(found: Measurements) -> list[dict]:
             row["baseline_ratio"] = row["baseline"] / row["floor"]
         for name in ("deploy", "floor"):
             row[f"{name}_per_added_host"] = (
-                (row[name] - _median(found.no_change[first][name])) / (size - first) if size > first else None
+                (row[name] - _number(_median(found.no_change[first][name]))) / (size - first) if size > first else None
             )
-        rss = {name: _median(values) / 1024 for name, values in found.memory_kb[size].items()}
+        rss = {name: _number(_median(values)) / 1024 for name, values in found.memory_kb[size].items()}
         row["rss_mib"] = rss
         row["round_trips"] = found.round_trips.get(size, {})
         cpu = {name: _median(values) for name, values in found.cpu_s.get(size, {}).items()}
-        row["cpu_ratio"] = cpu["deploy"] / cpu["floor"] if cpu.get("deploy") and cpu.get("floor") else None
+        deploy_cpu, floor_cpu = cpu.get("deploy"), cpu.get("floor")
+        row["cpu_ratio"] = deploy_cpu / floor_cpu if deploy_cpu and floor_cpu else None
         row["cpu"] = cpu
         rows.append(row)
     return rows
@@ -158,7 +165,7 @@ def markdown(found: Measurements, info: dict) -> str:
         one = _median(found.provision.get(1, []))
         for size in sorted(found.provision):
             median = _median(found.provision[size])
-            ratio = f"{median / one:.2f}x" if one else "–"
+            ratio = f"{median / one:.2f}x" if one and median is not None else "–"
             runs = ", ".join(f"{value:.1f}" for value in found.provision[size])
             lines.append(f"| {size} | {_s(median)} | {ratio} | {runs} |")
         for size, values in sorted(found.bare_provision.items()):
@@ -187,7 +194,7 @@ def plot(found: Measurements, info: dict, path: Path) -> None:
         low = [m - min(found.no_change[s][name]) for m, s in zip(medians, sizes, strict=True)]
         high = [max(found.no_change[s][name]) - m for m, s in zip(medians, sizes, strict=True)]
         left.errorbar(sizes, medians, yerr=[low, high], fmt=style, capsize=3, label=label)
-    goal = [GOAL_NO_CHANGE * _median(found.no_change[size]["floor"]) for size in sizes]
+    goal = [GOAL_NO_CHANGE * _number(_median(found.no_change[size]["floor"])) for size in sizes]
     left.plot(sizes, goal, ":", color="grey", label=f"goal: {GOAL_NO_CHANGE}x the floor")
     left.set_xlabel("hosts")
     left.set_ylabel("seconds (median; bars: min to max)")

@@ -234,7 +234,8 @@ def measure_provision(fleet: Fleet, args, data: dict, found: Measurements) -> No
 
 def machine() -> dict:
     meminfo = Path("/proc/meminfo").read_text()
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", meminfo).group(1))
+    total = re.search(r"MemTotal:\s+(\d+)", meminfo)
+    mem_kb = int(total.group(1)) if total else 0
     docker = subprocess.run(
         ["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, check=False
     ).stdout.strip()

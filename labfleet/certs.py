@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FindFiles
 from pyinfra.operations import files, server
@@ -19,7 +18,7 @@ from pyinfra.operations.util import any_changed
 
 from labfleet import apt, planning
 from labfleet.facts.system import PathState, PathStates, path_is
-from labfleet.planning import Read
+from labfleet.planning import Read, step
 from labfleet.settings import Settings
 
 CA_DIR = "/usr/local/share/ca-certificates/labfleet"
@@ -59,7 +58,7 @@ def reads(settings: Settings) -> dict[str, Read]:
     return found
 
 
-@deploy("Trust extra CA certificates")
+@step("Trust extra CA certificates")
 def trust_extra_ca_certificates(settings: Settings):
     wanted = {host_file_name(path): path for path in settings.extra_ca_certificates}
     state = planning.snapshot(CertsHost, reads(settings))

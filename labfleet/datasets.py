@@ -37,7 +37,7 @@ from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, deploy, operation
+from pyinfra.api import FunctionCommand, operation
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
@@ -47,7 +47,7 @@ from pyinfra.operations import files, server, systemd
 from labfleet import apt, planning, preflight
 from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
 from labfleet.facts.system import Account, GroupMembers, PathState, PathStates, PublicKeyFile, SshHostKey, path_is
-from labfleet.planning import Read, unless_current
+from labfleet.planning import Read, step, unless_current
 from labfleet.settings import Dataset, Settings, for_host
 
 # Default ACLs: read-only datasets never give the group write, writable ones always do.
@@ -822,7 +822,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
 }
 
 
-@deploy("Lay out the dataset directories")
+@step("Lay out the dataset directories")
 def lay_out_datasets(settings: Settings):
     state = planning.snapshot(DatasetsState, reads(settings))
     serves_pulls = bool(_pullers_of(settings.host))

@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, deploy, operation
+from pyinfra.api import FileUploadCommand, operation
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import server
@@ -59,7 +59,7 @@ from labfleet import apt, planning, platform
 from labfleet.facts.apt import AptFiles
 from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DaemonJsonState, DockerEngineStatus, EngineStatus
 from labfleet.facts.system import GroupMembers, ServiceState, UnitState
-from labfleet.planning import Read
+from labfleet.planning import Read, step
 from labfleet.preflight import failing_command, require
 from labfleet.settings import Settings
 
@@ -409,7 +409,7 @@ def problems(
     return [problem for ok, problem in checks if not ok]
 
 
-@deploy("Install Docker Engine")
+@step("Install Docker Engine")
 def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = ()):
     """Docker Engine from the configured source, with the merged daemon.json, running and checked.
 

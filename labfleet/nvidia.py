@@ -71,7 +71,7 @@ from io import StringIO
 from urllib.parse import urlsplit, urlunsplit
 
 from pyinfra import host, logger
-from pyinfra.api import FileUploadCommand, deploy, operation
+from pyinfra.api import FileUploadCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
@@ -84,7 +84,7 @@ from labfleet.facts.docker import DaemonJson, DaemonJsonState
 from labfleet.facts.nvidia import GpuHost, GpuHostState, GpuInContainer, NvidiaRuntimeState, RuntimeState
 from labfleet.facts.system import ServiceState, UnitState
 from labfleet.image import image_tag
-from labfleet.planning import Read
+from labfleet.planning import Read, step
 from labfleet.preflight import require
 from labfleet.settings import Settings
 
@@ -382,7 +382,7 @@ def explain_skip(reason: str):
     yield  # an operation is a generator, even one that yields nothing
 
 
-@deploy("Check the NVIDIA driver")
+@step("Check the NVIDIA driver")
 def check_driver(settings: Settings):
     """The driver floor on GPU hosts; with nvidia_driver_install, the driver itself."""
     if not has_gpu(settings):
@@ -494,7 +494,7 @@ def repository_markers(settings: Settings) -> tuple[str, ...]:
     return tuple(dict.fromkeys((NVIDIA_REPOSITORY, mirror + "/")))
 
 
-@deploy("Install the NVIDIA Container Toolkit")
+@step("Install the NVIDIA Container Toolkit")
 def install_container_toolkit(settings: Settings) -> OperationMeta | None:
     """NVIDIA's signed apt repository and the four toolkit packages; returns the install
     operation (for ``configure_container_runtime``), or None when it is not planned."""
@@ -612,7 +612,7 @@ def generate_cdi_spec(spec: str = CDI_SPEC, marker: str = CDI_MARKER):
     )
 
 
-@deploy("Configure the NVIDIA runtime")
+@step("Configure the NVIDIA runtime")
 def configure_container_runtime(settings: Settings, toolkit: OperationMeta | None = None):
     """After the docker step: dockerd aware of the toolkit, the CDI spec, nvidia-cdi-refresh.
 
@@ -699,7 +699,7 @@ def check_gpu_in_container(image: str, gpus: str):
     yield f"echo {shlex.quote(message)} >&2; exit 1"
 
 
-@deploy("Check the GPU in the lab image")
+@step("Check the GPU in the lab image")
 def verify_gpu(settings: Settings):
     if not has_gpu(settings):
         host.noop("no NVIDIA GPU on this host: the GPU check is skipped")

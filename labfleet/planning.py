@@ -317,33 +317,3 @@ def notice(operation: Callable[..., T], **kwargs) -> T:
     if not host.state.is_executing:
         _this_host().current_ops += 1
     return result
-
-
-# --- Legacy names, kept only while the steps move to reads()/snapshot()/unless_current ------
-
-
-def prefetch(parts) -> None:
-    read_ahead({str(index): Read(cls, dict(kwargs)) for index, (cls, kwargs) in enumerate(parts)})
-
-
-def planned(fact_class: type[FactBase], **kwargs):
-    return read({"value": Read(fact_class, kwargs)})["value"]
-
-
-def worth_planning(current: bool) -> bool:
-    if host.state.is_executing:
-        return True
-    mine = _this_host()
-    if current and _planned_count() == mine.current_ops:
-        return False
-    if current:
-        mine.current_ops += 1
-    return True
-
-
-plan_unless_current = unless_current
-plan_notice = notice
-
-
-def from_parts(parts) -> dict[str, Read]:
-    return {str(index): Read(cls, dict(kwargs)) for index, (cls, kwargs) in enumerate(parts)}

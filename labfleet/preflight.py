@@ -50,12 +50,6 @@ class PreflightState:
     accounts: dict[str, Account]
 
 
-def account_part(settings: Settings) -> tuple:
-    """Legacy: the Accounts read as a (fact, kwargs) pair, until datasets reads through reads()."""
-    one = reads(settings)["accounts"]
-    return (one.fact, dict(one.kwargs))
-
-
 def account(settings: Settings, name: str) -> Account | None:
     """The jupyter user `name`'s account (uid, gid, group, home), or None when it does not exist."""
     return snapshot(PreflightState, reads(settings)).accounts.get(name)

@@ -162,6 +162,7 @@ def _docker_import(root: str, tag: str) -> None:
             check=False,
         )
     finally:
+        assert tar.stdout is not None and tar.stderr is not None  # both are pipes
         tar.stdout.close()
         tar_err = tar.stderr.read().decode(errors="replace")
         tar.wait(timeout=60)

@@ -40,7 +40,7 @@ def debian_mirror() -> str:
 
 
 def _deb822_uris(text: str) -> list[str]:
-    uris = []
+    uris: list[str] = []
     for stanza in re.split(r"\n\s*\n", text):
         fields = {}
         for line in stanza.splitlines():
@@ -61,9 +61,9 @@ def _deb822_uris(text: str) -> list[str]:
 def _one_line_uris(text: str) -> list[str]:
     uris = []
     for line in text.splitlines():
-        line = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
-        if len(line) >= 3 and line[0] == "deb" and not line[2].endswith("-security"):
-            uris.append(line[1])
+        words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+        if len(words) >= 3 and words[0] == "deb" and not words[2].endswith("-security"):
+            uris.append(words[1])
     return uris
 
 
