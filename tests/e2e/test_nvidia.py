@@ -15,11 +15,13 @@ is run again to show that the second run changes nothing.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
 
 from labfleet import nvidia
+from labfleet.planning import FactBatch
 
 from . import nvidia_standin
 from .harness.hosts import TestHost, host_exec
@@ -138,6 +140,16 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
         assert sh(host, f"cat {nvidia.CDI_MARKER}").strip() == driver
         assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data))
     assert sh(host, f"grep -c 'cdi generate' {nvidia_standin.CTK_LOG}").strip() == "2"
+
+    # A converged GPU host costs one round trip while planning: every NVIDIA and Docker fact
+    # comes in one batch. Running, only the repository key is fetched (only the host can
+    # tell whether the served key changed).
+    debug = pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data, args=["--debug"])
+    assert_no_changes(debug)
+    commands = re.findall(rf"Running command on {re.escape(host.name)}: (.*)", debug.stderr)
+    assert len(commands) == 2, "\n".join(command[:200] for command in commands)
+    assert FactBatch.MARK in commands[0]
+    assert "gpgkey" in commands[1]
 
     # A driver below the floor stops the host before anything changes, saying what to do.
     nvidia_standin.simulate_driver(host, "535.54.03")
