@@ -1,8 +1,10 @@
 """labfleet/apt.py: the commands every apt operation runs, and what counts as missing."""
 
+import hashlib
 import subprocess
+from types import SimpleNamespace
 
-from labfleet import apt
+from labfleet import apt, planning
 
 
 def test_apt_get_waits_for_locks_and_never_prompts():
@@ -111,3 +113,109 @@ def test_apt_get_gives_up_when_dpkg_cannot_be_finished(tmp_path):
     assert result.returncode == 100
     assert result.stderr.count("finishing it with dpkg --configure -a") == 2
     assert "dpkg was interrupted" in result.stderr
+
+
+# --- A signed third-party repository -----------------------------------------------------------
+
+REPO = apt.AptRepository(
+    name="vendor",
+    owner="Vendor",
+    product="the vendor's tools",
+    markers=("apt.vendor.example/",),
+    key_files=("/usr/share/keyrings/vendor.gpg",),
+    pin_packages=("vendor-tool",),
+)
+SOURCE = apt.AptSource(
+    uris="https://apt.vendor.example/debian",
+    suites="trixie",
+    components="main",
+    architectures="amd64",
+    key_url="https://apt.vendor.example/key.asc",
+)
+
+
+def entries(*files, present=(), sha256=None):
+    return {
+        "files": [{"path": path, "entries": n, "matching": m} for path, n, m in files],
+        "present": list(present),
+        "sha256": sha256 or {},
+    }
+
+
+def test_a_repository_keeps_its_own_files_and_names_the_rest():
+    assert (REPO.sources_file, REPO.keyring, REPO.pin_file) == (
+        "/etc/apt/sources.list.d/vendor.sources",
+        "/etc/apt/keyrings/vendor.asc",
+        "/etc/apt/preferences.d/labfleet-vendor",
+    )
+    found = entries(
+        (REPO.sources_file, 1, 1),
+        ("/etc/apt/sources.list.d/vendor.list", 1, 1),
+        ("/etc/apt/sources.list.d/lab.sources", 4, 1),
+        present=[REPO.keyring, REPO.pin_file, "/usr/share/keyrings/vendor.gpg"],
+    )
+    assert apt.stale_files(REPO, SOURCE, found) == [
+        "/etc/apt/sources.list.d/vendor.list",
+        REPO.pin_file,  # no version pinned
+        "/usr/share/keyrings/vendor.gpg",
+    ]
+    assert apt.mixed_files(REPO, SOURCE, found) == ["/etc/apt/sources.list.d/lab.sources"]
+    pinned = apt.AptSource(**{**SOURCE.__dict__, "pin_version": "1.2-1"})
+    assert REPO.pin_file not in apt.stale_files(REPO, pinned, found)
+    # Not wanted any more: every file of the repository goes, its sources file included.
+    assert apt.stale_files(REPO, None, found)[:2] == [REPO.sources_file, "/etc/apt/sources.list.d/vendor.list"]
+    read = apt.repository_read(REPO)
+    assert read.kwargs["markers"] == REPO.markers and REPO.sources_file in read.kwargs["paths"]
+
+
+class Planned:
+    """An operation's result as the repository step uses it."""
+
+    def __init__(self, changed: bool):
+        self.changed = changed
+
+    def did_change(self) -> bool:
+        return self.changed
+
+
+def test_add_repository_plans_only_what_the_snapshot_shows_missing(monkeypatch):
+    from test_planning import PlanningHost
+
+    fake = PlanningHost({})
+    monkeypatch.setattr(planning, "host", fake)
+    planned: list[tuple[str, dict]] = []
+
+    def op(kind: str, changes: bool):
+        def plan(**kwargs):
+            fake.meta.ops += 1
+            planned.append((kind, kwargs))
+            return Planned(changes)
+
+        return plan
+
+    monkeypatch.setattr(apt, "files", SimpleNamespace(file=op("remove", True), put=op("put", False)))
+    monkeypatch.setattr(apt, "install_keyring", op("key", False))
+    monkeypatch.setattr(apt, "ensure_packages", op("install", False))
+    text = apt.sources_text(REPO, SOURCE)
+    found = entries(
+        (REPO.sources_file, 1, 1),
+        ("/etc/apt/sources.list.d/vendor.list", 1, 1),
+        sha256={REPO.sources_file: hashlib.sha256(text.encode()).hexdigest()},
+    )
+    changed = apt.add_repository(REPO, SOURCE, found, installed={"curl": ["8"], "ca-certificates": ["1"]})
+    # The stale file goes; everything after it that the snapshot shows current is planned only to
+    # look again when it runs, in case this run changed the host; the key is always checked.
+    assert [kind for kind, _ in planned] == ["remove", "install", "key", "put"]
+    assert planned[0][1]["path"] == "/etc/apt/sources.list.d/vendor.list"
+    assert "_if" in planned[1][1] and "_if" in planned[3][1]
+    assert planned[2][1] == {"name": "Install Vendor's repository key", "url": SOURCE.key_url, "path": REPO.keyring}
+    assert changed() is True, "the stale file's removal counts as a change of the repository"
+
+    planned.clear()
+    fake = PlanningHost({})
+    monkeypatch.setattr(planning, "host", fake)
+    found = {**found, "files": found["files"][:1]}
+    changed = apt.add_repository(REPO, SOURCE, found, installed={"curl": ["8"], "ca-certificates": ["1"]})
+    # Nothing stale and nothing missing: curl and ca-certificates are not planned at all.
+    assert [kind for kind, _ in planned] == ["key", "put"]
+    assert changed() is False

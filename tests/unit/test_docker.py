@@ -3,13 +3,21 @@
 import shutil
 
 import pytest
+from pyinfra.facts.deb import DebArch, DebPackages
+from pyinfra.facts.server import LinuxDistribution
+from test_planning import PlanningHost
 
-from labfleet import apt, docker, platform
+from labfleet import apt, docker, planning, platform
 from labfleet.facts.apt import AptSourceEntries
-from labfleet.facts.docker import DaemonJson, DockerEngineStatus, parse_daemon_json
-from labfleet.facts.system import GroupMembers
+from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus, parse_daemon_json
+from labfleet.facts.system import GroupMembers, ServiceState
 from labfleet.planning import FactBatch
 from labfleet.settings import build
+
+
+@pytest.fixture
+def fake_host(fake_host_in):
+    return lambda facts=None, executing=True: fake_host_in(docker, facts, executing)
 
 
 @pytest.fixture
@@ -297,3 +305,87 @@ def test_fact_batch_gives_each_part_its_own_parser():
     daemon, engine = batch.process([mark, "present", '{"a": 1}', mark])
     assert daemon == {"present": True, "config": {"a": 1}, "error": None}
     assert engine == {"server": None, "compose": None}
+
+
+# --- What stops a host before anything changes -----------------------------------------------
+
+
+def docker_host(overrides: dict) -> dict:
+    """A fresh trixie host as the docker step reads it (no engine yet), with some facts replaced."""
+    facts = {
+        LinuxDistribution: release("debian", "trixie", 13),
+        DebArch: "amd64",
+        AppArmorEnabled: False,
+        DebPackages: {"curl": ["8.14.1-2"]},
+        AptSourceEntries: _entries(),
+        DaemonJson: {"present": False, "config": None, "error": None},
+        ServiceState: {"systemd": True, "active": None, "enabled": None},
+        DockerEngineStatus: {"server": None, "compose": None},
+        GroupMembers: {"exists": False, "members": [], "accounts": ["alice"]},
+    }
+    return {**facts, **overrides}
+
+
+@pytest.fixture
+def planned_problems(monkeypatch):
+    """planned_problems(settings, facts) -> the problems the docker step stops the host with."""
+
+    def plan(s, facts):
+        monkeypatch.setattr(planning, "host", PlanningHost(facts))
+        found = []
+        monkeypatch.setattr(docker, "require", lambda name, ok, problem: found.append(problem) if not ok else None)
+        docker.ensure_docker_engine._inner(s)
+        return found
+
+    return plan
+
+
+def test_an_unsupported_distribution_stops_the_host(settings, planned_problems):
+    fedora = {"name": "Fedora", "major": 41, "release_meta": {"ID": "fedora"}}
+    assert planned_problems(settings(), docker_host({LinuxDistribution: fedora})) == [
+        "host pc01: Fedora is not Debian or Ubuntu; labfleet installs Docker on Debian 12/13 and Ubuntu 22.04/24.04"
+    ]
+    no_codename = {"name": "Debian", "major": 13, "release_meta": {"ID": "debian"}}
+    (problem,) = planned_problems(settings(), docker_host({LinuxDistribution: no_codename}))
+    assert problem.startswith("host pc01: /etc/os-release of this debian host names no VERSION_CODENAME; ")
+
+
+def test_every_problem_is_named_in_one_message(settings, planned_problems):
+    facts = docker_host(
+        {
+            ServiceState: {"systemd": False, "active": None, "enabled": None},
+            DaemonJson: {"present": True, "config": None, "error": "invalid JSON: Expecting value"},
+            AptSourceEntries: _entries(("/etc/apt/sources.list.d/mixed.list", 3, 1)),
+        }
+    )
+    (problem,) = planned_problems(settings(docker_users=["bob"]), facts)
+    said = problem.split("; ")
+    assert "host pc01: systemd is not running here, and labfleet runs dockerd as a systemd service" in said
+    assert "host pc01: /etc/docker/daemon.json is not valid JSON (invalid JSON: Expecting value)" in said
+    assert "host pc01: /etc/apt/sources.list.d/mixed.list mixes Docker's apt entries with other repositories'" in said
+    assert "host pc01: docker_users names 'bob', which has no account on this host" in said
+    assert problem.endswith("create it (adduser) or remove it from docker_users")
+
+
+def test_merge_daemon_json_leaves_an_invalid_file_alone_and_says_why(fake_host):
+    fake_host({DaemonJson: {"present": True, "config": None, "error": "invalid JSON: Expecting value"}})
+    (command,) = list(docker.merge_daemon_json._inner({"log-driver": "local"}))
+    assert "host pc01: /etc/docker/daemon.json is not valid JSON (invalid JSON: Expecting value)" in command
+    assert "labfleet left it untouched" in command and command.endswith("exit 1")
+
+
+def test_a_converged_host_plans_no_operation(settings, planned_problems):
+    s = settings(docker_source="distro")
+    installed = {name: ["1"] for name in ("docker.io", "docker-cli", "docker-compose", "docker-buildx", "curl")}
+    converged = docker_host(
+        {
+            DebPackages: installed,
+            DaemonJson: {"present": True, "config": docker.daemon_config(s), "error": None},
+            ServiceState: {"systemd": True, "active": "active", "enabled": "enabled"},
+            DockerEngineStatus: {"server": "26.1.5", "compose": "2.26.1"},
+            GroupMembers: {"exists": True, "members": ["alice"], "accounts": ["alice"]},
+        }
+    )
+    # A planned operation would need pyinfra's state; none is planned, so none is called.
+    assert planned_problems(s, converged) == []
+    assert planning.host.meta.ops == 0 and planning.host.reads == [FactBatch]

@@ -522,3 +522,50 @@ def test_gpu_check_runs_only_when_the_deploy_executes_and_fails_with_the_output(
 def test_cdi_refresh_is_enabled_only_where_the_toolkit_ships_it(fake_host_in, state, commands):
     fake_host_in(docker, {ServiceState: state})
     assert list(docker.ensure_service._inner(nvidia.CDI_REFRESH_UNIT, if_present=True)) == commands
+
+
+# --- What stops a host before anything changes -----------------------------------------------
+
+FEDORA = {"name": "Fedora", "major": 41, "release_meta": {"ID": "fedora"}}
+
+
+@pytest.fixture
+def problems(planning_hosts, monkeypatch):
+    """problems(step, settings, facts) -> what the step stops the host with (nothing planned runs)."""
+
+    def plan(step, s, facts):
+        _, use = planning_hosts(pc01=facts)
+        use("pc01")
+        found = []
+        monkeypatch.setattr(nvidia, "require", lambda name, ok, problem: found.append(problem) if not ok else None)
+        step._inner(s)
+        return found
+
+    return plan
+
+
+def test_the_toolkit_stops_on_an_unsupported_distribution_or_a_mixed_apt_file(settings, problems):
+    facts = host_facts()
+    facts[LinuxDistribution] = FEDORA
+    facts[AptSourceEntries] = {
+        "files": [{"path": "/etc/apt/sources.list.d/lab.list", "entries": 2, "matching": 1}],
+        "present": [],
+        "sha256": {},
+    }
+    (problem,) = problems(nvidia.install_container_toolkit, settings(nvidia_toolkit=True), facts)
+    assert problem.startswith(
+        "host pc01: Fedora is not Debian or Ubuntu; labfleet installs NVIDIA's toolkit on Debian and Ubuntu; "
+        "host pc01: /etc/apt/sources.list.d/lab.list mixes NVIDIA's apt entries with other repositories'"
+    )
+
+
+def test_the_driver_is_not_installed_on_an_unsupported_distribution(settings, problems):
+    facts = host_facts(gpu=FRESH_SERVER)
+    facts[LinuxDistribution] = FEDORA
+    facts[FileContents] = None  # no Debian sources there
+    (problem,) = problems(nvidia.check_driver, settings(nvidia_driver_install=True), facts)
+    assert problem.startswith("host pc01: NVIDIA driver none loaded is below 570, the floor for CUDA 12.8")
+    assert problem.endswith(
+        "host pc01: Fedora is not Debian or Ubuntu; labfleet installs NVIDIA drivers on Debian and Ubuntu only"
+    )
+    assert "install NVIDIA driver 570 or newer, then reboot" in problem
