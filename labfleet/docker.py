@@ -9,7 +9,8 @@ decides everything from facts, so a second run changes nothing:
 2. Removes the packages that conflict with the chosen source (only those installed; a
    package named in docker_packages is never removed) and Docker's stale apt files: an
    old docker.list or a second key, which make apt fail with "Conflicting values set for
-   option Signed-By". Files of other repositories are never touched.
+   option Signed-By". Files of other repositories are never touched. (Steps 2 and 3 are
+   labfleet.apt's repository step, the one the NVIDIA toolkit uses too.)
 3. ``docker_source = "docker-ce"``: Docker's repository as /etc/apt/sources.list.d/docker.sources
    (deb822) whose Signed-By is /etc/apt/keyrings/docker.asc, for the host's distribution,
    codename and dpkg architecture. The key comes from ``{docker_apt_mirror}/{distro}/gpg``
@@ -66,7 +67,8 @@ from labfleet.settings import Settings
 DAEMON_JSON = "/etc/docker/daemon.json"
 DOCKER_GROUP = "docker"
 DOCKER_SERVICE = "docker.service"
-DOCKER_REPOSITORY = "download.docker.com/linux/"
+# What names Docker's own repository in an apt entry, wherever it came from.
+UPSTREAM_MARKER = "download.docker.com/linux/"
 
 
 # Docker's apt repository as labfleet keeps it; its markers come from the settings (repository()).
@@ -74,7 +76,7 @@ REPOSITORY = apt.AptRepository(
     name="docker",
     owner="Docker",
     product="Docker Engine",
-    markers=(DOCKER_REPOSITORY,),
+    markers=(UPSTREAM_MARKER,),
     # Where Docker's install guides, older guides and other tools have put Docker's key.
     key_files=(
         f"{apt.KEYRING_DIR}/docker.gpg",
@@ -104,7 +106,7 @@ def repository_url(settings: Settings, distro: str) -> str:
 def repository_markers(settings: Settings) -> tuple[str, ...]:
     """URL fragments that identify an apt entry as Docker's: upstream, or the configured
     mirror for either distribution (known before the host's release is read)."""
-    markers = [DOCKER_REPOSITORY]
+    markers = [UPSTREAM_MARKER]
     for distro in platform.FAMILIES:
         mirror = repository_url(settings, distro).split("://", 1)[-1]
         markers += [mirror + "/", mirror + " "]

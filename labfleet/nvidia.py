@@ -94,7 +94,7 @@ TOOLKIT_PACKAGES = (
     "libnvidia-container-tools",
     "libnvidia-container1",
 )
-NVIDIA_REPOSITORY = "nvidia.github.io/libnvidia-container/"
+UPSTREAM_MARKER = "nvidia.github.io/libnvidia-container/"
 RUNTIME = "nvidia-container-runtime"
 HOOK = "nvidia-container-runtime-hook"
 CGROUPFS = "native.cgroupdriver=cgroupfs"
@@ -107,7 +107,7 @@ REPOSITORY = apt.AptRepository(
     name="nvidia-container-toolkit",
     owner="NVIDIA",
     product="the NVIDIA Container Toolkit",
-    markers=(NVIDIA_REPOSITORY,),
+    markers=(UPSTREAM_MARKER,),
     pin_packages=TOOLKIT_PACKAGES,
     # Where NVIDIA's install guide puts the key, for the .list file it writes.
     key_files=("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",),
@@ -491,7 +491,7 @@ def apt_source(settings: Settings, arch: str) -> apt.AptSource:
 
 def repository_markers(settings: Settings) -> tuple[str, ...]:
     mirror = settings.nvidia_toolkit_apt_mirror.split("://", 1)[-1]
-    return tuple(dict.fromkeys((NVIDIA_REPOSITORY, mirror + "/")))
+    return tuple(dict.fromkeys((UPSTREAM_MARKER, mirror + "/")))
 
 
 @step("Install the NVIDIA Container Toolkit")
