@@ -94,34 +94,12 @@ TOOLKIT_PACKAGES = (
     "libnvidia-container-tools",
     "libnvidia-container1",
 )
-UPSTREAM_MARKER = "nvidia.github.io/libnvidia-container/"
 RUNTIME = "nvidia-container-runtime"
 HOOK = "nvidia-container-runtime-hook"
 CGROUPFS = "native.cgroupdriver=cgroupfs"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 CDI_MARKER = "/var/lib/labfleet/nvidia/cdi-driver-version"
 CDI_REFRESH_UNIT = "nvidia-cdi-refresh.path"
-# NVIDIA's Container Toolkit repository as labfleet keeps it; its markers come from the
-# settings (repository()).
-REPOSITORY = apt.AptRepository(
-    name="nvidia-container-toolkit",
-    owner="NVIDIA",
-    product="the NVIDIA Container Toolkit",
-    markers=(UPSTREAM_MARKER,),
-    pin_packages=TOOLKIT_PACKAGES,
-    # Where NVIDIA's install guide puts the key, for the .list file it writes.
-    key_files=("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",),
-    sources_comment=(
-        "NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key)."
-    ),
-    pin_comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
-)
-SOURCES_FILE, KEYRING, PIN_FILE = REPOSITORY.sources_file, REPOSITORY.keyring, REPOSITORY.pin_file
-
-
-def repository(settings: Settings) -> apt.AptRepository:
-    """NVIDIA's Container Toolkit repository, recognised upstream and at nvidia_toolkit_apt_mirror."""
-    return replace(REPOSITORY, markers=repository_markers(settings))
 
 
 # --- What the NVIDIA steps read --------------------------------------------------------
@@ -461,6 +439,31 @@ def toolkit_packages(settings: Settings) -> tuple[str, ...]:
     """The four toolkit packages, each ``=nvidia_toolkit_version`` when that is set."""
     version = settings.nvidia_toolkit_version
     return tuple(f"{name}={version}" if version else name for name in TOOLKIT_PACKAGES)
+
+
+# What names NVIDIA's own repository in an apt entry, wherever it came from.
+UPSTREAM_MARKER = "nvidia.github.io/libnvidia-container/"
+# NVIDIA's Container Toolkit repository as labfleet keeps it; its markers come from the
+# settings (repository()).
+REPOSITORY = apt.AptRepository(
+    name="nvidia-container-toolkit",
+    pin_packages=TOOLKIT_PACKAGES,
+    owner="NVIDIA",
+    product="the NVIDIA Container Toolkit",
+    markers=(UPSTREAM_MARKER,),
+    # Where NVIDIA's install guide puts the key, for the .list file it writes.
+    key_files=("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",),
+    sources_comment=(
+        "NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key)."
+    ),
+    pin_comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
+)
+SOURCES_FILE, KEYRING, PIN_FILE = REPOSITORY.sources_file, REPOSITORY.keyring, REPOSITORY.pin_file
+
+
+def repository(settings: Settings) -> apt.AptRepository:
+    """NVIDIA's Container Toolkit repository, recognised upstream and at nvidia_toolkit_apt_mirror."""
+    return replace(REPOSITORY, markers=repository_markers(settings))
 
 
 def repository_url(settings: Settings, arch: str) -> str:

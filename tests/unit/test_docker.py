@@ -80,18 +80,9 @@ def test_docker_ce_packages_are_the_same_everywhere(settings):
 
 def test_distro_packages_per_distribution(settings):
     s = settings(docker_source="distro")
-    assert docker.packages_to_install(s, D("debian", 13)) == (
-        "docker.io",
-        "docker-cli",
-        "docker-compose",
-        "docker-buildx",
-    )
-    assert docker.packages_to_install(s, D("debian", None)) == (
-        "docker.io",
-        "docker-cli",
-        "docker-compose",
-        "docker-buildx",
-    )
+    debian = ("docker.io", "docker-cli", "docker-compose", "docker-buildx")
+    assert docker.packages_to_install(s, D("debian", 13)) == debian
+    assert docker.packages_to_install(s, D("debian", None)) == debian
     assert docker.packages_to_install(s, D("ubuntu", 24)) == ("docker.io", "docker-compose-v2", "docker-buildx")
 
 
