@@ -389,9 +389,12 @@ def check_driver(settings: Settings):
 def _install_driver(settings: Settings, state: NvidiaHost, title: str):
     try:
         release = platform.distribution(state.release)
-        plan = driver_install_plan(settings, release.id, state.arch, state.gpu["secure_boot"])
     except platform.UnsupportedDistribution as error:
-        plan = f"host {settings.host}: {error}; labfleet installs NVIDIA drivers on Debian and Ubuntu only"
+        plan: platform.DriverPlan | str = (
+            f"host {settings.host}: {error}; labfleet installs NVIDIA drivers on Debian and Ubuntu only"
+        )
+    else:
+        plan = driver_install_plan(settings, release.id, state.arch, state.gpu["secure_boot"])
     if isinstance(plan, str):
         require(name=title, ok=False, problem=f"{_below_floor(settings, state.gpu, state.release)}. {plan}")
         return
