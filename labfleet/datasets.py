@@ -48,6 +48,7 @@ from labfleet import apt, planning, preflight
 from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
 from labfleet.facts.system import Account, GroupMembers, PathState, PathStates, PublicKeyFile, SshHostKey, path_is
 from labfleet.planning import Read, step, unless_current
+from labfleet.platform import RRSYNC
 from labfleet.settings import Dataset, Settings, for_host
 
 # Default ACLs: read-only datasets never give the group write, writable ones always do.
@@ -471,11 +472,11 @@ def authorize_pullers(path: str, pullers: list[tuple[str, str, str, str | None]]
     if not pullers:
         host.noop("no host pulls a dataset from this one")
         return
-    rrsync = host.get_fact(Which, command="rrsync")
+    rrsync = host.get_fact(Which, command=RRSYNC["command"])
     if not rrsync:
         yield preflight.failing_command(
             f"host {host.name}: rrsync is missing, so peers cannot pull datasets from it; it comes with "
-            "rsync 3.2.4 and later (/usr/bin/rrsync); upgrade rsync"
+            f"{RRSYNC['package']} {RRSYNC['since']} and later ({RRSYNC['path']}); upgrade {RRSYNC['package']}"
         )
         return
     existing = {}

@@ -154,16 +154,6 @@ def driver_install_hint(release_name: str, branch: str) -> str:
 
 # --- Datasets ------------------------------------------------------------------------------------
 
-# The tools the datasets step installs (Debian and Ubuntu name them alike): on every host
-# ("layout": default ACLs on the dataset directories), per dataset source kind, and on a
-# host that serves pulls to its peers ("serve": rsync, whose rrsync is the forced command).
-DATASET_PACKAGES = {
-    "layout": ("acl",),
-    "local": ("rsync",),
-    "host": ("rsync", "openssh-client"),
-    "nfs": ("nfs-common",),
-    "serve": ("rsync",),
-}
 # rrsync, the forced command that keeps a peer's pulls read-only and inside one path, is
 # installed as a command by the rsync package from rsync 3.2.4 on.
 RRSYNC = {"command": "rrsync", "path": "/usr/bin/rrsync", "package": "rsync", "since": "3.2.4"}

@@ -105,3 +105,29 @@ def engine_api(tmp_path, monkeypatch):
     yield answer
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def settings(raw):
+    """settings(**overrides) -> the Settings of host pc01 with group_data/all.py and alice as jupyter user."""
+    from labfleet.settings import build
+
+    def make(**overrides):
+        return build("pc01", {**raw, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def planning_host(monkeypatch):
+    def install(answers: dict, **kwargs):
+        """planning_host(facts) makes a PlanningHost pyinfra's `host` for labfleet.planning."""
+        from fakes import PlanningHost
+
+        from labfleet import planning
+
+        fake = PlanningHost(answers, **kwargs)
+        monkeypatch.setattr(planning, "host", fake)
+        return fake
+
+    return install

@@ -3,29 +3,20 @@
 import shutil
 
 import pytest
+from fakes import PlanningHost
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.server import LinuxDistribution
-from test_planning import PlanningHost
 
 from labfleet import apt, docker, planning, platform
 from labfleet.facts.apt import AptSourceEntries
 from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus, parse_daemon_json
 from labfleet.facts.system import GroupMembers, ServiceState
 from labfleet.planning import FactBatch
-from labfleet.settings import build
 
 
 @pytest.fixture
 def fake_host(fake_host_in):
     return lambda facts=None, executing=True: fake_host_in(docker, facts, executing)
-
-
-@pytest.fixture
-def settings(raw):
-    def make(**overrides):
-        return build("pc01", {**raw, **overrides})
-
-    return make
 
 
 def D(distro_id, major):

@@ -2,10 +2,10 @@
 GPU check, from recorded sysfs, /proc and command output and against fake facts."""
 
 import pytest
+from fakes import PlanningHost
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
-from test_planning import PlanningHost
 
 from labfleet import apt, docker, nvidia, planning
 from labfleet.facts.apt import AptSourceEntries
@@ -89,14 +89,6 @@ def test_gpu_setting_overrides_detection(raw, monkeypatch):
 @pytest.fixture
 def fake_host(fake_host_in):
     return lambda facts=None, executing=True: fake_host_in(nvidia, facts, executing)
-
-
-@pytest.fixture
-def settings(raw):
-    def make(**overrides):
-        return build("pc01", {**raw, **overrides})
-
-    return make
 
 
 def test_toolkit_setting_decides_before_detection(settings, monkeypatch):
