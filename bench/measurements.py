@@ -24,6 +24,10 @@ class Measurements:
     round_trip_commands: dict = field(default_factory=dict)  # deploy -> {command head: count} on one host
     provision: dict = field(default_factory=dict)  # size -> [s]
     bare_provision: dict = field(default_factory=dict)  # size -> [s]
+    # The same no-change measure on converged hosts with the stand-in NVIDIA toolkit and gpu: true.
+    gpu_no_change: dict = field(default_factory=dict)  # size -> {"deploy": [s], "floor": [s]}
+    gpu_round_trips: dict = field(default_factory=dict)  # size -> {"deploy": per host, "floor": ...}
+    gpu_round_trip_commands: dict = field(default_factory=dict)  # {command head: count} on one host
 
 
 def save(found: Measurements, info: dict, output: Path) -> Path:
@@ -40,8 +44,9 @@ def load(path: Path) -> tuple[Measurements, dict]:
     document = json.loads(path.read_text())
     info = document.pop("machine")
     commands = document.pop("round_trip_commands", {})
+    gpu_commands = document.pop("gpu_round_trip_commands", {})
     sized = {key: {int(size): value for size, value in sizes.items()} for key, sizes in document.items()}
-    return Measurements(round_trip_commands=commands, **sized), info
+    return Measurements(round_trip_commands=commands, gpu_round_trip_commands=gpu_commands, **sized), info
 
 
 def _jsonable(value):

@@ -66,6 +66,32 @@ def no_change_rows(found: Measurements) -> list[dict]:
     return rows
 
 
+def gpu_standin_rows(found: Measurements) -> list[dict]:
+    """Per size on the stand-in GPU hosts: medians, the ratio to the floor, each round's, round trips per host."""
+    rows = []
+    for size, times in sorted(found.gpu_no_change.items()):
+        deploy, floor = _number(_median(times["deploy"])), _number(_median(times["floor"]))
+        rows.append(
+            {
+                "hosts": size,
+                "deploy": deploy,
+                "floor": floor,
+                "ratio": deploy / floor,
+                "round_ratios": [d / f for d, f in zip(times["deploy"], times["floor"], strict=True)],
+                "round_trips": found.gpu_round_trips.get(size, {}),
+            }
+        )
+    return rows
+
+
+def _commands_table(title: str, commands: dict) -> list[str]:
+    lines = [title, "", "| times | command |", "|---:|---|"]
+    for command, count in commands.items():
+        text = command.replace("|", "\\|").replace("`", "'")
+        lines.append(f"| {count} | `{text}` |")
+    return [*lines, ""]
+
+
 def markdown(found: Measurements, info: dict) -> str:
     rows = no_change_rows(found)
     has_baseline = any("baseline" in row for row in rows)
@@ -138,16 +164,38 @@ def markdown(found: Measurements, info: dict) -> str:
         commands = found.round_trip_commands.get(name)
         if not commands or name == "floor":
             continue
+        title = f"What {shown[name]} runs on one host (first 60 characters of each command):"
+        lines += _commands_table(title, commands)
+
+    gpu_rows = gpu_standin_rows(found)
+    if gpu_rows:
         lines += [
-            f"What {shown[name]} runs on one host (first 60 characters of each command):",
+            "### No-change re-run on converged stand-in GPU hosts (STAND-IN NVIDIA toolkit, no real GPU)",
             "",
-            "| times | command |",
-            "|---:|---|",
+            "Hosts made like tests/e2e/test_nvidia.py's: the stand-in toolkit packages under NVIDIA's names from "
+            "a signed apt repository each host serves on its own 127.0.0.1, a simulated loaded driver at the floor, "
+            "`gpu: true`; converged once with the whole deploy, then timed against the floor in alternating rounds "
+            "and counted as above. The deploy is `bench/deploys/gpu_standin.py`: deploy.py as it is, less its "
+            "last step, the GPU check in the lab image (`nvidia.verify_gpu`), which needs a real GPU and starts "
+            "one container per GPU host on every deploy, by design.",
+            "",
+            "| hosts | deploy.py, stand-in GPU | floor | ratio | each round's ratio | round trips/host, deploy.py "
+            "| round trips/host, floor |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for command, count in commands.items():
-            text = command.replace("|", "\\|").replace("`", "'")
-            lines.append(f"| {count} | `{text}` |")
+        for row in gpu_rows:
+            trips = row["round_trips"]
+            lines.append(
+                f"| {row['hosts']} | {_s(row['deploy'])} | {_s(row['floor'])} | **{row['ratio']:.2f}x** | "
+                f"{', '.join(f'{ratio:.1f}' for ratio in row['round_ratios'])} | "
+                f"{trips.get('deploy', float('nan')):.0f} | {trips.get('floor', float('nan')):.0f} |"
+            )
         lines.append("")
+        if found.gpu_round_trip_commands:
+            lines += _commands_table(
+                "What deploy.py runs on one stand-in GPU host (first 60 characters of each command):",
+                found.gpu_round_trip_commands,
+            )
 
     if found.provision:
         lines += [
@@ -194,6 +242,10 @@ def plot(found: Measurements, info: dict, path: Path) -> None:
         low = [m - min(found.no_change[s][name]) for m, s in zip(medians, sizes, strict=True)]
         high = [max(found.no_change[s][name]) - m for m, s in zip(medians, sizes, strict=True)]
         left.errorbar(sizes, medians, yerr=[low, high], fmt=style, capsize=3, label=label)
+    gpu_sizes = sorted(found.gpu_no_change)
+    if gpu_sizes:
+        gpu_medians = [_median(found.gpu_no_change[size]["deploy"]) for size in gpu_sizes]
+        left.plot(gpu_sizes, gpu_medians, "x", markersize=9, label="deploy.py, stand-in GPU hosts")
     goal = [GOAL_NO_CHANGE * _number(_median(found.no_change[size]["floor"])) for size in sizes]
     left.plot(sizes, goal, ":", color="grey", label=f"goal: {GOAL_NO_CHANGE}x the floor")
     left.set_xlabel("hosts")

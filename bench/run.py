@@ -19,6 +19,10 @@ What it measures, with medians of alternating rounds:
   not dominate (``--bare-provision`` adds one timing on bare hosts);
 - round trips: the commands pyinfra runs per host in a no-change run, counted from its
   ``--debug`` log (one line per command), in an extra, untimed run;
+- stand-in GPU hosts: the same no-change measure (against the floor, and round trips) on
+  hosts made like tests/e2e/test_nvidia.py's, with the STAND-IN NVIDIA toolkit, a simulated
+  driver and ``gpu: true``, deployed with ``bench/deploys/gpu_standin.py`` (deploy.py less
+  its GPU check in the image, which needs a real GPU); ``--gpu-sizes``, 1 and 3 by default;
 - controller memory: the peak RSS of the pyinfra process (``wait4``), per run.
 
 It checks that the report's modules import before it measures, saves the raw figures to
@@ -47,6 +51,7 @@ from bench import measurements
 from bench.dependencies import REPORT_MODULES, require
 from bench.measurements import Measurements
 from bench.report import write_report
+from tests.e2e import nvidia_standin
 from tests.e2e.harness.engine import ensure_engine
 from tests.e2e.harness.hosts import MAX_HOSTS_PER_CALL, Fleet, TestHost, generate_keypair
 from tests.e2e.harness.images import base_image
@@ -56,6 +61,8 @@ BENCH = Path(__file__).resolve().parent
 REPO_ROOT = BENCH.parent
 
 FLOOR = BENCH / "deploys" / "floor.py"
+GPU_DEPLOY = BENCH / "deploys" / "gpu_standin.py"
+STANDIN_DRIVER = "570.86.15"  # at the driver floor (570) of the default CUDA line, 12.8
 DEPLOY = "deploy.py"
 RUN_TIMEOUT_S = 1800
 _COMMAND_LINE = re.compile(r"Running command on (\S+): ")
@@ -163,48 +170,94 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def time_rounds(
+    hosts: list[TestHost], sizes: list[int], repetitions: int, deploys: dict, data: dict, times: dict, **extra: dict
+) -> None:
+    """Alternating rounds of no-change runs of each deploy (name -> (file, cwd)) at each size.
+
+    Seconds go to times[size][name]; each of extra ("memory_kb", "cpu_s") to extra[key][size][name].
+    """
+    for size in sizes:
+        times[size] = {name: [] for name in deploys}
+        for table in extra.values():
+            table[size] = {name: [] for name in deploys}
+    for round_ in range(repetitions):
+        for size in sizes:
+            subset = hosts[:size]
+            # Alternate which goes first, so neither always runs on a warmer machine.
+            for name in deploys if round_ % 2 == 0 else reversed(deploys):
+                deploy, cwd = deploys[name]
+                run = run_deploy(subset, deploy, data, cwd=cwd)
+                (assert_converged if deploy == FLOOR else assert_no_changes)(run.result)
+                times[size][name].append(run.seconds)
+                measured = {"memory_kb": run.max_rss_kb, "cpu_s": run.cpu_seconds}
+                for key, table in extra.items():
+                    table[size][name].append(measured[key])
+            log(
+                f"round {round_ + 1}, {size} host(s): "
+                + ", ".join(f"{name} {times[size][name][-1]:.2f} s" for name in deploys)
+            )
+
+
+def round_trips_per_size(hosts: list[TestHost], sizes: list[int], deploys: dict, data: dict, trips: dict) -> dict:
+    """trips[size][name]: round trips per host from an extra --debug run; returns, per deploy,
+    what the first size's first host ran."""
+    commands = {}
+    for size in sizes:
+        trips[size] = {}
+        for name, (deploy, cwd) in deploys.items():
+            run = run_deploy(hosts[:size], deploy, data, cwd=cwd, debug=True)
+            assert_converged(run.result)
+            trips[size][name], ran = count_round_trips(run.result.stderr, hosts[:size])
+            if size == sizes[0]:
+                commands[name] = ran
+    return commands
+
+
 def measure_no_change(fleet: Fleet, args, data: dict, found: Measurements) -> None:
     hosts = start_hosts(fleet, max(args.sizes))
     log(f"{len(hosts)} engine hosts up; converging them once (untimed)")
     assert_converged(run_deploy(hosts, DEPLOY, data).result)
-    trees = {"deploy": REPO_ROOT}
+    deploys: dict[str, tuple[str | Path, Path]] = {"deploy": (DEPLOY, REPO_ROOT)}
     if args.baseline_tree:
-        trees["baseline"] = args.baseline_tree.resolve()
+        deploys["baseline"] = (DEPLOY, args.baseline_tree.resolve())
         # Untimed: the baseline's own controller-side cache (its build/ directory).
-        assert_no_changes(run_deploy(hosts[:1], DEPLOY, data, cwd=trees["baseline"]).result)
-    names = [*trees, "floor"]
-    for size in args.sizes:
-        found.no_change[size] = {name: [] for name in names}
-        found.memory_kb[size] = {name: [] for name in names}
-        found.cpu_s[size] = {name: [] for name in names}
-    for round_ in range(args.repetitions):
-        for size in args.sizes:
-            subset = hosts[:size]
-            # Alternate which goes first, so neither always runs on a warmer machine.
-            for name in names if round_ % 2 == 0 else reversed(names):
-                if name == "floor":
-                    run = run_deploy(subset, FLOOR, data)
-                    assert_converged(run.result)
-                else:
-                    run = run_deploy(subset, DEPLOY, data, cwd=trees[name])
-                    assert_no_changes(run.result)
-                found.no_change[size][name].append(run.seconds)
-                found.memory_kb[size][name].append(run.max_rss_kb)
-                found.cpu_s[size][name].append(run.cpu_seconds)
-            log(
-                f"round {round_ + 1}, {size} host(s): "
-                + ", ".join(f"{name} {found.no_change[size][name][-1]:.2f} s" for name in names)
-            )
-    for size in args.sizes:
-        found.round_trips[size] = {}
-        for name in names:
-            deploy, cwd = (FLOOR, REPO_ROOT) if name == "floor" else (DEPLOY, trees[name])
-            run = run_deploy(hosts[:size], deploy, data, cwd=cwd, debug=True)
-            assert_converged(run.result)
-            per_host, commands = count_round_trips(run.result.stderr, hosts[:size])
-            found.round_trips[size][name] = per_host
-            if size == args.sizes[0]:
-                found.round_trip_commands[name] = commands
+        assert_no_changes(run_deploy(hosts[:1], DEPLOY, data, cwd=deploys["baseline"][1]).result)
+    deploys["floor"] = (FLOOR, REPO_ROOT)
+    extra = {"memory_kb": found.memory_kb, "cpu_s": found.cpu_s}
+    time_rounds(hosts, args.sizes, args.repetitions, deploys, data, found.no_change, **extra)
+    found.round_trip_commands = round_trips_per_size(hosts, args.sizes, deploys, data, found.round_trips)
+    fleet.remove(hosts)
+
+
+def gpu_standin_data(data: dict, mirror: str) -> dict:
+    """The whole-deploy settings on a GPU host: gpu forced true, the toolkit from the host's stand-in repository."""
+    return {**data, "gpu": True, "nvidia_toolkit_apt_mirror": mirror}
+
+
+def make_gpu_standins(hosts: list[TestHost]) -> str:
+    """Make hosts the e2e tests' stand-in GPU hosts (tests/e2e/test_nvidia.py); returns the mirror URL.
+
+    Each host serves its own signed repository of stand-in toolkit packages on its 127.0.0.1,
+    at the same URL, and shows a loaded driver at the floor for the default CUDA line.
+    """
+    mirror = ""
+    for host in hosts:
+        nvidia_standin.build_standin_repo(host)
+        mirror = nvidia_standin.serve(host)
+        nvidia_standin.simulate_driver(host, STANDIN_DRIVER)
+    return mirror
+
+
+def measure_gpu_standin(fleet: Fleet, args, data: dict, found: Measurements) -> None:
+    hosts = start_hosts(fleet, max(args.gpu_sizes))
+    gpu_data = gpu_standin_data(data, make_gpu_standins(hosts))
+    log(f"{len(hosts)} stand-in GPU hosts up; converging them once (untimed)")
+    assert_converged(run_deploy(hosts, GPU_DEPLOY, gpu_data).result)
+    deploys = {"deploy": (GPU_DEPLOY, REPO_ROOT), "floor": (FLOOR, REPO_ROOT)}
+    time_rounds(hosts, args.gpu_sizes, args.repetitions, deploys, gpu_data, found.gpu_no_change)
+    commands = round_trips_per_size(hosts, args.gpu_sizes, deploys, gpu_data, found.gpu_round_trips)
+    found.gpu_round_trip_commands = commands["deploy"]
     fleet.remove(hosts)
 
 
@@ -256,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 and 3 hosts, one provision round")
     parser.add_argument("--sizes", type=int, nargs="+", help="no-change fleet sizes (default 1 3 6 10)")
     parser.add_argument("--provision-sizes", type=int, nargs="*", help="fresh provision sizes (default 1 3 6)")
+    parser.add_argument(
+        "--gpu-sizes", type=int, nargs="*", help="sizes of the stand-in GPU host measure (default 1 3; none: skip)"
+    )
     parser.add_argument("--repetitions", type=int, help="alternating rounds of no-change runs (default 3)")
     parser.add_argument("--provision-repetitions", type=int, help="rounds of fresh provisions (default 3)")
     parser.add_argument("--bare-provision", action="store_true", help="also provision one bare host (no engine)")
@@ -268,11 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     args.provision_sizes = sorted(args.provision_sizes if args.provision_sizes is not None else [1, 3, 6])
     if quick and args.provision_sizes == [1, 3, 6]:
         args.provision_sizes = [1, 3]
+    args.gpu_sizes = sorted(args.gpu_sizes if args.gpu_sizes is not None else [1] if quick else [1, 3])
     args.repetitions = args.repetitions or 3
     args.provision_repetitions = args.provision_repetitions or (1 if quick else 3)
     if args.repetitions < 3 and not quick:
         parser.error("--repetitions must be at least 3 (medians of alternating rounds)")
-    if max(args.sizes + args.provision_sizes) > 20:
+    if max(args.sizes + args.provision_sizes + args.gpu_sizes) > 20:
         parser.error("at most 20 hosts")
 
     require(REPORT_MODULES)  # now, not after twenty minutes of measuring
@@ -284,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(generate_keypair(Path(scratch) / "ssh"))
         try:
             measure_no_change(fleet, args, data, found)
+            if args.gpu_sizes:
+                measure_gpu_standin(fleet, args, data, found)
             if args.provision_sizes:
                 measure_provision(fleet, args, data, found)
         finally:
