@@ -25,9 +25,9 @@ class Measurements:
     provision: dict = field(default_factory=dict)  # size -> [s]
     bare_provision: dict = field(default_factory=dict)  # size -> [s]
     # The same no-change measure on converged hosts with the stand-in NVIDIA toolkit and gpu: true.
-    gpu_no_change: dict = field(default_factory=dict)  # size -> {"deploy": [s], "floor": [s]}
+    gpu_no_change: dict = field(default_factory=dict)  # size -> {"deploy": [s], "floor": [s], "baseline": [s]}
     gpu_round_trips: dict = field(default_factory=dict)  # size -> {"deploy": per host, "floor": ...}
-    gpu_round_trip_commands: dict = field(default_factory=dict)  # {command head: count} on one host
+    gpu_round_trip_commands: dict = field(default_factory=dict)  # deploy -> {command head: count} on one host
 
 
 def save(found: Measurements, info: dict, output: Path) -> Path:

@@ -67,20 +67,16 @@ def no_change_rows(found: Measurements) -> list[dict]:
 
 
 def gpu_standin_rows(found: Measurements) -> list[dict]:
-    """Per size on the stand-in GPU hosts: medians, the ratio to the floor, each round's, round trips per host."""
+    """Per size on the stand-in GPU hosts: medians, ratios to the floor, each round's, round trips per host."""
     rows = []
     for size, times in sorted(found.gpu_no_change.items()):
-        deploy, floor = _number(_median(times["deploy"])), _number(_median(times["floor"]))
-        rows.append(
-            {
-                "hosts": size,
-                "deploy": deploy,
-                "floor": floor,
-                "ratio": deploy / floor,
-                "round_ratios": [d / f for d, f in zip(times["deploy"], times["floor"], strict=True)],
-                "round_trips": found.gpu_round_trips.get(size, {}),
-            }
-        )
+        row = {"hosts": size, **{name: _number(_median(values)) for name, values in times.items()}}
+        row["ratio"] = row["deploy"] / row["floor"]
+        row["round_ratios"] = [d / f for d, f in zip(times["deploy"], times["floor"], strict=True)]
+        if "baseline" in times:
+            row["baseline_ratio"] = row["baseline"] / row["floor"]
+        row["round_trips"] = found.gpu_round_trips.get(size, {})
+        rows.append(row)
     return rows
 
 
@@ -179,23 +175,34 @@ def markdown(found: Measurements, info: dict) -> str:
             "last step, the GPU check in the lab image (`nvidia.verify_gpu`), which needs a real GPU and starts "
             "one container per GPU host on every deploy, by design.",
             "",
-            "| hosts | deploy.py, stand-in GPU | floor | ratio | each round's ratio | round trips/host, deploy.py "
-            "| round trips/host, floor |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        gpu_baseline = any("baseline" in row for row in gpu_rows)
+        header = (
+            "| hosts | deploy.py, stand-in GPU | floor | ratio | each round's ratio | round trips/host, deploy.py "
+            "| round trips/host, floor |"
+        )
+        rule = "|---:|---:|---:|---:|---:|---:|---:|"
+        if gpu_baseline:
+            header += f" {label} | {label} ratio | round trips/host, {label} |"
+            rule += "---:|---:|---:|"
+        lines += [header, rule]
         for row in gpu_rows:
             trips = row["round_trips"]
-            lines.append(
+            line = (
                 f"| {row['hosts']} | {_s(row['deploy'])} | {_s(row['floor'])} | **{row['ratio']:.2f}x** | "
                 f"{', '.join(f'{ratio:.1f}' for ratio in row['round_ratios'])} | "
                 f"{trips.get('deploy', float('nan')):.0f} | {trips.get('floor', float('nan')):.0f} |"
             )
+            if gpu_baseline:
+                line += (
+                    f" {_s(row.get('baseline'))} | {row.get('baseline_ratio', float('nan')):.2f}x | "
+                    f"{trips.get('baseline', float('nan')):.0f} |"
+                )
+            lines.append(line)
         lines.append("")
-        if found.gpu_round_trip_commands:
-            lines += _commands_table(
-                "What deploy.py runs on one stand-in GPU host (first 60 characters of each command):",
-                found.gpu_round_trip_commands,
-            )
+        for name, commands in found.gpu_round_trip_commands.items():
+            title = f"What {shown.get(name, name)} runs on one stand-in GPU host (first 60 characters of each command):"
+            lines += _commands_table(title, commands)
 
     if found.provision:
         lines += [

@@ -254,10 +254,19 @@ def measure_gpu_standin(fleet: Fleet, args, data: dict, found: Measurements) -> 
     gpu_data = gpu_standin_data(data, make_gpu_standins(hosts))
     log(f"{len(hosts)} stand-in GPU hosts up; converging them once (untimed)")
     assert_converged(run_deploy(hosts, GPU_DEPLOY, gpu_data).result)
-    deploys = {"deploy": (GPU_DEPLOY, REPO_ROOT), "floor": (FLOOR, REPO_ROOT)}
+    deploys: dict[str, tuple[str | Path, Path]] = {"deploy": (GPU_DEPLOY, REPO_ROOT)}
+    if args.baseline_tree:
+        # The baseline is timed here only if it finds these hosts converged as they are.
+        try:
+            assert_no_changes(run_deploy(hosts, GPU_DEPLOY, gpu_data, cwd=args.baseline_tree.resolve()).result)
+            deploys["baseline"] = (GPU_DEPLOY, args.baseline_tree.resolve())
+        except AssertionError as error:
+            log(f"baseline left out on the stand-in GPU hosts: {str(error).splitlines()[0]}")
+            assert_converged(run_deploy(hosts, GPU_DEPLOY, gpu_data).result)
+    deploys["floor"] = (FLOOR, REPO_ROOT)
     time_rounds(hosts, args.gpu_sizes, args.repetitions, deploys, gpu_data, found.gpu_no_change)
     commands = round_trips_per_size(hosts, args.gpu_sizes, deploys, gpu_data, found.gpu_round_trips)
-    found.gpu_round_trip_commands = commands["deploy"]
+    found.gpu_round_trip_commands = {name: ran for name, ran in commands.items() if name != "floor"}
     fleet.remove(hosts)
 
 
