@@ -14,11 +14,11 @@ import os
 from labfleet.settings import check_inventory_groups
 
 # Lab workstations reached over SSH.
-workstations: list = []
+workstations = []
 # Hosts that certainly have NVIDIA GPUs (see group_data/gpu.py).
-gpu: list = []
+gpu = []
 # The lab's registry host, for image_delivery = "registry".
-registry: list = []
+registry = []
 
 if not (workstations or gpu or registry):
     # This machine; sudo when the deploy is not already run as root.
