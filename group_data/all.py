@@ -75,6 +75,8 @@ lan_address = None
 lan_ssh_port = None
 # Host directory mounted at /workspace; "{user}" becomes the jupyter user's name.
 workspace_dir = "/srv/workspace/{user}"
+# Host directory mounted as the user's HOME (settings, ~/.ssh, pip --user, caches); "{user}" as above.
+home_dir = "/srv/home/{user}"
 
 # --- JupyterLab ----------------------------------------------------------------------
 # Host account whose UID/GID own what the container writes; None = the SSH user (or you, on @local).
@@ -85,6 +87,10 @@ jupyter_users = []
 jupyter_port = 8888
 # Address the port is published on; keep 127.0.0.1 and reach it through an SSH tunnel.
 jupyter_bind = "127.0.0.1"
+# Plain environment variables for every user's server and kernels, e.g. {"WANDB_PROJECT": "lab"}.
+jupyter_env = {}
+# Secrets: variable name -> a file on the controller, e.g. {"WANDB_API_KEY": "~/.secrets/wandb"}.
+jupyter_secrets = {}
 # argon2 password hash (jupyter_server.auth.passwd); None = a random token kept per host and user.
 jupyter_password_hash = None
 # /dev/shm size for the container, so DataLoader workers do not die with bus errors.

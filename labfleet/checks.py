@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from labfleet.model import Dataset, lock_file, locked_cudas
+from labfleet.model import Dataset, UserEntry, lock_file, locked_cudas
 
 
 def jupyter_users(host_name: str, values: dict[str, Any], users: Sequence[tuple[str, int]], written: Any) -> list[str]:
@@ -38,6 +38,43 @@ def jupyter_users(host_name: str, values: dict[str, Any], users: Sequence[tuple[
             f"(users {', '.join(clash)}); expected a distinct port per user (a user without one gets "
             "jupyter_port + its index)"
         )
+    return errors
+
+
+def homes_and_environment(host_name: str, values: dict[str, Any], entries: Sequence[UserEntry]) -> list[str]:
+    """Each user's HOME is their own, and no variable is both plain and secret."""
+    errors = []
+    home = values["home_dir"]
+    shared = [entry.name for entry in entries if entry.home_dir is None]
+    if len(shared) > 1 and "{user}" not in home:
+        errors.append(
+            f"host {host_name}: home_dir = {home!r} has no {{user}} while users {', '.join(shared)} use it; "
+            'expected a path with "{user}" such as "/srv/home/{user}", or a home_dir per user in jupyter_users'
+        )
+    homes: dict[str, list[str]] = {}
+    for entry in entries:
+        path = (entry.home_dir or home).replace("{user}", entry.name)
+        homes.setdefault(path, []).append(entry.name)
+        workspace = values["workspace_dir"].replace("{user}", entry.name)
+        if path == workspace:
+            errors.append(
+                f"host {host_name}: home_dir of {entry.name} is {path!r}, the same directory as its workspace_dir; "
+                "expected a separate directory such as /srv/home/{user}"
+            )
+        plain = dict(values["jupyter_env"]) | dict(entry.env)
+        secret = dict(values["jupyter_secrets"]) | dict(entry.secrets)
+        for name in sorted(set(plain) & set(secret)):
+            errors.append(
+                f"host {host_name}: {name} of {entry.name} is both in jupyter_env and in jupyter_secrets; "
+                "expected it in one of them (a secret, if its value must stay hidden)"
+            )
+    if not errors:
+        for path, names in homes.items():
+            if len(names) > 1:
+                errors.append(
+                    f"host {host_name}: users {', '.join(names)} share the home {path!r}; "
+                    "expected one home per user (home_dir with {user}, or its own home_dir in each jupyter_users entry)"
+                )
     return errors
 
 

@@ -179,6 +179,10 @@ def workspace_dir(value):
     return path
 
 
+# The Settings class has a field of that name; its own fields use this one.
+user_path = workspace_dir
+
+
 def ip_address(value):
     _string(value)
     try:
@@ -375,13 +379,89 @@ def datasets(value: Any) -> tuple[Dataset, ...]:
     return tuple(out)
 
 
+# --- Per-user environment, secrets and home ------------------------------------------------
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables the compose project or the entrypoint sets itself; a setting may not replace them.
+RESERVED_ENV = frozenset(
+    {
+        *("NB_USER", "NB_UID", "NB_GID", "NB_GROUP", "HOME", "USER", "LOGNAME", "SHELL", "PATH"),
+        *("JUPYTER_TOKEN_FILE", "JUPYTER_PASSWORD_HASH_FILE", "WORKSPACE_DIR", "DATASET_DIR"),
+        *("LABFLEET_SECRETS", "VIRTUAL_ENV"),
+    }
+)
+
+
+def env_name(value):
+    if not isinstance(value, str) or not _ENV_NAME.match(value):
+        raise Invalid(f"name {value!r} is not an environment variable name (letters, digits, _; not first a digit)")
+    if value in RESERVED_ENV or value.startswith("LABFLEET_"):
+        raise Invalid(f"name {value!r} is set by labfleet itself; choose another name")
+    return value
+
+
+def environment(value) -> tuple[tuple[str, str], ...]:
+    """Plain variables: name -> a string or a number, kept as the text the container sees."""
+    if not isinstance(value, dict):
+        raise Invalid("not a mapping")
+    out = []
+    for name, item in value.items():
+        env_name(name)
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise Invalid(f"{name} = {item!r} is a {type(item).__name__}; expected a string or a number")
+        text = str(item)
+        if any(ch in text for ch in "\n\r\0"):
+            raise Invalid(f"{name} contains a newline or NUL")
+        out.append((name, text))
+    return tuple(sorted(out))
+
+
+def secret_files(value) -> tuple[tuple[str, str], ...]:
+    """Secrets: name -> a file on the controller, checked here so a typo stops the run before any host."""
+    if not isinstance(value, dict):
+        raise Invalid("not a mapping")
+    out = []
+    for name, path in value.items():
+        env_name(name)
+        if not isinstance(path, str) or not path:
+            raise Invalid(f"{name} = {path!r} is not a file path")
+        local = Path(path).expanduser()
+        if not local.is_file():
+            raise Invalid(f"{name}: {path} is not a file on the controller; create it or fix the path")
+        out.append((name, str(local.resolve())))
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """One jupyter_users entry as written; None means the host's setting applies."""
+
+    name: str
+    port: int | None = None
+    home_dir: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[tuple[str, str], ...] = ()
+
+
+USER_KEYS = ("name", "port", "home_dir", "env", "secrets")
+
+
 def jupyter_user_entry(value):
     if isinstance(value, str):
-        return username(value)
-    if isinstance(value, dict) and set(value) <= {"name", "port"} and "name" in value:
+        return UserEntry(username(value))
+    if isinstance(value, dict) and set(value) <= set(USER_KEYS) and "name" in value:
         name = username(value["name"])
-        return (name, port(value["port"])) if "port" in value else name
-    raise Invalid("expected a user name or {name, port}")
+        checks = {"port": port, "home_dir": user_path, "env": environment, "secrets": secret_files}
+        found: dict[str, Any] = {}
+        for key, check in checks.items():
+            if key in value:
+                try:
+                    found[key] = check(value[key])
+                except Invalid as exc:
+                    detail = f": {exc}" if str(exc) else ""
+                    raise Invalid(f"user {name}: {key} {value[key]!r} is invalid{detail}") from None
+        return UserEntry(name, **found)
+    raise Invalid("expected a user name or a mapping of " + ", ".join(USER_KEYS))
 
 
 ULIMIT_NAMES = frozenset(
@@ -466,11 +546,16 @@ PORT = "an integer port 1-65535"
 
 @dataclass(frozen=True)
 class JupyterUser:
-    """One compose project: a host account, its published port and its workspace."""
+    """One compose project: a host account, its published port, its workspace and home,
+    and its environment: the host's jupyter_env and jupyter_secrets with the user's own on top."""
 
     name: str
     port: int
     workspace_dir: str
+    home_dir: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    # name -> the file on the controller that holds the value
+    secrets: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -523,7 +608,17 @@ class Settings:
     workspace_dir: str = field(metadata=setting(workspace_dir, 'an absolute path, optionally with "{user}"'))
     # Built from jupyter_users, jupyter_user (INPUT_ONLY), jupyter_port and workspace_dir.
     jupyter_users: tuple[JupyterUser, ...] = field(
-        metadata=setting(list_of(jupyter_user_entry), "a list of user names or {name, port} mappings")
+        metadata=setting(
+            list_of(jupyter_user_entry),
+            "a list of user names or {name, port} mappings (each may add home_dir, env and secrets)",
+        )
+    )
+    home_dir: str = field(metadata=setting(user_path, 'an absolute path, with "{user}" when there are several users'))
+    jupyter_env: tuple[tuple[str, str], ...] = field(
+        metadata=setting(environment, "a mapping of environment variable names to strings or numbers")
+    )
+    jupyter_secrets: tuple[tuple[str, str], ...] = field(
+        metadata=setting(secret_files, "a mapping of environment variable names to files on the controller")
     )
     jupyter_port: int = field(metadata=setting(port, PORT))
     jupyter_bind: str = field(metadata=setting(ip_address, "an IPv4 or IPv6 address such as 127.0.0.1"))

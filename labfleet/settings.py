@@ -31,6 +31,7 @@ from labfleet.model import (
     JupyterUser,
     Settings,
     Source,
+    UserEntry,
     declarations,
 )
 
@@ -114,6 +115,7 @@ def build(
     if not errors:
         users = _jupyter_users(values, raw)
         errors.extend(checks.jupyter_users(host_name, values, users, raw.get("jupyter_users")))
+        errors.extend(checks.homes_and_environment(host_name, values, _user_entries(values, raw)))
         errors.extend(checks.image(host_name, values))
         errors.extend(checks.peer_datasets(host_name, values["datasets"], inventory_hosts))
     if errors:
@@ -121,13 +123,29 @@ def build(
     return _assemble(host_name, values, raw, tuple(groups))
 
 
+def _user_entries(values: dict, raw: dict) -> list[UserEntry]:
+    if values["jupyter_users"]:
+        return list(values["jupyter_users"])
+    return [UserEntry(str(values["jupyter_user"] or _default_jupyter_user(raw)))]
+
+
 def _jupyter_users(values: dict, raw: dict) -> list[tuple[str, int]]:
-    entries = values["jupyter_users"] or [values["jupyter_user"] or _default_jupyter_user(raw)]
     users = []
-    for index, entry in enumerate(entries):
-        name, port = entry if isinstance(entry, tuple) else (entry, None)
-        users.append((name, port if port is not None else values["jupyter_port"] + index))
+    for index, entry in enumerate(_user_entries(values, raw)):
+        users.append((entry.name, entry.port if entry.port is not None else values["jupyter_port"] + index))
     return users
+
+
+def _jupyter_user(values: dict, entry: UserEntry, port: int) -> JupyterUser:
+    """The user's project: the host's home_dir, jupyter_env and jupyter_secrets, with the entry's own on top."""
+    return JupyterUser(
+        name=entry.name,
+        port=port,
+        workspace_dir=values["workspace_dir"].replace("{user}", entry.name),
+        home_dir=(entry.home_dir or values["home_dir"]).replace("{user}", entry.name),
+        env=tuple(sorted({**dict(values["jupyter_env"]), **dict(entry.env)}.items())),
+        secrets=tuple(sorted({**dict(values["jupyter_secrets"]), **dict(entry.secrets)}.items())),
+    )
 
 
 def _assemble(host_name: str, values: dict, raw: dict, groups: tuple[str, ...]) -> Settings:
@@ -139,8 +157,8 @@ def _assemble(host_name: str, values: dict, raw: dict, groups: tuple[str, ...]) 
         "lan_address": values["lan_address"] or raw.get("ssh_hostname") or host_name,
         "lan_ssh_port": values["lan_ssh_port"] or (raw.get("ssh_port") if not values["lan_address"] else None) or 22,
         "jupyter_users": tuple(
-            JupyterUser(name=name, port=port, workspace_dir=values["workspace_dir"].replace("{user}", name))
-            for name, port in _jupyter_users(values, raw)
+            _jupyter_user(values, entry, port)
+            for entry, (_, port) in zip(_user_entries(values, raw), _jupyter_users(values, raw), strict=True)
         ),
     }
     fields = {f.name for f in dataclasses.fields(Settings)} - {"host", "groups"}
