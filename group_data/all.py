@@ -91,6 +91,10 @@ jupyter_bind = "127.0.0.1"
 jupyter_env = {}
 # Secrets: variable name -> a file on the controller, e.g. {"WANDB_API_KEY": "~/.secrets/wandb"}.
 jupyter_secrets = {}
+# "when-idle": a running container is recreated only once its kernels, terminals and GPU work are idle.
+jupyter_update = "when-idle"
+# How long every kernel must have been quiet before "when-idle" recreates its container.
+jupyter_update_idle = "30m"
 # argon2 password hash (jupyter_server.auth.passwd); None = a random token kept per host and user.
 jupyter_password_hash = None
 # /dev/shm size for the container, so DataLoader workers do not die with bus errors.

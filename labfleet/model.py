@@ -483,6 +483,18 @@ def ulimits(value):
     return dict(value)
 
 
+_DURATION = re.compile(r"^(\d+[smhd])+$")
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value):
+    """A duration like "30m", "2h", "1h30m" or "90s", as seconds."""
+    if not isinstance(value, str) or not _DURATION.match(value):
+        raise Invalid("")
+    return sum(int(count) * _SECONDS[unit] for count, unit in _DURATION_PART.findall(value))
+
+
 def listen_address(value):
     _string(value)
     address, sep, port_text = value.rpartition(":")
@@ -622,6 +634,9 @@ class Settings:
     )
     jupyter_port: int = field(metadata=setting(port, PORT))
     jupyter_bind: str = field(metadata=setting(ip_address, "an IPv4 or IPv6 address such as 127.0.0.1"))
+    jupyter_update: str = field(metadata=setting(choice("when-idle", "now"), _one_of("when-idle", "now")))
+    # Seconds; group_data/all.py writes it as a duration.
+    jupyter_update_idle: int = field(metadata=setting(duration, 'a duration like "30m", "2h", "1h30m" or "90s"'))
     jupyter_password_hash: str | None = field(
         metadata=setting(
             optional(argon2_hash), "null or an argon2 hash (argon2:$argon2id$v=19$m=...,t=...,p=...$salt$hash)"
