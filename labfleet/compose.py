@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import jinja2
 import yaml
@@ -22,6 +23,9 @@ APP_ROOT = "/opt/labfleet"
 CONTAINER_PORT = 8888
 DATASET_DIR = "/resource/datasets"
 WORKSPACE_DIR = "/workspace"
+# The entrypoint makes /home/$NB_USER the user's HOME; home_dir is mounted there.
+HOME_PARENT = "/home"
+SECRETS_DIR = "/run/secrets"
 TOKEN_SECRET = "jupyter_token"
 PASSWORD_SECRET = "jupyter_password_hash"
 CONFIG_LABEL = "org.labfleet.config"
@@ -34,6 +38,15 @@ def project_directory(user: str) -> str:
 
 def project_name(user: str) -> str:
     return f"labfleet-{user}"
+
+
+def container_home(user: str) -> str:
+    return f"{HOME_PARENT}/{user}"
+
+
+def secrets_directory(user: str) -> str:
+    """Where the host keeps the user's jupyter_secrets, one file per variable, each 0600."""
+    return f"{project_directory(user)}/secrets"
 
 
 def container_name(project: str) -> str:
@@ -77,6 +90,7 @@ def env_values(project: Project) -> dict[str, object]:
         "JUPYTER_BIND": s.jupyter_bind,
         "JUPYTER_PORT": project.user.port,
         "WORKSPACE_LOCALDIR": project.user.workspace_dir,
+        "HOME_LOCALDIR": project.user.home_dir,
         "DATASET_LOCALDIR": s.datasets_root,
         "DATASET_DIR": DATASET_DIR,
         "SHM_SIZE": s.shm_size,
@@ -141,6 +155,7 @@ def compose_model(project: Project) -> dict:
         "ports": [f"${{JUPYTER_BIND}}:${{JUPYTER_PORT}}:{CONTAINER_PORT}"],
         "volumes": [
             {"type": "bind", "source": "${WORKSPACE_LOCALDIR}", "target": WORKSPACE_DIR},
+            {"type": "bind", "source": "${HOME_LOCALDIR}", "target": f"{HOME_PARENT}/${{NB_USER}}"},
             *_dataset_mounts(project.settings),
         ],
         "secrets": [TOKEN_SECRET],
@@ -163,15 +178,34 @@ def compose_model(project: Project) -> dict:
         service["secrets"].append(PASSWORD_SECRET)
         service["environment"]["JUPYTER_PASSWORD_HASH_FILE"] = f"/run/secrets/{PASSWORD_SECRET}"
         secrets[PASSWORD_SECRET] = {"file": f"./{PASSWORD_SECRET}"}
+    # Plain values go into compose.yaml as written ($ doubled: compose would interpolate it).
+    for name, value in project.user.env:
+        service["environment"][name] = value.replace("$", "$$")
+    # Secrets are files, mounted read-only at /run/secrets/<NAME>; the entrypoint exports the
+    # ones LABFLEET_SECRETS names, so only the names are in the container's configuration.
+    if project.user.secrets:
+        names = [name for name, _ in project.user.secrets]
+        service["environment"]["LABFLEET_SECRETS"] = " ".join(names)
+        service["secrets"] += names
+        secrets.update({name: {"file": f"./secrets/{name}"} for name in names})
     if project.gpu:
         service["deploy"] = _gpu_reservation(project.settings.gpu_devices)
     model = {"name": project.name, "services": {SERVICE: service}, "secrets": secrets}
     # The running container carries a digest of everything compose is given, so a run can
     # tell from one `docker inspect` whether the container is current. The password hash
-    # counts too: the server reads its secret file only when it starts.
-    secret = project.settings.jupyter_password_hash or ""
+    # counts too, and each secret's content: the server reads them only when it starts.
+    secret = (project.settings.jupyter_password_hash or "") + secret_fingerprint(project)
     service["labels"] = {CONFIG_LABEL: config_digest(model, env_values(project), secret)}
     return model
+
+
+def secret_fingerprint(project: Project) -> str:
+    """A digest of the secrets' values, read from the controller's files: a changed secret changes only
+    the digest of the users who have it, so only their containers are recreated."""
+    digest = hashlib.sha256()
+    for name, path in project.user.secrets:
+        digest.update(name.encode() + b"\0" + hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest() if project.user.secrets else ""
 
 
 def config_digest(model: dict, env: dict, secret: str = "") -> str:

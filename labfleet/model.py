@@ -388,6 +388,8 @@ RESERVED_ENV = frozenset(
         *("NB_USER", "NB_UID", "NB_GID", "NB_GROUP", "HOME", "USER", "LOGNAME", "SHELL", "PATH"),
         *("JUPYTER_TOKEN_FILE", "JUPYTER_PASSWORD_HASH_FILE", "WORKSPACE_DIR", "DATASET_DIR"),
         *("LABFLEET_SECRETS", "VIRTUAL_ENV"),
+        # the names of the token and password files under /run/secrets
+        *("jupyter_token", "jupyter_password_hash"),
     }
 )
 

@@ -1,6 +1,7 @@
 """compose.yaml and .env rendered from settings, parsed back and checked field by field."""
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,8 +36,9 @@ def test_compose_fields(raw):
     assert "JUPYTER_TOKEN" not in service["environment"]
     assert service["secrets"] == ["jupyter_token"]
     assert doc["secrets"] == {"jupyter_token": {"file": "./jupyter_token"}}
-    workspace, datasets = service["volumes"]
+    workspace, home, datasets = service["volumes"]
     assert workspace == {"type": "bind", "source": "${WORKSPACE_LOCALDIR}", "target": "/workspace"}
+    assert home == {"type": "bind", "source": "${HOME_LOCALDIR}", "target": "/home/${NB_USER}"}
     assert datasets == {"type": "bind", "source": "${DATASET_LOCALDIR}", "target": "${DATASET_DIR}", "read_only": True}
     test = service["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python3", "-c"] and "http://127.0.0.1:8888/api" in test[3]
@@ -56,8 +58,8 @@ def test_gpu_reservation_only_on_gpu_hosts(raw, devices, expected):
 def test_writable_dataset_is_mounted_over_the_readonly_root(raw):
     datasets = {"imagenet": {"source": "manual"}, "scratch": {"source": "manual", "readonly": False}}
     volumes = _service(_project(raw, datasets=datasets))["volumes"]
-    assert volumes[1]["read_only"] is True
-    assert volumes[2:] == [
+    assert volumes[2]["read_only"] is True
+    assert volumes[3:] == [
         {
             "type": "bind",
             "source": "${DATASET_LOCALDIR}/scratch",
@@ -90,6 +92,7 @@ def test_env_holds_exactly_what_compose_interpolates(raw):
         "JUPYTER_BIND": "127.0.0.1",
         "JUPYTER_PORT": "8888",
         "WORKSPACE_LOCALDIR": "/srv/workspace/alice",
+        "HOME_LOCALDIR": "/srv/home/alice",
         "DATASET_LOCALDIR": "/srv/datasets",
         "DATASET_DIR": "/resource/datasets",
         "SHM_SIZE": "16g",
@@ -163,3 +166,50 @@ def test_a_new_password_hash_changes_the_config_digest(raw):
         for value in (first, second)
     ]
     assert labels[0] != labels[1], "a rotated password would not restart the server"
+
+
+def test_env_values_are_written_as_given_and_user_entries_win(raw):
+    raw["jupyter_user"] = None
+    raw["jupyter_env"] = {"WANDB_PROJECT": "lab", "SEED": 7, "PRICE": "$5"}
+    raw["jupyter_users"] = ["alice", {"name": "bob", "env": {"WANDB_PROJECT": "bobs"}}]
+    s = build("pc01", raw)
+    alice, bob = (_service(compose.Project(s, user, 1234, 2345, False, "x")) for user in s.jupyter_users)
+    assert alice["environment"]["WANDB_PROJECT"] == "lab"
+    assert alice["environment"]["SEED"] == "7"
+    assert alice["environment"]["PRICE"] == "$$5", "compose would read $5 as a variable"
+    assert bob["environment"]["WANDB_PROJECT"] == "bobs"
+
+
+def _secret(tmp_path, name, value):
+    path = tmp_path / name
+    path.write_text(value)
+    return str(path)
+
+
+def test_secrets_are_mounted_files_and_only_their_names_are_in_the_environment(raw, tmp_path):
+    wandb = _secret(tmp_path, "wandb", "wandb-value-1234")
+    project = _project(raw, jupyter_secrets={"WANDB_API_KEY": wandb})
+    rendered = compose.render_compose(project) + compose.render_env(project)
+    assert "wandb-value-1234" not in rendered
+    doc = yaml.safe_load(compose.render_compose(project))
+    service = doc["services"]["jupyterlab"]
+    assert service["secrets"] == ["jupyter_token", "WANDB_API_KEY"]
+    assert doc["secrets"]["WANDB_API_KEY"] == {"file": "./secrets/WANDB_API_KEY"}
+    assert service["environment"]["LABFLEET_SECRETS"] == "WANDB_API_KEY"
+    assert "WANDB_API_KEY" not in service["environment"]
+
+
+def test_a_changed_secret_changes_only_the_digest_of_its_user(raw, tmp_path):
+    raw["jupyter_user"] = None
+    token = _secret(tmp_path, "hf", "first")
+    raw["jupyter_users"] = ["alice", {"name": "bob", "secrets": {"HF_TOKEN": token}}]
+
+    def digests():
+        s = build("pc01", raw)
+        return [compose.project_digest(compose.Project(s, user, 1234, 2345, False, "x")) for user in s.jupyter_users]
+
+    before = digests()
+    Path(token).write_text("second")
+    after = digests()
+    assert before[0] == after[0], "alice has no secret; her container must stay"
+    assert before[1] != after[1], "bob's new secret would not reach his server"

@@ -93,6 +93,18 @@ BAD = [
     ("ulimits", {"memlock": "unlimited"}, "-1 = unlimited"),
     ("ulimits", {"memlok": -1}, "unknown ulimit"),
     ("ulimits", [("memlock", -1)], "mapping of ulimit names"),
+    ("home_dir", "home/{user}", "not absolute"),
+    ("home_dir", "/srv/home/{name}", "only placeholder allowed is {user}"),
+    ("jupyter_env", {"WANDB-PROJECT": "lab"}, "not an environment variable name"),
+    ("jupyter_env", {"HOME": "/tmp"}, "set by labfleet itself"),
+    ("jupyter_env", {"SEED": [1, 2]}, "is a list; expected a string or a number"),
+    ("jupyter_env", {"DEBUG": True}, "is a bool; expected a string or a number"),
+    ("jupyter_env", ["SEED=1"], "mapping of environment variable names to strings or numbers"),
+    ("jupyter_secrets", {"WANDB_API_KEY": "/nonexistent/wandb"}, "not a file on the controller"),
+    ("jupyter_secrets", {"1PASSWORD": "/etc/hostname"}, "not an environment variable name"),
+    ("jupyter_users", ["alice", {"name": "bob", "home_dir": "bob"}], "user bob: home_dir 'bob' is invalid"),
+    ("jupyter_users", ["alice", {"name": "bob", "env": {"A B": 1}}], "user bob: env {'A B': 1} is invalid"),
+    ("jupyter_users", ["alice", {"name": "bob", "secrets": {"K": "/nonexistent"}}], "not a file on the controller"),
 ]
 
 
@@ -412,3 +424,68 @@ def test_local_source_is_resolved_on_the_controller(raw, tmp_path):
     resolved = str((tmp_path / "coco").resolve())
     assert dataset.source == Source("local", f"local:{resolved}", path=resolved)
     assert (dataset.readonly, str(dataset.source)) == (False, f"local:{resolved}")
+
+
+def test_home_without_user_is_refused_for_several_users(raw):
+    raw["jupyter_user"] = None
+    raw["jupyter_users"] = ["alice", "bob"]
+    raw["home_dir"] = "/srv/home"
+    with pytest.raises(SettingsError) as err:
+        build("pc01", raw)
+    assert str(err.value) == (
+        "host pc01: home_dir = '/srv/home' has no {user} while users alice, bob use it; "
+        'expected a path with "{user}" such as "/srv/home/{user}", or a home_dir per user in jupyter_users'
+    )
+
+
+def test_a_single_user_may_have_a_home_without_user(raw):
+    raw["home_dir"] = "/home/alice-lab"
+    assert build("pc01", raw).jupyter_user.home_dir == "/home/alice-lab"
+
+
+def test_two_users_sharing_one_home_are_refused(raw):
+    raw["jupyter_user"] = None
+    raw["jupyter_users"] = ["alice", {"name": "bob", "home_dir": "/srv/home/alice"}]
+    with pytest.raises(SettingsError) as err:
+        build("pc01", raw)
+    assert str(err.value) == (
+        "host pc01: users alice, bob share the home '/srv/home/alice'; expected one home per user "
+        "(home_dir with {user}, or its own home_dir in each jupyter_users entry)"
+    )
+
+
+def test_home_on_the_workspace_is_refused(raw):
+    raw["home_dir"] = "/srv/workspace/{user}"
+    with pytest.raises(SettingsError, match="home_dir of alice is '/srv/workspace/alice', the same directory as"):
+        build("pc01", raw)
+
+
+def test_a_variable_both_plain_and_secret_is_refused(raw, tmp_path):
+    (tmp_path / "key").write_text("x")
+    raw["jupyter_env"] = {"HF_TOKEN": "plain"}
+    raw["jupyter_secrets"] = {"HF_TOKEN": str(tmp_path / "key")}
+    with pytest.raises(SettingsError, match="HF_TOKEN of alice is both in jupyter_env and in jupyter_secrets"):
+        build("pc01", raw)
+
+
+def test_users_get_the_hosts_env_and_secrets_with_their_own_on_top(raw, tmp_path):
+    for name in ("host", "bob"):
+        (tmp_path / name).write_text(name)
+    raw["jupyter_user"] = None
+    raw["jupyter_env"] = {"A": "host", "B": 2}
+    raw["jupyter_secrets"] = {"KEY": str(tmp_path / "host")}
+    raw["jupyter_users"] = [
+        "alice",
+        {"name": "bob", "home_dir": "/data/bob-home", "env": {"A": "bob"}, "secrets": {"KEY": str(tmp_path / "bob")}},
+    ]
+    alice, bob = build("pc01", raw).jupyter_users
+    assert (alice.home_dir, alice.env, alice.secrets) == (
+        "/srv/home/alice",
+        (("A", "host"), ("B", "2")),
+        (("KEY", str(tmp_path / "host")),),
+    )
+    assert (bob.home_dir, bob.env, bob.secrets) == (
+        "/data/bob-home",
+        (("A", "bob"), ("B", "2")),
+        (("KEY", str(tmp_path / "bob")),),
+    )
