@@ -23,8 +23,12 @@ decides everything from facts, so a second run changes nothing:
 4. Installs what is missing; ``apt-get update`` runs only then, or when a source changed.
    Every apt command waits for a lock held by another process (labfleet/apt.py).
 5. Merges the wanted keys into /etc/docker/daemon.json (``daemon_config``), validates the
-   result with ``dockerd --validate`` where the engine has it, and restarts dockerd only
-   when the parsed config changed. Starts and enables the service.
+   result with ``dockerd --validate`` where the engine has it, and, only when the parsed
+   config changed, reloads dockerd (SIGHUP) when every changed key is one it reloads, or
+   restarts it otherwise. ``live-restore: true`` is among the wanted keys unless the file
+   sets live-restore by hand (a hand-set false stays, with a warning on every run), so a
+   restart, once live-restore is on in the running engine, keeps every container running.
+   Starts and enables the service.
 6. Adds docker_users and the jupyter users to the docker group.
 7. Checks that ``docker info`` answers and that ``docker compose version`` is v2.
 
@@ -50,7 +54,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FileUploadCommand, operation
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.server import LinuxDistribution
@@ -184,16 +188,134 @@ def merged_daemon_json(current: Mapping, wanted: Mapping) -> dict:
     return deep_merge(current, wanted)
 
 
+# What dockerd takes up on SIGHUP (``systemctl reload``) without stopping anything: Docker's
+# "configuration reload behavior" list, checked against moby's daemon/reload.go and
+# reload_unix.go (reloadPlatform) and the authorization plugins that dockerd's reload sets.
+# "features" is left out: it reloads, but a feature such as containerd-snapshotter acts only
+# at start. Any other key changed needs a restart.
+RELOADABLE_KEYS = frozenset(
+    {
+        "allow-nondistributable-artifacts",
+        "authorization-plugins",
+        "debug",
+        "default-runtime",
+        "default-shm-size",
+        "insecure-registries",
+        "labels",
+        "live-restore",
+        "max-concurrent-downloads",
+        "max-concurrent-uploads",
+        "max-download-attempts",
+        "registry-mirrors",
+        "runtimes",
+        "shutdown-timeout",
+    }
+)
+LIVE_RESTORE = "live-restore"
+# How long a reload may take to show before the host fails (dockerd applies it in milliseconds).
+RELOAD_WAIT_S = 30.0
+POLL_S = 0.25
+
+
+def live_restore_keys(current: Mapping) -> dict:
+    """live-restore on, unless the host's daemon.json sets it by hand (docker_daemon still wins over both).
+
+    With live-restore, containers keep running while dockerd restarts, for a daemon.json
+    change or an engine upgrade; without it every running kernel on the host dies.
+    """
+    return {} if LIVE_RESTORE in current else {LIVE_RESTORE: True}
+
+
+def live_restore_warning(settings: Settings, current: Mapping) -> str | None:
+    """The warning for a host whose daemon.json turns live-restore off by hand; None otherwise."""
+    if current.get(LIVE_RESTORE) is not False or LIVE_RESTORE in settings.docker_daemon:
+        return None
+    return (
+        f'host {settings.host}: {DAEMON_JSON} sets "live-restore": false by hand, so every restart of dockerd '
+        "(a daemon.json change, an engine upgrade) stops all containers here, running kernels included; "
+        "labfleet leaves it as it is; to keep containers running, delete the key there or set docker_daemon = "
+        '{"live-restore": true}, then run the deploy again'
+    )
+
+
+def changed_keys(before: Mapping, after: Mapping) -> list[str]:
+    """The top-level daemon.json keys whose values differ (added or removed keys included)."""
+    missing = object()
+    return sorted(key for key in before.keys() | after.keys() if before.get(key, missing) != after.get(key, missing))
+
+
+def restart_keys(before: Mapping, after: Mapping) -> list[str]:
+    """The changed keys that dockerd takes up only when it restarts."""
+    return [key for key in changed_keys(before, after) if key not in RELOADABLE_KEYS]
+
+
+def engine_action(before: Mapping, after: Mapping, active: bool) -> str:
+    """How dockerd takes up a new daemon.json: "none", "start" (it is not running), "reload" or "restart"."""
+    if before == after:
+        return "none"
+    if not active:
+        return "start"
+    return "restart" if restart_keys(before, after) else "reload"
+
+
+def apply_daemon_json_command(
+    host_name: str, service: str, before: Mapping, after: Mapping, active: bool, wait_s: float = RELOAD_WAIT_S
+) -> str | None:
+    """The shell command that makes a running dockerd take up after (None: nothing to do).
+
+    A reload waits until dockerd reports it (its "reload" event). A restart with live-restore
+    wanted first makes sure the running dockerd has it on, by a reload when it does not yet
+    (``docker info``), so that the restart keeps every container running.
+    """
+    action = engine_action(before, after, active)
+    unit = shlex.quote(service)
+    tries = max(1, round(wait_s / POLL_S))
+    if action == "none":
+        return None
+    if action == "start":
+        return f"systemctl restart {unit}"
+    if action == "reload":
+        unconfirmed = shlex.quote(
+            f"labfleet: host {host_name}: dockerd did not confirm reloading {DAEMON_JSON} within {wait_s:g} s, "
+            "so its new settings may not be in effect; its containers keep running; see journalctl -u docker "
+            f"for why, fix it, then run systemctl reload {service}"
+        )
+        return (
+            f"t=$(date +%s.%N); systemctl reload {unit} || exit 1; i=0; "
+            'until [ -n "$(docker events --since "$t" --until "$(date +%s.%N)" --filter type=daemon '
+            "--filter event=reload --format '{{.Action}}' 2>/dev/null)\" ]; do i=$((i+1)); "
+            f"if [ $i -ge {tries} ]; then echo {unconfirmed} >&2; exit 1; fi; sleep {POLL_S:g}; done"
+        )
+    if after.get(LIVE_RESTORE) is not True:
+        return f"systemctl restart {unit}"
+    no_live_restore = shlex.quote(
+        f"labfleet: host {host_name}: dockerd did not turn live-restore on within {wait_s:g} s of a reload, so "
+        f"labfleet did not restart it (that would stop every container); {DAEMON_JSON} has the new settings "
+        f"({', '.join(restart_keys(before, after))} need a restart); see journalctl -u docker for why, then "
+        f"run systemctl restart {service} yourself when its containers may stop"
+    )
+    live = "[ \"$(docker info --format '{{.LiveRestoreEnabled}}' 2>/dev/null)\" = true ]"
+    return (
+        f"if ! {live}; then systemctl reload {unit} || exit 1; i=0; until {live}; do i=$((i+1)); "
+        f"if [ $i -ge {tries} ]; then echo {no_live_restore} >&2; exit 1; fi; sleep {POLL_S:g}; done; fi; "
+        f"systemctl restart {unit}"
+    )
+
+
 @operation(is_idempotent=True)
-def merge_daemon_json(keys: dict, path: str = DAEMON_JSON):
-    """Merge keys into Docker's daemon.json; validate the result before it replaces the file.
+def merge_daemon_json(keys: dict, path: str = DAEMON_JSON, service: str | None = DOCKER_SERVICE):
+    """Merge keys into Docker's daemon.json, validated, and make dockerd take it up with the least disruption.
 
     + keys: the daemon.json keys to set; nested mappings merge key by key
     + path: the daemon.json to merge into
+    + service: dockerd's unit, reloaded or restarted for the new file; None: only write it
 
     The parsed JSON is compared, so a file that differs only in formatting is left alone.
     A file that is not valid JSON stops this host and is left untouched. The new file is
     checked with ``dockerd --validate`` (Docker 23 and later) before it is moved in place.
+    When every changed key is one that dockerd reloads on SIGHUP, dockerd is reloaded, and
+    nothing stops; otherwise it is restarted, after a reload that turns live-restore on
+    where the file wants it, so that the containers keep running. A stopped engine is started.
 
     **Example:**
 
@@ -213,16 +335,51 @@ def merge_daemon_json(keys: dict, path: str = DAEMON_JSON):
     if not current["present"] and not merged:
         host.noop(f"nothing to write to {path}")
         return
-    staged = f"{path}.labfleet-new"
-    q_path, q_staged = shlex.quote(path), shlex.quote(staged)
-    rejected = shlex.quote(f"labfleet: dockerd rejects the merged {path}; the running engine and {path} are unchanged")
     yield f"install -d -m 755 {shlex.quote(path.rsplit('/', 1)[0] or '/')}"
-    yield FileUploadCommand(StringIO(json.dumps(merged, indent=2) + "\n"), staged)
-    yield (
+    yield FileUploadCommand(StringIO(json.dumps(merged, indent=2) + "\n"), staged_path(path))
+    yield validate_and_replace_command(host.name, path)
+    if service is not None:
+        active = host.get_fact(ServiceState, service=service)["active"] == "active"
+        apply = apply_daemon_json_command(host.name, service, existing, merged, active)
+        if apply:
+            yield apply
+
+
+def staged_path(path: str) -> str:
+    return f"{path}.labfleet-new"
+
+
+def validate_and_replace_command(host_name: str, path: str) -> str:
+    """Check the staged file with ``dockerd --validate`` where dockerd has it, then move it in place."""
+    q_path, q_staged = shlex.quote(path), shlex.quote(staged_path(path))
+    rejected = shlex.quote(
+        f"labfleet: host {host_name}: dockerd rejects the merged {path} (its reason is above); the running engine "
+        f"and {path} are unchanged; fix docker_daemon (or the key set by hand there), then run the deploy again"
+    )
+    return (
         f"if dockerd --help 2>/dev/null | grep -q -- --validate; then "
         f"dockerd --validate --config-file={q_staged} || {{ rm -f {q_staged}; echo {rejected} >&2; exit 1; }}; fi; "
         f"chown root:root {q_staged} && chmod 644 {q_staged} && mv -f {q_staged} {q_path}"
     )
+
+
+@operation(is_idempotent=True)
+def warn(message: str):
+    """Print a warning for a person in the run's output, on every run; it changes nothing.
+
+    + message: the one line to print
+
+    **Example:**
+
+    .. code:: python
+
+        warn(name="Warn that live-restore is off", message="host pc01: ...")
+    """
+    if host.state.is_executing:
+        logger.warning(f"{host.print_prefix}{message}")
+    host.noop("warned")
+    return
+    yield  # an operation is a generator, even one that yields nothing
 
 
 def invalid_daemon_json(host_name: str, path: str, error: str) -> str:
@@ -460,16 +617,18 @@ def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (
         refresh=repository_changed,
     )
 
-    wanted_keys = daemon_config(settings, daemon_extra)
-    current = state.daemon_json["config"] if state.daemon_json["present"] else {}
-    daemon = planning.unless_current(
+    current = (state.daemon_json["config"] or {}) if state.daemon_json["present"] else {}
+    wanted_keys = daemon_config(settings, [live_restore_keys(current), *daemon_extra])
+    planning.unless_current(
         merge_daemon_json,
-        current=merged_daemon_json(current or {}, wanted_keys) == current,
-        name=f"Merge settings into {DAEMON_JSON}",
+        current=merged_daemon_json(current, wanted_keys) == current,
+        name=f"Merge settings into {DAEMON_JSON} and reload or restart dockerd",
         keys=wanted_keys,
+        service=DOCKER_SERVICE,
     )
-    if daemon is not None:
-        restart_service(name="Restart dockerd for its new daemon.json", service=DOCKER_SERVICE, _if=daemon.did_change)
+    warning = live_restore_warning(settings, current)
+    if warning:
+        planning.notice(warn, name="Warn that live-restore is off by hand", message=warning)
     planning.unless_current(
         ensure_service,
         current=(state.service["active"], state.service["enabled"]) == ("active", "enabled"),

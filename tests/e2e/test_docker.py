@@ -99,6 +99,7 @@ def test_distro_source_on_three_trixie_hosts(make_hosts, pyinfra_run):
         "log-opts": {"max-file": "3", "max-size": "10m"},
         "dns": ["192.0.2.53"],
         "log-driver": "json-file",
+        "live-restore": True,
     }
 
     assert (

@@ -1,6 +1,10 @@
-"""Planning of the docker step: package lists, apt files, daemon.json merge, against fake facts."""
+"""Planning of the docker step: package lists, apt files, daemon.json merge, reload or restart, against fake facts."""
 
+import json
+import logging
+import os
 import shutil
+import subprocess
 
 import pytest
 from fakes import PlanningHost
@@ -362,7 +366,7 @@ def test_a_converged_host_plans_no_operation(settings, planned_problems):
     converged = docker_host(
         {
             DebPackages: installed,
-            DaemonJson: {"present": True, "config": docker.daemon_config(s), "error": None},
+            DaemonJson: {"present": True, "config": {**docker.daemon_config(s), "live-restore": True}, "error": None},
             ServiceState: {"systemd": True, "active": "active", "enabled": "enabled"},
             DockerEngineStatus: {"server": "26.1.5", "compose": "2.26.1"},
             GroupMembers: {"exists": True, "members": ["alice"], "accounts": ["alice"]},
@@ -371,3 +375,245 @@ def test_a_converged_host_plans_no_operation(settings, planned_problems):
     # A planned operation would need pyinfra's state; none is planned, so none is called.
     assert planned_problems(s, converged) == []
     assert planning.host.meta.ops == 0 and planning.host.reads == [FactBatch]
+
+
+# --- live-restore, and reload instead of restart ----------------------------------------------
+
+
+def test_live_restore_is_wanted_unless_the_host_sets_it_and_docker_daemon_wins(settings):
+    assert docker.live_restore_keys({}) == {"live-restore": True}
+    assert docker.live_restore_keys({"live-restore": False}) == {}
+    assert docker.live_restore_keys({"live-restore": True}) == {}
+    plain = settings()
+    assert docker.daemon_config(plain, [docker.live_restore_keys({})])["live-restore"] is True
+    assert "live-restore" not in docker.daemon_config(plain, [docker.live_restore_keys({"live-restore": False})])
+    opted_out = settings(docker_daemon={"live-restore": False})
+    assert docker.daemon_config(opted_out, [docker.live_restore_keys({})])["live-restore"] is False
+    forced = settings(docker_daemon={"live-restore": True})
+    assert docker.daemon_config(forced, [docker.live_restore_keys({"live-restore": False})])["live-restore"] is True
+
+
+def test_a_hand_set_false_is_warned_about_unless_docker_daemon_sets_it(settings):
+    warning = docker.live_restore_warning(settings(), {"live-restore": False, "dns": ["192.0.2.53"]})
+    assert warning == (
+        'host pc01: /etc/docker/daemon.json sets "live-restore": false by hand, so every restart of dockerd '
+        "(a daemon.json change, an engine upgrade) stops all containers here, running kernels included; "
+        "labfleet leaves it as it is; to keep containers running, delete the key there or set docker_daemon = "
+        '{"live-restore": true}, then run the deploy again'
+    )
+    assert docker.live_restore_warning(settings(), {"live-restore": True}) is None
+    assert docker.live_restore_warning(settings(), {}) is None
+    assert docker.live_restore_warning(settings(docker_daemon={"live-restore": False}), {"live-restore": False}) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "action"),
+    [
+        ({}, {"live-restore": True}, "reload"),
+        ({"live-restore": False}, {"live-restore": True, "labels": ["lab=1"]}, "reload"),
+        ({}, {"runtimes": {"nvidia": {"path": "nvidia-container-runtime"}}, "default-runtime": "nvidia"}, "reload"),
+        ({}, {"insecure-registries": ["nas.lab:5000"], "registry-mirrors": ["http://127.0.0.1:5000"]}, "reload"),
+        ({"debug": False}, {"debug": True, "max-concurrent-downloads": 4, "shutdown-timeout": 30}, "reload"),
+        ({}, {"live-restore": True, "log-opts": {"max-size": "10m"}}, "restart"),
+        ({"log-opts": {"max-file": "3"}}, {"log-opts": {"max-file": "3", "max-size": "10m"}}, "restart"),
+        ({}, {"exec-opts": ["native.cgroupdriver=cgroupfs"], "runtimes": {}}, "restart"),
+        ({}, {"features": {"containerd-snapshotter": True}}, "restart"),
+        ({"dns": ["192.0.2.53"]}, {"dns": ["192.0.2.53"]}, "none"),
+    ],
+)
+def test_reload_when_every_changed_key_reloads_restart_otherwise(before, after, action):
+    assert docker.engine_action(before, after, active=True) == action
+    assert docker.engine_action(before, after, active=False) == ("none" if action == "none" else "start")
+
+
+def test_changed_keys_are_top_level_and_include_removed_ones():
+    before = {"log-opts": {"max-file": "3"}, "dns": ["192.0.2.53"], "debug": True}
+    after = {"log-opts": {"max-file": "5"}, "dns": ["192.0.2.53"], "labels": ["a=b"]}
+    assert docker.changed_keys(before, after) == ["debug", "labels", "log-opts"]
+    assert docker.restart_keys(before, after) == ["log-opts"]
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> "$FAKE/calls"
+if [ "$1" = reload ] && [ -n "$RELOAD_WORKS" ]; then touch "$FAKE/reloaded"; fi
+"""
+FAKE_DOCKER = """#!/bin/sh
+case "$1" in
+  info) if [ -n "$LIVE" ] || [ -e "$FAKE/reloaded" ]; then echo true; else echo false; fi ;;
+  events) if [ -e "$FAKE/reloaded" ]; then echo reload; fi ;;
+esac
+"""
+FAKE_DOCKERD = """#!/bin/sh
+case "$1" in
+  --help) echo "      --validate    Validate daemon configuration and exit" ;;
+  --validate) echo "unable to configure the Docker daemon: bad key" >&2; exit "$VALIDATE_RC" ;;
+esac
+"""
+
+
+@pytest.fixture
+def run_on_fake_host(tmp_path):
+    """run(command, **env) -> (rc, stderr, systemctl calls): the command in sh, with stand-ins for
+    systemctl, docker, dockerd and chown first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {
+        "systemctl": FAKE_SYSTEMCTL,
+        "docker": FAKE_DOCKER,
+        "dockerd": FAKE_DOCKERD,
+        "chown": "#!/bin/sh\n",
+    }.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+    def run(command, **env):
+        (tmp_path / "calls").write_text("")
+        (tmp_path / "reloaded").unlink(missing_ok=True)
+        environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path), **env}
+        done = subprocess.run(["sh", "-c", command], env=environment, capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stderr, (tmp_path / "calls").read_text().splitlines()
+
+    return run
+
+
+def apply(before, after, active=True):
+    return docker.apply_daemon_json_command("pc01", "docker.service", before, after, active, wait_s=0.5)
+
+
+def test_a_reload_waits_for_dockerds_reload_event(run_on_fake_host):
+    command = apply({"live-restore": False}, {"live-restore": True, "labels": ["lab=1"]})
+    assert run_on_fake_host(command, RELOAD_WORKS="1") == (0, "", ["reload docker.service"])
+
+
+def test_a_reload_dockerd_does_not_confirm_fails_the_host_and_says_what_to_do(run_on_fake_host):
+    rc, stderr, calls = run_on_fake_host(apply({}, {"live-restore": True}))
+    assert rc == 1 and calls == ["reload docker.service"]
+    assert stderr.strip() == (
+        "labfleet: host pc01: dockerd did not confirm reloading /etc/docker/daemon.json within 0.5 s, so its new "
+        "settings may not be in effect; its containers keep running; see journalctl -u docker for why, fix it, "
+        "then run systemctl reload docker.service"
+    )
+
+
+def test_a_restart_turns_live_restore_on_by_a_reload_first(run_on_fake_host):
+    command = apply({}, {"live-restore": True, "log-opts": {"max-size": "10m"}})
+    assert run_on_fake_host(command, RELOAD_WORKS="1") == (0, "", ["reload docker.service", "restart docker.service"])
+    # live-restore already on in the running engine: the restart keeps the containers as it is.
+    assert run_on_fake_host(command, LIVE="1") == (0, "", ["restart docker.service"])
+
+
+def test_no_restart_when_live_restore_does_not_come_on(run_on_fake_host):
+    rc, stderr, calls = run_on_fake_host(apply({}, {"live-restore": True, "log-opts": {"max-size": "10m"}}))
+    assert rc == 1 and calls == ["reload docker.service"], "dockerd was restarted without live-restore"
+    assert stderr.strip() == (
+        "labfleet: host pc01: dockerd did not turn live-restore on within 0.5 s of a reload, so labfleet did not "
+        "restart it (that would stop every container); /etc/docker/daemon.json has the new settings (log-opts need "
+        "a restart); see journalctl -u docker for why, then run systemctl restart docker.service yourself when its "
+        "containers may stop"
+    )
+
+
+def test_live_restore_off_by_choice_and_a_stopped_engine_are_just_restarted(run_on_fake_host):
+    off = apply({"live-restore": False}, {"live-restore": False, "log-opts": {"max-size": "10m"}})
+    assert run_on_fake_host(off) == (0, "", ["restart docker.service"])
+    stopped = apply({}, {"live-restore": True, "log-opts": {"max-size": "10m"}}, active=False)
+    assert run_on_fake_host(stopped) == (0, "", ["restart docker.service"])
+    assert apply({"debug": True}, {"debug": True}) is None
+
+
+def test_the_validated_file_replaces_daemon_json_and_a_rejected_one_does_not(tmp_path, run_on_fake_host):
+    path = tmp_path / "daemon.json"
+    path.write_text('{"dns": ["192.0.2.53"]}\n')
+    staged = tmp_path / "daemon.json.labfleet-new"
+    staged.write_text('{"dns": ["192.0.2.53"], "bogus": 1}\n')
+    command = docker.validate_and_replace_command("pc01", str(path))
+    rc, stderr, _ = run_on_fake_host(command, VALIDATE_RC="1")
+    assert rc == 1 and not staged.exists() and json.loads(path.read_text()) == {"dns": ["192.0.2.53"]}
+    assert stderr.splitlines()[-1] == (
+        f"labfleet: host pc01: dockerd rejects the merged {path} (its reason is above); the running engine and "
+        f"{path} are unchanged; fix docker_daemon (or the key set by hand there), then run the deploy again"
+    )
+    staged.write_text('{"dns": ["192.0.2.53"], "live-restore": true}\n')
+    assert run_on_fake_host(command, VALIDATE_RC="0")[0] == 0
+    assert json.loads(path.read_text())["live-restore"] is True and not staged.exists()
+
+
+def test_merge_daemon_json_writes_then_reloads_or_restarts_what_it_finds(fake_host):
+    running = {"systemd": True, "active": "active", "enabled": "enabled"}
+    fake_host({DaemonJson: {"present": True, "config": {"dns": ["192.0.2.53"]}, "error": None}, ServiceState: running})
+    install, upload, replace, reload = list(docker.merge_daemon_json._inner({"live-restore": True}))
+    assert install == "install -d -m 755 /etc/docker"
+    assert json.loads(upload.src.getvalue()) == {"dns": ["192.0.2.53"], "live-restore": True}
+    assert replace.endswith("mv -f /etc/docker/daemon.json.labfleet-new /etc/docker/daemon.json")
+    assert "systemctl reload docker.service" in reload and "restart" not in reload
+    *_, restart = list(docker.merge_daemon_json._inner({"live-restore": True, "log-driver": "local"}))
+    assert restart.endswith("systemctl restart docker.service") and "systemctl reload" in restart
+    assert len(list(docker.merge_daemon_json._inner({"dns": ["192.0.2.53"]}))) == 0
+    assert len(list(docker.merge_daemon_json._inner({"debug": True}, service=None))) == 3
+
+
+def test_warn_prints_one_line_while_executing_and_changes_nothing(fake_host, caplog):
+    fake = fake_host({})
+    with caplog.at_level(logging.WARNING, logger="pyinfra"):
+        assert list(docker.warn._inner("host pc01: live-restore is off")) == []
+    assert [r.getMessage() for r in caplog.records] == ["[pc01] host pc01: live-restore is off"]
+    assert fake.noops == ["warned"]
+
+
+@pytest.fixture
+def planned_ops(monkeypatch):
+    """planned_ops(settings, facts) -> [(operation name, current, kwargs)] the docker step plans."""
+
+    def plan(s, facts):
+        monkeypatch.setattr(planning, "host", PlanningHost(facts))
+        planned = []
+
+        def record(operation, current=False, **kwargs):
+            planned.append((operation.__name__, current, kwargs))
+
+        monkeypatch.setattr(planning, "unless_current", record)
+        monkeypatch.setattr(planning, "notice", record)
+        monkeypatch.setattr(docker, "require", lambda name, ok, problem: None)
+        docker.ensure_docker_engine._inner(s)
+        return planned
+
+    return plan
+
+
+def converged_host(daemon_json: dict) -> dict:
+    installed = {name: ["1"] for name in ("docker.io", "docker-cli", "docker-compose", "docker-buildx", "curl")}
+    return docker_host(
+        {
+            DebPackages: installed,
+            DaemonJson: {"present": True, "config": daemon_json, "error": None},
+            ServiceState: {"systemd": True, "active": "active", "enabled": "enabled"},
+            DockerEngineStatus: {"server": "26.1.5", "compose": "2.26.1"},
+            GroupMembers: {"exists": True, "members": ["alice"], "accounts": ["alice"]},
+        }
+    )
+
+
+def daemon_op(planned):
+    (op,) = [entry for entry in planned if entry[0] == "merge_daemon_json"]
+    return op
+
+
+def test_the_step_merges_live_restore_and_names_reload_or_restart(settings, planned_ops):
+    s = settings(docker_source="distro")
+    _, current, kwargs = daemon_op(planned_ops(s, converged_host({"dns": ["192.0.2.53"]})))
+    assert not current and kwargs["keys"] == {"live-restore": True} and kwargs["service"] == "docker.service"
+    assert kwargs["name"] == "Merge settings into /etc/docker/daemon.json and reload or restart dockerd"
+    _, current, _ = daemon_op(planned_ops(s, converged_host({"dns": ["192.0.2.53"], "live-restore": True})))
+    assert current, "a second run would write daemon.json again"
+
+
+def test_a_hand_set_false_stays_and_is_warned_about_on_every_run(settings, planned_ops):
+    s = settings(docker_source="distro")
+    planned = planned_ops(s, converged_host({"live-restore": False}))
+    _, current, kwargs = daemon_op(planned)
+    assert current and "live-restore" not in kwargs["keys"]
+    (warning,) = [kw for op, _, kw in planned if op == "warn"]
+    assert warning["name"] == "Warn that live-restore is off by hand"
+    assert warning["message"] == docker.live_restore_warning(s, {"live-restore": False})
+    opted_out = settings(docker_source="distro", docker_daemon={"live-restore": False})
+    assert not [op for op, _, _ in planned_ops(opted_out, converged_host({"live-restore": False})) if op == "warn"]
