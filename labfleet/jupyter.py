@@ -12,9 +12,11 @@ from pyinfra.api import operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
-from labfleet import compose, image, nvidia, planning, preflight
+from labfleet import compose, image, nvidia, planning, preflight, updates
+from labfleet.facts.home import ContainerHome, FileNames
 from labfleet.facts.jupyter import ComposeService, ComposeState
 from labfleet.facts.system import PathState, PathStates, path_is
+from labfleet.facts.updates import ContainerBusy
 from labfleet.planning import Read, step, unless_current
 from labfleet.settings import Settings
 
@@ -88,11 +90,14 @@ def reads(settings: Settings) -> dict[str, Read]:
     for user in settings.jupyter_users:
         directory = compose.project_directory(user.name)
         token, password, *written = _project_paths(directory)
-        paths += [user.workspace_dir, directory, token, password, *written]
-        uploads += [password, *written]
+        secrets = [_secret_path(user.name, name) for name, _ in user.secrets]
+        paths += [user.workspace_dir, user.home_dir, compose.secrets_directory(user.name), directory, token, password]
+        paths += [*written, *secrets]
+        uploads += [password, *written, *secrets]
     tag = image.image_tag(settings)
     return {
         "paths": Read(PathStates, {"paths": tuple(paths), "digests": tuple(uploads)}),
+        **home_reads(settings),
         **{
             f"service {user.name}": Read(ComposeService, {"project": compose.project_name(user.name), "image": tag})
             for user in settings.jupyter_users
@@ -158,6 +163,7 @@ def write_projects(settings: Settings):
         token, password_file, compose_file, env_file = _project_paths(project.directory)
         _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
         _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
+        _write_home_and_secrets(settings, project, states)
         unless_current(
             secret_token,
             current=path_is(states, token, "file", user, group, SECRET_MODE),
@@ -182,6 +188,113 @@ def write_projects(settings: Settings):
         _upload(states, f"Write .env of {user}", compose.render_env(project), env_file, "root", "root", "600")
 
 
+def _secret_path(user: str, name: str) -> str:
+    return f"{compose.secrets_directory(user)}/{name}"
+
+
+def home_reads(settings: Settings) -> dict[str, Read]:
+    """Per user: whether the running container still keeps HOME in its own layer, and which
+    secret files the host holds (one no longer set is removed, so it is exported no more)."""
+    reads = {}
+    for user in settings.jupyter_users:
+        project = compose.project_name(user.name)
+        reads[f"container home {user.name}"] = Read(
+            ContainerHome, {"project": project, "home": compose.container_home(user.name)}
+        )
+        reads[f"secret files {user.name}"] = Read(FileNames, {"path": compose.secrets_directory(user.name)})
+    return reads
+
+
+def home_copy_command(project: str, user: str, home_dir: str) -> str:
+    """The shell command that copies a container's own HOME into home_dir, never replacing a file.
+
+    Owners are kept by number: the container's user has the host account's UID and GID, so
+    the copies belong to that account. The copy streams through tar; nothing is staged.
+    """
+    container = shlex.quote(compose.container_name(project))
+    inside = shlex.quote(compose.container_home(user))
+    script = (
+        "set -o pipefail; "
+        f"docker exec -u 0 {container} tar -C {inside} -cf - . | "
+        f"tar -C {shlex.quote(home_dir)} -xpf - --numeric-owner --skip-old-files --no-overwrite-dir"
+    )
+    return f"bash -c {shlex.quote(script)}"
+
+
+@operation(is_idempotent=True)
+def keep_container_home(project: str, user: str, home_dir: str):
+    """Copy what a running container holds in its own HOME into home_dir, before the container is
+    recreated with home_dir mounted as its HOME.
+
+    + project: the compose project
+    + user: the jupyter user (HOME is /home/<user> in the container)
+    + home_dir: the persistent home on the host, already made
+
+    Containers from before home_dir kept HOME in their own layer, which the recreate throws
+    away; this copy makes the switch lose nothing. A file home_dir already has is kept.
+
+    **Example:**
+
+    .. code:: python
+
+        keep_container_home(
+            name="Keep alice's HOME", project="labfleet-alice", user="alice", home_dir="/srv/home/alice"
+        )
+    """
+    state = host.get_fact(ContainerHome, project=project, home=compose.container_home(user))
+    if not state["running"] or state["mounted"]:
+        host.noop(f"{project} keeps no HOME of its own")
+        return
+    yield home_copy_command(project, user, home_dir)
+
+
+def _write_home_and_secrets(settings: Settings, project: compose.Project, states: dict[str, PathState]) -> None:
+    user, group = project.user.name, project.group
+    found = planning.read(home_reads(settings))
+    # Made once, 0700: only the directory itself is owned and moded, never what is in it.
+    _directory(states, f"Create the home of {user}", project.user.home_dir, user, group, "700")
+    container_home = found[f"container home {user}"]
+    unless_current(
+        keep_container_home,
+        current=not container_home["running"] or container_home["mounted"],
+        name=f"Copy the container's HOME of {user} into {project.user.home_dir}",
+        project=project.name,
+        user=user,
+        home_dir=project.user.home_dir,
+    )
+    directory = compose.secrets_directory(user)
+    if project.user.secrets or directory in states:
+        _directory(states, f"Create the secrets directory of {user}", directory, "root", "root", "700")
+    for name, local in project.user.secrets:
+        dest = _secret_path(user, name)
+        # Uploaded from the controller's file: the value is never in an argument or a command.
+        unless_current(
+            files.put,
+            current=path_is(states, dest, "file", user, group, SECRET_MODE, _file_sha1(local)),
+            name=f"Write the secret {name} of {user}",
+            src=local,
+            dest=dest,
+            user=user,
+            group=group,
+            mode=str(SECRET_MODE),
+        )
+    wanted = {name for name, _ in project.user.secrets}
+    for stale in found[f"secret files {user}"]:
+        if stale not in wanted:
+            unless_current(
+                files.file,
+                current=False,
+                name=f"Remove the secret {stale} of {user}, no longer in jupyter_secrets",
+                path=_secret_path(user, stale),
+                present=False,
+            )
+
+
+def _file_sha1(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha1(handle.read()).hexdigest()
+
+
 # Jupyter prints its URLs with the token; logs shown on failure must not carry it.
 HIDE_TOKENS = "sed -E 's/(token=)[^&[:space:]]+/\\1<hidden>/g'"
 
@@ -204,6 +317,9 @@ def compose_up(
     digest: str,
     timeout: int = 300,
     new_token: bool = False,
+    update: str = "now",
+    idle_seconds: int = 0,
+    user: str = "",
 ):
     """Bring a compose project up, and wait until it is healthy, only when it is not current.
 
@@ -215,6 +331,10 @@ def compose_up(
     + new_token: the token file was missing while planning, so this run makes a new one; the
       container is recreated, since a bind-mounted file that was replaced keeps showing the
       container the old one, and the token in the file would not open JupyterLab
+    + update: "when-idle" keeps a running container whose kernels, terminals or GPU processes
+      are busy (labfleet.updates); "now" recreates it whatever it runs
+    + idle_seconds: how long every kernel must have been quiet, for "when-idle"
+    + user: the jupyter user, named in the line that says the update waits
 
     Current means running the image id the tag names, with this config digest, and
     healthy. On failure the last log lines are shown, with tokens hidden, and only this
@@ -228,6 +348,14 @@ def compose_up(
     if current and state["health"] == "healthy" and not new_token:
         host.noop(f"{project} is up, current and healthy")
         return
+    if update == "when-idle" and not new_token and updates.waits(state, digest):
+        # A new token is the admin's own rotation (they deleted the file), so it never waits.
+        busy = host.get_fact(ContainerBusy, container=compose.container_name(project), idle_seconds=idle_seconds)
+        if busy["busy"]:
+            line = updates.deferral_line(user or project, busy["reasons"], idle_seconds)
+            logger.warning(f"{host.print_prefix}{line}")
+            host.noop(line)
+            return
     recreate = " --force-recreate" if new_token or (current and state["health"] == "unhealthy") else ""
     yield (
         f"cd {shlex.quote(directory)} && "
@@ -256,6 +384,7 @@ def reach_hint(settings: Settings, port: int) -> str:
 @step("Bring JupyterLab up")
 def bring_up(settings: Settings):
     state = host_state(settings)
+    updates.install_update_timers(settings)
     for project in projects(settings):
         service = state.services[project.user.name]
         digest = compose.project_digest(project)
@@ -270,7 +399,11 @@ def bring_up(settings: Settings):
             image=project.image,
             digest=digest,
             new_token=new_token,
+            update=settings.jupyter_update,
+            idle_seconds=settings.jupyter_update_idle,
+            user=project.user.name,
         )
+        updates.plan_update_timer(settings, project.user.name, service, digest, project.image)
 
 
 @step("Summary")

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Give NB_USER the host's NB_UID and NB_GID and a home inside the container; run as root.
+# Give NB_USER the host's NB_UID and NB_GID and a HOME; run as root.
 # Idempotent, so a restarted container passes through it again unchanged. It touches only
 # /etc/passwd, /etc/group and /home/$NB_USER: never /workspace nor the datasets.
 set -euo pipefail
@@ -37,11 +37,13 @@ else
         --home-dir "$home" --no-create-home --shell /bin/bash "$NB_USER"
 fi
 
-# HOME lives in the container's own file system, outside every bind mount; only the
-# directory itself is chowned, not what someone may have mounted below it.
-mkdir -p "$home"
-chown "$NB_UID:$NB_GID" "$home"
-chmod 0750 "$home"
+# HOME is normally the host's home_dir, mounted here and already the user's (labfleet makes
+# it 0700); without that mount it is made in the container's own layer. Only the directory
+# itself is ever chowned, never what is in it, and a mode someone chose is kept.
+if [ ! -d "$home" ]; then
+    mkdir -p -m 0700 "$home"
+fi
+[ "$(stat -c %u:%g "$home")" = "$NB_UID:$NB_GID" ] || chown "$NB_UID:$NB_GID" "$home"
 
 # The datasets' group on the host (labfleet's datasets_group, by number): the user joins it,
 # so datasets marked readonly: False are writable and read-only ones stay readable.

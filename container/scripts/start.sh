@@ -9,6 +9,8 @@ source /usr/local/bin/run-hooks.sh /usr/local/bin/start-notebook.d
 if [ "$(id -u)" -ne 0 ]; then
     export HOME=${HOME:-/tmp}
     [ -w "$HOME" ] || export HOME=/tmp
+    source /usr/local/bin/export-secrets.sh
+    [ "$HOME" = /tmp ] || /usr/local/bin/seed-home.sh
     source /usr/local/bin/run-hooks.sh /usr/local/bin/before-notebook.d
     exec "$@"
 fi
@@ -31,6 +33,9 @@ done
 
 export HOME=/home/$NB_USER USER=$NB_USER LOGNAME=$NB_USER SHELL=/bin/bash
 cd "${WORKSPACE_DIR:-/workspace}" 2>/dev/null || cd "$HOME"
+
+source /usr/local/bin/export-secrets.sh
+setpriv --reuid="$NB_UID" --regid="$NB_GID" --init-groups /usr/local/bin/seed-home.sh
 
 source /usr/local/bin/run-hooks.sh /usr/local/bin/before-notebook.d
 
