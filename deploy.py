@@ -11,7 +11,7 @@ image, and a summary of how to reach them.
 
 from pyinfra import host
 
-from labfleet import certs, datasets, delivery, docker, jupyter, nvidia, planning, preflight, registry
+from labfleet import certs, datasets, delivery, docker, jupyter, nvidia, planning, preflight, registry, updates
 from labfleet.settings import for_host
 
 settings = for_host(host)
@@ -26,6 +26,7 @@ planning.read_ahead(
     datasets.reads(settings),
     delivery.reads(settings),
     jupyter.reads(settings),
+    updates.reads(settings),
 )
 
 preflight.check_host(settings)
