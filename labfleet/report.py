@@ -33,6 +33,7 @@ from pyinfra.facts.server import LinuxDistribution
 
 from labfleet import archives, compose, datasets, image, nvidia, planning, preflight, shipping
 from labfleet.facts.docker import DockerEngineStatus
+from labfleet.facts.home import SIZE_SECONDS, HomeSize
 from labfleet.facts.image import ImageId
 from labfleet.facts.nvidia import GpuHost
 from labfleet.facts.report import DatasetStates, GpuNames, ProjectContainer, ToolkitVersion
@@ -93,6 +94,9 @@ def reads(settings: Settings) -> dict[str, Read]:
             f"service {user.name}": Read(ProjectContainer, {"project": compose.project_name(user.name), "image": tag})
             for user in settings.jupyter_users
         },
+        # Each home's size, by du with a time limit: a home full of model caches may hold
+        # millions of files, and status must stay quick (an unfinished count shows as such).
+        **{f"home size {user.name}": Read(HomeSize, {"path": user.home_dir}) for user in settings.jupyter_users},
     }
 
 
@@ -118,6 +122,9 @@ def host_row(settings: Settings) -> dict:
                 "running_image": service["container_image"],
                 "current": service["container_image"] is not None and service["container_image"] == image_id,
                 "config_current": digest is not None and service["digest"] == digest,
+                "home": user.home_dir,
+                "home_bytes": found[f"home size {user.name}"]["bytes"],
+                "home_counted": found[f"home size {user.name}"]["counted"],
             }
         )
     return {
@@ -267,7 +274,17 @@ def _image_cell(row: dict, image_ids: Mapping[str, str | None]) -> str:
     return _short(row["image"]) + ("" if image_matches(row, image_ids) else " (differs)")
 
 
-HEADER = ("", "host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "datasets", "free data/docker")
+def _home_cell(user: dict) -> str:
+    if not user.get("home_counted", True):
+        return f"? (du > {SIZE_SECONDS}s)"
+    size = user.get("home_bytes")
+    return "missing" if size is None else _gib(size)
+
+
+HEADER = (
+    *("", "host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "home"),
+    *("datasets", "free data/docker"),
+)
 
 
 def table(
@@ -283,6 +300,7 @@ def table(
     for row in rows:
         jupyter_cell = ", ".join(f"{u['user']}:{u['health']} {u['url']}" for u in row["users"]) or "-"
         datasets_cell = ", ".join(f"{name}:{s}" for name, s in row["datasets"].items()) or "-"
+        home_cell = ", ".join(f"{u['user']}:{_home_cell(u)}" for u in row["users"]) or "-"
         lines.append(
             (
                 "!" if reasons.get(row["host"]) else " ",
@@ -294,6 +312,7 @@ def table(
                 _gpus_cell(row),
                 _image_cell(row, image_ids),
                 jupyter_cell,
+                home_cell,
                 datasets_cell,
                 f"{_gib(row['free_datasets'])}/{_gib(row['free_docker'])}",
             )

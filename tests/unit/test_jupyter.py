@@ -119,3 +119,47 @@ def test_token_is_generated_on_the_host_when_missing(fake_host):
     (command,) = jupyter.secret_token._inner("/opt/labfleet/lab/jupyter_token", "lab", "lab")
     assert command.startswith("umask 077 && tmp=$(mktemp /opt/labfleet/lab/.token.XXXXXX)")
     assert "/dev/urandom" in command and 'mv "$tmp" /opt/labfleet/lab/jupyter_token' in command
+
+
+# --- The persistent home ------------------------------------------------------------------------
+
+
+def _home_plan(fake_host, running, mounted):
+    fake = fake_host({jupyter.ContainerHome: {"running": running, "mounted": mounted}})
+    commands = list(jupyter.keep_container_home._inner("labfleet-lab", "lab", "/srv/home/lab"))
+    return commands, fake.noops
+
+
+@pytest.mark.parametrize(("running", "mounted"), [(False, False), (True, True), (False, True)])
+def test_a_container_without_its_own_home_is_not_copied(fake_host, running, mounted):
+    commands, noops = _home_plan(fake_host, running, mounted)
+    assert commands == [] and noops == ["labfleet-lab keeps no HOME of its own"]
+
+
+def test_a_running_container_with_its_own_home_is_copied_without_replacing_a_file(fake_host):
+    (command,), noops = _home_plan(fake_host, True, False)
+    assert command.startswith("bash -c ") and noops == []
+    assert "docker exec -u 0 labfleet-lab-jupyterlab-1 tar -C /home/lab -cf - ." in command
+    assert "tar -C /srv/home/lab -xpf - --numeric-owner --skip-old-files --no-overwrite-dir" in command
+    assert "pipefail" in command, "a failed docker exec must fail the copy, not recreate the container"
+
+
+def test_the_home_facts_parse_the_engine_and_du(engine_api):
+    from labfleet.facts.home import ContainerHome, FileNames, HomeSize, parse_home_size
+
+    fact = ContainerHome()
+    command = fact.command(project="labfleet-lab", home="/home/lab")
+    labels = {"com.docker.compose.project": "labfleet-lab"}
+    own = {"State": {"Running": True}, "Config": {"Labels": labels}, "Mounts": [{"Destination": "/workspace"}]}
+    mounted = {**own, "Mounts": [{"Destination": "/workspace"}, {"Destination": "/home/lab"}]}
+    other = {**own, "Config": {"Labels": {"com.docker.compose.project": "other"}}}
+    assert fact.process(engine_api({CONTAINER: own})(command)) == {"running": True, "mounted": False}
+    assert fact.process(engine_api({CONTAINER: mounted})(command)) == {"running": True, "mounted": True}
+    assert fact.process(engine_api({CONTAINER: other})(command)) == {"running": False, "mounted": False}
+    assert fact.process(engine_api({})(command)) == {"running": False, "mounted": False}
+
+    assert parse_home_size(["2048\t/srv/home/lab", "du-exit 0"]) == {"bytes": 2048 * 1024, "counted": True}
+    assert parse_home_size(["du-exit 124"]) == {"bytes": None, "counted": False}
+    assert parse_home_size([]) == {"bytes": None, "counted": True}, "no such home"
+    assert "timeout 5 du -skx -- /srv/home/lab" in HomeSize().command(path="/srv/home/lab")
+    assert FileNames().process(["B", "", "A"]) == ["A", "B"]

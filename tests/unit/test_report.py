@@ -23,6 +23,9 @@ def user(name="lab", health="healthy", image=ID_A, current=True, config_current=
         "running_image": image,
         "current": current,
         "config_current": config_current,
+        "home": f"/srv/home/{name}",
+        "home_bytes": 3 * 2**29,
+        "home_counted": True,
     }
 
 
@@ -167,13 +170,14 @@ def test_the_table_marks_drifting_hosts_and_says_why():
     reasons = report.drift(rows, ids)
     text = report.table(rows, reasons, ids, unreachable=["pc04"], remarks=["a note"])
     lines = text.splitlines()
-    assert lines[0].split() == ["host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "datasets",
-                                "free", "data/docker"]  # fmt: skip
+    assert lines[0].split() == ["host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "home",
+                                "datasets", "free", "data/docker"]  # fmt: skip
     by_host = {line.split()[1] if line.startswith("!") else line.split()[0]: line for line in lines[1:5]}
     assert by_host["pc01"].startswith(" ") and by_host["pc03"].startswith(" ")
     assert by_host["pc02"].startswith("!") and "(differs)" in by_host["pc02"]
     assert "2: 2x NVIDIA L4" in by_host["pc03"]
     assert "lab:healthy http://127.0.0.1:8888/lab" in by_host["pc01"]
+    assert "lab:1.5G" in by_host["pc01"]
     assert "imagenet:present" in by_host["pc01"] and "100.0G/50.0G" in by_host["pc01"]
     assert by_host["pc04"].startswith("!") and "unreachable" in by_host["pc04"]
     assert f"! pc02: image {'b' * 12} is not the fleet's {'a' * 12}" in lines
@@ -264,3 +268,10 @@ def test_the_verdict_names_the_hosts_that_drift():
     )
     reasons = {"pc01": [], "pc02": ["lab: container absent"], "pc03": ["unreachable"]}
     assert report.verdict(reasons, 3) == "labfleet status: drift on 2 of 3 hosts: pc02, pc03"
+
+
+def test_a_home_too_big_to_count_in_time_says_so():
+    rows = fleet(row("pc01", users=[{**user(), "home_bytes": None, "home_counted": False}]), row("pc02"))
+    text = report.table(rows, report.drift(rows))
+    assert "lab:? (du > 5s)" in text
+    assert report.drift(rows)["pc01"] == [], "an uncounted home is not drift"
