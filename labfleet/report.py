@@ -31,13 +31,14 @@ from collections.abc import Iterable, Mapping
 from pyinfra.context import state
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import archives, compose, datasets, image, nvidia, planning, preflight, shipping
+from labfleet import archives, compose, datasets, image, nvidia, planning, preflight, shipping, updates
 from labfleet.facts.docker import DockerEngineStatus
 from labfleet.facts.home import SIZE_SECONDS, HomeSize
 from labfleet.facts.image import ImageId
 from labfleet.facts.nvidia import GpuHost
 from labfleet.facts.report import DatasetStates, GpuNames, ProjectContainer, ToolkitVersion
 from labfleet.facts.system import FreeBytes
+from labfleet.facts.updates import PendingState, PendingUpdate
 from labfleet.planning import Read, current_run
 from labfleet.settings import Settings
 
@@ -97,7 +98,15 @@ def reads(settings: Settings) -> dict[str, Read]:
         # Each home's size, by du with a time limit: a home full of model caches may hold
         # millions of files, and status must stay quick (an unfinished count shows as such).
         **{f"home size {user.name}": Read(HomeSize, {"path": user.home_dir}) for user in settings.jupyter_users},
+        # An update that waits for idle work (its timer armed), and what it waits for.
+        **{f"update {user.name}": _pending_read(settings, user.name) for user in settings.jupyter_users},
     }
+
+
+def _pending_read(settings: Settings, user: str) -> Read:
+    container = compose.container_name(compose.project_name(user))
+    timer = updates.timer_name(user)
+    return Read(PendingUpdate, {"timer": timer, "container": container, "idle_seconds": settings.jupyter_update_idle})
 
 
 def host_row(settings: Settings) -> dict:
@@ -125,6 +134,7 @@ def host_row(settings: Settings) -> dict:
                 "home": user.home_dir,
                 "home_bytes": found[f"home size {user.name}"]["bytes"],
                 "home_counted": found[f"home size {user.name}"]["counted"],
+                "pending": pending_reasons(found[f"update {user.name}"]),
             }
         )
     return {
@@ -239,6 +249,8 @@ def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -
         for user in row["users"]:
             if user["health"] != "healthy":
                 reasons[row["host"]].append(f"{user['user']}: container {user['health']}")
+            elif user.get("pending") is not None:
+                continue  # waits for idle work on purpose: pending_notes says so
             elif not user["current"]:
                 reasons[row["host"]].append(
                     f"{user['user']}: container runs {_short(user['running_image'])}, not what "
@@ -250,6 +262,25 @@ def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -
             if dataset_state not in DATASET_OK:
                 reasons[row["host"]].append(f"dataset {name} {dataset_state}")
     return reasons
+
+
+def pending_reasons(found: PendingState) -> list[str] | None:
+    """What an update of this user waits for (None: no update waits)."""
+    if not found["armed"]:
+        return None
+    busy = found["busy"]
+    return busy["reasons"] or ["idle now; the host's timer applies it at its next check"]
+
+
+def pending_notes(rows: list[dict]) -> list[str]:
+    """One line per user whose update waits for idle work: not drift, the host applies it by itself."""
+    return [
+        f"{row['host']}: {user['user']}: update pending ({'; '.join(user['pending'])}); it lands by itself "
+        f"once idle, or now with ./run deploy {updates.FORCE_HINT}"
+        for row in rows
+        for user in row["users"]
+        if user.get("pending") is not None
+    ]
 
 
 def _short(image_id: str | None) -> str:
@@ -397,7 +428,7 @@ def collect(settings: Settings) -> None:
     image_ids = fleet_image_ids(rows, controller_ids)
     reasons = drift(rows, image_ids)
     reasons.update({name: ["unreachable"] for name in unreachable})
-    remarks = notes(image_ids, controller_ids)
+    remarks = notes(image_ids, controller_ids) + pending_notes(rows)
     if os.environ.get(FORMAT_ENV) == "json":
         print(json.dumps(document(rows, reasons, image_ids, remarks), indent=2, sort_keys=True))
     else:

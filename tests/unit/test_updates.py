@@ -279,3 +279,25 @@ def test_bad_update_settings_are_one_line_naming_host_key_and_form(raw, key, val
     message = str(error.value)
     assert len(message.splitlines()) == 1 and message.startswith(f"host pc07: {key} = {value!r} is invalid")
     assert expected in message
+
+
+# --- Status ------------------------------------------------------------------------------------
+
+
+def test_status_shows_a_waiting_update_with_its_reason_instead_of_drift():
+    from test_report import row, user
+
+    from labfleet import report
+
+    waiting = {**user(config_current=False), "pending": ["kernel 5e2d7c0a (python3) is busy"]}
+    stale = {**user(name="bob", config_current=False), "pending": None}
+    rows = [row("pc01", users=[waiting, stale])]
+    assert report.drift(rows)["pc01"] == ["bob: container runs other settings; run the deploy"]
+    (line,) = report.pending_notes(rows)
+    assert line == (
+        "pc01: lab: update pending (kernel 5e2d7c0a (python3) is busy); it lands by itself once idle, "
+        "or now with ./run deploy --data jupyter_update=now"
+    )
+    armed_idle = {"armed": True, "busy": {"checked": True, "busy": False, "reasons": [], "notes": []}}
+    assert report.pending_reasons(armed_idle) == ["idle now; the host's timer applies it at its next check"]
+    assert report.pending_reasons(PendingUpdate.default()) is None
