@@ -124,6 +124,11 @@ CASES = [
          "expected a string or a number"),
     case("env-bool-value", {"jupyter_env": {"DEBUG": True}}, "jupyter_env = {'DEBUG': True} is invalid",
          "is a bool; expected a string or a number"),
+    # Updates that wait for idle work.
+    case("update-unknown", {"jupyter_update": "later"}, "jupyter_update = 'later' is invalid",
+         'expected one of "when-idle", "now"'),
+    case("update-idle-words", {"jupyter_update_idle": "30 minutes"}, "jupyter_update_idle = '30 minutes' is invalid",
+         'expected a duration like "30m"'),
     # Image and registry.
     case("profile-unknown", {"image_profile": "tensorflow"}, "image_profile = 'tensorflow' is invalid"),
     case("delivery-unknown", {"image_delivery": "rsync"}, "image_delivery = 'rsync' is invalid"),
