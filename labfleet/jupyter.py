@@ -353,7 +353,8 @@ def compose_up(
         busy = host.get_fact(ContainerBusy, container=compose.container_name(project), idle_seconds=idle_seconds)
         if busy["busy"]:
             line = updates.deferral_line(user or project, busy["reasons"], idle_seconds)
-            logger.warning(f"{host.print_prefix}{line}")
+            if host.state.is_executing:  # once per run, also when pyinfra previews changes first
+                logger.warning(f"{host.print_prefix}{line}")
             host.noop(line)
             return
     recreate = " --force-recreate" if new_token or (current and state["health"] == "unhealthy") else ""
