@@ -216,7 +216,7 @@ def home_copy_command(project: str, user: str, home_dir: str) -> str:
     script = (
         "set -o pipefail; "
         f"docker exec -u 0 {container} tar -C {inside} -cf - . | "
-        f"tar -C {shlex.quote(home_dir)} -xpf - --numeric-owner --skip-old-files --no-overwrite-dir"
+        f"tar -C {shlex.quote(home_dir)} -xpf - --numeric-owner --skip-old-files"
     )
     return f"bash -c {shlex.quote(script)}"
 

@@ -140,7 +140,7 @@ def test_a_running_container_with_its_own_home_is_copied_without_replacing_a_fil
     (command,), noops = _home_plan(fake_host, True, False)
     assert command.startswith("bash -c ") and noops == []
     assert "docker exec -u 0 labfleet-lab-jupyterlab-1 tar -C /home/lab -cf - ." in command
-    assert "tar -C /srv/home/lab -xpf - --numeric-owner --skip-old-files --no-overwrite-dir" in command
+    assert "tar -C /srv/home/lab -xpf - --numeric-owner --skip-old-files" in command
     assert "pipefail" in command, "a failed docker exec must fail the copy, not recreate the container"
 
 
