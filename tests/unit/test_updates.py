@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from labfleet import busy_check, jupyter, updates
@@ -301,3 +306,49 @@ def test_status_shows_a_waiting_update_with_its_reason_instead_of_drift():
     armed_idle = {"armed": True, "busy": {"checked": True, "busy": False, "reasons": [], "notes": []}}
     assert report.pending_reasons(armed_idle) == ["idle now; the host's timer applies it at its next check"]
     assert report.pending_reasons(PendingUpdate.default()) is None
+
+
+def test_the_host_script_hands_the_gpu_processes_and_their_cgroups_to_the_check(tmp_path):
+    """labfleet-busy with a stand-in docker and nvidia-smi: what it hands over is what busy_check parses."""
+    pid = os.getpid()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # docker: `inspect` answers for a running container; `exec` runs the check here, with the -e values.
+    (bin_dir / "docker").write_text(
+        f"#!{sys.executable}\n"
+        "import os, subprocess, sys\n"
+        "args = sys.argv[1:]\n"
+        f"if args[0] == 'inspect': print('{CONTAINER_ID} true'); sys.exit(0)\n"
+        "env = dict(os.environ)\n"
+        "while '-e' in args:\n"
+        "    i = args.index('-e'); key, _, value = args[i + 1].partition('='); env[key] = value; del args[i:i + 2]\n"
+        "env['JUPYTER_TOKEN_FILE'] = '/nonexistent'\n"
+        f"sys.exit(subprocess.run([{sys.executable!r}, '-'], env=env).returncode)\n"
+    )
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho '{pid}, python3'\necho '1, init'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "labfleet-busy"
+    script.write_text(
+        updates.BUSY_SH.replace(updates.CHECK_FILE, str(updates.REPO_ROOT / "labfleet" / "busy_check.py"))
+    )
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run([str(script), "c1", "60"], env=env, capture_output=True, text=True, timeout=60)
+    # This test process is not in that container: only the note about the server, and idle.
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("note: the Jupyter server did not answer")
+    # What it handed over: each process nvidia-smi lists, with its cgroup lines, in busy_check's format.
+    (bin_dir / "docker").write_text(
+        (bin_dir / "docker")
+        .read_text()
+        .replace(
+            "env['JUPYTER_TOKEN_FILE']",
+            f"open({str(tmp_path / 'apps')!r}, 'w').write(env['LABFLEET_GPU_APPS']); env['JUPYTER_TOKEN_FILE']",
+        )
+    )
+    subprocess.run([str(script), "c1", "60"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    apps = busy_check.gpu_apps((tmp_path / "apps").read_text())
+    cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    assert (str(pid), "python3", cgroups) in apps
+    assert [app[0] for app in apps] == [str(pid), "1"]
