@@ -13,7 +13,8 @@ One host carries the whole story, so CI pays for one bring-up:
    secret under `pyinfra -vvv`: only the secret's file and the container change, the new value
    reaches the server and a new kernel, and HOME, the setting and the copied files survive;
 5. the secret values never show in `docker inspect`, `ps`, the container's logs or pyinfra's
-   output, and every deploy is followed by a run that changes nothing.
+   output, and every deploy is followed by a run that changes nothing;
+6. the status reports the home's size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import secrets
 import shlex
 
+import pytest
 import yaml
 
 from .harness.hosts import host_exec
@@ -159,3 +161,12 @@ def test_home_and_secrets_survive_the_switch_and_a_recreate(make_hosts, pyinfra_
     # 5. Nowhere in the container's configuration, processes, logs or pyinfra's output.
     outputs = [run.stdout + run.stderr for run in runs]
     assert _leaks(host, [first, second], *outputs) == []
+
+    # 6. The status reports the home's size (what du counts on the host).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LABFLEET_STATUS_FORMAT", "json")
+        status = pyinfra_run([host], deploy="status.py", data=data)
+    document, _ = json.JSONDecoder().raw_decode(status.stdout.lstrip())
+    (user,) = document["hosts"][0]["users"]
+    counted = int(host_exec(host, f"du -skx {HOME}").stdout.split()[0]) * 1024
+    assert (user["home"], user["home_bytes"], user["home_counted"]) == (HOME, counted, True)
