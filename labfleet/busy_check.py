@@ -13,7 +13,10 @@ may be recreated. Busy means:
 
 - a kernel that is running code (execution_state ``busy``, or still ``starting``), or one
   whose last activity is less than the idle window ago;
-- an open terminal: the server cannot tell whether a command still runs in it;
+- a terminal active within the idle window, or one in which a command runs: any process of the
+  container with a controlling terminal that is not its session's leader (the shell a terminal
+  starts leads its session; what it runs does not, and neither does a ``nohup ... &`` job);
+  the server's own last_activity of a terminal moves only while a browser tab shows it;
 - a GPU compute process (nvidia-smi on the host) whose cgroup is this container's.
 
 Inputs, from the environment that ``labfleet-busy`` passes: LABFLEET_IDLE_SECONDS, the idle
@@ -83,9 +86,48 @@ def kernel_reasons(kernels: list, now: float, idle_seconds: int) -> list[str]:
     return reasons
 
 
-def terminal_reasons(terminals: list) -> list[str]:
-    """Every open terminal: a command may run in it, and nothing the server says tells which."""
-    return [f"terminal {terminal.get('name', '?')} is open" for terminal in terminals if isinstance(terminal, dict)]
+def terminal_reasons(terminals: list, now: float, idle_seconds: int) -> list[str]:
+    """The terminals of /api/terminals that were active within the idle window."""
+    reasons = []
+    for terminal in terminals:
+        if not isinstance(terminal, dict):
+            continue
+        last = parse_time(terminal.get("last_activity"))
+        if last is not None and now - last < idle_seconds:
+            reasons.append(f"terminal {terminal.get('name', '?')} was active {duration_text(now - last)} ago")
+    return reasons
+
+
+def terminal_commands(stats: list[str]) -> list[str]:
+    """The commands that run in a terminal, from the lines of the container's /proc/<pid>/stat.
+
+    A process with a controlling terminal (tty_nr not 0) that does not lead its session: the
+    shells of JupyterLab's terminals (and of a `docker exec -it`) lead theirs. The server and
+    its kernels have no terminal at all.
+    """
+    found = []
+    for line in stats:
+        head, _, rest = line.rpartition(")")
+        pid, _, comm = head.partition(" (")
+        fields = rest.split()
+        if len(fields) < 5 or not pid.strip().isdigit():
+            continue
+        session, tty = fields[3], fields[4]
+        if tty != "0" and session != pid.strip():
+            found.append(f"{comm} (pid {pid.strip()}) runs in a terminal")
+    return found
+
+
+def _process_stats() -> list[str]:
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    stats.append(file.read())
+            except OSError:
+                pass  # it ended meanwhile
+    return stats
 
 
 def gpu_apps(report: str) -> list[tuple[str, str, list[str]]]:
@@ -145,13 +187,14 @@ def server_reasons(now: float, idle_seconds: int) -> tuple[list[str], list[str]]
         # A server that does not answer runs no notebook a person could lose; an update may
         # well be what mends it. GPU processes are still checked.
         return [], [f"the Jupyter server did not answer ({error}); kernels and terminals unknown"]
-    return kernel_reasons(kernels, now, idle_seconds) + terminal_reasons(terminals), []
+    return kernel_reasons(kernels, now, idle_seconds) + terminal_reasons(terminals, now, idle_seconds), []
 
 
 def main() -> int:
     idle_seconds = int(os.environ.get("LABFLEET_IDLE_SECONDS", "0"))
     now = datetime.now(timezone.utc).timestamp()
     busy, notes = server_reasons(now, idle_seconds)
+    busy += terminal_commands(_process_stats())
     busy += gpu_reasons(os.environ.get("LABFLEET_GPU_APPS", ""), os.environ.get("LABFLEET_CONTAINER_ID", ""))
     for note in notes:
         print(f"note: {note}")

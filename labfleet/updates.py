@@ -251,6 +251,6 @@ def deferral_line(user: str, reasons: list[str], idle_seconds: int) -> str:
     """The line a run prints for a user whose update waits: what is busy, and how to force it."""
     return (
         f"JupyterLab of {user} keeps running its old container: {'; '.join(reasons)}. "
-        f"The update is staged and lands by itself once every kernel has been idle for "
+        f"The update is staged and lands by itself once every kernel and terminal has been idle for "
         f"{duration_text(idle_seconds)}; to recreate it now, run the deploy with {FORCE_HINT}"
     )
