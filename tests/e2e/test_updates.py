@@ -162,3 +162,11 @@ def test_an_update_waits_for_a_busy_kernel_and_lands_by_itself_once_idle(make_ho
     assert not _armed(host)
     host_exec(host, "rm /usr/local/bin/nvidia-smi")
     assert_no_changes(run_pyinfra([host], data={**regpu, "jupyter_update": "now"}))
+
+    # The check by hand: idle now (no kernel, no terminal); a command run in a terminal (here one
+    # that `script` opens, as JupyterLab's terminals do) makes it busy.
+    check = f"/opt/labfleet/updates/labfleet-busy {CONTAINER} 15"
+    assert host_exec(host, check, check=False).returncode == 0
+    host_exec(host, f"docker exec -d {CONTAINER} script -qc 'sleep 600; true' /dev/null")
+    busy = host_exec(host, f"for i in $(seq 50); do {check} && sleep 0.2 || exit 0; done; exit 1").stdout
+    assert "busy: sleep (pid " in busy and "runs in a terminal" in busy, busy
