@@ -252,7 +252,7 @@ def plot(found: Measurements, info: dict, path: Path) -> None:
     gpu_sizes = sorted(found.gpu_no_change)
     if gpu_sizes:
         gpu_medians = [_median(found.gpu_no_change[size]["deploy"]) for size in gpu_sizes]
-        left.plot(gpu_sizes, gpu_medians, "x", markersize=9, label="deploy.py, stand-in GPU hosts")
+        left.plot(gpu_sizes, gpu_medians, "x", markersize=9, label="deploy.py, GPU hosts with the STAND-IN toolkit")
     goal = [GOAL_NO_CHANGE * _number(_median(found.no_change[size]["floor"])) for size in sizes]
     left.plot(sizes, goal, ":", color="grey", label=f"goal: {GOAL_NO_CHANGE}x the floor")
     left.set_xlabel("hosts")
