@@ -66,7 +66,9 @@ if command -v nvidia-smi >/dev/null 2>&1; then
       sed 's/^/cgroup /' "/proc/$pid/cgroup"
     done)
 fi
-exec docker exec -i -e LABFLEET_IDLE_SECONDS="$idle" -e LABFLEET_CONTAINER_ID="$id" -e LABFLEET_GPU_APPS="$gpu" \\
+# A server that hangs must not hang the deploy: after a minute the check fails, which defers.
+exec timeout 60 docker exec -i \\
+  -e LABFLEET_IDLE_SECONDS="$idle" -e LABFLEET_CONTAINER_ID="$id" -e LABFLEET_GPU_APPS="$gpu" \\
   "$container" python3 - < {CHECK_FILE}
 """
 
@@ -92,6 +94,7 @@ systemctl disable --now "$timer"
 
 
 def check_every_seconds() -> int:
+    """How often an armed timer checks: a minute keeps the host quiet and the wait short."""
     value = os.environ.get(CHECK_EVERY_ENV, "")
     return int(value) if value.isdigit() and int(value) > 0 else 60
 
