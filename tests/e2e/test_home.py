@@ -14,7 +14,8 @@ One host carries the whole story, so CI pays for one bring-up:
    reaches the server and a new kernel, and HOME, the setting and the copied files survive;
 5. the secret values never show in `docker inspect`, `ps`, the container's logs or pyinfra's
    output, and every deploy is followed by a run that changes nothing;
-6. the status reports the home's size.
+6. a secret taken out of the settings leaves the host and the server;
+7. the status reports the home's size.
 """
 
 from __future__ import annotations
@@ -162,11 +163,21 @@ def test_home_and_secrets_survive_the_switch_and_a_recreate(make_hosts, pyinfra_
     outputs = [run.stdout + run.stderr for run in runs]
     assert _leaks(host, [first, second], *outputs) == []
 
-    # 6. The status reports the home's size (what du counts on the host).
+    # 6. A secret taken out of the settings leaves the host and the server's environment.
+    without = {**data, "jupyter_secrets": {}}
+    runs.append(pyinfra_run([host], data=without))
+    assert_converged(runs[-1])
+    assert runs[-1].status(host, "Remove the secret WANDB_API_KEY of lab, no longer in jupyter_secrets") == "success"
+    assert host_exec(host, f"ls -A {PROJECT}/secrets").stdout.strip() == ""
+    assert _environ(host, "jupyter-lab", "WANDB_API_KEY") is None
+    assert_no_changes(pyinfra_run([host], data=without))
+
+    # 7. The status reports the home's size (what du counts on the host).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LABFLEET_STATUS_FORMAT", "json")
-        status = pyinfra_run([host], deploy="status.py", data=data)
+        status = pyinfra_run([host], deploy="status.py", data=without)
     document, _ = json.JSONDecoder().raw_decode(status.stdout.lstrip())
+    assert status.rc == 0 and document["ok"] is True, document["drift"]
     (user,) = document["hosts"][0]["users"]
     counted = int(host_exec(host, f"du -skx {HOME}").stdout.split()[0]) * 1024
     assert (user["home"], user["home_bytes"], user["home_counted"]) == (HOME, counted, True)
