@@ -208,14 +208,13 @@ def home_reads(settings: Settings) -> dict[str, Read]:
 def home_copy_command(project: str, user: str, home_dir: str) -> str:
     """The shell command that copies a container's own HOME into home_dir, never replacing a file.
 
-    Owners are kept by number: the container's user has the host account's UID and GID, so
-    the copies belong to that account. The copy streams through tar; nothing is staged.
+    `docker cp` reads a running or a stopped container alike. Owners are kept by number: the
+    container's user has the host account's UID and GID, so the copies belong to that account.
+    The copy streams through tar; nothing is staged.
     """
-    container = shlex.quote(compose.container_name(project))
-    inside = shlex.quote(compose.container_home(user))
+    source = shlex.quote(f"{compose.container_name(project)}:{compose.container_home(user)}/.")
     script = (
-        "set -o pipefail; "
-        f"docker exec -u 0 {container} tar -C {inside} -cf - . | "
+        f"set -o pipefail; docker cp {source} - | "
         f"tar -C {shlex.quote(home_dir)} -xpf - --numeric-owner --skip-old-files"
     )
     return f"bash -c {shlex.quote(script)}"
@@ -223,8 +222,8 @@ def home_copy_command(project: str, user: str, home_dir: str) -> str:
 
 @operation(is_idempotent=True)
 def keep_container_home(project: str, user: str, home_dir: str):
-    """Copy what a running container holds in its own HOME into home_dir, before the container is
-    recreated with home_dir mounted as its HOME.
+    """Copy what the project's container holds in its own HOME into home_dir, before the container
+    is recreated with home_dir mounted as its HOME.
 
     + project: the compose project
     + user: the jupyter user (HOME is /home/<user> in the container)
@@ -242,7 +241,7 @@ def keep_container_home(project: str, user: str, home_dir: str):
         )
     """
     state = host.get_fact(ContainerHome, project=project, home=compose.container_home(user))
-    if not state["running"] or state["mounted"]:
+    if not state["started"] or state["mounted"]:
         host.noop(f"{project} keeps no HOME of its own")
         return
     yield home_copy_command(project, user, home_dir)
@@ -256,7 +255,7 @@ def _write_home_and_secrets(settings: Settings, project: compose.Project, states
     container_home = found[f"container home {user}"]
     unless_current(
         keep_container_home,
-        current=not container_home["running"] or container_home["mounted"],
+        current=not container_home["started"] or container_home["mounted"],
         name=f"Copy the container's HOME of {user} into {project.user.home_dir}",
         project=project.name,
         user=user,

@@ -124,24 +124,24 @@ def test_token_is_generated_on_the_host_when_missing(fake_host):
 # --- The persistent home ------------------------------------------------------------------------
 
 
-def _home_plan(fake_host, running, mounted):
-    fake = fake_host({jupyter.ContainerHome: {"running": running, "mounted": mounted}})
+def _home_plan(fake_host, started, mounted):
+    fake = fake_host({jupyter.ContainerHome: {"started": started, "mounted": mounted}})
     commands = list(jupyter.keep_container_home._inner("labfleet-lab", "lab", "/srv/home/lab"))
     return commands, fake.noops
 
 
-@pytest.mark.parametrize(("running", "mounted"), [(False, False), (True, True), (False, True)])
-def test_a_container_without_its_own_home_is_not_copied(fake_host, running, mounted):
-    commands, noops = _home_plan(fake_host, running, mounted)
+@pytest.mark.parametrize(("started", "mounted"), [(False, False), (True, True), (False, True)])
+def test_a_container_without_its_own_home_is_not_copied(fake_host, started, mounted):
+    commands, noops = _home_plan(fake_host, started, mounted)
     assert commands == [] and noops == ["labfleet-lab keeps no HOME of its own"]
 
 
-def test_a_running_container_with_its_own_home_is_copied_without_replacing_a_file(fake_host):
+def test_a_container_with_its_own_home_is_copied_without_replacing_a_file(fake_host):
     (command,), noops = _home_plan(fake_host, True, False)
     assert command.startswith("bash -c ") and noops == []
-    assert "docker exec -u 0 labfleet-lab-jupyterlab-1 tar -C /home/lab -cf - ." in command
+    assert "docker cp labfleet-lab-jupyterlab-1:/home/lab/. - |" in command
     assert "tar -C /srv/home/lab -xpf - --numeric-owner --skip-old-files" in command
-    assert "pipefail" in command, "a failed docker exec must fail the copy, not recreate the container"
+    assert "pipefail" in command, "a failed docker cp must fail the copy, not recreate the container"
 
 
 def test_the_home_facts_parse_the_engine_and_du(engine_api):
@@ -150,13 +150,16 @@ def test_the_home_facts_parse_the_engine_and_du(engine_api):
     fact = ContainerHome()
     command = fact.command(project="labfleet-lab", home="/home/lab")
     labels = {"com.docker.compose.project": "labfleet-lab"}
-    own = {"State": {"Running": True}, "Config": {"Labels": labels}, "Mounts": [{"Destination": "/workspace"}]}
+    ran = {"Running": False, "StartedAt": "2026-12-01T10:00:00.5Z"}
+    own = {"State": ran, "Config": {"Labels": labels}, "Mounts": [{"Destination": "/workspace"}]}
+    created = {**own, "State": {"Running": False, "StartedAt": "0001-01-01T00:00:00Z"}}
     mounted = {**own, "Mounts": [{"Destination": "/workspace"}, {"Destination": "/home/lab"}]}
     other = {**own, "Config": {"Labels": {"com.docker.compose.project": "other"}}}
-    assert fact.process(engine_api({CONTAINER: own})(command)) == {"running": True, "mounted": False}
-    assert fact.process(engine_api({CONTAINER: mounted})(command)) == {"running": True, "mounted": True}
-    assert fact.process(engine_api({CONTAINER: other})(command)) == {"running": False, "mounted": False}
-    assert fact.process(engine_api({})(command)) == {"running": False, "mounted": False}
+    assert fact.process(engine_api({CONTAINER: own})(command)) == {"started": True, "mounted": False}
+    assert fact.process(engine_api({CONTAINER: mounted})(command)) == {"started": True, "mounted": True}
+    assert fact.process(engine_api({CONTAINER: created})(command)) == {"started": False, "mounted": False}
+    assert fact.process(engine_api({CONTAINER: other})(command)) == {"started": False, "mounted": False}
+    assert fact.process(engine_api({})(command)) == {"started": False, "mounted": False}
 
     assert parse_home_size(["2048\t/srv/home/lab", "du-exit 0"]) == {"bytes": 2048 * 1024, "counted": True}
     assert parse_home_size(["du-exit 124"]) == {"bytes": None, "counted": False}
