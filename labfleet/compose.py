@@ -40,6 +40,11 @@ def project_name(user: str) -> str:
     return f"labfleet-{user}"
 
 
+# In each project directory: run before every recreate of its container, by the deploy and by
+# the update timer (labfleet.jupyter.keep_home_script).
+KEEP_HOME = "keep-home"
+
+
 def container_home(user: str) -> str:
     return f"{HOME_PARENT}/{user}"
 

@@ -13,7 +13,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from labfleet import compose, image, nvidia, planning, preflight, updates
-from labfleet.facts.home import ContainerHome, FileNames
+from labfleet.facts.home import FileNames
 from labfleet.facts.jupyter import ComposeService, ComposeState
 from labfleet.facts.system import PathState, PathStates, path_is
 from labfleet.facts.updates import ContainerBusy
@@ -75,9 +75,8 @@ def projects(settings: Settings) -> list[compose.Project]:
 
 
 def _project_paths(directory: str) -> tuple[str, ...]:
-    return tuple(
-        f"{directory}/{name}" for name in (compose.TOKEN_SECRET, compose.PASSWORD_SECRET, "compose.yaml", ".env")
-    )
+    names = (compose.TOKEN_SECRET, compose.PASSWORD_SECRET, "compose.yaml", ".env", compose.KEEP_HOME)
+    return tuple(f"{directory}/{name}" for name in names)
 
 
 def reads(settings: Settings) -> dict[str, Read]:
@@ -160,7 +159,7 @@ def write_projects(settings: Settings):
     for project in projects(settings):
         user = project.user.name
         group = project.group
-        token, password_file, compose_file, env_file = _project_paths(project.directory)
+        token, password_file, compose_file, env_file, keep_home = _project_paths(project.directory)
         _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
         _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
         _write_home_and_secrets(settings, project, states)
@@ -186,6 +185,8 @@ def write_projects(settings: Settings):
         text = compose.render_compose(project)
         _upload(states, f"Write compose.yaml of {user}", text, compose_file, "root", "root", "644")
         _upload(states, f"Write .env of {user}", compose.render_env(project), env_file, "root", "root", "600")
+        text = keep_home_script(project.name, user, project.user.home_dir)
+        _upload(states, f"Write the HOME keeper of {user}", text, keep_home, "root", "root", "755")
 
 
 def _secret_path(user: str, name: str) -> str:
@@ -193,14 +194,9 @@ def _secret_path(user: str, name: str) -> str:
 
 
 def home_reads(settings: Settings) -> dict[str, Read]:
-    """Per user: whether the running container still keeps HOME in its own layer, and which
-    secret files the host holds (one no longer set is removed, so it is exported no more)."""
+    """Per user: which secret files the host holds (one no longer set is removed, so it is exported no more)."""
     reads = {}
     for user in settings.jupyter_users:
-        project = compose.project_name(user.name)
-        reads[f"container home {user.name}"] = Read(
-            ContainerHome, {"project": project, "home": compose.container_home(user.name)}
-        )
         reads[f"secret files {user.name}"] = Read(FileNames, {"path": compose.secrets_directory(user.name)})
     return reads
 
@@ -220,31 +216,26 @@ def home_copy_command(project: str, user: str, home_dir: str) -> str:
     return f"bash -c {shlex.quote(script)}"
 
 
-@operation(is_idempotent=True)
-def keep_container_home(project: str, user: str, home_dir: str):
-    """Copy what the project's container holds in its own HOME into home_dir, before the container
-    is recreated with home_dir mounted as its HOME.
+def keep_home_script(project: str, user: str, home_dir: str) -> str:
+    """The project's keep-home script: run right before its container is recreated.
 
-    + project: the compose project
-    + user: the jupyter user (HOME is /home/<user> in the container)
-    + home_dir: the persistent home on the host, already made
-
-    Containers from before home_dir kept HOME in their own layer, which the recreate throws
-    away; this copy makes the switch lose nothing. A file home_dir already has is kept.
-
-    **Example:**
-
-    .. code:: python
-
-        keep_container_home(
-            name="Keep alice's HOME", project="labfleet-alice", user="alice", home_dir="/srv/home/alice"
-        )
+    A container from before home_dir keeps HOME in its own layer, which the recreate throws
+    away, so what it holds there is copied into home_dir first, never replacing a file. It
+    runs at the recreate itself (by compose_up, or by the update timer once the container is
+    idle), so whatever the user wrote until then is kept too. A container that never started,
+    or whose HOME is already a mount, has nothing to keep.
     """
-    state = host.get_fact(ContainerHome, project=project, home=compose.container_home(user))
-    if not state["started"] or state["mounted"]:
-        host.noop(f"{project} keeps no HOME of its own")
-        return
-    yield home_copy_command(project, user, home_dir)
+    container = compose.container_name(project)
+    found = "{{.State.StartedAt}} {{range .Mounts}}{{.Destination}} {{end}}"
+    return (
+        "#!/bin/sh\n"
+        f"# Written by labfleet: run before {container} is recreated; keeps what it holds in its own HOME.\n"
+        "set -eu\n"
+        f"found=$(docker inspect --format {shlex.quote(found)} {shlex.quote(container)} 2>/dev/null) || exit 0\n"
+        'case "$found" in 0001-01-01T00:00:00Z*) exit 0;; esac\n'
+        f'case " $found " in *" {compose.container_home(user)} "*) exit 0;; esac\n'
+        f"exec {home_copy_command(project, user, home_dir)}\n"
+    )
 
 
 def _write_home_and_secrets(settings: Settings, project: compose.Project, states: dict[str, PathState]) -> None:
@@ -252,15 +243,6 @@ def _write_home_and_secrets(settings: Settings, project: compose.Project, states
     found = planning.read(home_reads(settings))
     # Made once, 0700: only the directory itself is owned and moded, never what is in it.
     _directory(states, f"Create the home of {user}", project.user.home_dir, user, group, "700")
-    container_home = found[f"container home {user}"]
-    unless_current(
-        keep_container_home,
-        current=not container_home["started"] or container_home["mounted"],
-        name=f"Copy the container's HOME of {user} into {project.user.home_dir}",
-        project=project.name,
-        user=user,
-        home_dir=project.user.home_dir,
-    )
     directory = compose.secrets_directory(user)
     if project.user.secrets or directory in states:
         _directory(states, f"Create the secrets directory of {user}", directory, "root", "root", "700")
@@ -357,8 +339,10 @@ def compose_up(
             host.noop(line)
             return
     recreate = " --force-recreate" if new_token or (current and state["health"] == "unhealthy") else ""
+    kept = shlex.quote(f"labfleet: copying {project}'s HOME into its home_dir failed; the container is left as it was")
     yield (
         f"cd {shlex.quote(directory)} && "
+        f"{{ [ ! -x ./{compose.KEEP_HOME} ] || ./{compose.KEEP_HOME} || {{ echo {kept} >&2; exit 1; }}; }} && "
         f"docker compose up -d --wait --wait-timeout {int(timeout)}{recreate} 2>&1 || "
         f"{{ docker compose logs --no-color --tail 40 2>&1 | {HIDE_TOKENS} >&2; exit 1; }}"
     )

@@ -87,6 +87,8 @@ if ! {BUSY_SCRIPT} "$container" "$idle"; then
   exit 0
 fi
 cd "$directory" || exit 1
+# A container from before home_dir: its own HOME is copied out first (labfleet.jupyter.keep_home_script).
+if [ -x ./{compose.KEEP_HOME} ]; then ./{compose.KEEP_HOME} || exit 1; fi
 docker compose up -d --wait --wait-timeout 300 || exit 1
 echo "labfleet: $container updated; disarming $timer"
 systemctl disable --now "$timer"

@@ -7,59 +7,8 @@ from typing import TypedDict
 
 from pyinfra.api import FactBase
 
-from labfleet import compose
-from labfleet.facts.docker import api_answers, api_json, docker_api
-
-# What the engine reports as StartedAt for a container that never ran.
-NEVER_STARTED = "0001-01-01T00:00:00"
 # du walks every file; a big HOME (model caches) must not hold the status of the whole fleet up.
 SIZE_SECONDS = 5
-
-
-class ContainerHomeState(TypedDict):
-    started: bool  # the project's container exists and has run (so its entrypoint made HOME)
-    mounted: bool  # its HOME is a mount (home_dir), not the container's own layer
-
-
-class ContainerHome(FactBase[ContainerHomeState]):
-    """Whether a project's container holds its HOME in its own layer, which a recreate would lose.
-
-    + project: the compose project
-    + home: HOME inside the container (/home/<user>)
-
-    Returns ``{"started": bool, "mounted": bool}``; both False without a container. A stopped
-    container counts too: its layer is lost just the same.
-    """
-
-    def requires_command(self, *args, **kwargs) -> str:
-        return "docker"
-
-    @staticmethod
-    def default() -> ContainerHomeState:
-        return ContainerHomeState(started=False, mounted=False)
-
-    def command(self, project: str, home: str) -> str:
-        self.project, self.home = project, home
-        return docker_api(f"/containers/{compose.container_name(project)}/json")
-
-    def process(self, output) -> ContainerHomeState:
-        return parse_container_home(output, getattr(self, "project", None), getattr(self, "home", ""))
-
-
-def parse_container_home(output, project: str | None, home: str) -> ContainerHomeState:
-    answers = api_answers(output)
-    found = api_json(*answers[0]) if answers else None
-    if not found:
-        return ContainerHome.default()
-    labels = (found.get("Config") or {}).get("Labels") or {}
-    if project is not None and labels.get("com.docker.compose.project") != project:
-        return ContainerHome.default()
-    mounts = found.get("Mounts") or []
-    started_at = (found.get("State") or {}).get("StartedAt") or NEVER_STARTED
-    return ContainerHomeState(
-        started=not started_at.startswith(NEVER_STARTED),
-        mounted=any(mount.get("Destination") == home for mount in mounts),
-    )
 
 
 class HomeSizeState(TypedDict):

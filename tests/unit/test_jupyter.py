@@ -1,5 +1,7 @@
 """Planning of the bring-up and token operations against a fake host."""
 
+import subprocess
+
 import pytest
 
 from labfleet import jupyter
@@ -124,42 +126,70 @@ def test_token_is_generated_on_the_host_when_missing(fake_host):
 # --- The persistent home ------------------------------------------------------------------------
 
 
-def _home_plan(fake_host, started, mounted):
-    fake = fake_host({jupyter.ContainerHome: {"started": started, "mounted": mounted}})
-    commands = list(jupyter.keep_container_home._inner("labfleet-lab", "lab", "/srv/home/lab"))
-    return commands, fake.noops
+STAND_IN_DOCKER = """#!/bin/sh
+# A stand-in docker for the keep-home script: inspect answers $INSPECT (fails when it is unset,
+# as for a missing container); cp streams $CONTAINER_HOME as a tar, as docker cp does.
+case "$1" in
+  inspect) [ -n "${INSPECT:-}" ] || exit 1; echo "$INSPECT";;
+  cp) tar -C "$CONTAINER_HOME" -cf - .;;
+esac
+"""
 
 
-@pytest.mark.parametrize(("started", "mounted"), [(False, False), (True, True), (False, True)])
-def test_a_container_without_its_own_home_is_not_copied(fake_host, started, mounted):
-    commands, noops = _home_plan(fake_host, started, mounted)
-    assert commands == [] and noops == ["labfleet-lab keeps no HOME of its own"]
+def _keep_home(tmp_path, inspect: str | None):
+    bin_dir, old, home = tmp_path / "bin", tmp_path / "layer-home", tmp_path / "home"
+    for directory in (bin_dir, old, home):
+        directory.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(STAND_IN_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    (old / ".bashrc").write_text("from the container\n")
+    (old / "notes.txt").write_text("written in the container\n")
+    (home / "notes.txt").write_text("already in home_dir\n")
+    script = tmp_path / "keep-home"
+    script.write_text(jupyter.keep_home_script("labfleet-lab", "lab", str(home)))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CONTAINER_HOME": str(old), **({"INSPECT": inspect} if inspect else {})}
+    result = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, timeout=30)
+    return result, home
 
 
-def test_a_container_with_its_own_home_is_copied_without_replacing_a_file(fake_host):
-    (command,), noops = _home_plan(fake_host, True, False)
-    assert command.startswith("bash -c ") and noops == []
-    assert "docker cp labfleet-lab-jupyterlab-1:/home/lab/. - |" in command
-    assert "tar -C /srv/home/lab -xpf - --numeric-owner --skip-old-files" in command
-    assert "pipefail" in command, "a failed docker cp must fail the copy, not recreate the container"
+def test_keep_home_copies_a_containers_own_home_without_replacing_a_file(tmp_path):
+    result, home = _keep_home(tmp_path, "2026-12-01T10:00:00.5Z /workspace /resource/datasets ")
+    assert result.returncode == 0, result.stderr
+    assert (home / ".bashrc").read_text() == "from the container\n"
+    assert (home / "notes.txt").read_text() == "already in home_dir\n", "a file home_dir has is kept"
 
 
-def test_the_home_facts_parse_the_engine_and_du(engine_api):
-    from labfleet.facts.home import ContainerHome, FileNames, HomeSize, parse_home_size
+@pytest.mark.parametrize(
+    "inspect",
+    [None, "0001-01-01T00:00:00Z /workspace ", "2026-12-01T10:00:00Z /workspace /home/lab "],
+    ids=["no container", "never started", "home already mounted"],
+)
+def test_keep_home_leaves_alone_a_container_with_nothing_to_keep(tmp_path, inspect):
+    result, home = _keep_home(tmp_path, inspect)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in home.iterdir()) == ["notes.txt"]
 
-    fact = ContainerHome()
-    command = fact.command(project="labfleet-lab", home="/home/lab")
-    labels = {"com.docker.compose.project": "labfleet-lab"}
-    ran = {"Running": False, "StartedAt": "2026-12-01T10:00:00.5Z"}
-    own = {"State": ran, "Config": {"Labels": labels}, "Mounts": [{"Destination": "/workspace"}]}
-    created = {**own, "State": {"Running": False, "StartedAt": "0001-01-01T00:00:00Z"}}
-    mounted = {**own, "Mounts": [{"Destination": "/workspace"}, {"Destination": "/home/lab"}]}
-    other = {**own, "Config": {"Labels": {"com.docker.compose.project": "other"}}}
-    assert fact.process(engine_api({CONTAINER: own})(command)) == {"started": True, "mounted": False}
-    assert fact.process(engine_api({CONTAINER: mounted})(command)) == {"started": True, "mounted": True}
-    assert fact.process(engine_api({CONTAINER: created})(command)) == {"started": False, "mounted": False}
-    assert fact.process(engine_api({CONTAINER: other})(command)) == {"started": False, "mounted": False}
-    assert fact.process(engine_api({})(command)) == {"started": False, "mounted": False}
+
+def test_a_failed_copy_stops_the_recreate(fake_host, tmp_path):
+    fake_host({jupyter.ComposeService: _state(digest="old")})
+    (command,) = jupyter.compose_up._inner(str(tmp_path), "labfleet-lab", IMAGE, "d1")
+    (tmp_path / "keep-home").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "keep-home").chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/docker-calls\n')
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "labfleet: copying labfleet-lab's HOME into its home_dir failed; the container is left as it was"
+    )
+    assert not (tmp_path / "docker-calls").exists(), "nothing may recreate the container"
+
+
+def test_the_home_facts_parse_du_and_the_secret_names():
+    from labfleet.facts.home import FileNames, HomeSize, parse_home_size
 
     assert parse_home_size(["2048\t/srv/home/lab", "du-exit 0"]) == {"bytes": 2048 * 1024, "counted": True}
     assert parse_home_size(["du-exit 124"]) == {"bytes": None, "counted": False}

@@ -379,3 +379,32 @@ def test_the_host_script_hands_the_gpu_processes_and_their_cgroups_to_the_check(
     cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     assert (str(pid), "python3", cgroups) in apps
     assert [app[0] for app in apps] == [str(pid), "1"]
+
+
+def test_the_timer_keeps_the_containers_own_home_before_it_recreates(tmp_path):
+    # The stand-ins record what runs; the busy check says idle, keep-home fails: nothing is recreated.
+    bin_dir, project = tmp_path / "bin", tmp_path / "project"
+    bin_dir.mkdir()
+    project.mkdir()
+    for name in ("docker", "systemctl"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {tmp_path}/calls\n')
+        (bin_dir / name).chmod(0o755)
+    busy = tmp_path / "labfleet-busy"
+    busy.write_text("#!/bin/sh\nexit 0\n")
+    busy.chmod(0o755)
+    (project / "keep-home").write_text(f"#!/bin/sh\necho keep-home >> {tmp_path}/calls\nexit 1\n")
+    (project / "keep-home").chmod(0o755)
+    script = tmp_path / "labfleet-update"
+    script.write_text(updates.APPLY_SH.replace(updates.BUSY_SCRIPT, str(busy)))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    argv = ["sh", str(script), str(project), "labfleet-lab-jupyterlab-1", "60", "labfleet-update-lab.timer"]
+    failed = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    assert failed.returncode == 1
+    assert (tmp_path / "calls").read_text().splitlines() == ["keep-home"], "a failed copy recreates nothing"
+    (project / "keep-home").write_text(f"#!/bin/sh\necho keep-home >> {tmp_path}/calls\n")
+    (tmp_path / "calls").unlink()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "keep-home" and calls[1].startswith("docker compose up -d --wait")
+    assert calls[2] == "systemctl disable --now labfleet-update-lab.timer"
