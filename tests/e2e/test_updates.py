@@ -12,6 +12,7 @@ maps to it), defers an update too.
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -75,6 +76,15 @@ def _api(host: TestHost, path: str, method: str = "GET") -> str:
     ).stdout
 
 
+def _settings_api(method: str, body: str | None = None) -> str:
+    """A curl on the host to JupyterLab's settings API for the theme (a user setting kept in HOME)."""
+    send = f"-H 'Content-Type: application/json' --data {shlex.quote(body)} " if body else ""
+    return (
+        f'curl -sf -X {method} {send}-H "Authorization: token $(cat /opt/labfleet/lab/jupyter_token)" '
+        "http://127.0.0.1:8888/lab/api/settings/@jupyterlab/apputils-extension:themes"
+    )
+
+
 def _container_id(host: TestHost) -> str:
     return host_exec(host, f"docker inspect --format '{{{{.Id}}}}' {CONTAINER}").stdout.strip()
 
@@ -109,7 +119,12 @@ def test_an_update_waits_for_a_busy_kernel_and_lands_by_itself_once_idle(make_ho
     assert_converged(run_pyinfra([host], data=data))
     assert not _armed(host)
     host_exec(host, "head -c 1M /dev/urandom > /srv/workspace/lab/model.bin; chown lab: /srv/workspace/lab/model.bin")
-    workspace = checksum_snapshot(host, ["/srv/workspace"])
+    # Work in HOME, and a JupyterLab setting written through its settings API.
+    host_exec(host, f"docker exec -u lab {CONTAINER} sh -c 'echo notes > ~/notes.txt'")
+    host_exec(host, _settings_api("PUT", json.dumps({"raw": json.dumps({"theme": "JupyterLab Dark"})})))
+    # HOME is checked by what the user put there: the server itself rewrites its runtime files.
+    data_dirs = ["/srv/workspace", "/srv/datasets"]
+    workspace = checksum_snapshot(host, data_dirs, missing_ok=True)
     old = _container_id(host)
 
     # A kernel busy in a loop: a deploy with other settings keeps the container and says why.
@@ -138,7 +153,9 @@ def test_an_update_waits_for_a_busy_kernel_and_lands_by_itself_once_idle(make_ho
     )
     assert health(host) == "healthy"
     assert _shm_size(host) == 512 * 2**20
-    assert checksum_snapshot(host, ["/srv/workspace"]) == workspace, "the update lost workspace files"
+    assert checksum_snapshot(host, data_dirs, missing_ok=True) == workspace, "the update lost files"
+    assert host_exec(host, f"docker exec -u lab {CONTAINER} cat /home/lab/notes.txt").stdout == "notes\n"
+    assert '"JupyterLab Dark"' in host_exec(host, _settings_api("GET")).stdout, "the setting did not survive"
     assert_no_changes(run_pyinfra([host], data=changed))
 
     # A GPU process of the container (as a stand-in nvidia-smi reports it) defers the next update.
