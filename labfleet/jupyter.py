@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import shlex
 from dataclasses import dataclass
-from io import StringIO
 
 from pyinfra import host, logger
 from pyinfra.api import operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
-from labfleet import compose, image, nvidia, planning, preflight, updates
+from labfleet import compose, image, nvidia, planning, preflight, snapshot_files, updates
 from labfleet.facts.home import FileNames
 from labfleet.facts.jupyter import ComposeService, ComposeState
 from labfleet.facts.system import PathState, PathStates, path_is
@@ -123,45 +122,20 @@ def host_state(settings: Settings) -> ProjectsState:
     return ProjectsState(paths=found["paths"], services=services)
 
 
-def _sha1(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _directory(states: dict[str, PathState], name: str, path: str, user: str, group: str, mode: str):
-    return unless_current(
-        files.directory,
-        current=path_is(states, path, "directory", user, group, mode),
-        name=name,
-        path=path,
-        user=user,
-        group=group,
-        mode=mode,
-    )
-
-
-def _upload(states: dict[str, PathState], name: str, text: str, dest: str, user: str, group: str, mode: str):
-    return unless_current(
-        files.put,
-        current=path_is(states, dest, "file", user, group, mode, _sha1(text)),
-        name=name,
-        src=StringIO(text),
-        dest=dest,
-        user=user,
-        group=group,
-        mode=mode,
-    )
-
-
 @step("Write the JupyterLab compose projects")
 def write_projects(settings: Settings):
     states = host_state(settings).paths
-    _directory(states, f"Create {compose.APP_ROOT}", compose.APP_ROOT, "root", "root", "755")
+    snapshot_files.directory(states, f"Create {compose.APP_ROOT}", compose.APP_ROOT, "root", "root", "755")
     for project in projects(settings):
         user = project.user.name
         group = project.group
         token, password_file, compose_file, env_file, keep_home = _project_paths(project.directory)
-        _directory(states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750")
-        _directory(states, f"Create the compose project of {user}", project.directory, "root", "root", "755")
+        snapshot_files.directory(
+            states, f"Create the workspace of {user}", project.user.workspace_dir, user, group, "750"
+        )
+        snapshot_files.directory(
+            states, f"Create the compose project of {user}", project.directory, "root", "root", "755"
+        )
         _write_home_and_secrets(settings, project, states)
         unless_current(
             secret_token,
@@ -173,7 +147,9 @@ def write_projects(settings: Settings):
         )
         if settings.jupyter_password_hash:
             text = settings.jupyter_password_hash + "\n"
-            _upload(states, f"Write the Jupyter password hash of {user}", text, password_file, user, group, "600")
+            snapshot_files.text_file(
+                states, f"Write the Jupyter password hash of {user}", text, password_file, user, group, "600"
+            )
         else:
             unless_current(
                 files.file,
@@ -183,10 +159,12 @@ def write_projects(settings: Settings):
                 present=False,
             )
         text = compose.render_compose(project)
-        _upload(states, f"Write compose.yaml of {user}", text, compose_file, "root", "root", "644")
-        _upload(states, f"Write .env of {user}", compose.render_env(project), env_file, "root", "root", "600")
+        snapshot_files.text_file(states, f"Write compose.yaml of {user}", text, compose_file, "root", "root", "644")
+        snapshot_files.text_file(
+            states, f"Write .env of {user}", compose.render_env(project), env_file, "root", "root", "600"
+        )
         text = keep_home_script(project.name, user, project.user.home_dir)
-        _upload(states, f"Write the HOME keeper of {user}", text, keep_home, "root", "root", "755")
+        snapshot_files.text_file(states, f"Write the HOME keeper of {user}", text, keep_home, "root", "root", "755")
 
 
 def _secret_path(user: str, name: str) -> str:
@@ -242,10 +220,10 @@ def _write_home_and_secrets(settings: Settings, project: compose.Project, states
     user, group = project.user.name, project.group
     found = planning.read(home_reads(settings))
     # Made once, 0700: only the directory itself is owned and moded, never what is in it.
-    _directory(states, f"Create the home of {user}", project.user.home_dir, user, group, "700")
+    snapshot_files.directory(states, f"Create the home of {user}", project.user.home_dir, user, group, "700")
     directory = compose.secrets_directory(user)
     if project.user.secrets or directory in states:
-        _directory(states, f"Create the secrets directory of {user}", directory, "root", "root", "700")
+        snapshot_files.directory(states, f"Create the secrets directory of {user}", directory, "root", "root", "700")
     for name, local in project.user.secrets:
         dest = _secret_path(user, name)
         # Uploaded from the controller's file: the value is never in an argument or a command.

@@ -17,20 +17,18 @@ Files on each host (always present, so a deferral only arms a timer):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 from dataclasses import dataclass
-from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import operation
-from pyinfra.operations import files, systemd
+from pyinfra.operations import systemd
 
-from labfleet import compose
+from labfleet import compose, snapshot_files
 from labfleet.busy_check import duration_text
 from labfleet.facts.jupyter import ComposeService, ComposeState
-from labfleet.facts.system import PathState, PathStates, path_is
+from labfleet.facts.system import PathState, PathStates
 from labfleet.facts.updates import BUSY_SCRIPT, UPDATES_DIR, TimersArmed
 from labfleet.planning import Read, snapshot, unless_current
 from labfleet.settings import REPO_ROOT, Settings
@@ -171,34 +169,13 @@ class UpdatesState:
     timers: dict[str, bool]
 
 
-def _sha1(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
 def install_update_timers(settings: Settings) -> None:
     """Keep the busy check, the apply script and each user's (disarmed) timer units on the host."""
     state = snapshot(UpdatesState, reads(settings))
-    unless_current(
-        files.directory,
-        current=path_is(state.paths, UPDATES_DIR, "directory", "root", "root", "755"),
-        name=f"Create {UPDATES_DIR}",
-        path=UPDATES_DIR,
-        user="root",
-        group="root",
-        mode="755",
-    )
+    snapshot_files.directory(state.paths, f"Create {UPDATES_DIR}", UPDATES_DIR, "root", "root", "755")
     units = []
     for path, (text, mode) in host_files(settings).items():
-        written = unless_current(
-            files.put,
-            current=path_is(state.paths, path, "file", "root", "root", mode, _sha1(text)),
-            name=f"Write {path}",
-            src=StringIO(text),
-            dest=path,
-            user="root",
-            group="root",
-            mode=mode,
-        )
+        written = snapshot_files.text_file(state.paths, f"Write {path}", text, path, "root", "root", mode)
         if written is not None and path.startswith(UNIT_DIR):
             units.append(written)
     if units:
