@@ -219,3 +219,20 @@ def test_add_repository_plans_only_what_the_snapshot_shows_missing(monkeypatch):
     # Nothing stale and nothing missing: curl and ca-certificates are not planned at all.
     assert [kind for kind, _ in planned] == ["key", "put"]
     assert changed() is False
+
+
+def test_a_repository_key_that_cannot_be_downloaded_leaves_the_keyring_alone(tmp_path, fake_host_in):
+    fake_host_in(apt, {apt.KeyringDigests: {"remote": None, "local": "abc"}})
+    (command,) = apt.install_keyring._inner(url="http://127.0.0.1:9/gpg", path=str(tmp_path / "key.asc"))
+    _fake(tmp_path, "curl", "exit 22")
+    _fake(tmp_path, "wget", "exit 4")
+    (tmp_path / "key.asc").write_text("old key\n")
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, timeout=30
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "labfleet: could not download the repository key http://127.0.0.1:9/gpg; check the URL "
+        "(docker_apt_mirror) and that this host reaches it"
+    )
+    assert (tmp_path / "key.asc").read_text() == "old key\n"
