@@ -11,7 +11,19 @@ image, and a summary of how to reach them.
 
 from pyinfra import host
 
-from labfleet import certs, datasets, delivery, docker, jupyter, nvidia, planning, preflight, registry, updates
+from labfleet import (
+    certs,
+    datasets,
+    delivery,
+    docker,
+    jupyter,
+    nvidia,
+    nvidia_driver,
+    planning,
+    preflight,
+    registry,
+    updates,
+)
 from labfleet.settings import for_host
 
 settings = for_host(host)
@@ -30,7 +42,7 @@ planning.read_ahead(
 )
 
 preflight.check_host(settings)
-nvidia.check_driver(settings)
+nvidia_driver.check_driver(settings)
 toolkit = nvidia.install_container_toolkit(settings)
 docker.ensure_docker_engine(settings, daemon_extra=[registry.daemon_keys(settings), nvidia.daemon_keys(settings)])
 nvidia.configure_container_runtime(settings, toolkit)

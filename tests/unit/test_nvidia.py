@@ -7,7 +7,7 @@ from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import apt, docker, nvidia, planning
+from labfleet import apt, docker, nvidia, nvidia_driver, planning
 from labfleet.facts.apt import AptSourceEntries
 from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
 from labfleet.facts.nvidia import (
@@ -65,15 +65,15 @@ def test_cpu_only_host():
     ],
 )
 def test_driver_floor(driver, floor, ok):
-    assert nvidia.driver_meets(driver, floor) is ok
+    assert nvidia_driver.driver_meets(driver, floor) is ok
 
 
 def test_advice_names_the_package_and_the_obstacles(raw):
     settings = build("gpu01", raw)
-    ubuntu = nvidia.driver_advice(settings, {"name": "Ubuntu"}, parse_gpu_host(FRESH_SERVER))
+    ubuntu = nvidia_driver.driver_advice(settings, {"name": "Ubuntu"}, parse_gpu_host(FRESH_SERVER))
     assert "nvidia-driver-570-server" in ubuntu
     assert "nouveau is loaded" in ubuntu and "Secure Boot is on" in ubuntu
-    debian = nvidia.driver_advice(settings, {"name": "Debian"}, parse_gpu_host(RTX_WORKSTATION))
+    debian = nvidia_driver.driver_advice(settings, {"name": "Debian"}, parse_gpu_host(RTX_WORKSTATION))
     assert "non-free" in debian and "Note" not in debian
 
 
@@ -87,8 +87,15 @@ def test_gpu_setting_overrides_detection(raw, monkeypatch):
 
 
 @pytest.fixture
-def fake_host(fake_host_in):
-    return lambda facts=None, executing=True: fake_host_in(nvidia, facts, executing)
+def fake_host(fake_host_in, monkeypatch):
+    """One FakeHost where both NVIDIA modules read `host`."""
+
+    def install(facts=None, executing=True):
+        fake = fake_host_in(nvidia, facts, executing)
+        monkeypatch.setattr(nvidia_driver, "host", fake)
+        return fake
+
+    return install
 
 
 def test_toolkit_setting_decides_before_detection(settings, monkeypatch):
@@ -369,16 +376,16 @@ def test_dockerd_restarts_only_when_it_started_before_the_hook(lines, predates):
 
 def test_driver_install_plan_per_distribution(settings):
     s = settings(nvidia_driver_install=True)
-    ubuntu = nvidia.driver_install_plan(s, "ubuntu", "amd64", secure_boot=True)
+    ubuntu = nvidia_driver.driver_install_plan(s, "ubuntu", "amd64", secure_boot=True)
     assert ubuntu.ubuntu_drivers == "nvidia:570-server"
     assert ubuntu.installed_when == "nvidia-driver-570-server"
     assert ubuntu.packages == ("ubuntu-drivers-common",) and ubuntu.components == ()
-    debian = nvidia.driver_install_plan(s, "debian", "arm64", secure_boot=False)
+    debian = nvidia_driver.driver_install_plan(s, "debian", "arm64", secure_boot=False)
     assert debian.packages == ("linux-headers-arm64", "nvidia-driver", "firmware-misc-nonfree")
     assert debian.components == ("contrib", "non-free", "non-free-firmware") and debian.ubuntu_drivers is None
-    refused = nvidia.driver_install_plan(s, "debian", "amd64", secure_boot=True)
+    refused = nvidia_driver.driver_install_plan(s, "debian", "amd64", secure_boot=True)
     assert isinstance(refused, str) and "Secure Boot is on" in refused and "mokutil" in refused
-    assert nvidia.driver_install_plan(settings(cuda="13.0"), "ubuntu", "amd64", None).ubuntu_drivers == (
+    assert nvidia_driver.driver_install_plan(settings(cuda="13.0"), "ubuntu", "amd64", None).ubuntu_drivers == (
         "nvidia:580-server"
     )
 
@@ -406,11 +413,11 @@ Components: main
 
 def test_non_free_is_added_to_the_distributions_deb822_entries_only():
     suites = ("trixie", "trixie-updates", "trixie-security")
-    text = nvidia.add_components(DEBIAN_SOURCES, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS)
+    text = nvidia_driver.add_components(DEBIAN_SOURCES, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS)
     assert text.splitlines()[3] == "Components: main non-free-firmware contrib non-free"
     assert text.splitlines()[9] == "Components: main contrib non-free non-free-firmware"
     assert text.split("\n\n")[2] == DEBIAN_SOURCES.split("\n\n")[2]  # a disabled stanza is left alone
-    assert nvidia.add_components(text, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS) == text
+    assert nvidia_driver.add_components(text, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS) == text
 
 
 def test_non_free_is_added_to_one_line_entries_with_main():
@@ -422,7 +429,7 @@ def test_non_free_is_added_to_one_line_entries_with_main():
         "deb http://archive.example/debian bookworm-backports main\n"
     )
     suites = ("bookworm", "bookworm-updates", "bookworm-security")
-    lines = nvidia.add_components(text, "/etc/apt/sources.list", suites, COMPONENTS).splitlines()
+    lines = nvidia_driver.add_components(text, "/etc/apt/sources.list", suites, COMPONENTS).splitlines()
     assert lines[1] == "deb http://archive.example/debian bookworm main non-free-firmware contrib non-free"
     assert lines[2] == (
         "deb [arch=amd64] http://security.example/debian-security bookworm-security main "
@@ -434,18 +441,18 @@ def test_non_free_is_added_to_one_line_entries_with_main():
 def test_enable_apt_components_uploads_only_a_difference(fake_host):
     fake = fake_host({FileContents: DEBIAN_SOURCES.splitlines()})
     path = "/etc/apt/sources.list.d/debian.sources"
-    commands = list(nvidia.enable_apt_components._inner(path, ["trixie"], COMPONENTS))
+    commands = list(nvidia_driver.enable_apt_components._inner(path, ["trixie"], COMPONENTS))
     assert len(commands) == 2 and commands[1] == f"chmod 644 {path}"
     fake.facts[FileContents] = None
-    assert list(nvidia.enable_apt_components._inner(path, ["trixie"], COMPONENTS)) == []
+    assert list(nvidia_driver.enable_apt_components._inner(path, ["trixie"], COMPONENTS)) == []
     assert fake.noops == [f"{path} does not exist"]
 
 
 def test_loaded_driver_is_checked_again_after_the_reboot(fake_host):
     fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION)})
-    assert list(nvidia.check_loaded_driver._inner("570", "reboot")) == []
+    assert list(nvidia_driver.check_loaded_driver._inner("570", "reboot")) == []
     fake.facts[GpuHost] = parse_gpu_host(FRESH_SERVER)
-    (command,) = list(nvidia.check_loaded_driver._inner("570", "the branch is older"))
+    (command,) = list(nvidia_driver.check_loaded_driver._inner("570", "the branch is older"))
     assert "the loaded NVIDIA driver is none; the branch is older" in command and command.endswith("exit 1")
 
 
@@ -529,7 +536,8 @@ def problems(planning_hosts, monkeypatch):
         _, use = planning_hosts(pc01=facts)
         use("pc01")
         found = []
-        monkeypatch.setattr(nvidia, "require", lambda name, ok, problem: found.append(problem) if not ok else None)
+        for module in (nvidia, nvidia_driver):
+            monkeypatch.setattr(module, "require", lambda name, ok, problem: found.append(problem) if not ok else None)
         step._inner(s)
         return found
 
@@ -555,7 +563,7 @@ def test_the_driver_is_not_installed_on_an_unsupported_distribution(settings, pr
     facts = host_facts(gpu=FRESH_SERVER)
     facts[LinuxDistribution] = FEDORA
     facts[FileContents] = None  # no Debian sources there
-    (problem,) = problems(nvidia.check_driver, settings(nvidia_driver_install=True), facts)
+    (problem,) = problems(nvidia_driver.check_driver, settings(nvidia_driver_install=True), facts)
     assert problem.startswith("host pc01: NVIDIA driver none loaded is below 570, the floor for CUDA 12.8")
     assert problem.endswith(
         "host pc01: Fedora is not Debian or Ubuntu; labfleet installs NVIDIA drivers on Debian and Ubuntu only"

@@ -6,7 +6,7 @@ and the lab image, which the stand-in toolkit cannot provide.
 
 from pyinfra import host
 
-from labfleet import certs, docker, nvidia, planning, preflight
+from labfleet import certs, docker, nvidia, nvidia_driver, planning, preflight
 from labfleet.settings import for_host
 
 settings = for_host(host)
@@ -15,7 +15,7 @@ settings = for_host(host)
 planning.read_ahead(preflight.reads(settings), certs.reads(settings), nvidia.reads(settings), docker.reads(settings))
 
 preflight.check_host(settings)
-nvidia.check_driver(settings)
+nvidia_driver.check_driver(settings)
 toolkit = nvidia.install_container_toolkit(settings)
 docker.ensure_docker_engine(settings, daemon_extra=[nvidia.daemon_keys(settings)])
 nvidia.configure_container_runtime(settings, toolkit)
