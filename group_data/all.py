@@ -34,7 +34,8 @@ nvidia_toolkit = "auto"
 nvidia_toolkit_apt_mirror = "https://nvidia.github.io/libnvidia-container/stable/deb"
 # URL of the repository's signing key; None = NVIDIA's layout, gpgkey two levels above the mirror.
 nvidia_toolkit_apt_key = None
-# Pins the four toolkit packages to one version (e.g. "1.17.8-1"); None = latest.
+# Pins the four toolkit packages to one version, at least 1.17.8 (e.g. "1.17.8-1"); None = the newest
+# at the first install, then held there against apt upgrade (an older one is upgraded to 1.17.8+).
 nvidia_toolkit_version = None
 # Makes nvidia Docker's default runtime (only needed by tools that cannot ask for GPUs).
 nvidia_default_runtime = False
@@ -42,6 +43,9 @@ nvidia_default_runtime = False
 nvidia_driver_min = None
 # On a GPU host whose driver is missing or too old: install the distribution's driver and reboot.
 nvidia_driver_install = False
+# Pins the driver packages to one release (e.g. "580.95.05"; needs nvidia_driver_install); None = held
+# at the version installed. Either way apt upgrade and unattended-upgrades leave the driver alone.
+nvidia_driver_version = None
 
 # --- Image ---------------------------------------------------------------------------
 # CUDA line of the image: selects the PyTorch wheel index and the driver floor.
@@ -95,9 +99,31 @@ jupyter_secrets = {}
 jupyter_update = "when-idle"
 # How long every kernel must have been quiet before "when-idle" recreates its container.
 jupyter_update_idle = "30m"
+# Kernels idle this long are shut down so they give back GPU memory ("off" keeps them); a running cell is never cut.
+jupyter_cull_idle = "24h"
 # argon2 password hash (jupyter_server.auth.passwd); None = a random token kept per host and user.
 jupyter_password_hash = None
 # /dev/shm size for the container, so DataLoader workers do not die with bus errors.
 shm_size = "16g"
 # Container ulimits: memlock unlimited (-1) for pinned-memory DataLoaders, stack 64 MiB as NGC uses.
 ulimits = {"memlock": -1, "stack": 67108864}
+
+# --- Replacing a PC ------------------------------------------------------------------
+# The old PC (its inventory name) whose users' workspaces and homes this host pulls; None = none.
+migrate_from = None
+# The cut-over: stop each user's JupyterLab on the old PC, pull what changed, start it here.
+migrate_final = False
+
+# --- Backups (restic, from the distribution) -------------------------------------------
+# restic repository of workspaces and homes: "/mnt/backup/restic", "sftp:backup@nas.lab:/srv/restic"; None = none.
+backup_repository = None
+# File on the controller holding the repository's password; copied to each host 0600, never printed.
+backup_password_file = None
+# SSH private key on the controller for sftp: (authorise its .pub on the server); None = root's own key.
+backup_ssh_key = None
+# When the backup timer runs (systemd OnCalendar): "daily", "hourly", "*-*-* 02:30", "Mon..Fri 22:00".
+backup_schedule = "daily"
+# Snapshots kept per user and directory (restic forget --keep-<kind> N); the others are pruned.
+backup_keep = {"daily": 7, "weekly": 4, "monthly": 6}
+# "backup" or "backup:<old host>": restore each user's workspace and home once, before JupyterLab comes up.
+restore_from = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -32,16 +33,17 @@ from urllib.parse import urlparse
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS_DIR = REPO_ROOT / "container" / "requirements"
 
-# The first driver release that runs each CUDA line's wheels (the floor used when
-# nvidia_driver_min is not set).
+# The driver floor of each CUDA line (used when nvidia_driver_min is not set), by one rule:
+# NVIDIA's CUDA minor-version compatibility (CUDA Compatibility guide, "Minor Version
+# Compatibility"): a CUDA 11.x runtime runs from driver 450.80.02, 12.x from 525.60.13, 13.x
+# from R580 (580.65.06, the first R580 release, shipped with CUDA 13.0). The image's wheels
+# carry their own runtime, so the major line alone sets the floor. GPUs that need a newer
+# driver than this (Blackwell: 570 and the open modules) are checked per host
+# (labfleet.nvidia_driver).
+MINOR_VERSION_COMPATIBILITY = {"11": "450.80.02", "12": "525.60.13", "13": "580.65.06"}
 CUDA_DRIVER_FLOOR = {
-    "11.8": "450.80.02",
-    "12.1": "525.60.13",
-    "12.4": "525.60.13",
-    "12.6": "525.60.13",
-    "12.8": "570",
-    "12.9": "570",
-    "13.0": "580",
+    cuda: MINOR_VERSION_COMPATIBILITY[cuda.split(".")[0]]
+    for cuda in ("11.8", "12.1", "12.4", "12.6", "12.8", "12.9", "13.0")
 }
 
 
@@ -58,6 +60,7 @@ _USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _PACKAGE_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
 _PACKAGE_SPEC = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[0-9][A-Za-z0-9.+~:-]*)?$")
 _DRIVER_VERSION = re.compile(r"^\d{3}(\.\d{1,3}){0,2}$")
+_DRIVER_RELEASE = re.compile(r"^\d{3}\.\d{1,3}(\.\d{1,3})?$")
 _SIZE = re.compile(r"^[1-9][0-9]*(b|k|kb|m|mb|g|gb)?$", re.IGNORECASE)
 _ARGON2 = re.compile(r"^(argon2:)?\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -143,10 +146,52 @@ def package_spec(value):
     return value
 
 
+# The NVIDIA Container Toolkit's security floor: 1.16.2 fixed CVE-2024-0132 and 1.17.8 fixed
+# CVE-2025-23266, both container escapes (NVIDIA's security bulletins for the toolkit).
+TOOLKIT_FLOOR = "1.17.8"
+TOOLKIT_FLOOR_REASON = (
+    "1.17.8 is the first release with the fix for CVE-2025-23266 (a container escape; "
+    "CVE-2024-0132 was fixed in 1.16.2)"
+)
+_RELEASE = re.compile(r"^(?:\d+:)?(\d+(?:\.\d+)*)(.*)$")
+
+
+def release_below(version: str, floor: str) -> bool:
+    """Whether a Debian package version's upstream release is below floor.
+
+    ``"1.17.7-1"`` and ``"1.17.8~rc.1-1"`` (a pre-release sorts before its release, as
+    dpkg sorts ``~``) are below ``"1.17.8"``; ``"1.17.8-1"`` and ``"1:1.18.0-1"`` are not.
+    """
+    match = _RELEASE.match(version)
+    if not match:
+        return True
+    numbers = [int(part) for part in match.group(1).split(".")]
+    wanted = [int(part) for part in floor.split(".")]
+    width = max(len(numbers), len(wanted))
+    numbers += [0] * (width - len(numbers))
+    wanted += [0] * (width - len(wanted))
+    return numbers < wanted or (numbers == wanted and match.group(2).startswith("~"))
+
+
+def toolkit_version(value):
+    """A toolkit package version at or above TOOLKIT_FLOOR: an older one is a known container escape."""
+    package_version(value)
+    if release_below(value, TOOLKIT_FLOOR):
+        raise Invalid(f"it is below {TOOLKIT_FLOOR}: {TOOLKIT_FLOOR_REASON}")
+    return value
+
+
 def driver_version(value):
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not _DRIVER_VERSION.match(value):
+        raise Invalid("")
+    return value
+
+
+def driver_release(value):
+    """A whole driver release (``580.95.05``), as package versions carry it; a branch alone is not one."""
+    if not isinstance(value, str) or not _DRIVER_RELEASE.match(value):
         raise Invalid("")
     return value
 
@@ -497,6 +542,16 @@ def duration(value):
     return sum(int(count) * _SECONDS[unit] for count, unit in _DURATION_PART.findall(value))
 
 
+def cull_idle(value):
+    """ "off" (0: kernels are never culled) or a duration like "24h", as seconds."""
+    if value == "off":
+        return 0
+    seconds = duration(value)
+    if seconds == 0:
+        raise Invalid('a zero duration; write "off" to keep idle kernels')
+    return seconds
+
+
 def listen_address(value):
     _string(value)
     address, sep, port_text = value.rpartition(":")
@@ -505,6 +560,184 @@ def listen_address(value):
     if address not in ("", "0.0.0.0", "[::]"):
         ip_address(address.strip("[]"))
     return value
+
+
+# --- Backups (labfleet.backup) ------------------------------------------------------------------
+
+REPOSITORY_FORMS = "an absolute path (or local:/path), sftp:[user@]host:/path or sftp://[user@]host[:port]//path"
+_SFTP_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Repository:
+    """A restic repository as restic is given it (``text``), parsed once while the settings are validated.
+
+    ``kind`` is "local" or "sftp"; ``path`` is the repository's directory (on this host for
+    local, on ``server`` for sftp); ``user`` and ``port`` are None when the URL leaves them out.
+    """
+
+    kind: str
+    text: str
+    path: str
+    server: str | None = None
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _repository_path(path: str) -> str:
+    if not path.startswith("/") or ".." in PurePosixPath(path).parts or any(ch in path for ch in " '\"\\$`"):
+        raise Invalid(f"the path {path!r} is not an absolute path without spaces, quotes or ..")
+    return path
+
+
+def backup_repository(value: Any) -> Repository:
+    """The restic repository forms labfleet supports; restic's other backends are refused by name."""
+    _string(value)
+    if value.startswith("/") or value.startswith("local:"):
+        path = _repository_path(value.removeprefix("local:"))
+        return Repository("local", value, path)
+    if value.startswith("sftp://"):
+        parsed = urlparse(value)
+        try:
+            port_number = parsed.port
+        except ValueError:
+            raise Invalid("bad port") from None
+        if not parsed.hostname or not parsed.path.startswith("//"):
+            raise Invalid("sftp:// needs a host and an absolute path after a double slash: sftp://nas.lab//srv/restic")
+        server = host_address(parsed.hostname)
+        if parsed.username is not None and not _SFTP_USER.match(parsed.username):
+            raise Invalid(f"bad user {parsed.username!r}")
+        return Repository("sftp", value, _repository_path(parsed.path[1:]), server, parsed.username, port_number)
+    if value.startswith("sftp:"):
+        rest = value.removeprefix("sftp:")
+        login, sep, path = rest.partition(":")
+        if not sep or not login:
+            raise Invalid("sftp: needs host:/path")
+        user, at, server = login.rpartition("@")
+        if at and not _SFTP_USER.match(user):
+            raise Invalid(f"bad user {user!r}")
+        return Repository("sftp", value, _repository_path(path), host_address(server), user if at else None)
+    scheme = value.partition(":")[0]
+    if re.match(r"^[a-z0-9]+$", scheme) and ":" in value:
+        raise Invalid(f"{scheme}: repositories are not supported; use a local path or sftp:")
+    raise Invalid("not an absolute path nor an sftp: URL")
+
+
+def controller_file(value: Any) -> str:
+    """A file on the controller, checked here so that a typo stops the run before any host."""
+    _string(value)
+    local = Path(value).expanduser()
+    if not local.is_file():
+        raise Invalid("no such file on the controller; create it or fix the path")
+    return str(local.resolve())
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_CALENDAR_WORDS = {
+    "minutely": 60,
+    "hourly": 3600,
+    "daily": 86400,
+    "weekly": 7 * 86400,
+    "monthly": 31 * 86400,
+    "quarterly": 92 * 86400,
+    "semiannually": 184 * 86400,
+    "yearly": 366 * 86400,
+    "annually": 366 * 86400,
+}
+SCHEDULE_FORMS = (
+    'a systemd calendar: "hourly", "daily", "weekly", "monthly", or "[weekdays] [*-*-*] HH:MM[:SS]" '
+    'such as "*-*-* 02:30" or "Mon..Fri 22:00" (hours may be a list "0,12" or a step "0/6")'
+)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A backup_schedule: the OnCalendar text and the longest time between two of its runs (seconds)."""
+
+    text: str
+    period: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _numbers(text: str, top: int) -> list[int]:
+    if text == "*":
+        return list(range(top))
+    if "/" in text:
+        start, _, step = text.partition("/")
+        if not (start.isdigit() and step.isdigit() and int(step) > 0 and int(start) < top):
+            raise Invalid(f"bad repetition {text!r}")
+        return list(range(int(start), top, int(step)))
+    values = [int(part) for part in text.split(",") if part.isdigit() and len(part) <= 2]
+    if len(values) != len(text.split(",")) or any(v >= top for v in values):
+        raise Invalid(f"bad value {text!r}")
+    return sorted(set(values))
+
+
+def _weekdays(text: str) -> list[int]:
+    days: set[int] = set()
+    for part in text.split(","):
+        first, dots, last = part.partition("..")
+        if first not in _WEEKDAYS or (dots and last not in _WEEKDAYS):
+            raise Invalid(f"bad weekday {part!r}; use Mon..Sun")
+        a, b = _WEEKDAYS.index(first), _WEEKDAYS.index(last if dots else first)
+        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(b + 1)])
+    return sorted(days)
+
+
+def backup_schedule(value: Any) -> Schedule:
+    """The calendar forms labfleet can check here and whose period it knows (status calls a
+    snapshot older than twice the period drift); systemd accepts more, which are refused."""
+    _string(value)
+    if value in _CALENDAR_WORDS:
+        return Schedule(value, _CALENDAR_WORDS[value])
+    words = value.split()
+    days = list(range(7))
+    if words and words[0][:3] in _WEEKDAYS:
+        days = _weekdays(words.pop(0))
+    if words and words[0] == "*-*-*":
+        words.pop(0)
+    if len(words) != 1:
+        raise Invalid("")
+    fields = words[0].split(":")
+    if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in ("0", "00")):
+        raise Invalid("give HH:MM or HH:MM:00")
+    hours, minutes = _numbers(fields[0], 24), _numbers(fields[1], 60)
+    if fields[1] == "*" or "/" in fields[1]:
+        raise Invalid("minutes must be numbers")
+    runs = sorted(day * 1440 + hour * 60 + minute for day in days for hour in hours for minute in minutes)
+    gaps = [b - a for a, b in itertools.pairwise(runs)] + [runs[0] + 7 * 1440 - runs[-1]]
+    return Schedule(value, max(gaps) * 60)
+
+
+KEEP_KINDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def backup_keep(value: Any) -> tuple[tuple[str, int], ...]:
+    """Retention as restic's --keep-<kind> N options, in restic's order."""
+    if not isinstance(value, dict) or not value:
+        raise Invalid("not a non-empty mapping")
+    for kind, count in value.items():
+        if kind not in KEEP_KINDS:
+            raise Invalid(f"unknown kind {kind!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise Invalid(f"{kind} = {count!r} is not a count >= 1")
+    return tuple((kind, value[kind]) for kind in KEEP_KINDS if kind in value)
+
+
+def restore_from(value: Any) -> str:
+    """ "backup" (this host's own snapshots) or "backup:<host>" (a host that may be gone from the inventory)."""
+    _string(value)
+    if value == "backup":
+        return value
+    kind, sep, name = value.partition(":")
+    if kind == "backup" and sep and _HOSTNAME.match(name):
+        return value
+    raise Invalid("")
 
 
 # --- Image profiles and their locks ----------------------------------------------------------
@@ -601,7 +834,7 @@ class Settings:
     nvidia_toolkit_apt_mirror: str = field(metadata=setting(url, URL))
     nvidia_toolkit_apt_key: str | None = field(metadata=setting(optional(url), "null or " + URL))
     nvidia_toolkit_version: str | None = field(
-        metadata=setting(optional(package_version), "null or a version like 1.17.8-1")
+        metadata=setting(optional(toolkit_version), f"null or a version like 1.17.8-1, at least {TOOLKIT_FLOOR}")
     )
     nvidia_default_runtime: bool = field(metadata=setting(boolean, "true or false"))
     # None in group_data/all.py means the floor of the cuda line (CUDA_DRIVER_FLOOR).
@@ -609,6 +842,9 @@ class Settings:
         metadata=setting(optional(driver_version), 'null or a driver version like "570" or "525.60.13"')
     )
     nvidia_driver_install: bool = field(metadata=setting(boolean, "true or false"))
+    nvidia_driver_version: str | None = field(
+        metadata=setting(optional(driver_release), 'null or an NVIDIA driver release like "580.95.05"')
+    )
     cuda: str = field(metadata=setting(choice(*CUDA_DRIVER_FLOOR), _one_of(*CUDA_DRIVER_FLOOR)))
     datasets_root: str = field(metadata=setting(absolute_path, "an absolute path"))
     datasets: tuple[Dataset, ...] = field(
@@ -639,6 +875,8 @@ class Settings:
     jupyter_update: str = field(metadata=setting(choice("when-idle", "now"), _one_of("when-idle", "now")))
     # Seconds; group_data/all.py writes it as a duration.
     jupyter_update_idle: int = field(metadata=setting(duration, 'a duration like "30m", "2h", "1h30m" or "90s"'))
+    # Seconds, 0 for "off"; group_data/all.py writes a duration.
+    jupyter_cull_idle: int = field(metadata=setting(cull_idle, '"off" or a duration like "30m", "12h" or "2d"'))
     jupyter_password_hash: str | None = field(
         metadata=setting(
             optional(argon2_hash), "null or an argon2 hash (argon2:$argon2id$v=19$m=...,t=...,p=...$salt$hash)"
@@ -660,6 +898,27 @@ class Settings:
     shm_size: str = field(metadata=setting(size, 'a size like "16g", "512m" or "1073741824"'))
     ulimits: dict = field(
         metadata=setting(ulimits, "a mapping of ulimit names (memlock, stack, nofile, ...) to integers, -1 = unlimited")
+    )
+    # The old PC this host takes each jupyter user's workspace and home from (labfleet.migrate).
+    migrate_from: str | None = field(
+        metadata=setting(optional(host_address), "null or the inventory name of the old PC, such as pc03.lab")
+    )
+    migrate_final: bool = field(metadata=setting(boolean, "true or false (true needs migrate_from)"))
+    backup_repository: Repository | None = field(
+        metadata=setting(optional(backup_repository), "null or a restic repository: " + REPOSITORY_FORMS)
+    )
+    backup_password_file: str | None = field(
+        metadata=setting(optional(controller_file), "null or a file on the controller holding the restic password")
+    )
+    backup_ssh_key: str | None = field(
+        metadata=setting(optional(controller_file), "null or an SSH private key file on the controller")
+    )
+    backup_schedule: Schedule = field(metadata=setting(backup_schedule, SCHEDULE_FORMS))
+    backup_keep: tuple[tuple[str, int], ...] = field(
+        metadata=setting(backup_keep, 'a mapping of counts such as {"daily": 7, "weekly": 4, "monthly": 6}')
+    )
+    restore_from: str | None = field(
+        metadata=setting(optional(restore_from), 'null, "backup" or "backup:<host>" such as "backup:pc03.lab"')
     )
     groups: tuple[str, ...] = ()
 

@@ -59,6 +59,7 @@ CASES = [
     case("toolkit-word", {"nvidia_toolkit": "auto-detect"}, "nvidia_toolkit = 'auto-detect' is invalid"),
     case("toolkit-key-url", {"nvidia_toolkit_apt_key": "gpgkey"}, "nvidia_toolkit_apt_key = 'gpgkey' is invalid"),
     case("toolkit-version", {"nvidia_toolkit_version": "latest"}, "nvidia_toolkit_version = 'latest' is invalid"),
+    case("toolkit-cve", {"nvidia_toolkit_version": "1.17.7"}, "nvidia_toolkit_version = '1.17.7'", "CVE-2025-23266"),
     case("default-runtime-string", {"nvidia_default_runtime": "true"}, "nvidia_default_runtime = 'true' is invalid"),
     case("driver-min-word", {"nvidia_driver_min": "newest"}, "nvidia_driver_min = 'newest' is invalid"),
     case("cuda-unknown", {"cuda": "12.3"}, "cuda = '12.3' is invalid"),
