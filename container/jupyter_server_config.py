@@ -40,6 +40,32 @@ token = _read_secret("JUPYTER_TOKEN_FILE")
 if token is not None:
     c.IdentityProvider.token = token
 
+def cull_settings(text: str | None) -> dict[str, int | bool]:
+    """MappingKernelManager's culling traits for jupyter_cull_idle, given in seconds (0 or unset: off).
+
+    A forgotten kernel keeps its GPU memory until it ends, and the browser tab it was opened
+    from is often still open somewhere: so connected kernels are culled too. A kernel that runs
+    a cell is never culled (cull_busy stays False): that is running work. The check runs every
+    5 minutes, or twice per timeout when that is shorter.
+    """
+    if not text:
+        return {}
+    if not text.isdigit():
+        sys.exit(f"labfleet: JUPYTER_CULL_IDLE_SECONDS={text!r} is not a number of seconds")
+    seconds = int(text)
+    if seconds == 0:
+        return {}
+    return {
+        "cull_idle_timeout": seconds,
+        "cull_interval": max(1, min(300, seconds // 2)),
+        "cull_connected": True,
+        "cull_busy": False,
+    }
+
+
+for trait, value in cull_settings(os.environ.get("JUPYTER_CULL_IDLE_SECONDS")).items():
+    setattr(c.MappingKernelManager, trait, value)
+
 password_hash = _read_secret("JUPYTER_PASSWORD_HASH_FILE")
 if password_hash is not None:
     if not password_hash.startswith("argon2:"):

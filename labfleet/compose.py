@@ -99,6 +99,7 @@ def env_values(project: Project) -> dict[str, object]:
         "DATASET_LOCALDIR": s.datasets_root,
         "DATASET_DIR": DATASET_DIR,
         "SHM_SIZE": s.shm_size,
+        "JUPYTER_CULL_IDLE_SECONDS": s.jupyter_cull_idle,
     }
 
 
@@ -156,6 +157,8 @@ def compose_model(project: Project) -> dict:
             "JUPYTER_TOKEN_FILE": f"/run/secrets/{TOKEN_SECRET}",
             "WORKSPACE_DIR": WORKSPACE_DIR,
             "DATASET_DIR": "${DATASET_DIR}",
+            # Read by container/jupyter_server_config.py when the server starts (0: no culling).
+            "JUPYTER_CULL_IDLE_SECONDS": "${JUPYTER_CULL_IDLE_SECONDS}",
         },
         "ports": [f"${{JUPYTER_BIND}}:${{JUPYTER_PORT}}:{CONTAINER_PORT}"],
         "volumes": [

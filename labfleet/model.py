@@ -543,7 +543,7 @@ def duration(value):
 
 
 def cull_idle(value):
-    """ "off" (0: kernels are never culled) or a duration like "24h", as seconds."""
+    """jupyter_cull_idle as seconds: a duration like "24h", or "off" (0: kernels are never culled)."""
     if value == "off":
         return 0
     seconds = duration(value)

@@ -31,12 +31,27 @@ from collections.abc import Iterable, Mapping
 from pyinfra.context import state
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import archives, compose, datasets, image, nvidia, planning, preflight, shipping, updates
+from labfleet import (
+    archives,
+    backup,
+    compose,
+    datasets,
+    gpu_usage,
+    image,
+    migrate,
+    nvidia,
+    planning,
+    preflight,
+    shipping,
+    updates,
+)
+from labfleet.facts.backup import BackupSummary
 from labfleet.facts.docker import DockerEngineStatus
+from labfleet.facts.gpu_usage import GpuUsage
 from labfleet.facts.home import SIZE_SECONDS, HomeSize
 from labfleet.facts.image import ImageId
 from labfleet.facts.nvidia import GpuHost
-from labfleet.facts.report import DatasetStates, GpuNames, ProjectContainer, ToolkitVersion
+from labfleet.facts.report import DatasetStates, ProjectContainer, ToolkitVersion
 from labfleet.facts.system import FreeBytes
 from labfleet.facts.updates import PendingState, PendingUpdate
 from labfleet.planning import Read, current_run
@@ -85,7 +100,8 @@ def reads(settings: Settings) -> dict[str, Read]:
         "engine": Read(DockerEngineStatus),
         "toolkit": Read(ToolkitVersion),
         "gpu": Read(GpuHost),
-        "gpu_names": Read(GpuNames),
+        # Each GPU's load and the compute processes on it, with what names their owners.
+        "gpu_usage": Read(GpuUsage),
         "image_id": Read(ImageId, {"ref": tag}),
         "free_datasets": Read(FreeBytes, {"path": settings.datasets_root}),
         "free_docker": Read(FreeBytes, {"path": shipping.DOCKER_ROOT}),
@@ -100,6 +116,10 @@ def reads(settings: Settings) -> dict[str, Read]:
         **{f"home size {user.name}": Read(HomeSize, {"path": user.home_dir}) for user in settings.jupyter_users},
         # An update that waits for idle work (its timer armed), and what it waits for.
         **{f"update {user.name}": _pending_read(settings, user.name) for user in settings.jupyter_users},
+        # Projects handed over to a new PC at a cut-over (labfleet.migrate).
+        "migrated": migrate.marker_read(settings),
+        # What the backup service left after its last run; the repository itself is never reached.
+        **({"backup": Read(BackupSummary)} if settings.backup_repository else {}),
     }
 
 
@@ -115,7 +135,9 @@ def host_row(settings: Settings) -> dict:
     found = planning.read(reads(settings))
     image_id, gpu, accounts = found["image_id"], found["gpu"], found["accounts"]
     has_gpu = nvidia.has_gpu(settings)
+    gpu_use = gpu_usage.host_gpu_use(found["gpu_usage"], settings.jupyter_cull_idle)
     users = []
+    moves = migrate.moves(settings, found["migrated"])
     for user in settings.jupyter_users:
         service = found[f"service {user.name}"]
         account = accounts.get(user.name)
@@ -135,6 +157,7 @@ def host_row(settings: Settings) -> dict:
                 "home_bytes": found[f"home size {user.name}"]["bytes"],
                 "home_counted": found[f"home size {user.name}"]["counted"],
                 "pending": pending_reasons(found[f"update {user.name}"]),
+                "moved": moves.get(user.name),
             }
         )
     return {
@@ -146,12 +169,14 @@ def host_row(settings: Settings) -> dict:
         "toolkit_wanted": nvidia.wants_toolkit(settings),
         "driver": gpu["driver"],
         "gpus": len(gpu["gpus"]),
-        "gpu_names": found["gpu_names"],
+        "gpu_names": [g["name"] for g in gpu_use["gpus"]] if gpu_use and gpu_use["gpus"] else None,
+        "gpu_use": gpu_use,
         "delivery": settings.image_delivery,
         "expected_image": tag,
         "image": image_id,
         "users": users,
         "datasets": {dataset.name: found["datasets"].get(dataset.name, "missing") for dataset in settings.datasets},
+        "backup": backup.status_row(settings, found["backup"]) if "backup" in found else None,
         "free_datasets": found["free_datasets"],
         "free_docker": found["free_docker"],
     }
@@ -247,6 +272,8 @@ def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -
 
     for row in rows:
         for user in row["users"]:
+            if user.get("moved"):
+                continue  # on purpose: migrated to another PC, or waiting for the cut-over to this one
             if user["health"] != "healthy":
                 reasons[row["host"]].append(f"{user['user']}: container {user['health']}")
             elif user.get("pending") is not None:
@@ -261,6 +288,7 @@ def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -
         for name, dataset_state in row["datasets"].items():
             if dataset_state not in DATASET_OK:
                 reasons[row["host"]].append(f"dataset {name} {dataset_state}")
+        reasons[row["host"]].extend(backup.status_reasons(row.get("backup")))
     return reasons
 
 
@@ -305,6 +333,12 @@ def _image_cell(row: dict, image_ids: Mapping[str, str | None]) -> str:
     return _short(row["image"]) + ("" if image_matches(row, image_ids) else " (differs)")
 
 
+def _jupyter_cell(user: dict) -> str:
+    if user.get("moved"):
+        return f"{user['user']}:{user['moved']}"
+    return f"{user['user']}:{user['health']} {user['url']}"
+
+
 def _home_cell(user: dict) -> str:
     if not user.get("home_counted", True):
         return f"? (du > {SIZE_SECONDS}s)"
@@ -314,7 +348,7 @@ def _home_cell(user: dict) -> str:
 
 HEADER = (
     *("", "host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "home"),
-    *("datasets", "free data/docker"),
+    *("datasets", "free data/docker", "backup"),
 )
 
 
@@ -329,7 +363,7 @@ def table(
     image_ids = fleet_image_ids(rows) if image_ids is None else image_ids
     lines: list[tuple[str, ...]] = [HEADER]
     for row in rows:
-        jupyter_cell = ", ".join(f"{u['user']}:{u['health']} {u['url']}" for u in row["users"]) or "-"
+        jupyter_cell = ", ".join(_jupyter_cell(u) for u in row["users"]) or "-"
         datasets_cell = ", ".join(f"{name}:{s}" for name, s in row["datasets"].items()) or "-"
         home_cell = ", ".join(f"{u['user']}:{_home_cell(u)}" for u in row["users"]) or "-"
         lines.append(
@@ -346,12 +380,16 @@ def table(
                 home_cell,
                 datasets_cell,
                 f"{_gib(row['free_datasets'])}/{_gib(row['free_docker'])}",
+                backup.status_cell(row.get("backup")),
             )
         )
     for name in unreachable:
         lines.append(("!", name, "unreachable", *("-" for _ in HEADER[3:])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines]
+    # Who uses which GPU, below the hosts (only where a host has nvidia-smi), after a blank line.
+    gpus = gpu_usage.gpu_lines((row["host"], row.get("gpu_use")) for row in rows)
+    out += ["", *gpus] if gpus else []
     for name, why in reasons.items():
         if why:
             out.append(f"! {name}: " + "; ".join(why))
@@ -429,6 +467,7 @@ def collect(settings: Settings) -> None:
     reasons = drift(rows, image_ids)
     reasons.update({name: ["unreachable"] for name in unreachable})
     remarks = notes(image_ids, controller_ids) + pending_notes(rows)
+    remarks += gpu_usage.idle_notes((row["host"], row.get("gpu_use")) for row in rows)
     if os.environ.get(FORMAT_ENV) == "json":
         print(json.dumps(document(rows, reasons, image_ids, remarks), indent=2, sort_keys=True))
     else:

@@ -23,22 +23,6 @@ class ToolkitVersion(FactBase):
         return None
 
 
-class GpuNames(FactBase):
-    """The GPU model names nvidia-smi reports, or None where there is no nvidia-smi."""
-
-    def command(self) -> str:
-        return (
-            "command -v nvidia-smi >/dev/null || exit 0; echo nvidia-smi; "
-            "timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; true"
-        )
-
-    def process(self, output):
-        lines = [line.strip() for line in output if line.strip()]
-        if not lines or lines[0] != "nvidia-smi":
-            return None
-        return lines[1:]
-
-
 class ProjectContainer(ComposeService):
     """ComposeService plus the container's restart count (``restarts``, None without a container)."""
 

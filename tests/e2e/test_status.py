@@ -39,6 +39,8 @@ def table_rows(lines: list[str]) -> dict[str, str]:
     """host name -> its table line (drift mark included)."""
     rows = {}
     for line in lines[1:]:
+        if not line.strip():
+            break  # the GPU section follows the hosts after a blank line
         if line.startswith("labfleet status:"):
             continue
         if line.startswith(("! ", "note:")) and ":" in line.split()[1 if line.startswith("! ") else 0]:

@@ -96,6 +96,7 @@ def test_env_holds_exactly_what_compose_interpolates(raw):
         "DATASET_LOCALDIR": "/srv/datasets",
         "DATASET_DIR": "/resource/datasets",
         "SHM_SIZE": "16g",
+        "JUPYTER_CULL_IDLE_SECONDS": "86400",
     }
 
 

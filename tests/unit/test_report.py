@@ -171,7 +171,7 @@ def test_the_table_marks_drifting_hosts_and_says_why():
     text = report.table(rows, reasons, ids, unreachable=["pc04"], remarks=["a note"])
     lines = text.splitlines()
     assert lines[0].split() == ["host", "os", "docker", "toolkit", "driver", "gpus", "image", "jupyter", "home",
-                                "datasets", "free", "data/docker"]  # fmt: skip
+                                "datasets", "free", "data/docker", "backup"]  # fmt: skip
     by_host = {line.split()[1] if line.startswith("!") else line.split()[0]: line for line in lines[1:5]}
     assert by_host["pc01"].startswith(" ") and by_host["pc03"].startswith(" ")
     assert by_host["pc02"].startswith("!") and "(differs)" in by_host["pc02"]
@@ -211,11 +211,6 @@ def test_url_follows_the_bind_address(raw):
 def test_fact_parsers():
     assert report_facts.ToolkitVersion().process(["ii  1.17.8-1"]) == "1.17.8-1"
     assert report_facts.ToolkitVersion().process(["rc  1.17.8-1"]) is None
-    assert report_facts.GpuNames().process([]) is None
-    assert report_facts.GpuNames().process(["nvidia-smi", "NVIDIA RTX A6000", "NVIDIA RTX A6000"]) == [
-        "NVIDIA RTX A6000",
-        "NVIDIA RTX A6000",
-    ]
     assert report_facts.DatasetStates().process(["dataset imagenet ok", "dataset coco missing", "junk"]) == {
         "imagenet": "ok",
         "coco": "missing",
