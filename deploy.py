@@ -5,18 +5,21 @@
 Every host's settings are validated before anything runs (labfleet/settings.py); then,
 in order: preflight (and the NVIDIA driver floor), the NVIDIA Container Toolkit (before
 Docker, so that dockerd finds it when it starts), Docker Engine with the NVIDIA runtime,
-datasets, the image, the JupyterLab projects brought up healthy, the GPU seen inside the
-image, and a summary of how to reach them.
+datasets, the image, the JupyterLab projects written, users' files pulled from an old PC
+(migrate_from), backups (and a restore_from, before JupyterLab starts), the projects brought
+up healthy, the GPU seen inside the image, and a summary of how to reach them.
 """
 
 from pyinfra import host
 
 from labfleet import (
+    backup,
     certs,
     datasets,
     delivery,
     docker,
     jupyter,
+    migrate,
     nvidia,
     nvidia_driver,
     planning,
@@ -34,21 +37,32 @@ planning.read_ahead(
     preflight.reads(settings),
     certs.reads(settings),
     nvidia.reads(settings),
+    nvidia_driver.reads(settings),
     docker.reads(settings),
     datasets.reads(settings),
     delivery.reads(settings),
     jupyter.reads(settings),
     updates.reads(settings),
+    backup.reads(settings),
+    migrate.reads(settings),
 )
 
 preflight.check_host(settings)
 nvidia_driver.check_driver(settings)
 toolkit = nvidia.install_container_toolkit(settings)
-docker.ensure_docker_engine(settings, daemon_extra=[registry.daemon_keys(settings), nvidia.daemon_keys(settings)])
+docker.ensure_docker_engine(
+    settings,
+    daemon_extra=[registry.daemon_keys(settings), nvidia.daemon_keys(settings)],
+    daemon_drop=nvidia.daemon_keys_to_drop(settings),
+)
 nvidia.configure_container_runtime(settings, toolkit)
+nvidia.check_gpu_architecture(settings)
 datasets.lay_out_datasets(settings)
 delivery.deliver_image(settings)
 jupyter.write_projects(settings)
+migrate.pull_user_files(settings)
+backup.set_up_backups(settings)
+backup.restore_workspaces(settings)
 jupyter.bring_up(settings)
 nvidia.verify_gpu(settings)
 jupyter.announce_projects(settings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from labfleet.model import Dataset, UserEntry, lock_file, locked_cudas
+from labfleet.model import CUDA_DRIVER_FLOOR, Dataset, UserEntry, lock_file, locked_cudas
 
 
 def jupyter_users(host_name: str, values: dict[str, Any], users: Sequence[tuple[str, int]], written: Any) -> list[str]:
@@ -115,3 +115,68 @@ def peer_datasets(host_name: str, datasets: Sequence[Dataset], inventory_hosts: 
                 "expected a peer host that holds the dataset"
             )
     return errors
+
+
+def backups(host_name: str, values: dict[str, Any]) -> list[str]:
+    """A repository needs its password; a restore needs a repository to restore from."""
+    errors = []
+    repository = values["backup_repository"]
+    if repository is not None and values["backup_password_file"] is None:
+        errors.append(
+            f"host {host_name}: backup_password_file = None is invalid with backup_repository = {repository.text!r}; "
+            "expected a file on the controller holding the restic password (e.g. ~/.config/labfleet/restic-password)"
+        )
+    if values["restore_from"] is not None and repository is None:
+        errors.append(
+            f"host {host_name}: restore_from = {values['restore_from']!r} is invalid without backup_repository; "
+            "expected backup_repository set to the repository that holds the snapshots"
+        )
+    return errors
+
+
+def migration(host_name: str, values: dict[str, Any], inventory_hosts: frozenset[str]) -> list[str]:
+    """The old PC is another host of this inventory (its settings say where the files are), and
+    the cut-over names one."""
+    errors = []
+    old = values["migrate_from"]
+    if old is not None and old == host_name:
+        errors.append(
+            f"host {host_name}: migrate_from = {old!r} names this host itself; "
+            "expected the inventory name of the old PC that holds the users' files"
+        )
+    elif old is not None and inventory_hosts and old not in inventory_hosts:
+        errors.append(
+            f"host {host_name}: migrate_from = {old!r} is not in the inventory; expected one of its hosts "
+            f"({', '.join(sorted(inventory_hosts - {host_name}))}): keep the old PC in the inventory until the cut-over"
+        )
+    if values["migrate_final"] and old is None:
+        errors.append(
+            f"host {host_name}: migrate_final = True is invalid without migrate_from; "
+            'expected migrate_from = "<old PC>" beside it (or migrate_final = False)'
+        )
+    return errors
+
+
+def nvidia_driver(host_name: str, values: dict[str, Any]) -> list[str]:
+    """A pinned driver release is one labfleet installs, and one that meets the floor."""
+    version = values["nvidia_driver_version"]
+    if version is None:
+        return []
+    errors = []
+    if not values["nvidia_driver_install"]:
+        errors.append(
+            f"host {host_name}: nvidia_driver_version = {version!r} is invalid without nvidia_driver_install = true; "
+            "expected nvidia_driver_install = true (labfleet installs the pinned release), "
+            "or nvidia_driver_version = None"
+        )
+    floor = values["nvidia_driver_min"] or CUDA_DRIVER_FLOOR[values["cuda"]]
+    if _release_tuple(version) < _release_tuple(floor):
+        errors.append(
+            f"host {host_name}: nvidia_driver_version = {version!r} is invalid: it is below {floor}, the driver floor "
+            f"for cuda {values['cuda']!r} (nvidia_driver_min); expected a release at or above {floor}"
+        )
+    return errors
+
+
+def _release_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))

@@ -117,7 +117,10 @@ def build(
         errors.extend(checks.jupyter_users(host_name, values, users, raw.get("jupyter_users")))
         errors.extend(checks.homes_and_environment(host_name, values, _user_entries(values, raw)))
         errors.extend(checks.image(host_name, values))
+        errors.extend(checks.nvidia_driver(host_name, values))
         errors.extend(checks.peer_datasets(host_name, values["datasets"], inventory_hosts))
+        errors.extend(checks.migration(host_name, values, inventory_hosts))
+        errors.extend(checks.backups(host_name, values))
     if errors:
         raise SettingsError("\n".join(errors))
     return _assemble(host_name, values, raw, tuple(groups))

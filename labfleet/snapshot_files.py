@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from io import StringIO
 
-from pyinfra.operations import files
+from pyinfra.operations import files, systemd
 
 from labfleet.facts.system import PathState, path_is
 from labfleet.planning import unless_current
@@ -46,3 +46,14 @@ def text_file(states: dict[str, PathState], name: str, text: str, dest: str, use
         group=group,
         mode=mode,
     )
+
+
+def systemd_units(states: dict[str, PathState], units: dict[str, str], reload_name: str) -> None:
+    """Unit files (path -> text, root's, 0644) and one ``systemctl daemon-reload`` when any of them changed."""
+    written = []
+    for path, text in units.items():
+        result = text_file(states, f"Write {path}", text, path, "root", "root", "644")
+        if result is not None:
+            written.append(result)
+    if written:
+        systemd.daemon_reload(name=reload_name, _if=lambda: any(unit.did_change() for unit in written))

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import operation
-from pyinfra.operations import systemd
 
 from labfleet import compose, snapshot_files
 from labfleet.busy_check import duration_text
@@ -173,15 +172,13 @@ def install_update_timers(settings: Settings) -> None:
     """Keep the busy check, the apply script and each user's (disarmed) timer units on the host."""
     state = snapshot(UpdatesState, reads(settings))
     snapshot_files.directory(state.paths, f"Create {UPDATES_DIR}", UPDATES_DIR, "root", "root", "755")
-    units = []
+    units = {}
     for path, (text, mode) in host_files(settings).items():
-        written = snapshot_files.text_file(state.paths, f"Write {path}", text, path, "root", "root", mode)
-        if written is not None and path.startswith(UNIT_DIR):
-            units.append(written)
-    if units:
-        systemd.daemon_reload(
-            name="Reload systemd for the update timers", _if=lambda: any(unit.did_change() for unit in units)
-        )
+        if path.startswith(UNIT_DIR):
+            units[path] = text
+        else:
+            snapshot_files.text_file(state.paths, f"Write {path}", text, path, "root", "root", mode)
+    snapshot_files.systemd_units(state.paths, units, "Reload systemd for the update timers")
 
 
 def waits(state: ComposeState, digest: str) -> bool:

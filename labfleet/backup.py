@@ -1,0 +1,552 @@
+"""Backups of each jupyter user's workspace and home with restic, and their restore onto a new PC.
+
+With ``backup_repository`` set, every host gets restic from its distribution and a systemd
+timer (``backup_schedule``) that runs ``labfleet-backup``: one restic snapshot per user and
+directory, taken with ``--host <inventory name>`` and tagged ``labfleet``, ``user:<name>`` and
+``kind:workspace`` or ``kind:home``; then this host's snapshots beyond ``backup_keep`` are
+forgotten and pruned (never another host's: a dead PC's snapshots stay until the admin
+removes them). Datasets are not backed up: they have sources.
+
+Every run leaves two small files in /var/lib/labfleet/backup: last-run.json (ok, or the
+reason it failed) and last-success.json (when, and restic's summary of each snapshot). The
+status reads them; it never reaches the repository.
+
+With ``restore_from = "backup"`` (this host's own snapshots) or ``"backup:pc03.lab"`` (another
+host's), each user's newest workspace and home snapshots are restored before JupyterLab comes
+up: into a staging directory beside the target, given to the user by name (restic restores
+the old numeric ids, which may belong to someone else on this PC), then copied in without
+replacing any file that is already there. A marker per user and directory makes it happen once.
+
+Files on each host:
+
+- /etc/labfleet/backup/password (0600, from backup_password_file), ssh_key (0600, from
+  backup_ssh_key) and known_hosts (the server's key, learnt on first contact);
+- /opt/labfleet/backup/labfleet-restic: restic with this host's repository, password file and
+  SSH options (the deploy, the service and an admin all use it);
+- /opt/labfleet/backup/labfleet-backup: what the service runs;
+- /etc/systemd/system/labfleet-backup.service and .timer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import shlex
+from dataclasses import dataclass
+
+from pyinfra import host, logger
+from pyinfra.api import operation
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import files, systemd
+
+from labfleet import apt, jupyter, preflight, snapshot_files
+from labfleet.busy_check import duration_text
+from labfleet.facts.backup import (
+    BACKUP_DIR,
+    LAST_RUN,
+    LAST_SUCCESS,
+    RESTIC,
+    SINCE,
+    STATE_DIR,
+    BackupSummaryState,
+    ResticRepository,
+    ResticSnapshots,
+    backup_bytes,
+    latest,
+)
+from labfleet.facts.system import PathState, PathStates, ServiceState, UnitState, path_is
+from labfleet.planning import Read, snapshot, step, unless_current
+from labfleet.settings import Settings
+
+BACKUP_SCRIPT = f"{BACKUP_DIR}/labfleet-backup"
+CONFIG_DIR = "/etc/labfleet/backup"
+PASSWORD_FILE = f"{CONFIG_DIR}/password"
+SSH_KEY = f"{CONFIG_DIR}/ssh_key"
+KNOWN_HOSTS = f"{CONFIG_DIR}/known_hosts"
+CACHE_DIR = "/var/cache/labfleet-restic"
+UNIT_DIR = "/etc/systemd/system"
+SERVICE = "labfleet-backup.service"
+TIMER = "labfleet-backup.timer"
+# The repository a host has checked (and made, if it was missing): the check runs again only when it changes.
+CHECKED = f"{STATE_DIR}/repository"
+# How long a backup or a prune waits for another host's exclusive lock on the shared repository.
+RETRY_LOCK = "1h"
+KINDS = ("workspace", "home")
+
+
+def restored_marker(user: str, kind: str) -> str:
+    return f"{STATE_DIR}/restored-{user}-{kind}"
+
+
+def _text_sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _file_sha1(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha1(handle.read()).hexdigest()
+
+
+# --- What is written on the host ------------------------------------------------------------------
+
+
+def sftp_command(settings: Settings) -> str | None:
+    """The ssh command restic runs for an sftp: repository (``-o sftp.command``), or None for a local one.
+
+    A host learns the server's key on first contact (accept-new) and holds it from then on, in
+    a known_hosts file of its own; with backup_ssh_key, it logs in with that key only.
+    """
+    repository = settings.backup_repository
+    if repository is None or repository.kind != "sftp":
+        return None
+    args = [
+        "ssh",
+        "-o", "BatchMode=yes",
+        "-o", "ConnectTimeout=20",
+        "-o", "ServerAliveInterval=30",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", f"UserKnownHostsFile={KNOWN_HOSTS}",
+    ]  # fmt: skip
+    if settings.backup_ssh_key:
+        args += ["-i", SSH_KEY, "-o", "IdentitiesOnly=yes"]
+    if repository.port:
+        args += ["-p", str(repository.port)]
+    if repository.user:
+        args += ["-l", repository.user]
+    return " ".join([*args, str(repository.server), "-s", "sftp"])
+
+
+def restic_wrapper(settings: Settings) -> str:
+    """labfleet-restic: restic with this host's repository. The password stays in its file."""
+    assert settings.backup_repository is not None
+    sftp = sftp_command(settings)
+    option = f"-o {shlex.quote('sftp.command=' + sftp)} " if sftp else ""
+    return (
+        "#!/bin/sh\n"
+        "# labfleet-restic ARGS... (written by labfleet): restic with this host's backup repository.\n"
+        f"export RESTIC_REPOSITORY={shlex.quote(settings.backup_repository.text)}\n"
+        f"export RESTIC_PASSWORD_FILE={PASSWORD_FILE}\n"
+        f"export RESTIC_CACHE_DIR={CACHE_DIR}\n"
+        f'exec restic {option}"$@"\n'
+    )
+
+
+def keep_options(settings: Settings) -> str:
+    return " ".join(f"--keep-{kind} {count}" for kind, count in settings.backup_keep)
+
+
+def backup_script(settings: Settings) -> str:
+    """labfleet-backup: one snapshot per user and directory, the retention, and the summary files."""
+    lines = [
+        f"one {shlex.quote(user.name)} {kind} {shlex.quote(path)}"
+        for user in settings.jupyter_users
+        for kind, path in (("workspace", user.workspace_dir), ("home", user.home_dir))
+    ]
+    return f"""\
+#!/bin/sh
+# labfleet-backup (written by labfleet): run by {SERVICE}. One restic snapshot per jupyter user
+# and directory, tagged with the user and the directory's kind, then this host's snapshots beyond
+# backup_keep are forgotten and pruned. Leaves {LAST_RUN} after every run and
+# {LAST_SUCCESS} after a run that backed everything up; ./run status reads them.
+set -u
+restic={RESTIC}
+host={shlex.quote(settings.host)}
+state={STATE_DIR}
+mkdir -p "$state"
+work=$(mktemp -d) || exit 1
+trap 'rm -rf "$work"' EXIT
+snapshots=
+failed=
+reason() {{
+  grep -E '^(Fatal|ssh|subprocess ssh|error|Error)' "$work/err" | tail -n 3 | tr '\\n' ' ' |
+    tr -d '\\000-\\037"\\\\' | cut -c1-400
+}}
+one() {{
+  [ -d "$3" ] || return 0
+  "$restic" backup --json --host "$host" --tag labfleet --tag "user:$1" --tag "kind:$2" \\
+    --exclude-caches --retry-lock {RETRY_LOCK} "$3" >"$work/out" 2>"$work/err"
+  code=$?
+  # 3: some files could not be read; the snapshot of the others was made.
+  if [ $code -ne 0 ] && [ $code -ne 3 ]; then
+    why=$(reason)
+    failed="$failed${{failed:+; }}$1 $2: ${{why:-restic exited $code}}"
+    return 0
+  fi
+  summary=$(grep '"message_type":"summary"' "$work/out" | tail -n 1)
+  snapshots="$snapshots${{snapshots:+,}}{{\\"user\\":\\"$1\\",\\"kind\\":\\"$2\\",\\"path\\":\\"$3\\",\\"summary\\":${{summary:-null}}}}"
+}}
+{chr(10).join(lines)}
+if [ -z "$failed" ]; then
+  "$restic" forget --host "$host" --tag labfleet --group-by host,tags {keep_options(settings)} \\
+    --prune --retry-lock {RETRY_LOCK} >/dev/null 2>"$work/err" || failed="retention: $(reason)"
+fi
+now=$(date +%s)
+if [ -z "$failed" ]; then
+  printf '{{"time": %s, "snapshots": [%s]}}\\n' "$now" "$snapshots" > "$state/.last-success" &&
+    mv "$state/.last-success" {LAST_SUCCESS}
+  printf '{{"time": %s, "ok": true}}\\n' "$now" > "$state/.last-run" && mv "$state/.last-run" {LAST_RUN}
+  exit 0
+fi
+printf '{{"time": %s, "ok": false, "error": "%s"}}\\n' "$now" "$failed" > "$state/.last-run" &&
+  mv "$state/.last-run" {LAST_RUN}
+echo "labfleet-backup: $failed" >&2
+exit 1
+"""
+
+
+def service_text(settings: Settings) -> str:
+    return (
+        "[Unit]\n"
+        f"Description=labfleet: back up the workspaces and homes to {settings.backup_repository}\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target\n\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={BACKUP_SCRIPT}\n"
+        # Work goes on while the backup reads: it yields the CPU and the disk.
+        "Nice=10\n"
+        "IOSchedulingClass=idle\n"
+    )
+
+
+def timer_text(settings: Settings) -> str:
+    # Spread the hosts of a lab over a while, so that they do not all wait for one lock at once.
+    spread = max(1, min(settings.backup_schedule.period // 10, 1800))
+    return (
+        "[Unit]\n"
+        f"Description=labfleet: back up the workspaces and homes ({settings.backup_schedule})\n\n"
+        "[Timer]\n"
+        f"OnCalendar={settings.backup_schedule}\n"
+        "Persistent=true\n"
+        f"RandomizedDelaySec={spread}\n\n"
+        "[Install]\n"
+        "WantedBy=timers.target\n"
+    )
+
+
+def host_files(settings: Settings) -> dict[str, tuple[str, str]]:
+    """The files this module writes from text: path -> (text, mode)."""
+    return {
+        RESTIC: (restic_wrapper(settings), "755"),
+        BACKUP_SCRIPT: (backup_script(settings), "755"),
+        f"{UNIT_DIR}/{SERVICE}": (service_text(settings), "644"),
+        f"{UNIT_DIR}/{TIMER}": (timer_text(settings), "644"),
+    }
+
+
+def controller_files(settings: Settings) -> dict[str, str]:
+    """The files copied from the controller: path on the host -> file on the controller."""
+    out = {}
+    if settings.backup_password_file:
+        out[PASSWORD_FILE] = settings.backup_password_file
+    if settings.backup_ssh_key and sftp_command(settings):
+        out[SSH_KEY] = settings.backup_ssh_key
+    return out
+
+
+def restore_source(settings: Settings) -> str | None:
+    """The host whose snapshots restore_from names (this host for "backup")."""
+    if settings.restore_from is None:
+        return None
+    return settings.host if settings.restore_from == "backup" else settings.restore_from.partition(":")[2]
+
+
+def restore_text(settings: Settings) -> str:
+    """What a restored marker holds: the restore_from it restored (changing it restores again, never over files)."""
+    return f"{settings.restore_from}\n"
+
+
+def packages(settings: Settings) -> list[str]:
+    return ["restic", "openssh-client"] if sftp_command(settings) else ["restic"]
+
+
+def reads(settings: Settings) -> dict[str, Read]:
+    """What backups and restores are decided from: their files and markers, the timer, the packages."""
+    if settings.backup_repository is None:
+        return {"timer": Read(ServiceState, {"service": TIMER})}
+    digests = [*host_files(settings), *controller_files(settings), CHECKED]
+    markers = [restored_marker(user.name, kind) for user in settings.jupyter_users for kind in KINDS]
+    if settings.restore_from is not None:
+        digests += markers
+    paths = [BACKUP_DIR, CONFIG_DIR, STATE_DIR, SINCE, *digests]
+    return {
+        "packages": Read(DebPackages),
+        "paths": Read(PathStates, {"paths": tuple(paths), "digests": tuple(digests)}),
+        "timer": Read(ServiceState, {"service": TIMER}),
+    }
+
+
+@dataclass(frozen=True)
+class BackupState:
+    timer: UnitState
+    packages: dict | None = None
+    paths: dict[str, PathState] | None = None
+
+
+# --- Operations ---------------------------------------------------------------------------------
+
+
+def key_hint(settings: Settings) -> str:
+    repository = settings.backup_repository
+    if repository is None or repository.kind != "sftp":
+        return "check that the repository's directory is mounted and writable by root"
+    account = f"{repository.user or 'root'}@{repository.server}"
+    key = (
+        f"the public key of backup_ssh_key ({settings.backup_ssh_key}.pub)"
+        if settings.backup_ssh_key
+        else ("root's public key of this host")
+    )
+    return f"check that {repository.server} is reachable and that {account} accepts {key} in its authorized_keys"
+
+
+@operation(is_idempotent=True)
+def check_repository(repository: str, marker: str, hint: str):
+    """Make the restic repository if there is none (``restic init``), and note that this host checked it.
+
+    + repository: the repository as restic is given it (what the marker holds)
+    + marker: the file that holds the repository once checked
+    + hint: what to check when the repository cannot be opened
+
+    **Example:**
+
+    .. code:: python
+
+        check_repository(name="Check the backup repository", repository="sftp:backup@nas.lab:/srv/restic",
+                         marker="/var/lib/labfleet/backup/repository", hint="check that nas.lab is reachable")
+    """
+    found = host.get_fact(ResticRepository)
+    write = f"install -d -m 0755 {STATE_DIR} && printf '%s\\n' {shlex.quote(repository)} > {shlex.quote(marker)}"
+    if found["state"] == "exists":
+        yield write
+    elif found["state"] in ("missing", "unavailable"):
+        # unavailable: labfleet-restic arrives in this run (a preview reads the host before it).
+        yield f"{shlex.quote(RESTIC)} init >/dev/null && {write}"
+    else:
+        yield preflight.failing_command(
+            f"host {host.name}: cannot open the backup repository {repository}: {found['error']}; {hint}, "
+            "then run the deploy again"
+        )
+
+
+@operation(is_idempotent=True)
+def restore_directory(source: str, user: str, group: str, kind: str, target: str, marker: str, marker_text: str):
+    """Restore a user's newest snapshot of one directory into it, never over a file that is there, once.
+
+    + source: the host whose snapshots are read (restic ``--host``)
+    + user: the jupyter user (``user:<name>`` tag); the restored files become this account's, by name
+    + group: the account's group
+    + kind: ``workspace`` or ``home`` (``kind:<kind>`` tag)
+    + target: the directory restored into
+    + marker: the file that says the restore was done
+    + marker_text: what the marker holds (the restore_from it did)
+
+    **Example:**
+
+    .. code:: python
+
+        restore_directory(name="Restore the workspace of alice", source="pc03.lab", user="alice", group="alice",
+                          kind="workspace", target="/srv/workspace/alice",
+                          marker="/var/lib/labfleet/backup/restored-alice-workspace", marker_text="backup:pc03.lab\\n")
+    """
+    found = host.get_fact(ResticSnapshots, source=source)
+    mark = f"install -d -m 0755 {STATE_DIR} && printf %s {shlex.quote(marker_text)} > {shlex.quote(marker)}"
+    if found["state"] == "unavailable":
+        # A preview before labfleet-restic is installed: the run reads the snapshots again.
+        yield f"echo 'restore {kind} of {user} from {source}'"
+        return
+    if found["state"] == "error":
+        yield preflight.failing_command(
+            f"host {host.name}: cannot list the snapshots of {source} to restore the {kind} of {user}: "
+            f"{found['error']}; fix the repository's access (see the backup step above), then run the deploy again"
+        )
+        return
+    if not found["snapshots"]:
+        yield preflight.failing_command(
+            f"host {host.name}: restore_from names {source}, but the backup repository holds no labfleet snapshot "
+            f"taken on {source}; check the name (restic snapshots lists the hosts) or remove restore_from"
+        )
+        return
+    chosen = latest(found["snapshots"], user, kind)
+    if chosen is None:
+        message = f"no snapshot of the {kind} of {user} from {source}: nothing to restore there"
+        if host.state.is_executing:
+            logger.warning(f"{host.print_prefix}{message}")
+        yield mark
+        return
+    yield restore_command(chosen["id"], chosen["paths"][0], target, user, group) + " && " + mark
+
+
+def restore_command(snapshot_id: str, path: str, target: str, user: str, group: str) -> str:
+    """Restore path of a snapshot into target through a staging directory beside it.
+
+    The staging directory is on target's file system, so it holds the copy only as long as the
+    tar that copies it in, without replacing a file, without changing a directory that is there.
+    """
+    staging = posixpath.join(posixpath.dirname(target), f".labfleet-restore-{posixpath.basename(target)}")
+    q_staging, q_target = shlex.quote(staging), shlex.quote(target)
+    script = (
+        f"set -eo pipefail; rm -rf {q_staging}; install -d -m 0700 {q_staging}; "
+        f"{shlex.quote(RESTIC)} restore {shlex.quote(snapshot_id)} --target {q_staging} >/dev/null; "
+        f"chown -R -h {shlex.quote(f'{user}:{group}')} {q_staging}; "
+        f"[ -d {q_target} ] || install -d -o {shlex.quote(user)} -g {shlex.quote(group)} {q_target}; "
+        f"tar -C {shlex.quote(staging + path)} -cf - . | "
+        f"tar -C {q_target} -xpf - --skip-old-files --no-overwrite-dir; rm -rf {q_staging}"
+    )
+    return f"bash -c {shlex.quote(script)}"
+
+
+# --- Steps --------------------------------------------------------------------------------------
+
+
+@step("Back up the workspaces and homes")
+def set_up_backups(settings: Settings):
+    state = snapshot(BackupState, reads(settings))
+    if settings.backup_repository is None:
+        # Backups switched off: the timer stops; the files, the repository and its snapshots stay.
+        if state.timer["enabled"] == "enabled" or state.timer["active"] == "active":
+            systemd.service(
+                name="Stop the backup timer (backup_repository is unset)",
+                service=TIMER,
+                running=False,
+                enabled=False,
+            )
+        return
+    assert state.paths is not None and state.packages is not None
+    wanted = packages(settings)
+    unless_current(
+        apt.ensure_packages,
+        current=not apt.missing_packages(wanted, state.packages),
+        name="Install restic",
+        packages=wanted,
+    )
+    paths = state.paths
+    snapshot_files.directory(paths, f"Create {BACKUP_DIR}", BACKUP_DIR, "root", "root", "755")
+    snapshot_files.directory(paths, f"Create {CONFIG_DIR}", CONFIG_DIR, "root", "root", "700")
+    snapshot_files.directory(paths, f"Create {STATE_DIR}", STATE_DIR, "root", "root", "755")
+    for dest, local in controller_files(settings).items():
+        # Uploaded from the controller's file: the secret is never in an argument or the output.
+        unless_current(
+            files.put,
+            current=path_is(paths, dest, "file", "root", "root", "600", _file_sha1(local)),
+            name=f"Copy {dest}",
+            src=local,
+            dest=dest,
+            user="root",
+            group="root",
+            mode="600",
+        )
+    units = {}
+    for path, (text, mode) in host_files(settings).items():
+        if path.startswith(UNIT_DIR):
+            units[path] = text
+        else:
+            snapshot_files.text_file(paths, f"Write {path}", text, path, "root", "root", mode)
+    snapshot_files.systemd_units(paths, units, "Reload systemd for the backup timer")
+    unless_current(
+        check_repository,
+        current=path_is(paths, CHECKED, "file", sha1=_text_sha1(f"{settings.backup_repository.text}\n")),
+        name="Check the backup repository",
+        repository=settings.backup_repository.text,
+        marker=CHECKED,
+        hint=key_hint(settings),
+    )
+    unless_current(
+        files.file,
+        current=SINCE in paths,
+        name="Note when the backups were set up",
+        path=SINCE,
+    )
+    unless_current(
+        systemd.service,
+        current=state.timer["enabled"] == "enabled" and state.timer["active"] == "active",
+        name="Start the backup timer",
+        service=TIMER,
+        running=True,
+        enabled=True,
+    )
+
+
+@step("Restore the workspaces and homes from the backup")
+def restore_workspaces(settings: Settings):
+    source = restore_source(settings)
+    if source is None:
+        return
+    paths = snapshot(BackupState, reads(settings)).paths or {}
+    text = restore_text(settings)
+    for project in jupyter.projects(settings):
+        user = project.user
+        for kind, target in (("workspace", user.workspace_dir), ("home", user.home_dir)):
+            marker = restored_marker(user.name, kind)
+            unless_current(
+                restore_directory,
+                current=path_is(paths, marker, "file", sha1=_text_sha1(text)),
+                name=f"Restore the {kind} of {user.name} from {settings.restore_from}",
+                source=source,
+                user=user.name,
+                group=project.group,
+                kind=kind,
+                target=target,
+                marker=marker,
+                marker_text=text,
+            )
+
+
+# --- What the status shows ----------------------------------------------------------------------
+
+
+def status_row(settings: Settings, summary: BackupSummaryState) -> dict | None:
+    """The status's view of this host's backups, from the summary files (None: backups are off)."""
+    if settings.backup_repository is None:
+        return None
+    now, success, run = summary["now"], summary["last_success"], summary["last_run"]
+    last = success.get("time") if success else None
+    failed = run is not None and run.get("ok") is False
+    return {
+        "repository": settings.backup_repository.text,
+        "schedule": settings.backup_schedule.text,
+        "period": settings.backup_schedule.period,
+        "last": last if isinstance(last, int) else None,
+        "age": now - last if isinstance(now, int) and isinstance(last, int) else None,
+        "bytes": backup_bytes(success),
+        "since": summary["since"],
+        "now": now,
+        "failed": ((run or {}).get("error") or "failed") if failed else None,
+        "failed_at": (run or {}).get("time") if failed else None,
+    }
+
+
+def status_reasons(row: dict | None) -> list[str]:
+    """Why a host's backups are drift: the last run failed, or the last snapshot is older than twice the schedule."""
+    if row is None:
+        return []
+    reasons = []
+    limit = 2 * row["period"]
+    if row["failed"] is not None:
+        when = row["now"] - row["failed_at"] if isinstance(row["now"], int) and isinstance(row["failed_at"], int) else 0
+        reasons.append(f"the last backup failed ({duration_text(when)} ago): {row['failed']}")
+    if row["age"] is not None:
+        if row["age"] > limit:
+            reasons.append(
+                f"the last backup is {duration_text(row['age'])} old, more than twice backup_schedule "
+                f"{row['schedule']!r}"
+            )
+    elif row["since"] is None or row["now"] is None:
+        reasons.append("backups are not set up on this host yet; run the deploy")
+    elif row["now"] - row["since"] > limit:
+        reasons.append(
+            f"no backup since they were set up {duration_text(row['now'] - row['since'])} ago "
+            f"(backup_schedule {row['schedule']!r})"
+        )
+    return reasons
+
+
+def status_cell(row: dict | None) -> str:
+    """The status table's backup cell: the last snapshot's age and size."""
+    if row is None:
+        return "-"
+    if row["age"] is None:
+        cell = "none yet"
+    else:
+        size = "?" if row["bytes"] is None else f"{row['bytes'] / 2**30:.1f}G"
+        cell = f"{duration_text(row['age'])} ago {size}"
+    return cell + (" (failed)" if row["failed"] is not None else "")
