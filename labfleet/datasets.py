@@ -154,7 +154,7 @@ def reads(settings: Settings) -> dict[str, Read]:
     owned = [dataset_dir(settings, d) for d in settings.datasets if not SOURCE_KINDS[d.source.kind].mounted]
     users = {user.name for user in settings.jupyter_users}
     paths = [settings.datasets_root, *(dataset_dir(settings, d) for d in settings.datasets)]
-    if _pullers_of(settings.host):
+    if serves_peers(settings.host):
         users.add(SYNC_USER)
         paths.append(SYNC_SSH_DIR)
     return {
@@ -364,6 +364,11 @@ def _pullers_of(peer: str) -> list[tuple[Settings, Dataset]]:
     ]
 
 
+def serves_peers(peer: str) -> bool:
+    """Whether some host pulls from peer: a host: dataset, or a user's files (labfleet.migrate)."""
+    return bool(_pullers_of(peer)) or any(other.migrate_from == peer for other in _all_settings().values())
+
+
 def pull_depth(all_settings: dict[str, Settings], host_name: str, dataset: Dataset, seen=()) -> int:
     """How many pulls stand between a dataset and data that does not come from a peer.
 
@@ -392,9 +397,18 @@ def _key_comment(puller: str, dataset: Dataset) -> str:
     return f"{KEY_TAG}:{dataset.name}@{puller}"
 
 
-def authorized_key_line(public_key: str, path: str, from_address: str | None, rrsync: str) -> str:
-    """One authorized_keys line that lets a key do a read-only rsync of path, and nothing else."""
-    forced = f"{rrsync} -ro {shlex.quote(path)}".replace("\\", "\\\\").replace('"', '\\"')
+def authorized_key_line(
+    public_key: str, path: str, from_address: str | None, rrsync: str, run_as: str | None = None
+) -> str:
+    """One authorized_keys line that lets a key do a read-only rsync of path, and nothing else.
+
+    + run_as: the account the rsync reads as (through sudo, which labfleet.migrate allows for
+      exactly this command); None reads as the sync account itself
+    """
+    command = f"{rrsync} -ro {shlex.quote(path)}"
+    if run_as:
+        command = f"sudo -n -u {shlex.quote(run_as)} {command}"
+    forced = command.replace("\\", "\\\\").replace('"', '\\"')
     options = ["restrict"]
     if from_address:
         options.append(f'from="{from_address}"')
@@ -461,13 +475,15 @@ def trust_peer_host_keys(path: str, peers: list[tuple[str, str, int]]):
 
 
 @operation(is_idempotent=True)
-def authorize_pullers(path: str, pullers: list[tuple[str, str, str, str | None]]):
+def authorize_pullers(path: str, pullers: list[tuple[str, ...]] | list[tuple[str, str, str, str | None]]):
     """Write the sync account's authorized_keys: one forced read-only rrsync per puller and dataset.
 
     + path: the authorized_keys file of the sync account
-    + pullers: (puller host, its public key file, the path it may read, its IP or None)
+    + pullers: (puller host, its public key file, the path it may read, its IP or None), and
+      optionally the account the read runs as (labfleet.migrate: the files' owner)
 
-    A puller whose key cannot be read now (it failed earlier in this run) keeps its line.
+    A puller whose key cannot be read now (it failed earlier in this run) keeps its line, and
+    so does every other labfleet-pull line: datasets and migrations write the same file.
     """
     if not pullers:
         host.noop("no host pulls a dataset from this one")
@@ -485,11 +501,11 @@ def authorize_pullers(path: str, pullers: list[tuple[str, str, str, str | None]]
         if tag.startswith(KEY_TAG + ":"):
             existing[tag] = line
     lines = {}
-    for puller, key_path, readable, address in pullers:
+    for puller, key_path, readable, address, *run_as in pullers:
         public_key = host.inventory.get_host(puller).get_fact(PublicKeyFile, path=f"{key_path}.pub")
         if public_key:
             tag = public_key.rsplit(" ", 1)[-1]
-            lines[tag] = authorized_key_line(public_key, readable, address, rrsync)
+            lines[tag] = authorized_key_line(public_key, readable, address, rrsync, *run_as)
     for tag, line in existing.items():
         lines.setdefault(tag, line)
     content = "".join(f"{lines[tag]}\n" for tag in sorted(lines))
@@ -826,7 +842,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
 @step("Lay out the dataset directories")
 def lay_out_datasets(settings: Settings):
     state = planning.snapshot(DatasetsState, reads(settings))
-    serves_pulls = bool(_pullers_of(settings.host))
+    serves_pulls = serves_peers(settings.host)
     tools = _packages(settings, serves_pulls)
     unless_current(
         apt.ensure_packages,

@@ -11,7 +11,7 @@ from pyinfra.api import operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
-from labfleet import compose, image, nvidia, planning, preflight, snapshot_files, updates
+from labfleet import compose, image, migrate, nvidia, planning, preflight, snapshot_files, updates
 from labfleet.facts.home import FileNames
 from labfleet.facts.jupyter import ComposeService, ComposeState
 from labfleet.facts.system import PathState, PathStates, path_is
@@ -347,7 +347,10 @@ def reach_hint(settings: Settings, port: int) -> str:
 def bring_up(settings: Settings):
     state = host_state(settings)
     updates.install_update_timers(settings)
+    held = migrate.held_back(settings)
     for project in projects(settings):
+        if project.user.name in held:
+            continue  # moved to another PC, or not yet moved here (labfleet.migrate)
         service = state.services[project.user.name]
         digest = compose.project_digest(project)
         token, *_ = _project_paths(project.directory)
@@ -370,7 +373,11 @@ def bring_up(settings: Settings):
 
 @step("Summary")
 def announce_projects(settings: Settings):
+    held = migrate.held_back(settings)
     for project in projects(settings):
+        if project.user.name in held:
+            announce(name=f"How {project.user.name} reaches JupyterLab", message=held[project.user.name])
+            continue
         port = project.user.port
         secret = (
             "the password behind jupyter_password_hash"
