@@ -41,6 +41,10 @@ BAD = [
     ("nvidia_default_runtime", "false", "true or false"),
     ("nvidia_driver_min", "57", "driver version"),
     ("nvidia_driver_min", "latest", "driver version"),
+    ("nvidia_driver_version", "580", 'NVIDIA driver release like "580.95.05"'),
+    ("nvidia_driver_version", "580.95.05-1", 'NVIDIA driver release like "580.95.05"'),
+    ("nvidia_driver_version", 580.95, 'NVIDIA driver release like "580.95.05"'),
+    ("nvidia_driver_version", "latest", 'NVIDIA driver release like "580.95.05"'),
     ("nvidia_driver_install", "no", "true or false"),
     ("cuda", "12.3", '"12.8"'),
     ("cuda", 12.8, '"12.8"'),
@@ -175,7 +179,7 @@ def test_good_value_is_accepted(raw, key, value, normalised):
 def test_defaults_are_valid(raw):
     s = build("pc01", raw)
     assert s.cuda == "12.8"
-    assert s.nvidia_driver_min == "570"
+    assert s.nvidia_driver_min == "525.60.13"
     assert s.jupyter_user.name == "alice"
     assert s.jupyter_user.port == 8888
     assert s.jupyter_user.workspace_dir == "/srv/workspace/alice"
@@ -183,7 +187,7 @@ def test_defaults_are_valid(raw):
 
 def test_driver_floor_follows_cuda(raw):
     raw["cuda"] = "13.0"
-    assert build("pc01", raw).nvidia_driver_min == "580"
+    assert build("pc01", raw).nvidia_driver_min == "580.65.06"
     # jupyter's one lock serves every CUDA line; pytorch has none for 12.4.
     raw["image_profile"] = "jupyter"
     raw["cuda"] = "12.4"
