@@ -51,6 +51,7 @@ from labfleet.facts.gpu_usage import GpuUsage
 from labfleet.facts.home import SIZE_SECONDS, HomeSize
 from labfleet.facts.image import ImageId
 from labfleet.facts.nvidia import GpuHost
+from labfleet.facts.nvidia_driver import NvidiaDriver, reboot_needed
 from labfleet.facts.report import DatasetStates, ProjectContainer, ToolkitVersion
 from labfleet.facts.system import FreeBytes
 from labfleet.facts.updates import PendingState, PendingUpdate
@@ -100,6 +101,7 @@ def reads(settings: Settings) -> dict[str, Read]:
         "engine": Read(DockerEngineStatus),
         "toolkit": Read(ToolkitVersion),
         "gpu": Read(GpuHost),
+        "nvidia_driver": Read(NvidiaDriver),
         # Each GPU's load and the compute processes on it, with what names their owners.
         "gpu_usage": Read(GpuUsage),
         "image_id": Read(ImageId, {"ref": tag}),
@@ -168,6 +170,8 @@ def host_row(settings: Settings) -> dict:
         "toolkit": found["toolkit"],
         "toolkit_wanted": nvidia.wants_toolkit(settings),
         "driver": gpu["driver"],
+        # (loaded module or None, installed release) while the host still has to reboot into it
+        "reboot_needed": reboot_needed(found["nvidia_driver"]),
         "gpus": len(gpu["gpus"]),
         "gpu_names": [g["name"] for g in gpu_use["gpus"]] if gpu_use and gpu_use["gpus"] else None,
         "gpu_use": gpu_use,
@@ -252,6 +256,11 @@ def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -
     for row in rows:
         if row["docker"] is None:
             reasons[row["host"]].append("docker is not answering")
+        if row.get("reboot_needed"):
+            module, installed = row["reboot_needed"]
+            reasons[row["host"]].append(
+                f"reboot needed: NVIDIA module {module or 'none'} loaded, {installed} installed (reboot {row['host']})"
+            )
         if row["toolkit"] is None and row["toolkit_wanted"]:
             reasons[row["host"]].append("nvidia-container-toolkit is missing")
     for column in ("docker", "toolkit"):
@@ -373,7 +382,7 @@ def table(
                 row["os"],
                 row["docker"] or "-",
                 row["toolkit"] or "-",
-                row["driver"] or "-",
+                (row["driver"] or "-") + (" (reboot needed)" if row.get("reboot_needed") else ""),
                 _gpus_cell(row),
                 _image_cell(row, image_ids),
                 jupyter_cell,

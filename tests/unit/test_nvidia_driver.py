@@ -567,3 +567,18 @@ def test_the_gpu_check_is_skipped_while_a_reboot_is_due(fake_host_in):
     fake = fake_host_in(nvidia, {NvidiaDriver: parse_driver_state(MISMATCHED)})
     assert list(nvidia.check_gpu_in_container._inner("labfleet/jupyterlab:pytorch-0123456789ab", "all")) == []
     assert fake.noops == ["the GPU check is skipped: module 565.57.01 is loaded, 570.86.15 installed (reboot needed)"]
+
+
+def test_status_says_reboot_needed():
+    from test_report import fleet, row
+
+    from labfleet import report
+
+    due = row("pc03", driver="565.57.01", gpus=1, reboot_needed=("565.57.01", "570.86.15"))
+    rows = fleet(row("pc01"), due)
+    reasons = report.drift(rows)
+    assert reasons["pc03"] == ["reboot needed: NVIDIA module 565.57.01 loaded, 570.86.15 installed (reboot pc03)"]
+    assert reasons["pc01"] == []
+    text = report.table(rows, reasons)
+    assert "565.57.01 (reboot needed)" in text
+    assert "! pc03: reboot needed: NVIDIA module 565.57.01 loaded, 570.86.15 installed (reboot pc03)" in text
