@@ -15,7 +15,8 @@ One helper per job, shared by the docker and nvidia steps:
   run apt only for the difference; ``apt-get update`` runs only when something is installed
   or a source changed, so a re-run costs no network and reports no change.
 - ``pin_preferences`` renders /etc/apt/preferences.d content that holds packages at one
-  version, so an ``apt upgrade`` by hand does not move a pinned engine.
+  version, so an ``apt upgrade`` by hand does not move a pinned engine; ``hold_packages``
+  holds installed packages at the versions they have, where no version is asked for.
 - ``AptRepository`` and ``add_repository``: the one step that adds a signed third-party
   repository (Docker's, NVIDIA's): stale files out, prerequisites, key, deb822 source, pin;
   the install that follows refreshes apt only when that changed something.
@@ -31,9 +32,10 @@ from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import FileUploadCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
 from labfleet import planning
@@ -213,6 +215,70 @@ def pin_preferences(packages: Sequence[str], version: str, comment: str | None =
     return "\n".join(lines) + "\n"
 
 
+def hold_preferences(versions: Mapping[str, str], comment: str | None = None) -> str:
+    """/etc/apt/preferences.d text that holds each package at its own version (one stanza per version).
+
+    + versions: package name -> the version it is held at
+    """
+    stanzas = []
+    for version in sorted(set(versions.values())):
+        names = sorted(name for name, held in versions.items() if held == version)
+        stanzas.append(pin_preferences(names, version).rstrip("\n"))
+    return (f"# {comment}\n" if comment else "") + "\n\n".join(stanzas) + "\n"
+
+
+def installed_versions(packages: Iterable[str], installed: Mapping) -> dict[str, str]:
+    """name -> installed version, for those of packages that DebPackages lists."""
+    return {name: installed[name][0] for name in packages if installed.get(name)}
+
+
+def hold_is_current(
+    packages: Sequence[str], path: str, comment: str | None, installed: Mapping, entries: Mapping
+) -> bool:
+    """Whether path already holds packages at their installed versions, from a step's snapshot.
+
+    + installed: DebPackages
+    + entries: an AptSourceEntries reading whose paths include path (``repository_read``)
+    """
+    versions = installed_versions(packages, installed)
+    return not versions or entries["sha256"].get(path) == _sha256(hold_preferences(versions, comment))
+
+
+@operation(is_idempotent=True)
+def hold_packages(packages: Sequence[str], path: str, comment: str | None = None):
+    """Hold packages at the versions installed now, against ``apt upgrade`` and unattended-upgrades.
+
+    + packages: package names; those not installed are left out
+    + path: the apt preferences file that holds them (under /etc/apt/preferences.d)
+    + comment: the file's first line, saying who wrote it and why
+
+    A pin at priority 1001 makes the installed version apt's candidate, so ``apt-get
+    upgrade``, ``apt upgrade`` and unattended-upgrades (which installs apt's candidates)
+    leave the packages where they are. ``apt-mark hold`` stops those too, but it also makes
+    every later ``apt-get install`` of the package fail without
+    ``--allow-change-held-packages``; a preferences file is plain text, named as labfleet's,
+    and moving the packages is one deliberate rewrite of it.
+
+    **Example:**
+
+    .. code:: python
+
+        hold_packages(name="Hold the toolkit", packages=["nvidia-container-toolkit"],
+                      path="/etc/apt/preferences.d/labfleet-nvidia-container-toolkit")
+    """
+    versions = installed_versions(packages, host.get_fact(DebPackages))
+    if not versions:
+        host.noop(f"none of {', '.join(packages)} installed: nothing to hold")
+        return
+    text = hold_preferences(versions, comment)
+    if host.get_fact(FileContents, path=path) == text.splitlines():
+        host.noop(f"{path} already holds {', '.join(sorted(versions))}")
+        return
+    yield f"install -d -m 755 {shlex.quote(posixpath.dirname(path))}"
+    yield FileUploadCommand(StringIO(text), path)
+    yield f"chmod 644 {shlex.quote(path)}"
+
+
 @operation(is_idempotent=True)
 def install_keyring(url: str, path: str):
     """Keep the ASCII-armored repository key served at url in path, replacing it only when it differs.
@@ -313,6 +379,8 @@ class AptSource:
       flat repository such as NVIDIA's, whose suite is ``/``)
     + key_url: where the repository serves its public key
     + pin_version: the version its pin_packages are held at; None: no pin
+    + hold: with no pin_version, the pin file is the step's own, written after the install
+      by ``hold_packages`` at the installed versions: kept, never written here
     """
 
     uris: str
@@ -321,6 +389,7 @@ class AptSource:
     architectures: str | None
     key_url: str
     pin_version: str | None = None
+    hold: bool = False
 
 
 def repository_read(repo: AptRepository) -> planning.Read:
@@ -351,7 +420,8 @@ def pin_text(repo: AptRepository, source: AptSource) -> str | None:
 def _kept(repo: AptRepository, source: AptSource | None) -> set[str]:
     if source is None:
         return set()
-    return {repo.sources_file, repo.keyring} | ({repo.pin_file} if source.pin_version is not None else set())
+    pinned = source.pin_version is not None or source.hold
+    return {repo.sources_file, repo.keyring} | ({repo.pin_file} if pinned else set())
 
 
 def stale_files(repo: AptRepository, source: AptSource | None, entries: Mapping) -> list[str]:

@@ -183,9 +183,18 @@ def daemon_config(settings: Settings, extra: Iterable[Mapping] = ()) -> dict:
     return deep_merge(wanted, settings.docker_daemon)
 
 
-def merged_daemon_json(current: Mapping, wanted: Mapping) -> dict:
-    """The file's content after the merge: every key set by hand survives."""
-    return deep_merge(current, wanted)
+def merged_daemon_json(current: Mapping, wanted: Mapping, drop: Mapping | None = None) -> dict:
+    """The file's content after the merge: every key set by hand survives.
+
+    + drop: top-level keys that labfleet wrote and no longer wants, each with the value it
+      wrote; one is removed only while it still has that value and wanted does not set it
+      (so a value changed by hand, or asked for in docker_daemon, stays)
+    """
+    merged = deep_merge(current, wanted)
+    for key, value in (drop or {}).items():
+        if key not in wanted and merged.get(key) == value:
+            del merged[key]
+    return merged
 
 
 # What dockerd takes up on SIGHUP (``systemctl reload``) without stopping anything: Docker's
@@ -303,12 +312,16 @@ def apply_daemon_json_command(
 
 
 @operation(is_idempotent=True)
-def merge_daemon_json(keys: dict, path: str = DAEMON_JSON, service: str | None = DOCKER_SERVICE):
+def merge_daemon_json(
+    keys: dict, path: str = DAEMON_JSON, service: str | None = DOCKER_SERVICE, drop: dict | None = None
+):
     """Merge keys into Docker's daemon.json, validated, and make dockerd take it up with the least disruption.
 
     + keys: the daemon.json keys to set; nested mappings merge key by key
     + path: the daemon.json to merge into
     + service: dockerd's unit, reloaded or restarted for the new file; None: only write it
+    + drop: keys labfleet wrote earlier and no longer wants, with the value it wrote
+      (``merged_daemon_json``)
 
     The parsed JSON is compared, so a file that differs only in formatting is left alone.
     A file that is not valid JSON stops this host and is left untouched. The new file is
@@ -328,7 +341,7 @@ def merge_daemon_json(keys: dict, path: str = DAEMON_JSON, service: str | None =
         yield failing_command(invalid_daemon_json(host.name, path, current["error"]))
         return
     existing = (current["config"] or {}) if current["present"] else {}
-    merged = merged_daemon_json(existing, keys)
+    merged = merged_daemon_json(existing, keys, drop)
     if current["present"] and merged == existing:
         host.noop(f"{path} already has the wanted keys")
         return
@@ -569,12 +582,14 @@ def problems(
 
 
 @step("Install Docker Engine")
-def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = ()):
+def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (), daemon_drop: Mapping | None = None):
     """Docker Engine from the configured source, with the merged daemon.json, running and checked.
 
     + settings: this host's Settings
     + daemon_extra: daemon.json keys from later steps (NVIDIA runtime, registries), merged
       under docker_daemon into one write and at most one restart
+    + daemon_drop: keys a later step wrote earlier and no longer wants, with the value it
+      wrote (``nvidia.daemon_keys_to_drop``), removed in the same write
     """
     state = planning.snapshot(DockerHost, reads(settings))
     title = "Check that Docker can be installed here"
@@ -619,12 +634,14 @@ def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (
 
     current = (state.daemon_json["config"] or {}) if state.daemon_json["present"] else {}
     wanted_keys = daemon_config(settings, [live_restore_keys(current), *daemon_extra])
+    drop = {key: value for key, value in (daemon_drop or {}).items() if key not in wanted_keys}
     planning.unless_current(
         merge_daemon_json,
-        current=merged_daemon_json(current, wanted_keys) == current,
+        current=merged_daemon_json(current, wanted_keys, drop) == current,
         name=f"Merge settings into {DAEMON_JSON} and reload or restart dockerd",
         keys=wanted_keys,
         service=DOCKER_SERVICE,
+        drop=drop,
     )
     warning = live_restore_warning(settings, current)
     if warning:

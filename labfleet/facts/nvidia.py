@@ -23,9 +23,17 @@ class GpuHostState(TypedDict):
 
 class RuntimeState(TypedDict):
     spec: bool
-    spec_driver: str | None
+    spec_for: str | None
+    refresh_spec: bool
+    default_runtime: bool
     hook_changed: int | None
     service_started: int | None
+
+
+class GpuArchitecture(TypedDict):
+    index: int
+    name: str
+    compute_cap: tuple[int, int]
 
 
 class GpuHost(FactBase[GpuHostState]):
@@ -80,26 +88,37 @@ def parse_gpu_host(lines) -> GpuHostState:
 class NvidiaRuntimeState(FactBase[RuntimeState]):
     """What the NVIDIA runtime step decides from, in one round trip.
 
-    + spec: the CDI spec labfleet generates
-    + marker: the file that holds the driver version the spec was generated for
+    + spec: the CDI spec labfleet generates (toolkits before 1.18)
+    + marker: the file that says what the current CDI spec was made for
+    + refresh_spec: the CDI spec that NVIDIA's nvidia-cdi-refresh.service writes (1.18 and later)
+    + default_runtime: the file that says labfleet made nvidia dockerd's default runtime
     + hook: the command whose presence makes dockerd register its ``nvidia`` GPU driver
     + service: dockerd's systemd unit
 
-    Returns ``{"spec": bool, "spec_driver": str | None, "hook_changed": epoch | None,
-    "service_started": epoch | None}``: ``hook_changed`` is the ctime of the hook (set
-    when dpkg installs it), ``service_started`` when the unit last became active (None
-    when it is not running).
+    Returns ``{"spec": bool, "spec_for": str | None, "refresh_spec": bool, "default_runtime":
+    bool, "hook_changed": epoch | None, "service_started": epoch | None}``: ``spec_for`` is
+    the marker's text, ``hook_changed`` the ctime of the hook (set when dpkg installs it),
+    ``service_started`` when the unit last became active (None when it is not running).
     """
 
     @staticmethod
     def default() -> RuntimeState:
-        return {"spec": False, "spec_driver": None, "hook_changed": None, "service_started": None}
+        return {
+            "spec": False,
+            "spec_for": None,
+            "refresh_spec": False,
+            "default_runtime": False,
+            "hook_changed": None,
+            "service_started": None,
+        }
 
-    def command(self, spec: str, marker: str, hook: str, service: str) -> str:
+    def command(self, spec: str, marker: str, refresh_spec: str, default_runtime: str, hook: str, service: str) -> str:
         unit = shlex.quote(service)
         return (
             f"[ -f {shlex.quote(spec)} ] && echo spec; "
-            f'echo "spec-driver $(cat {shlex.quote(marker)} 2>/dev/null)"; '
+            f'echo "spec-for $(cat {shlex.quote(marker)} 2>/dev/null)"; '
+            f"[ -f {shlex.quote(refresh_spec)} ] && echo refresh-spec; "
+            f"[ -f {shlex.quote(default_runtime)} ] && echo default-runtime; "
             f'h=$(command -v {shlex.quote(hook)}) && echo "hook-changed $(stat -c %Z "$h")"; '
             f'if [ "$(systemctl is-active {unit} 2>/dev/null)" = active ]; then '
             f"t=$(systemctl show -p ActiveEnterTimestamp --value {unit}); "
@@ -117,13 +136,54 @@ def parse_nvidia_runtime_state(lines) -> RuntimeState:
         value = value.strip()
         if kind == "spec":
             state["spec"] = True
-        elif kind == "spec-driver":
-            state["spec_driver"] = value or None
+        elif kind == "spec-for":
+            state["spec_for"] = value or None
+        elif kind == "refresh-spec":
+            state["refresh_spec"] = True
+        elif kind == "default-runtime":
+            state["default_runtime"] = True
         elif kind == "hook-changed" and value.isdigit():
             state["hook_changed"] = int(value)
         elif kind == "service-started" and value.isdigit():
             state["service_started"] = int(value)
     return state
+
+
+class GpuArchitectures(FactBase[list[GpuArchitecture]]):
+    """Each GPU's index, name and CUDA compute capability, from the loaded driver's nvidia-smi.
+
+    Returns ``[{"index": 0, "name": "Tesla V100-SXM2-16GB", "compute_cap": (7, 0)}, ...]``;
+    an empty list where no driver is loaded or nvidia-smi is missing or fails (drivers
+    before 510 lack the ``compute_cap`` field): then nothing is known, and nothing refused.
+    """
+
+    @staticmethod
+    def default() -> list[GpuArchitecture]:
+        return []
+
+    def command(self) -> str:
+        return (
+            "[ -e /proc/driver/nvidia/version ] && command -v nvidia-smi >/dev/null && "
+            "nvidia-smi --query-gpu=index,name,compute_cap --format=csv,noheader 2>/dev/null; true"
+        )
+
+    def process(self, output):
+        return parse_gpu_architectures(output)
+
+
+def parse_gpu_architectures(lines) -> list[GpuArchitecture]:
+    """``nvidia-smi --query-gpu=index,name,compute_cap --format=csv,noheader`` lines; others are skipped.
+
+    A name may hold commas, so the index is the first field and the capability the last.
+    """
+    gpus: list[GpuArchitecture] = []
+    for line in lines:
+        index, _, rest = line.strip().partition(",")
+        name, _, cap = rest.rpartition(",")
+        major, dot, minor = cap.strip().partition(".")
+        if index.strip().isdigit() and dot and major.isdigit() and minor.isdigit() and name.strip():
+            gpus.append({"index": int(index), "name": name.strip(), "compute_cap": (int(major), int(minor))})
+    return gpus
 
 
 class GpuInContainer(FactBase):

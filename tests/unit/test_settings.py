@@ -385,8 +385,12 @@ def test_no_import_inside_a_function_in_checks_or_settings():
 @pytest.mark.parametrize(
     ("profile", "cuda", "expected"),
     [
-        ("pytorch", "12.4", 'expected one of "12.8", "13.0", or lock it with container/relock.sh pytorch --cuda 12.4'),
-        ("pytorch", "12.6", "no container/requirements/pytorch-cu126.txt or pytorch.txt"),
+        (
+            "pytorch",
+            "12.4",
+            'expected one of "12.6", "12.8", "13.0", or lock it with container/relock.sh pytorch --cuda 12.4',
+        ),
+        ("pytorch", "12.9", "no container/requirements/pytorch-cu129.txt or pytorch.txt"),
         ("cpu", "12.8", "expected a CUDA line it is locked for (none yet), or lock it with container/relock.sh cpu"),
     ],
 )
@@ -405,7 +409,7 @@ def test_every_cuda_with_a_lock_passes(raw):
     for profile in ("pytorch", "jupyter"):
         for cuda in model.locked_cudas(profile):
             assert build("pc01", {**raw, "image_profile": profile, "cuda": cuda}).cuda == cuda
-    assert model.locked_cudas("pytorch") == ("12.8", "13.0")
+    assert model.locked_cudas("pytorch") == ("12.6", "12.8", "13.0")
     assert model.locked_cudas("jupyter") == tuple(model.CUDA_DRIVER_FLOOR)
 
 
