@@ -152,10 +152,10 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert "gpgkey" in commands[1]
 
     # A driver below the floor stops the host before anything changes, saying what to do.
-    nvidia_standin.simulate_driver(host, "535.54.03")
+    nvidia_standin.simulate_driver(host, "520.61.05")
     old = pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data, expect_fail=True)
     output = old.stdout + old.stderr
-    assert f"host {host.name}: NVIDIA driver 535.54.03 is below 570, the floor for CUDA 12.8" in output
+    assert f"host {host.name}: NVIDIA driver 520.61.05 is below 525.60.13, the floor for CUDA 12.8" in output
     assert "nvidia-driver" in output and "nvidia_driver_install: true" in output
-    assert old.errors() == [(host.name, "Check the NVIDIA driver | Check that the NVIDIA driver is at least 570")]
+    assert old.errors() == [(host.name, "Check the NVIDIA driver | Check that the NVIDIA driver is at least 525.60.13")]
     nvidia_standin.simulate_driver(host, None)
