@@ -55,9 +55,11 @@ the output says so.
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from urllib.parse import urlsplit, urlunsplit
 
 from pyinfra import host, logger
@@ -66,16 +68,26 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
+from pyinfra.operations import files
 
 from labfleet import apt, docker, planning, platform
 from labfleet.facts.apt import AptFiles
 from labfleet.facts.docker import DaemonJson, DaemonJsonState
-from labfleet.facts.nvidia import GpuHost, GpuHostState, GpuInContainer, NvidiaRuntimeState, RuntimeState
+from labfleet.facts.nvidia import (
+    GpuArchitecture,
+    GpuArchitectures,
+    GpuHost,
+    GpuHostState,
+    GpuInContainer,
+    NvidiaRuntimeState,
+    RuntimeState,
+)
 from labfleet.facts.nvidia_driver import NvidiaDriver, reboot_needed
 from labfleet.facts.system import ServiceState, UnitState
 from labfleet.image import image_tag
+from labfleet.model import TOOLKIT_FLOOR, TOOLKIT_FLOOR_REASON, lock_file, locked_cudas, release_below
 from labfleet.planning import Read, step
-from labfleet.preflight import require
+from labfleet.preflight import failing_command, require
 from labfleet.settings import Settings
 
 TOOLKIT_PACKAGES = (
@@ -88,8 +100,21 @@ RUNTIME = "nvidia-container-runtime"
 HOOK = "nvidia-container-runtime-hook"
 CGROUPFS = "native.cgroupdriver=cgroupfs"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
+# What the current CDI spec was made for: "<driver> <toolkit>", or "refresh <driver> <toolkit>"
+# when NVIDIA's nvidia-cdi-refresh.service made it (labfleet before the toolkit floor wrote
+# the driver alone).
 CDI_MARKER = "/var/lib/labfleet/nvidia/cdi-driver-version"
+# Toolkit 1.18 and later ship these units (NVIDIA/nvidia-container-toolkit,
+# deployments/systemd/): the path unit watches the kernel's modules.dep and nvidia-ctk, and
+# starts the oneshot service, which runs `nvidia-ctk cdi generate` into /var/run/cdi, a CDI
+# directory that takes precedence over /etc/cdi. Their postinst enables both.
+CDI_REFRESH_TOOLKIT = "1.18"
 CDI_REFRESH_UNIT = "nvidia-cdi-refresh.path"
+CDI_REFRESH_SERVICE = "nvidia-cdi-refresh.service"
+CDI_REFRESH_SPEC = "/var/run/cdi/nvidia.yaml"
+# Present while labfleet keeps nvidia as dockerd's default runtime (nvidia_default_runtime),
+# so that turning the setting off removes only a default-runtime that labfleet wrote.
+DEFAULT_RUNTIME_MARKER = "/var/lib/labfleet/nvidia/default-runtime"
 
 
 # --- What the NVIDIA steps read --------------------------------------------------------
@@ -111,6 +136,8 @@ class NvidiaHost:
     daemon_json: DaemonJsonState
     runtime: RuntimeState
     cdi_refresh: UnitState
+    cdi_refresh_service: UnitState
+    architectures: list[GpuArchitecture]
     debian_sources: list[str] | None = None
     sources_list: list[str] | None = None
 
@@ -136,6 +163,8 @@ def reads(settings: Settings) -> dict[str, Read]:
         "daemon_json": Read(DaemonJson, {"path": docker.DAEMON_JSON}),
         "runtime": Read(NvidiaRuntimeState, RUNTIME_STATE),
         "cdi_refresh": Read(ServiceState, {"service": CDI_REFRESH_UNIT}),
+        "cdi_refresh_service": Read(ServiceState, {"service": CDI_REFRESH_SERVICE}),
+        "architectures": Read(GpuArchitectures),
     }
     if settings.nvidia_driver_install:
         debian_sources, sources_list = platform.DEBIAN_SOURCES
@@ -194,6 +223,69 @@ def toolkit_packages(settings: Settings) -> tuple[str, ...]:
     return tuple(f"{name}={version}" if version else name for name in TOOLKIT_PACKAGES)
 
 
+def installed_toolkit(packages: Mapping) -> str | None:
+    """The installed toolkit's version (its base package carries nvidia-ctk), from DebPackages."""
+    versions = packages.get("nvidia-container-toolkit-base") or packages.get("nvidia-container-toolkit")
+    return versions[0] if versions else None
+
+
+def toolkit_below_floor(packages: Mapping) -> bool:
+    """An installed toolkit older than TOOLKIT_FLOOR: a known container escape, upgraded by the deploy."""
+    version = installed_toolkit(packages)
+    return version is not None and release_below(version, TOOLKIT_FLOOR)
+
+
+def floor_check_command(host_name: str, source_url: str) -> str:
+    """Shell that fails the host unless the toolkit installed now is at TOOLKIT_FLOOR or later (dpkg's order)."""
+    below = (
+        f"labfleet: host {host_name}: the NVIDIA Container Toolkit installed from {source_url} is $v, below "
+        f"{TOOLKIT_FLOOR} ({TOOLKIT_FLOOR_REASON}); that repository offers nothing newer: point "
+        f"nvidia_toolkit_apt_mirror at one that has {TOOLKIT_FLOOR} or later, then run the deploy again"
+    )
+    return (
+        "v=$(dpkg-query -W -f '${Version}' nvidia-container-toolkit-base 2>/dev/null); "
+        f'dpkg --compare-versions "$v" ge {TOOLKIT_FLOOR} || {{ echo "{below}" >&2; exit 1; }}'
+    )
+
+
+@operation(is_idempotent=True)
+def install_toolkit_packages(packages: Sequence[str], source_url: str, refresh=False, hold_file: str | None = None):
+    """Install the toolkit packages that are missing, and upgrade a toolkit below TOOLKIT_FLOOR.
+
+    + packages: the four package names, each optionally ``name=version``
+    + source_url: the repository they come from, for the message when it has nothing new enough
+    + refresh: run ``apt-get update`` even when nothing is missing (a source changed); a
+      callable is asked when the operation runs
+    + hold_file: the preferences file that holds the installed version (no version asked
+      for); an upgrade to the floor removes it first, and ``apt.hold_packages`` writes it
+      again at the new version
+
+    After an install or upgrade, dpkg's own comparison checks the floor, so a mirror that
+    serves only older releases stops the host with what to do.
+
+    **Example:**
+
+    .. code:: python
+
+        install_toolkit_packages(name="Install the toolkit", packages=TOOLKIT_PACKAGES,
+                                 source_url="https://nvidia.github.io/libnvidia-container/stable/deb/amd64")
+    """
+    installed = host.get_fact(DebPackages)
+    missing = apt.missing_packages(packages, installed)
+    below = toolkit_below_floor(installed)
+    if not missing and not below and not (refresh() if callable(refresh) else refresh):
+        host.noop(f"{', '.join(apt.split_version(p)[0] for p in packages)} already installed")
+        return
+    yield apt.apt_update()
+    if below and hold_file:
+        yield f"rm -f {shlex.quote(hold_file)}"
+    install = [package for package in packages if below or package in missing]
+    if install:
+        quoted = " ".join(shlex.quote(package) for package in install)
+        yield apt.apt_get(f"install --no-install-recommends --allow-downgrades {quoted}")
+        yield floor_check_command(host.name, source_url)
+
+
 # What names NVIDIA's own repository in an apt entry, wherever it came from.
 UPSTREAM_MARKER = "nvidia.github.io/libnvidia-container/"
 # NVIDIA's Container Toolkit repository as labfleet keeps it; its markers come from the
@@ -210,6 +302,10 @@ REPOSITORY = apt.AptRepository(
         "NVIDIA Container Toolkit; written by labfleet (nvidia_toolkit_apt_mirror, nvidia_toolkit_apt_key)."
     ),
     pin_comment="Written by labfleet (nvidia_toolkit_version): the four toolkit packages move together.",
+)
+HOLD_COMMENT = (
+    "Written by labfleet: holds the NVIDIA Container Toolkit at its installed version against apt upgrade and "
+    f"unattended-upgrades; labfleet moves it only for nvidia_toolkit_version or the {TOOLKIT_FLOOR} security floor."
 )
 SOURCES_FILE, KEYRING, PIN_FILE = REPOSITORY.sources_file, REPOSITORY.keyring, REPOSITORY.pin_file
 
@@ -242,6 +338,7 @@ def apt_source(settings: Settings, arch: str) -> apt.AptSource:
         architectures=arch,
         key_url=key_url(settings),
         pin_version=settings.nvidia_toolkit_version,
+        hold=settings.nvidia_toolkit_version is None,
     )
 
 
@@ -252,8 +349,16 @@ def repository_markers(settings: Settings) -> tuple[str, ...]:
 
 @step("Install the NVIDIA Container Toolkit")
 def install_container_toolkit(settings: Settings) -> OperationMeta | None:
-    """NVIDIA's signed apt repository and the four toolkit packages; returns the install
-    operation (for ``configure_container_runtime``), or None when it is not planned."""
+    """NVIDIA's signed apt repository and the four toolkit packages, held against apt upgrade;
+    returns the install operation (for ``configure_container_runtime``), or None when it is
+    not planned.
+
+    With ``nvidia_toolkit_version`` the packages are pinned there (the repository's pin
+    file). Without it, the first install takes the repository's newest release, and
+    ``apt.hold_packages`` then holds the packages at the installed version: unattended-upgrades
+    and ``apt upgrade`` leave them alone, and only a setting (or the security floor) moves
+    them. A toolkit below TOOLKIT_FLOOR is upgraded to the newest release.
+    """
     if not wants_toolkit(settings):
         host.noop("no NVIDIA GPU on this host: the NVIDIA Container Toolkit is skipped")
         return None
@@ -276,23 +381,47 @@ def install_container_toolkit(settings: Settings) -> OperationMeta | None:
         return None
     repository_changed = apt.add_repository(nvidia_repo, source, state.apt_files, state.packages)
     packages = toolkit_packages(settings)
-    return planning.unless_current(
-        apt.ensure_packages,
-        current=not apt.missing_packages(packages, state.packages),
-        name="Install the NVIDIA Container Toolkit packages",
+    below = toolkit_below_floor(state.packages)
+    installed = planning.unless_current(
+        install_toolkit_packages,
+        current=not apt.missing_packages(packages, state.packages) and not below,
+        name=(
+            f"Upgrade the NVIDIA Container Toolkit {installed_toolkit(state.packages)} to {TOOLKIT_FLOOR} or later"
+            if below
+            else "Install the NVIDIA Container Toolkit packages"
+        ),
         packages=packages,
+        source_url=source.uris,
         refresh=repository_changed,
+        hold_file=PIN_FILE if source.hold else None,
     )
+    if source.hold:
+        planning.unless_current(
+            apt.hold_packages,
+            current=apt.hold_is_current(TOOLKIT_PACKAGES, PIN_FILE, HOLD_COMMENT, state.packages, state.apt_files),
+            name="Hold the NVIDIA Container Toolkit at its installed version",
+            packages=TOOLKIT_PACKAGES,
+            path=PIN_FILE,
+            comment=HOLD_COMMENT,
+        )
+    return installed
 
 
 # --- The runtime in Docker ---------------------------------------------------------------
 
-RUNTIME_STATE = {"spec": CDI_SPEC, "marker": CDI_MARKER, "hook": HOOK, "service": docker.DOCKER_SERVICE}
+RUNTIME_STATE = {
+    "spec": CDI_SPEC,
+    "marker": CDI_MARKER,
+    "refresh_spec": CDI_REFRESH_SPEC,
+    "default_runtime": DEFAULT_RUNTIME_MARKER,
+    "hook": HOOK,
+    "service": docker.DOCKER_SERVICE,
+}
 
 
-def runtime_state(spec: str = CDI_SPEC, marker: str = CDI_MARKER) -> RuntimeState:
+def runtime_state() -> RuntimeState:
     """NvidiaRuntimeState read now, for an operation that runs after this run changed the host."""
-    return host.get_fact(NvidiaRuntimeState, spec=spec, marker=marker, hook=HOOK, service=docker.DOCKER_SERVICE)
+    return host.get_fact(NvidiaRuntimeState, **RUNTIME_STATE)
 
 
 def exec_opts_with_cgroupfs(current) -> list[str]:
@@ -323,9 +452,16 @@ def daemon_keys(settings: Settings) -> dict:
     return keys
 
 
-def cdi_spec_is_current(driver: str | None, state: Mapping) -> bool:
-    """No driver loaded: nothing to describe. Otherwise the spec must exist and be for this driver."""
-    return driver is None or bool(state["spec"] and state["spec_driver"] == driver)
+def daemon_keys_to_drop(settings: Settings) -> dict:
+    """daemon.json keys that labfleet wrote and the settings no longer ask for: key -> the value it wrote.
+
+    ``nvidia_default_runtime`` turned off removes ``"default-runtime": "nvidia"`` only where
+    DEFAULT_RUNTIME_MARKER says labfleet set it: one set by hand (NVIDIA's guide has
+    ``nvidia-ctk runtime configure --set-as-default``) stays.
+    """
+    if settings.nvidia_default_runtime or not wants_toolkit(settings):
+        return {}
+    return {"default-runtime": "nvidia"} if snapshot(settings).runtime["default_runtime"] else {}
 
 
 def dockerd_predates_hook(state: Mapping) -> bool:
@@ -334,43 +470,100 @@ def dockerd_predates_hook(state: Mapping) -> bool:
     return started is not None and hook is not None and started < hook
 
 
-def cdi_refresh_is_current(unit: Mapping) -> bool:
-    """nvidia-cdi-refresh is enabled and active, or this toolkit does not ship it."""
-    return not docker.unit_exists(unit) or (unit["enabled"], unit["active"]) == ("enabled", "active")
+def uses_cdi_refresh(toolkit: str | None, path_unit: Mapping) -> bool:
+    """Toolkit 1.18 and later keep their own CDI spec current (nvidia-cdi-refresh), where the units exist."""
+    return toolkit is not None and not release_below(toolkit, CDI_REFRESH_TOOLKIT) and docker.unit_exists(path_unit)
+
+
+def cdi_made_for(driver: str, toolkit: str | None, refresh: bool) -> str:
+    """The marker's text for a spec of this driver and toolkit; toolkit None: none installed yet."""
+    return ("refresh " if refresh else "") + f"{driver} {toolkit or 'none'}"
+
+
+def cdi_commands(
+    driver: str | None, toolkit: str | None, state: Mapping, path_unit: Mapping, service_unit: Mapping
+) -> list[str]:
+    """What keeps the CDI spec current for this driver and toolkit; [] when it is.
+
+    + driver: the loaded driver (GpuHost), None when none is loaded
+    + toolkit: the installed toolkit (installed_toolkit)
+    + state: NvidiaRuntimeState
+    + path_unit, service_unit: ServiceState of nvidia-cdi-refresh.path and .service
+
+    The spec lists the driver's libraries by version, and the toolkit writes the hooks and
+    their paths: either changing makes it stale. Before toolkit 1.18 labfleet generates
+    /etc/cdi/nvidia.yaml with nvidia-ctk; from 1.18 NVIDIA's nvidia-cdi-refresh units keep
+    /var/run/cdi/nvidia.yaml (both enabled, the path unit running; the service is restarted
+    when the driver or toolkit changed since it last ran), and the /etc/cdi spec that
+    labfleet wrote earlier goes, so that only one spec describes the GPUs.
+    """
+    commands = []
+    refresh = uses_cdi_refresh(toolkit, path_unit)
+    made_for = state["spec_for"] or ""
+    if refresh:
+        units = f"{CDI_REFRESH_UNIT} {CDI_REFRESH_SERVICE}"
+        if path_unit["enabled"] != "enabled" or service_unit["enabled"] != "enabled":
+            commands.append(f"systemctl enable {units}")
+        if path_unit["active"] != "active":
+            commands.append(f"systemctl start {CDI_REFRESH_UNIT}")
+        if state["spec"] and made_for and not made_for.startswith("refresh "):
+            commands.append(f"rm -f {shlex.quote(CDI_SPEC)}")
+    if driver is None:
+        return commands
+    wanted = cdi_made_for(driver, toolkit, refresh)
+    if made_for == wanted and (state["refresh_spec"] if refresh else state["spec"]):
+        return commands
+    if refresh:
+        missing = shlex.quote(
+            f"labfleet: {CDI_REFRESH_SERVICE} wrote no {CDI_REFRESH_SPEC} for driver {driver}; "
+            f"see journalctl -u {CDI_REFRESH_SERVICE}, then run the deploy again"
+        )
+        commands.append(
+            f"systemctl restart {CDI_REFRESH_SERVICE} && "
+            f"{{ [ -f {shlex.quote(CDI_REFRESH_SPEC)} ] || {{ echo {missing} >&2; exit 1; }}; }}"
+        )
+    else:
+        commands.append(
+            f"install -d -m 755 {shlex.quote(posixpath.dirname(CDI_SPEC))} && "
+            f"nvidia-ctk cdi generate --output={shlex.quote(CDI_SPEC)}"
+        )
+    q_marker = shlex.quote(CDI_MARKER)
+    commands.append(
+        f"install -d -m 755 {shlex.quote(posixpath.dirname(CDI_MARKER))} && "
+        f"echo {shlex.quote(wanted)} > {q_marker}.new && mv -f {q_marker}.new {q_marker}"
+    )
+    return commands
 
 
 @operation(is_idempotent=True)
-def generate_cdi_spec(spec: str = CDI_SPEC, marker: str = CDI_MARKER):
-    """Generate NVIDIA's CDI spec when the loaded driver is not the one it was generated for.
+def keep_cdi_spec_current():
+    """Keep NVIDIA's CDI spec current for the loaded driver and the installed toolkit.
 
-    + spec: where ``nvidia-ctk cdi generate`` writes the spec
-    + marker: the file that keeps the driver version the spec was generated for
+    Needed wherever a GPU is asked for through CDI: from Docker 29.2, ``--gpus`` and
+    compose's ``driver: nvidia`` become CDI requests (``nvidia.com/gpu=all``) whenever
+    nvidia-cdi-hook is on dockerd's PATH (moby#50228), and a stale spec then stops every
+    GPU container. See ``cdi_commands`` for how.
 
     **Example:**
 
     .. code:: python
 
-        generate_cdi_spec(name="Generate the CDI spec")
+        keep_cdi_spec_current(name="Keep the CDI spec current")
     """
     driver = host.get_fact(GpuHost)["driver"]
-    state = runtime_state(spec, marker)
-    if driver is None:
-        host.noop("no NVIDIA driver is loaded: there is no CDI spec to generate")
+    toolkit = installed_toolkit(host.get_fact(DebPackages))
+    path_unit = host.get_fact(ServiceState, service=CDI_REFRESH_UNIT)
+    service_unit = host.get_fact(ServiceState, service=CDI_REFRESH_SERVICE)
+    commands = cdi_commands(driver, toolkit, runtime_state(), path_unit, service_unit)
+    if not commands:
+        host.noop(f"the CDI spec is for driver {driver} and toolkit {toolkit}" if driver else "no driver is loaded")
         return
-    if cdi_spec_is_current(driver, state):
-        host.noop(f"{spec} is for driver {driver}")
-        return
-    q_spec, q_marker = shlex.quote(spec), shlex.quote(marker)
-    yield (
-        f"install -d -m 755 {shlex.quote(posixpath.dirname(spec))} {shlex.quote(posixpath.dirname(marker))} && "
-        f"nvidia-ctk cdi generate --output={q_spec} && "
-        f"echo {shlex.quote(driver)} > {q_marker}.new && mv -f {q_marker}.new {q_marker}"
-    )
+    yield from commands
 
 
 @step("Configure the NVIDIA runtime")
 def configure_container_runtime(settings: Settings, toolkit: OperationMeta | None = None):
-    """After the docker step: dockerd aware of the toolkit, the CDI spec, nvidia-cdi-refresh.
+    """After the docker step: dockerd aware of the toolkit, the CDI spec current, the default runtime's marker.
 
     + toolkit: what ``install_container_toolkit`` returned
 
@@ -388,17 +581,144 @@ def configure_container_runtime(settings: Settings, toolkit: OperationMeta | Non
             _if=[toolkit.did_change, lambda: dockerd_predates_hook(runtime_state())],
         )
     state = snapshot(settings)
-    planning.unless_current(
-        generate_cdi_spec,
-        current=cdi_spec_is_current(state.gpu["driver"], state.runtime),
-        name="Generate the CDI spec for the loaded driver",
+    current = not cdi_commands(
+        state.gpu["driver"],
+        installed_toolkit(state.packages),
+        state.runtime,
+        state.cdi_refresh,
+        state.cdi_refresh_service,
     )
     planning.unless_current(
-        docker.ensure_service,
-        current=cdi_refresh_is_current(state.cdi_refresh),
-        name=f"Enable {CDI_REFRESH_UNIT} where the toolkit has it",
-        service=CDI_REFRESH_UNIT,
-        if_present=True,
+        keep_cdi_spec_current, current=current, name="Keep the CDI spec current for the driver and the toolkit"
+    )
+    wanted = settings.nvidia_default_runtime
+    planning.unless_current(
+        files.file,
+        current=state.runtime["default_runtime"] == wanted,
+        name=f"{'Record' if wanted else 'Forget'} that labfleet makes nvidia the default runtime",
+        path=DEFAULT_RUNTIME_MARKER,
+        present=wanted,
+    )
+
+
+# --- The GPUs' architectures against the image's torch -------------------------------------
+
+# The CUDA architectures (compute capabilities) each locked torch wheel is built for, keyed
+# by (torch, CUDA line): the wheel's CUDA_ARCH_FLAGS, as torch._C._cuda_getArchFlags() prints
+# them (read from libtorch_python.so of the PyPI wheels that container/requirements/
+# pytorch-cu*.txt lock). PyTorch dropped Maxwell and Pascal from its CUDA 12.8 builds, and
+# Volta from 12.8 in 2.11 and from every 13.0 build (pytorch/pytorch#172352); its 12.6 builds
+# keep them all. tests/unit checks that every lock's torch is listed here.
+TORCH_ARCHS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("2.7.1", "12.6"): ("5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"),
+    ("2.10.0", "12.8"): ("7.0", "7.5", "8.0", "8.6", "9.0", "10.0", "12.0"),
+    ("2.11.0", "13.0"): ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0"),
+}
+_TORCH_PIN = re.compile(r"^torch==(\S+)", re.MULTILINE)
+
+
+@cache
+def locked_torch(profile: str, cuda: str) -> str | None:
+    """The torch version that the image's lock for this profile and CUDA line installs, or None."""
+    path = lock_file(profile, cuda)
+    match = _TORCH_PIN.search(path.read_text()) if path else None
+    return match.group(1) if match else None
+
+
+def _cap(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor)
+
+
+def runs_on(compute_cap: tuple[int, int], archs: Sequence[str]) -> bool:
+    """Whether code built for archs runs on a GPU of compute_cap.
+
+    A cubin runs on its own major version at the same or a higher minor (sm_86 on 8.9); a GPU
+    newer than every arch is left to the wheel's PTX, which this check does not judge.
+    """
+    caps = [_cap(arch) for arch in archs]
+    major, minor = compute_cap
+    return any(m == major and n <= minor for m, n in caps) or compute_cap > max(caps)
+
+
+def architecture_problem(host_name: str, profile: str, cuda: str, gpus: Sequence[Mapping]) -> str | None:
+    """The one line that refuses a host whose GPUs the image's torch has no kernels for; None when all run.
+
+    + gpus: GpuArchitectures
+    """
+    torch = locked_torch(profile, cuda)
+    archs = TORCH_ARCHS.get((torch or "", cuda))
+    if not archs:
+        return None
+    old = [gpu for gpu in gpus if not runs_on(gpu["compute_cap"], archs)]
+    if not old:
+        return None
+    named = ", ".join(
+        f"GPU {gpu['index']} ({gpu['name']}) has compute capability {'.'.join(map(str, gpu['compute_cap']))}"
+        for gpu in old
+    )
+    fixes = [
+        other
+        for other in locked_cudas(profile)
+        if other != cuda
+        and (archs_other := TORCH_ARCHS.get((locked_torch(profile, other) or "", other)))
+        and all(runs_on(gpu["compute_cap"], archs_other) for gpu in gpus)
+    ]
+    # The newest CUDA line that runs every GPU here: its torch is the newest too.
+    best = fixes[-1] if fixes else None
+    fix = (
+        f'set cuda = "{best}" for this host (torch {locked_torch(profile, best)}, built for '
+        f"{TORCH_ARCHS[(locked_torch(profile, best) or '', best)][0]} and newer), then run the deploy again"
+        if best
+        else "no CUDA line labfleet locks has kernels for it; use another GPU or set gpu = false for this host"
+    )
+    return (
+        f"host {host_name}: {named}, and the image's torch {torch} for CUDA {cuda} is built for compute "
+        f'capability {archs[0]} and newer (it would fail with "no kernel image is available"); {fix}'
+    )
+
+
+@operation(is_idempotent=True)
+def check_gpu_architectures(profile: str, cuda: str):
+    """Fail this host unless the image's torch has kernels for every GPU that the loaded driver lists.
+
+    + profile: the image profile
+    + cuda: the image's CUDA line
+
+    **Example:**
+
+    .. code:: python
+
+        check_gpu_architectures(name="Check the GPUs", profile="pytorch", cuda="12.8")
+    """
+    gpus = host.get_fact(GpuArchitectures)
+    problem = architecture_problem(host.name, profile, cuda, gpus)
+    if problem is None:
+        host.noop(f"{len(gpus)} GPU(s) run the image's torch" if gpus else "no GPU listed by nvidia-smi")
+        return
+    yield failing_command(problem)
+
+
+@step("Check the GPUs against the image's CUDA line")
+def check_gpu_architecture(settings: Settings):
+    """Refuse, before the image and JupyterLab, a host whose GPUs the image's torch was not built for.
+
+    torch's CUDA wheels carry kernels for a list of compute capabilities; on an older GPU
+    every CUDA call fails with "no kernel image is available for execution on the device",
+    long after the deploy said the host was ready. A host with a driver loaded is checked
+    with nvidia-smi; one without is checked again when this run installed its driver.
+    """
+    if not has_gpu(settings):
+        host.noop("no NVIDIA GPU on this host: no GPU architecture to check")
+        return
+    state = snapshot(settings)
+    problem = architecture_problem(settings.host, settings.image_profile, settings.cuda, state.architectures)
+    planning.unless_current(
+        check_gpu_architectures,
+        current=problem is None,
+        name="Check that the image's torch has kernels for every GPU",
+        profile=settings.image_profile,
+        cuda=settings.cuda,
     )
 
 

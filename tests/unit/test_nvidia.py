@@ -7,13 +7,15 @@ from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import apt, docker, nvidia, nvidia_driver, planning
+from labfleet import apt, docker, model, nvidia, nvidia_driver, planning
 from labfleet.facts.apt import AptSourceEntries
 from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
 from labfleet.facts.nvidia import (
+    GpuArchitectures,
     GpuHost,
     GpuInContainer,
     NvidiaRuntimeState,
+    parse_gpu_architectures,
     parse_gpu_host,
     parse_gpu_in_container,
     parse_nvidia_runtime_state,
@@ -116,6 +118,7 @@ def host_facts(gpu=RTX_WORKSTATION, daemon_json=None) -> dict:
         DaemonJson: {"present": True, "config": daemon_json or {}, "error": None},
         NvidiaRuntimeState: parse_nvidia_runtime_state(RUNTIME_STATE),
         ServiceState: {"systemd": True, "active": "active", "enabled": "enabled"},
+        GpuArchitectures: parse_gpu_architectures(TITAN_V_AND_ADA),
         # The docker step's own facts, which deploy.py reads in the same batch.
         AppArmorEnabled: False,
         DockerEngineStatus: {"server": "26.1.5", "compose": "2.26.1"},
@@ -153,7 +156,8 @@ def test_every_nvidia_step_reads_one_batch_per_host(settings, planning_hosts):
         use(name)
         assert nvidia.has_gpu(s) is gpu and nvidia.wants_toolkit(s) is gpu and nvidia.has_gpu(s) is gpu
         snapshot = nvidia.snapshot(s)
-        assert snapshot.runtime["spec_driver"] == "570.86.15" and snapshot.cdi_refresh["active"] == "active"
+        assert snapshot.runtime["spec_for"] == "570.86.15 1.17.8-1" and snapshot.cdi_refresh["active"] == "active"
+        assert [gpu["compute_cap"] for gpu in snapshot.architectures] == [(7, 0), (8, 9)]
         assert ("runtimes" in nvidia.daemon_keys(s)) is gpu
     assert {name: fake.reads for name, fake in hosts.items()} == {"gpu01": [FactBatch], "cpu01": [FactBatch]}
 
@@ -240,9 +244,9 @@ def test_nvidias_guide_list_goes_and_mixed_files_are_reported(settings):
         "sha256": {},
     }
     repo, source = nvidia.repository(settings()), nvidia.apt_source(settings(), "amd64")
+    # Without nvidia_toolkit_version the pin file is the hold at the installed version: it stays.
     assert apt.stale_files(repo, source, entries) == [
         "/etc/apt/sources.list.d/nvidia-container-toolkit.list",
-        nvidia.PIN_FILE,  # no nvidia_toolkit_version any more
         "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg",
     ]
     mixed = apt.mixed_files(repo, source, entries)
@@ -313,41 +317,104 @@ def test_a_host_configured_by_nvidia_ctk_keeps_its_runtime_and_gains_only_the_cg
 
 # --- CDI and dockerd --------------------------------------------------------------------------
 
-RUNTIME_STATE = ["spec", "spec-driver 570.86.15", "hook-changed 1700000100", "service-started 1700000200"]
+RUNTIME_STATE = [
+    "spec",
+    "spec-for 570.86.15 1.17.8-1",
+    "hook-changed 1700000100",
+    "service-started 1700000200",
+]
 
 
 def test_runtime_state_fact():
-    assert parse_nvidia_runtime_state(RUNTIME_STATE) == {
+    assert parse_nvidia_runtime_state([*RUNTIME_STATE, "refresh-spec", "default-runtime"]) == {
         "spec": True,
-        "spec_driver": "570.86.15",
+        "spec_for": "570.86.15 1.17.8-1",
+        "refresh_spec": True,
+        "default_runtime": True,
         "hook_changed": 1700000100,
         "service_started": 1700000200,
     }
-    assert parse_nvidia_runtime_state(["spec-driver "]) == NvidiaRuntimeState.default()
+    assert parse_nvidia_runtime_state(["spec-for "]) == NvidiaRuntimeState.default()
+
+
+ENABLED = {"systemd": True, "active": "active", "enabled": "enabled"}
+NO_UNIT = {"systemd": True, "active": "inactive", "enabled": "not-found"}
+# The path unit as the postinst leaves it, and the oneshot service, which stays "active
+# (exited)" after a run (RemainAfterExit=yes) and "inactive" when its conditions failed.
+DISABLED = {"systemd": True, "active": "inactive", "enabled": "disabled"}
+
+
+def cdi(driver, toolkit, lines, path_unit=NO_UNIT, service_unit=NO_UNIT):
+    return nvidia.cdi_commands(driver, toolkit, parse_nvidia_runtime_state(lines), path_unit, service_unit)
 
 
 @pytest.mark.parametrize(
-    ("driver", "lines", "current"),
+    ("driver", "toolkit", "lines", "current"),
     [
-        (None, [], True),  # no driver, nothing to describe
-        ("570.86.15", RUNTIME_STATE, True),
-        ("580.65.06", RUNTIME_STATE, False),  # the driver changed
-        ("570.86.15", RUNTIME_STATE[1:], False),  # the spec was removed
-        ("570.86.15", ["spec"], False),  # a spec labfleet did not generate
+        (None, "1.17.8-1", [], True),  # no driver, nothing to describe
+        ("570.86.15", "1.17.8-1", RUNTIME_STATE, True),
+        ("580.65.06", "1.17.8-1", RUNTIME_STATE, False),  # the driver changed
+        ("570.86.15", "1.17.9-1", RUNTIME_STATE, False),  # the toolkit changed
+        ("570.86.15", "1.17.8-1", ["spec", "spec-for 570.86.15"], False),  # made by labfleet before the toolkit
+        ("570.86.15", "1.17.8-1", RUNTIME_STATE[1:], False),  # the spec was removed
+        ("570.86.15", "1.17.8-1", ["spec"], False),  # a spec labfleet did not generate
     ],
 )
-def test_cdi_spec_is_regenerated_only_when_the_driver_changed(driver, lines, current):
-    assert nvidia.cdi_spec_is_current(driver, parse_nvidia_runtime_state(lines)) is current
+def test_cdi_spec_before_1_18_is_regenerated_when_the_driver_or_the_toolkit_changed(driver, toolkit, lines, current):
+    commands = cdi(driver, toolkit, lines)
+    assert (commands == []) is current
+    if not current:
+        assert commands[0] == "install -d -m 755 /etc/cdi && nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
+        assert f"echo '{driver} {toolkit}' > /var/lib/labfleet/nvidia/cdi-driver-version.new" in commands[1]
 
 
-def test_generate_cdi_spec_plans_nvidia_ctk_and_the_marker(fake_host):
-    fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION), NvidiaRuntimeState: NvidiaRuntimeState.default()})
-    (command,) = list(nvidia.generate_cdi_spec._inner())
-    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml && " in command
-    assert "echo 570.86.15 > /var/lib/labfleet/nvidia/cdi-driver-version.new" in command
+def test_toolkit_1_18_uses_nvidias_refresh_units_and_drops_the_spec_labfleet_wrote():
+    # Upgraded from 1.17.8 (labfleet's /etc/cdi spec), the postinst enabled the units and ran the service.
+    commands = cdi("570.86.15", "1.18.0-1", [*RUNTIME_STATE, "refresh-spec"], ENABLED, ENABLED)
+    assert commands[0] == "rm -f /etc/cdi/nvidia.yaml"
+    assert commands[1].startswith("systemctl restart nvidia-cdi-refresh.service && ")
+    assert "wrote no /var/run/cdi/nvidia.yaml for driver 570.86.15" in commands[1]
+    assert "echo 'refresh 570.86.15 1.18.0-1' > /var/lib/labfleet/nvidia/cdi-driver-version.new" in commands[2]
+    converged = ["spec-for refresh 570.86.15 1.18.0-1", "refresh-spec"]
+    assert cdi("570.86.15", "1.18.0-1", converged, ENABLED, ENABLED) == []
+    # A new driver: NVIDIA's service runs again (it stays "active (exited)", so a start would not).
+    assert cdi("580.65.06", "1.18.0-1", converged, ENABLED, ENABLED)[0].startswith(
+        "systemctl restart nvidia-cdi-refresh.service"
+    )
+    # The spec under /var/run is gone (a reboot whose refresh failed): run the service again.
+    assert cdi("570.86.15", "1.18.0-1", converged[:1], ENABLED, ENABLED) != []
+    # An admin disabled the units: both enabled again, the path unit started; no driver, no spec.
+    assert cdi(None, "1.18.0-1", [], DISABLED, DISABLED) == [
+        "systemctl enable nvidia-cdi-refresh.path nvidia-cdi-refresh.service",
+        "systemctl start nvidia-cdi-refresh.path",
+    ]
+    # A hand-made /etc/cdi spec (no marker of labfleet's) stays.
+    assert cdi(None, "1.18.0-1", ["spec"], ENABLED, DISABLED) == [
+        "systemctl enable nvidia-cdi-refresh.path nvidia-cdi-refresh.service"
+    ]
+
+
+def test_a_1_18_toolkit_without_the_units_keeps_labfleets_own_spec():
+    assert cdi("570.86.15", "1.18.0-1", ["spec", "spec-for 570.86.15 1.18.0-1"]) == []
+    assert nvidia.uses_cdi_refresh("1.17.8-1", ENABLED) is False
+    assert nvidia.uses_cdi_refresh("1.18.0~rc.1-1", ENABLED) is False
+    assert nvidia.uses_cdi_refresh("1.18.2-1", ENABLED) is True
+
+
+def test_keep_cdi_spec_current_plans_the_difference(fake_host):
+    fake = fake_host(
+        {
+            GpuHost: parse_gpu_host(RTX_WORKSTATION),
+            DebPackages: {name: ["1.17.8-1"] for name in nvidia.TOOLKIT_PACKAGES},
+            NvidiaRuntimeState: NvidiaRuntimeState.default(),
+            ServiceState: NO_UNIT,
+        }
+    )
+    commands = list(nvidia.keep_cdi_spec_current._inner())
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in commands[0] and len(commands) == 2
     fake.facts[NvidiaRuntimeState] = parse_nvidia_runtime_state(RUNTIME_STATE)
-    assert list(nvidia.generate_cdi_spec._inner()) == []
-    assert fake.noops == ["/etc/cdi/nvidia.yaml is for driver 570.86.15"]
+    assert list(nvidia.keep_cdi_spec_current._inner()) == []
+    assert fake.noops == ["the CDI spec is for driver 570.86.15 and toolkit 1.17.8-1"]
 
 
 @pytest.mark.parametrize(
@@ -482,23 +549,6 @@ def test_gpu_check_runs_only_when_the_deploy_executes_and_fails_with_the_output(
     assert "the GPU is not usable in the lab image" in command and "Failed to initialize NVML" in command
 
 
-@pytest.mark.parametrize(
-    ("state", "commands"),
-    [
-        ({"systemd": True, "active": "inactive", "enabled": None}, []),
-        ({"systemd": True, "active": "inactive", "enabled": "not-found"}, []),
-        ({"systemd": True, "active": "active", "enabled": "enabled"}, []),
-        (
-            {"systemd": True, "active": "inactive", "enabled": "disabled"},
-            ["systemctl enable nvidia-cdi-refresh.path", "systemctl start nvidia-cdi-refresh.path"],
-        ),
-    ],
-)
-def test_cdi_refresh_is_enabled_only_where_the_toolkit_ships_it(fake_host_in, state, commands):
-    fake_host_in(docker, {ServiceState: state})
-    assert list(docker.ensure_service._inner(nvidia.CDI_REFRESH_UNIT, if_present=True)) == commands
-
-
 # --- What stops a host before anything changes -----------------------------------------------
 
 FEDORA = {"name": "Fedora", "major": 41, "release_meta": {"ID": "fedora"}}
@@ -533,3 +583,170 @@ def test_the_toolkit_stops_on_an_unsupported_distribution_or_a_mixed_apt_file(se
         "host pc01: Fedora is not Debian or Ubuntu; labfleet installs NVIDIA's toolkit on Debian and Ubuntu; "
         "host pc01: /etc/apt/sources.list.d/lab.list mixes NVIDIA's apt entries with other repositories'"
     )
+
+
+# --- The GPUs' architectures against the image's torch ------------------------------------------
+
+# `nvidia-smi --query-gpu=index,name,compute_cap --format=csv,noheader` on a TITAN V and an RTX
+# 5880 Ada under driver 570.86.15: the two GPUs that triton-inference-server/server#8070 recorded
+# (with `--query-gpu=compute_cap,compute_mode,driver_version,name,index --format=csv`), in this
+# query's field order.
+TITAN_V_AND_ADA = ["0, NVIDIA TITAN V, 7.0", "1, NVIDIA RTX 5880 Ada Generation, 8.9"]
+# Pascal cards by their compute capability (NVIDIA's CUDA GPUs table): a P100 is 6.0, a GTX 1080 6.1.
+PASCAL = ["0, Tesla P100-PCIE-16GB, 6.0", "1, NVIDIA GeForce GTX 1080, 6.1"]
+# What nvidia-smi prints when the user-space driver is newer than the loaded module (reported
+# again and again, e.g. NVIDIA/nvidia-docker#1068): nothing to parse, so nothing is refused.
+NVML_MISMATCH = ["Failed to initialize NVML: Driver/library version mismatch", "NVML library version: 570.86"]
+
+
+def test_gpu_architectures_fact():
+    assert parse_gpu_architectures(TITAN_V_AND_ADA) == [
+        {"index": 0, "name": "NVIDIA TITAN V", "compute_cap": (7, 0)},
+        {"index": 1, "name": "NVIDIA RTX 5880 Ada Generation", "compute_cap": (8, 9)},
+    ]
+    assert parse_gpu_architectures(NVML_MISMATCH) == []
+    # A comma in a name: the index is the first field, the capability the last.
+    assert parse_gpu_architectures(["2, Lab GPU, rev 2, 7.5"])[0]["name"] == "Lab GPU, rev 2"
+
+
+def test_every_cuda_lock_has_its_torch_architectures():
+    """A relock that moves torch must say which GPUs the new wheel runs on (nvidia.TORCH_ARCHS)."""
+    locks = sorted(model.REQUIREMENTS_DIR.glob("*-cu*.txt"))
+    assert locks
+    for lock in locks:
+        profile, _, line = lock.stem.rpartition("-cu")
+        cuda = f"{line[:-1]}.{line[-1]}"
+        torch = nvidia.locked_torch(profile, cuda)
+        assert torch is None or (torch, cuda) in nvidia.TORCH_ARCHS, f"{lock.name}: torch {torch} for CUDA {cuda}"
+
+
+@pytest.mark.parametrize(
+    ("cap", "archs", "runs"),
+    [
+        ((6, 1), nvidia.TORCH_ARCHS[("2.7.1", "12.6")], True),  # sm_60 runs on 6.1
+        ((6, 1), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], False),
+        ((7, 0), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], True),
+        ((7, 0), nvidia.TORCH_ARCHS[("2.11.0", "13.0")], False),
+        ((8, 9), nvidia.TORCH_ARCHS[("2.11.0", "13.0")], True),  # sm_86 runs on 8.9
+        ((12, 1), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], True),
+        ((11, 0), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], False),  # no sm_11x, older than sm_120
+        ((13, 0), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], True),  # newer than every arch: not judged here
+        ((3, 7), nvidia.TORCH_ARCHS[("2.7.1", "12.6")], False),
+    ],
+)
+def test_a_gpu_runs_the_kernels_of_its_major_at_or_below_its_minor(cap, archs, runs):
+    assert nvidia.runs_on(cap, archs) is runs
+
+
+def test_pascal_and_volta_are_refused_with_the_cuda_line_that_runs_them():
+    pascal = parse_gpu_architectures(PASCAL)
+    problem = nvidia.architecture_problem("pc03", "pytorch", "12.8", pascal)
+    assert problem == (
+        "host pc03: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0, GPU 1 (NVIDIA GeForce GTX 1080) has "
+        "compute capability 6.1, and the image's torch 2.10.0 for CUDA 12.8 is built for compute capability 7.0 "
+        'and newer (it would fail with "no kernel image is available"); set cuda = "12.6" for this host '
+        "(torch 2.7.1, built for 5.0 and newer), then run the deploy again"
+    )
+    assert nvidia.architecture_problem("pc03", "pytorch", "12.6", pascal) is None
+    volta = parse_gpu_architectures(TITAN_V_AND_ADA)
+    assert nvidia.architecture_problem("pc04", "pytorch", "12.8", volta) is None
+    on_13 = nvidia.architecture_problem("pc04", "pytorch", "13.0", volta)
+    assert on_13 is not None and "GPU 0 (NVIDIA TITAN V) has compute capability 7.0," in on_13
+    assert "GPU 1" not in on_13 and 'set cuda = "12.8" for this host' in on_13
+    kepler = parse_gpu_architectures(["0, Tesla K80, 3.7"])
+    assert "no CUDA line labfleet locks has kernels for it" in nvidia.architecture_problem(
+        "pc05", "pytorch", "12.8", kepler
+    )
+    # The jupyter profile has no torch, and nothing is known without a driver: nothing refused.
+    assert nvidia.architecture_problem("pc03", "jupyter", "12.8", pascal) is None
+    assert nvidia.architecture_problem("pc03", "pytorch", "12.8", []) is None
+
+
+def test_check_gpu_architectures_fails_the_host_with_its_line(fake_host):
+    fake = fake_host({GpuArchitectures: parse_gpu_architectures(PASCAL)})
+    (command,) = list(nvidia.check_gpu_architectures._inner("pytorch", "12.8"))
+    assert "labfleet: host pc01: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0" in command
+    assert command.endswith("exit 1")
+    fake.facts[GpuArchitectures] = parse_gpu_architectures(TITAN_V_AND_ADA)
+    assert list(nvidia.check_gpu_architectures._inner("pytorch", "12.8")) == []
+    assert fake.noops == ["2 GPU(s) run the image's torch"]
+
+
+# --- The toolkit floor and the hold -----------------------------------------------------------
+
+OLD_TOOLKIT = {name: ["1.17.7-1"] for name in nvidia.TOOLKIT_PACKAGES}
+URL = "https://nvidia.github.io/libnvidia-container/stable/deb/amd64"
+
+
+def test_a_toolkit_below_the_floor_is_upgraded_and_checked_after(fake_host):
+    fake = fake_host({DebPackages: OLD_TOOLKIT})
+    commands = list(nvidia.install_toolkit_packages._inner(nvidia.TOOLKIT_PACKAGES, URL, hold_file=nvidia.PIN_FILE))
+    assert "update" in commands[0]
+    assert commands[1] == f"rm -f {nvidia.PIN_FILE}"
+    assert "install --no-install-recommends --allow-downgrades nvidia-container-toolkit " in commands[2]
+    assert "libnvidia-container1" in commands[2]
+    assert 'dpkg --compare-versions "$v" ge 1.17.8' in commands[3]
+    assert f"the NVIDIA Container Toolkit installed from {URL} is $v, below 1.17.8" in commands[3]
+    assert "CVE-2025-23266" in commands[3] and "nvidia_toolkit_apt_mirror" in commands[3]
+    fake.facts[DebPackages] = {name: ["1.17.8-1"] for name in nvidia.TOOLKIT_PACKAGES}
+    assert list(nvidia.install_toolkit_packages._inner(nvidia.TOOLKIT_PACKAGES, URL)) == []
+    pinned = [f"{name}=1.18.0-1" for name in nvidia.TOOLKIT_PACKAGES]
+    commands = list(nvidia.install_toolkit_packages._inner(pinned, URL))
+    assert len(commands) == 3 and "nvidia-container-toolkit=1.18.0-1" in commands[1]
+
+
+def test_floor_check_uses_dpkgs_order():
+    assert nvidia.toolkit_below_floor(OLD_TOOLKIT) is True
+    assert nvidia.toolkit_below_floor({"nvidia-container-toolkit-base": ["1.17.8~rc.1-1"]}) is True
+    assert nvidia.toolkit_below_floor({"nvidia-container-toolkit-base": ["1.17.8-1"]}) is False
+    assert nvidia.toolkit_below_floor({}) is False  # nothing installed: the install takes the newest
+
+
+def test_hold_writes_each_installed_version_once(fake_host_in):
+    versions = {"nvidia-container-toolkit": "1.17.8-1", "libnvidia-container1": "1.17.8-1", "x": "2.0-1"}
+    assert apt.hold_preferences(versions, "why") == (
+        "# why\n"
+        "Package: libnvidia-container1 nvidia-container-toolkit\nPin: version 1.17.8-1\nPin-Priority: 1001\n\n"
+        "Package: x\nPin: version 2.0-1\nPin-Priority: 1001\n"
+    )
+    installed = {name: ["1.17.8-1"] for name in nvidia.TOOLKIT_PACKAGES}
+    text = apt.hold_preferences(dict.fromkeys(nvidia.TOOLKIT_PACKAGES, "1.17.8-1"), nvidia.HOLD_COMMENT)
+    fake = fake_host_in(apt, {DebPackages: installed, FileContents: None})
+    commands = list(apt.hold_packages._inner(nvidia.TOOLKIT_PACKAGES, nvidia.PIN_FILE, nvidia.HOLD_COMMENT))
+    assert len(commands) == 3 and commands[2] == f"chmod 644 {nvidia.PIN_FILE}"
+    fake.facts[FileContents] = text.splitlines()
+    assert list(apt.hold_packages._inner(nvidia.TOOLKIT_PACKAGES, nvidia.PIN_FILE, nvidia.HOLD_COMMENT)) == []
+    entries = {"sha256": {nvidia.PIN_FILE: apt._sha256(text)}}
+    assert apt.hold_is_current(nvidia.TOOLKIT_PACKAGES, nvidia.PIN_FILE, nvidia.HOLD_COMMENT, installed, entries)
+    assert not apt.hold_is_current(nvidia.TOOLKIT_PACKAGES, nvidia.PIN_FILE, nvidia.HOLD_COMMENT, OLD_TOOLKIT, entries)
+    assert apt.hold_is_current(nvidia.TOOLKIT_PACKAGES, nvidia.PIN_FILE, None, {}, {"sha256": {}})
+
+
+def test_the_version_setting_pins_and_no_version_holds(settings):
+    assert nvidia.apt_source(settings(), "amd64").hold is True
+    pinned = nvidia.apt_source(settings(nvidia_toolkit_version="1.17.8-1"), "amd64")
+    assert pinned.hold is False and pinned.pin_version == "1.17.8-1"
+
+
+# --- The default runtime, switched off -----------------------------------------------------------
+
+
+def test_default_runtime_goes_only_where_labfleet_set_it(settings, planning_hosts):
+    marked = host_facts(daemon_json={"default-runtime": "nvidia"})
+    marked[NvidiaRuntimeState] = parse_nvidia_runtime_state([*RUNTIME_STATE, "default-runtime"])
+    _, use = planning_hosts(pc01=marked, pc02=host_facts(daemon_json={"default-runtime": "nvidia"}))
+    use("pc01")
+    off = settings(nvidia_toolkit=True)
+    assert nvidia.daemon_keys_to_drop(off) == {"default-runtime": "nvidia"}
+    assert nvidia.daemon_keys_to_drop(settings(nvidia_toolkit=True, nvidia_default_runtime=True)) == {}
+    use("pc02")  # set by hand (nvidia-ctk runtime configure --set-as-default): no marker, it stays
+    assert nvidia.daemon_keys_to_drop(off) == {}
+    current = {"default-runtime": "nvidia", "live-restore": True, "log-driver": "local"}
+    drop = {"default-runtime": "nvidia"}
+    assert docker.merged_daemon_json(current, {"live-restore": True}, drop) == {
+        "live-restore": True,
+        "log-driver": "local",
+    }
+    # A value changed by hand, or one docker_daemon asks for, is not labfleet's to remove.
+    assert docker.merged_daemon_json({"default-runtime": "runc"}, {}, drop) == {"default-runtime": "runc"}
+    assert docker.merged_daemon_json(current, {"default-runtime": "nvidia"}, drop) == current
