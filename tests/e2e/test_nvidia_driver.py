@@ -1,0 +1,88 @@
+"""labfleet/nvidia_driver.py end to end: the real pyinfra CLI over SSH against a systemd test host.
+
+No GPU and no NVIDIA driver is reachable here, so the host is made to look like a lab PC
+after an unattended upgrade with STAND-INs: /proc/driver/nvidia/version on a tmpfs says the
+565.57.01 module is loaded (nvidia_standin.simulate_driver), and STAND-IN packages under
+Debian's names and source put the 570.86.15 user space in place, from a local flat apt
+repository that also offers 580.95.05 (tests/e2e/nvidia_driver_standin.py). A stand-in
+mokutil reports Secure Boot. No kernel module and no GPU is involved.
+
+Every deploy runs tests/e2e/deploys/nvidia_driver_step.py (preflight, the driver step, the
+image's GPU check) and is run again to show that the second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labfleet import nvidia_driver
+
+from . import nvidia_driver_standin, nvidia_standin
+from .harness.hosts import TestHost, host_exec
+from .harness.runner import assert_converged, assert_no_changes
+
+pytestmark = pytest.mark.e2e
+
+DRIVER_STEP = "tests/e2e/deploys/nvidia_driver_step.py"
+DATA = {"extra_ca_certificates": [], "nvidia_toolkit": False}
+
+
+def sh(host: TestHost, command: str) -> str:
+    return host_exec(host, command, timeout=120).stdout
+
+
+def test_reboot_needed_hold_and_secure_boot_on_a_stand_in_host(make_hosts, pyinfra_run):
+    """An unattended upgrade left 570.86.15 installed under the loaded 565.57.01 module.
+
+    The deploy says which host to reboot and skips the GPU check there instead of failing on
+    NVML; it holds the driver's packages with an apt pin, so apt-get upgrade no longer moves
+    them although the repository offers 580.95.05. With the module gone and Secure Boot on,
+    the host stops with the cause and the mokutil enrolment steps, and nothing changes.
+    """
+    (host,) = make_hosts(1)
+    nvidia_driver_standin.build_repo(host, ("570.86.15", "580.95.05"))
+    nvidia_driver_standin.install(host, "570.86.15")
+    nvidia_standin.simulate_driver(host, "565.57.01")
+    nvidia_driver_standin.secure_boot(host, False)
+
+    first = pyinfra_run([host], deploy=DRIVER_STEP, data=DATA)
+    assert_converged(first)
+    output = first.stdout + first.stderr
+    assert f"{host.name} runs module 565.57.01 but 570.86.15 is installed: reboot {host.name}" in output
+    assert first.status(host, "Reboot needed: module 565.57.01 loaded, driver 570.86.15 installed") == "no_change"
+    assert first.status(host, "Check that the lab image sees the GPU (nvidia-smi and the smoke test)") == "no_change"
+    assert first.changed(host) == [
+        "Check the NVIDIA driver | Hold the NVIDIA driver packages against apt upgrade and unattended-upgrades"
+    ]
+    assert sh(host, f"cat {nvidia_driver.PIN_FILE}") == nvidia_driver.pin_text(
+        nvidia_driver_standin.PACKAGES, "570.86.15"
+    )
+
+    # The hold: apt's candidate is the installed release, so an upgrade (by hand, or the
+    # candidates unattended-upgrades installs) leaves it, though 580.95.05 is offered.
+    upgrade = sh(host, "apt-get -q update >/dev/null 2>&1; LC_ALL=C apt-get -s upgrade; apt-cache policy libcuda1")
+    assert "Inst libcuda1" not in upgrade and "Inst libnvidia-ml1" not in upgrade
+    assert "Candidate: 570.86.15-1" in upgrade and "580.95.05-1 500" in upgrade
+    host_exec(host, "DEBIAN_FRONTEND=noninteractive apt-get -y -q upgrade >/dev/null", timeout=120)
+    assert sh(host, "dpkg-query -W -f '${Version}' libnvidia-ml1") == "570.86.15-1"
+
+    assert_no_changes(pyinfra_run([host], deploy=DRIVER_STEP, data=DATA))
+
+    # Secure Boot on and no module loaded (the kernel refused the unsigned one).
+    nvidia_standin.simulate_driver(host, None)
+    nvidia_driver_standin.secure_boot(host, True)
+    refused = pyinfra_run([host], deploy=DRIVER_STEP, data={**DATA, "gpu": True}, expect_fail=True)
+    output = refused.stdout + refused.stderr
+    assert (
+        f"host {host.name}: Secure Boot is on and NVIDIA driver 570.86.15 is installed but no NVIDIA kernel module "
+        "is loaded" in output
+    )
+    assert "sudo mokutil --import /var/lib/dkms/mok.pub" in output and "Enroll MOK" in output
+    assert refused.errors() == [
+        (host.name, "Check the NVIDIA driver | Check that Secure Boot lets the NVIDIA module load")
+    ]
+    # It stopped before anything changed: the hold is as it was.
+    assert sh(host, f"cat {nvidia_driver.PIN_FILE}") == nvidia_driver.pin_text(
+        nvidia_driver_standin.PACKAGES, "570.86.15"
+    )
+    assert "Starting operation: Check the NVIDIA driver | Hold" not in refused.stderr
