@@ -379,8 +379,9 @@ def restore_directory(source: str, user: str, group: str, kind: str, target: str
 def restore_command(snapshot_id: str, path: str, target: str, user: str, group: str) -> str:
     """Restore path of a snapshot into target through a staging directory beside it.
 
-    The staging directory is on target's file system, so it holds the copy only as long as the
-    tar that copies it in, without replacing a file, without changing a directory that is there.
+    The staging directory is beside target, on its file system, and lives only as long as the tar
+    that copies it in: with --skip-old-files, a file or a directory that is there already is left
+    as it is (content, owner, mode and times).
     """
     staging = posixpath.join(posixpath.dirname(target), f".labfleet-restore-{posixpath.basename(target)}")
     q_staging, q_target = shlex.quote(staging), shlex.quote(target)
@@ -390,7 +391,7 @@ def restore_command(snapshot_id: str, path: str, target: str, user: str, group: 
         f"chown -R -h {shlex.quote(f'{user}:{group}')} {q_staging}; "
         f"[ -d {q_target} ] || install -d -o {shlex.quote(user)} -g {shlex.quote(group)} {q_target}; "
         f"tar -C {shlex.quote(staging + path)} -cf - . | "
-        f"tar -C {q_target} -xpf - --skip-old-files --no-overwrite-dir; rm -rf {q_staging}"
+        f"tar -C {q_target} -xpf - --skip-old-files; rm -rf {q_staging}"
     )
     return f"bash -c {shlex.quote(script)}"
 
@@ -398,18 +399,10 @@ def restore_command(snapshot_id: str, path: str, target: str, user: str, group: 
 # --- Steps --------------------------------------------------------------------------------------
 
 
-@step("Back up the workspaces and homes")
+@step("Set up the backups of the workspaces and homes")
 def set_up_backups(settings: Settings):
     state = snapshot(BackupState, reads(settings))
     if settings.backup_repository is None:
-        # Backups switched off: the timer stops; the files, the repository and its snapshots stay.
-        if state.timer["enabled"] == "enabled" or state.timer["active"] == "active":
-            systemd.service(
-                name="Stop the backup timer (backup_repository is unset)",
-                service=TIMER,
-                running=False,
-                enabled=False,
-            )
         return
     assert state.paths is not None and state.packages is not None
     wanted = packages(settings)
@@ -456,14 +449,30 @@ def set_up_backups(settings: Settings):
         name="Note when the backups were set up",
         path=SINCE,
     )
-    unless_current(
-        systemd.service,
-        current=state.timer["enabled"] == "enabled" and state.timer["active"] == "active",
-        name="Start the backup timer",
-        service=TIMER,
-        running=True,
-        enabled=True,
-    )
+
+
+@step("Schedule the backups")
+def schedule_backups(settings: Settings):
+    """Start the timer once a restore_from is done, so that no backup of a half-restored PC
+    takes the place of the snapshots it is restored from."""
+    timer = snapshot(BackupState, reads(settings)).timer
+    if settings.backup_repository is not None:
+        unless_current(
+            systemd.service,
+            current=timer["enabled"] == "enabled" and timer["active"] == "active",
+            name="Start the backup timer",
+            service=TIMER,
+            running=True,
+            enabled=True,
+        )
+    elif timer["enabled"] == "enabled" or timer["active"] == "active":
+        # Backups switched off: the timer stops; the files, the repository and its snapshots stay.
+        systemd.service(
+            name="Stop the backup timer (backup_repository is unset)",
+            service=TIMER,
+            running=False,
+            enabled=False,
+        )
 
 
 @step("Restore the workspaces and homes from the backup")

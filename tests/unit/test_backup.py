@@ -360,5 +360,5 @@ def test_the_restore_never_replaces_a_file_and_gives_everything_to_the_user_by_n
     assert "--target /srv/workspace/.labfleet-restore-alice" in command
     assert "chown -R -h alice:alice /srv/workspace/.labfleet-restore-alice" in command
     assert "tar -C /srv/workspace/.labfleet-restore-alice/srv/workspace/alice -cf - ." in command
-    assert "--skip-old-files --no-overwrite-dir" in command
+    assert "-xpf - --skip-old-files;" in command
     assert "set -eo pipefail" in command
