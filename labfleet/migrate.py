@@ -215,7 +215,8 @@ def reads(settings: Settings) -> dict[str, Read]:
     all_settings = _all_settings()
     mine = pulls(settings, all_settings)
     serving = served(settings, all_settings)
-    paths = [SUDOERS] if serving else []
+    # The sudo rules are looked for everywhere: once no host migrates from here, they go.
+    paths = [SUDOERS]
     if mine:
         paths += [KNOWN_HOSTS, *(f"{pull.key}.pub" for pull in mine)]
         found["packages"] = datasets.reads(settings)["packages"]
@@ -226,7 +227,7 @@ def reads(settings: Settings) -> dict[str, Read]:
             )
     if serving:
         found["authorized"] = Read(FileContents, {"path": f"{datasets.SYNC_SSH_DIR}/authorized_keys"})
-    found["paths"] = Read(PathStates, {"paths": tuple(paths), "digests": tuple(p for p in paths if p == SUDOERS)})
+    found["paths"] = Read(PathStates, {"paths": tuple(paths), "digests": (SUDOERS,)})
     return found
 
 
