@@ -580,7 +580,7 @@ def check_driver(settings: Settings):
         return
     moves = settings.nvidia_driver_version is not None and installed != settings.nvidia_driver_version
     if settings.nvidia_driver_install and (moves or not driver_meets(installed or module, settings.nvidia_driver_min)):
-        _install_driver(settings, state, mine, title)
+        _install_driver(settings, state, mine, title, secure_boot)
         return
     if installed is not None and module != installed:
         _reboot_needed(settings, state, module, installed, title)
@@ -629,7 +629,7 @@ def _plan_hold(settings: Settings, mine: DriverHost, packages: Sequence[str]) ->
     )
 
 
-def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, title: str):
+def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, title: str, secure_boot: bool | None):
     try:
         release = platform.distribution(state.release)
     except platform.UnsupportedDistribution as error:
@@ -637,7 +637,7 @@ def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, tit
             f"host {settings.host}: {error}; labfleet installs NVIDIA drivers on Debian and Ubuntu only"
         )
     else:
-        plan = driver_install_plan(settings, release, state.arch, state.gpu["secure_boot"], mine.driver["devices"])
+        plan = driver_install_plan(settings, release, state.arch, secure_boot, mine.driver["devices"])
     if isinstance(plan, str):
         require(name=title, ok=False, problem=f"{_below_floor(settings, state.gpu, state.release)}. {plan}")
         return
