@@ -68,6 +68,18 @@ def test_reboot_needed_hold_and_secure_boot_on_a_stand_in_host(make_hosts, pyinf
 
     assert_no_changes(pyinfra_run([host], deploy=DRIVER_STEP, data=DATA))
 
+    # CUDA 13 needs 580.65.06: Debian 13's own driver (550.163.01; non-free is not even
+    # enabled here, so apt has no candidate and the release's known driver decides) can
+    # never reach it, so the install is refused before anything changes.
+    cuda13 = {**DATA, "cuda": "13.0", "nvidia_driver_install": True}
+    refused = pyinfra_run([host], deploy=DRIVER_STEP, data=cuda13, expect_fail=True)
+    assert (
+        f"host {host.name}: Debian 13's own NVIDIA driver is 550.163.01, below 580.65.06 (the floor for CUDA 13.0"
+        in refused.stdout + refused.stderr
+    )
+    assert "NVIDIA's CUDA repository" in refused.stdout + refused.stderr
+    assert "non-free" not in sh(host, "cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null; true")
+
     # Secure Boot on and no module loaded (the kernel refused the unsigned one).
     nvidia_standin.simulate_driver(host, None)
     nvidia_driver_standin.secure_boot(host, True)
