@@ -62,6 +62,10 @@ CASES = [
     case("toolkit-cve", {"nvidia_toolkit_version": "1.17.7"}, "nvidia_toolkit_version = '1.17.7'", "CVE-2025-23266"),
     case("default-runtime-string", {"nvidia_default_runtime": "true"}, "nvidia_default_runtime = 'true' is invalid"),
     case("driver-min-word", {"nvidia_driver_min": "newest"}, "nvidia_driver_min = 'newest' is invalid"),
+    case("driver-version-branch", {"nvidia_driver_version": "580"}, "nvidia_driver_version = '580' is invalid",
+         'expected null or an NVIDIA driver release like "580.95.05"'),
+    case("driver-version-no-install", {"nvidia_driver_version": "580.95.05"},
+         "nvidia_driver_version = '580.95.05' is invalid without nvidia_driver_install = true"),
     case("cuda-unknown", {"cuda": "12.3"}, "cuda = '12.3' is invalid"),
     case("cuda-float", {"cuda": 12.8}, "cuda = 12.8 is invalid"),
     # Paths.
@@ -130,6 +134,8 @@ CASES = [
          'expected one of "when-idle", "now"'),
     case("update-idle-words", {"jupyter_update_idle": "30 minutes"}, "jupyter_update_idle = '30 minutes' is invalid",
          'expected a duration like "30m"'),
+    case("cull-idle-words", {"jupyter_cull_idle": "1 day"}, "jupyter_cull_idle = '1 day' is invalid",
+         'expected "off" or a duration like "30m", "12h" or "2d"'),
     # Image and registry.
     case("profile-unknown", {"image_profile": "tensorflow"}, "image_profile = 'tensorflow' is invalid"),
     case("delivery-unknown", {"image_delivery": "rsync"}, "image_delivery = 'rsync' is invalid"),
