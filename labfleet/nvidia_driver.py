@@ -483,28 +483,6 @@ def reboot_when_idle(reason: str, containers: Sequence[str], idle_seconds: int, 
     yield from server.reboot._inner(delay=10, interval=1, reboot_timeout=reboot_timeout)
 
 
-@operation(is_idempotent=True)
-def check_reboot_done(reason: str):
-    """After reboot_when_idle: fail with reason while the installed driver is still not the loaded one.
-
-    + reason: what to tell the person
-
-    A deferred reboot leaves the module as it was; that is said, not failed.
-
-    **Example:**
-
-    .. code:: python
-
-        check_reboot_done(name="Check the driver after the reboot", reason="...")
-    """
-    driver = host.get_fact(NvidiaDriver)
-    installed = installed_driver(driver)
-    if installed is None or driver["module"] == installed:
-        host.noop(f"module {driver['module']} is loaded")
-        return
-    host.noop(f"module {driver['module'] or 'none'} still loaded, {installed} installed: {reason}")
-
-
 def _containers(settings: Settings) -> list[str]:
     return [compose.container_name(compose.project_name(user.name)) for user in settings.jupyter_users]
 

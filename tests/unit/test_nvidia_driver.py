@@ -582,3 +582,47 @@ def test_status_says_reboot_needed():
     text = report.table(rows, reasons)
     assert "565.57.01 (reboot needed)" in text
     assert "! pc03: reboot needed: NVIDIA module 565.57.01 loaded, 570.86.15 installed (reboot pc03)" in text
+
+
+def test_secure_boot_without_any_driver_says_what_to_install(settings, plan):
+    (problem,) = problems(plan(settings(gpu=True), facts(["device 0x2684", "mokutil SecureBoot enabled"])))
+    assert problem.startswith(
+        "host pc01: Secure Boot is on and no NVIDIA driver is installed and no NVIDIA kernel module is loaded"
+    )
+    assert "Canonical's linux-modules-nvidia-*" in problem
+
+
+def test_debian_with_secure_boot_is_not_installed_unsigned(settings, plan):
+    lines = ["device 0x2684", "mokutil SecureBoot enabled"]
+    (problem,) = problems(plan(settings(nvidia_driver_install=True), facts(lines, policy=POLICY_TRIXIE)))
+    assert "Secure Boot is on, and Debian's nvidia-driver is a DKMS module that must be signed" in problem
+    # Ubuntu's modules come signed: it installs.
+    ubuntu = plan(settings(nvidia_driver_install=True), facts(lines, release=UBUNTU_24))
+    assert problems(ubuntu) == [] and "install_ubuntu_driver" in [name for name, _ in ubuntu]
+
+
+def test_installed_but_not_loaded_says_reboot(settings, plan):
+    planned = plan(settings(), facts(["device 0x2684", "nvml 570.86.15", "package libcuda1 570.86.15-1"]))
+    (warned,) = [kwargs for name, kwargs in planned if name == "warn"]
+    assert warned["message"].startswith(
+        "pc01 has NVIDIA driver 570.86.15 installed but no NVIDIA module loaded: reboot pc01"
+    )
+
+
+def test_a_reboot_into_a_driver_below_the_floor_is_said_too(settings, plan):
+    lines = ["device 0x2684", "sys 470.256.02", "nvml 520.61.05", "package libcuda1 520.61.05-1"]
+    (problem,) = problems(plan(settings(), facts(lines)))
+    assert problem.startswith(
+        "host pc01: NVIDIA driver 520.61.05 (installed) is below 525.60.13, the floor for CUDA 12.8"
+    )
+
+
+def test_blackwell_beside_a_pre_turing_gpu_and_no_supported_branch(settings, plan):
+    (problem,) = problems(plan(settings(nvidia_driver_install=True), facts(["device 0x1b06", "device 0x2b85"])))
+    assert problem.endswith(
+        "a Blackwell GPU needs NVIDIA's open kernel modules and an older GPU in the same host cannot run them; "
+        "put the cards in different hosts"
+    )
+    late = plan(settings(nvidia_driver_install=True), facts(["device 0x2684"], release=UBUNTU_24), day=date(2029, 1, 1))
+    (problem,) = problems(late)
+    assert "no NVIDIA driver branch labfleet knows of is supported on 2029-01-01 and at least 525.60.13" in problem
