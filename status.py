@@ -7,8 +7,10 @@
 
 One row per host: OS, Docker, toolkit and driver versions, GPUs, the image and whether it
 is the fleet's, each JupyterLab container's health and URL, the datasets' sync state and
-the free disk. Drift (a host that differs from the fleet or from its settings, or cannot
-be reached) exits non-zero; labfleet/report.py says what counts.
+the free disk. Below the hosts, one line per GPU (where a host has nvidia-smi): its load and
+memory, and the lab users whose containers hold compute processes on it (labfleet/gpu_usage.py).
+Drift (a host that differs from the fleet or from its settings, or cannot be reached) exits
+non-zero; labfleet/report.py says what counts.
 """
 
 from pyinfra import host

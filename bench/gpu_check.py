@@ -27,9 +27,11 @@ import sys
 from pyinfra.api import FactBase
 
 from labfleet import gpu_usage
-from labfleet.facts.gpu_usage import GpuUsage
-from labfleet.facts.nvidia import GpuHost
+from labfleet.facts.gpu_usage import GpuUsage, GpuUsageState
+from labfleet.facts.nvidia import GpuHost, GpuHostState
+from labfleet.facts.nvidia_driver import DriverState, NvidiaDriver, installed_driver, reboot_needed
 from labfleet.model import Invalid, cull_idle
+from labfleet.nvidia_driver import reboot_line
 
 
 def run_fact(fact_class: type[FactBase], **kwargs):
@@ -40,12 +42,16 @@ def run_fact(fact_class: type[FactBase], **kwargs):
     return fact.process(lines) if lines else fact.default()
 
 
-def driver_check(host: dict, usage: dict) -> list[str]:
-    """Problems with the driver that a person must act on (empty: none found)."""
+def driver_check(name: str, host: GpuHostState, driver: DriverState, usage: GpuUsageState) -> list[str]:
+    """Problems with the driver that a person must act on (empty: none found): the deploy's own
+    reboot-needed line (labfleet.nvidia_driver) where the module differs from the library."""
     problems = []
+    mismatch = reboot_needed(driver)
+    if mismatch:
+        problems.append(reboot_line(name, *mismatch))
     if usage["error"]:
         problems.append(f"nvidia-smi: {usage['error']}")
-    if host["gpus"] and not host["driver"]:
+    if host["gpus"] and not host["driver"] and not mismatch:
         problems.append("NVIDIA GPUs but no loaded nvidia kernel module")
     return problems
 
@@ -62,18 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except Invalid:
         parser.error(f'--cull {args.cull!r}: expected "off" or a duration like "30m", "12h" or "2d"')
 
+    name = socket.gethostname()
     host = run_fact(GpuHost)
+    driver = run_fact(NvidiaDriver)
     usage = run_fact(GpuUsage)
     use = gpu_usage.host_gpu_use(usage, cull_seconds)
-    problems = driver_check(host, usage)
-    name = socket.gethostname()
+    problems = driver_check(name, host, driver, usage)
 
     if args.json:
-        print(
-            json.dumps(
-                {"host": name, "GpuHost": host, "GpuUsage": usage, "gpu_use": use, "problems": problems}, indent=2
-            )
-        )
+        found = {"host": name, "GpuHost": host, "NvidiaDriver": driver, "GpuUsage": usage}
+        print(json.dumps({**found, "gpu_use": use, "problems": problems}, indent=2))
     else:
         print(f"labfleet GPU check on {name} (this machine's driver; nothing changed, no network)")
         if os.geteuid() != 0:
@@ -83,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"GpuHost: {len(host['gpus'])} GPU(s) {gpus}; loaded module {host['driver'] or '-'}; "
             f"nouveau {'loaded' if host['nouveau'] else 'not loaded'}; Secure Boot {secure}"
+        )
+        libraries = ", ".join(driver["libraries"]) or "-"
+        print(
+            f"NvidiaDriver: module {driver['module'] or '-'} ({driver['flavour'] or '-'}); NVML library {libraries}; "
+            f"installed release {installed_driver(driver) or '-'}; {len(driver['packages'])} driver package(s)"
         )
         if use is None:
             print("GpuUsage: no nvidia-smi on this machine")

@@ -40,6 +40,7 @@ token = _read_secret("JUPYTER_TOKEN_FILE")
 if token is not None:
     c.IdentityProvider.token = token
 
+
 def cull_settings(text: str | None) -> dict[str, int | bool]:
     """MappingKernelManager's culling traits for jupyter_cull_idle, given in seconds (0 or unset: off).
 

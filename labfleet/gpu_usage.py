@@ -9,7 +9,8 @@ The fact (labfleet/facts/gpu_usage.py) reads what the host knows; this module de
 - a process that is a Jupyter kernel (its command line names ``kernel-<id>.json``) shows how long
   its kernel has been idle, by the ``last_activity`` that the user's own Jupyter server reports
   for it: the same clock the server's culler uses, so "idle past jupyter_cull_idle" means what
-  the culler would act on. A kernel running a cell is not idle. Past ``jupyter_cull_idle`` it is
+  the culler would act on. A kernel running a cell is not idle, and neither is one that no client
+  has used since it started (its server still says "starting"). Past ``jupyter_cull_idle`` it is
   marked: it should have been culled (the container still runs older settings, or culling is
   off on it) and holds GPU memory meanwhile. With ``"off"`` nothing is marked, the idle time
   is still shown.
@@ -32,6 +33,7 @@ class ProcessUse(TypedDict):
     pid: int
     memory: int | None  # MiB
     kernel: str | None  # the Jupyter kernel id, when the process is a kernel
+    kernel_state: str | None  # what its server says: idle, busy, starting (None: unknown)
     idle_seconds: int | None  # how long that kernel has been idle (None: busy, or not a kernel)
     idle_past_cull: bool
 
@@ -75,20 +77,24 @@ def _owner(process: GpuProcess, containers: dict[str, tuple[str, str | None]]) -
     return f"host account {process['owner'] or '?'}", False
 
 
-def _kernel_use(
-    process: GpuProcess, kernels: Iterable[Kernel], now: int | None, cull_seconds: int
-) -> tuple[str | None, int | None, bool]:
-    kid = kernel_id(process["command"])
-    if kid is None:
-        return None, None, False
+def _kernel_use(process: GpuProcess, kernels: Iterable[Kernel], now: int | None, cull_seconds: int) -> ProcessUse:
+    use = ProcessUse(
+        pid=process["pid"],
+        memory=process["memory"],
+        kernel=kernel_id(process["command"]),
+        kernel_state=None,
+        idle_seconds=None,
+        idle_past_cull=False,
+    )
     for kernel in kernels:
-        if kernel["id"] == kid:
+        if kernel["id"] == use["kernel"]:
+            use["kernel_state"] = kernel["state"]
             last = kernel["last_activity"]
-            if kernel["state"] != "idle" or last is None or now is None:
-                return kid, None, False
-            idle = max(0, int(now - last))
-            return kid, idle, bool(cull_seconds) and idle >= cull_seconds
-    return kid, None, False
+            if kernel["state"] == "idle" and last is not None and now is not None:
+                idle = max(0, int(now - last))
+                use["idle_seconds"] = idle
+                use["idle_past_cull"] = bool(cull_seconds) and idle >= cull_seconds
+    return use
 
 
 def _sum(values: Iterable[int | None]) -> int | None:
@@ -114,13 +120,8 @@ def host_gpu_use(state: GpuUsageState, cull_seconds: int) -> HostGpuUse | None:
             kernels: list[Kernel] = []
             for cid in container_ids(process["cgroup"]):
                 kernels += state["kernels"].get(cid, [])
-            kid, idle, past = _kernel_use(process, kernels, state["now"], cull_seconds)
             use = users.setdefault(who, UserUse(user=who, lab_user=lab_user, memory=None, processes=[]))
-            use["processes"].append(
-                ProcessUse(
-                    pid=process["pid"], memory=process["memory"], kernel=kid, idle_seconds=idle, idle_past_cull=past
-                )
-            )
+            use["processes"].append(_kernel_use(process, kernels, state["now"], cull_seconds))
         for use in users.values():
             use["memory"] = _sum(p["memory"] for p in use["processes"])
         ordered = sorted(users.values(), key=lambda u: (not u["lab_user"], -(u["memory"] or 0), u["user"]))
@@ -146,10 +147,12 @@ def gib(mib: int | None) -> str:
 def _user_cell(use: UserUse) -> str:
     text = f"{use['user']} {gib(use['memory'])}"
     for process in use["processes"]:
+        kernel = (process["kernel"] or "?")[:8]
         if process["idle_seconds"] is not None:
             mark = "!" if process["idle_past_cull"] else ""
-            kernel = (process["kernel"] or "?")[:8]
             text += f" ({mark}kernel {kernel} idle {duration_text(process['idle_seconds'])})"
+        elif process["kernel_state"]:
+            text += f" (kernel {kernel} {process['kernel_state']})"
     return text
 
 

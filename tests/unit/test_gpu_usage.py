@@ -215,7 +215,8 @@ def test_each_process_is_attributed_to_its_user_with_memory_per_user():
     assert [(u["user"], u["memory"]) for u in gpu1["users"]] == [("bob", 10240), ("pid 31337", 5)]
     # alice's kernel runs a cell: not idle. bob's has been idle since 2026-11-30T10:00Z: marked.
     (alice,) = gpu0["users"][0]["processes"]
-    assert (alice["kernel"], alice["idle_seconds"], alice["idle_past_cull"]) == (KERNEL_ALICE, None, False)
+    assert (alice["kernel"], alice["kernel_state"], alice["idle_seconds"]) == (KERNEL_ALICE, "busy", None)
+    assert alice["idle_past_cull"] is False
     (bob,) = gpu1["users"][0]["processes"]
     assert (bob["kernel"], bob["idle_seconds"], bob["idle_past_cull"]) == (KERNEL_BOB, 2 * 86400 + 7200, True)
 
@@ -239,7 +240,7 @@ def test_the_status_has_a_gpu_section_and_a_note_per_idle_kernel():
     section = lines[start:]
     assert section[0].split() == ["host", "gpu", "model", "util", "memory", "temp", "users"]
     assert section[1].split()[:9] == ["pc01", "0", "NVIDIA", "RTX", "A6000", "87%", "30.0G/48.0G", "71C", "alice"]
-    assert "alice 20.0G (kernel" not in section[1], "a busy kernel shows no idle time"
+    assert "alice 20.0G (kernel 5e2d7c0a busy)," in section[1], "a busy kernel shows no idle time"
     assert "project vllm 4.0G" in section[1] and "host account root 0.5G" in section[1]
     assert section[2].startswith("!  pc01  1"), section[2]
     assert "bob 10.0G (!kernel 0b6f3a44 idle 2d02h)" in section[2]
@@ -307,7 +308,7 @@ def test_the_facts_command_reads_a_real_process_in_a_batch(standin_smi):
 def test_bench_gpu_check_runs_the_facts_against_the_standin(standin_smi):
     done = subprocess.run([str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "GpuHost: " in done.stdout
+    assert "GpuHost: " in done.stdout and "NvidiaDriver: module -" in done.stdout
     assert "NVIDIA RTX A6000  87%" in done.stdout
     assert f"GPU 0: pid {os.getpid()} -> " in done.stdout
     found = subprocess.run(
