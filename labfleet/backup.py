@@ -387,7 +387,7 @@ def restore_command(snapshot_id: str, path: str, target: str, user: str, group: 
     q_staging, q_target = shlex.quote(staging), shlex.quote(target)
     script = (
         f"set -eo pipefail; rm -rf {q_staging}; install -d -m 0700 {q_staging}; "
-        f"{shlex.quote(RESTIC)} restore {shlex.quote(snapshot_id)} --target {q_staging} >/dev/null; "
+        f"{shlex.quote(RESTIC)} restore --retry-lock 10m {shlex.quote(snapshot_id)} --target {q_staging} >/dev/null; "
         f"chown -R -h {shlex.quote(f'{user}:{group}')} {q_staging}; "
         f"[ -d {q_target} ] || install -d -o {shlex.quote(user)} -g {shlex.quote(group)} {q_target}; "
         f"tar -C {shlex.quote(staging + path)} -cf - . | "

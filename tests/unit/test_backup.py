@@ -362,3 +362,97 @@ def test_the_restore_never_replaces_a_file_and_gives_everything_to_the_user_by_n
     assert "tar -C /srv/workspace/.labfleet-restore-alice/srv/workspace/alice -cf - ." in command
     assert "-xpf - --skip-old-files;" in command
     assert "set -eo pipefail" in command
+
+
+# --- Operations, against canned facts ------------------------------------------------------------
+
+
+def _check(fake_host_in, found):
+    fake = fake_host_in(backup, {facts.ResticRepository: found})
+    commands = list(backup.check_repository._inner("sftp:b@nas:/r", backup.CHECKED, "check that nas is reachable"))
+    return fake, commands
+
+
+def test_an_existing_repository_is_only_noted(fake_host_in):
+    _, commands = _check(fake_host_in, {"state": "exists", "error": ""})
+    assert len(commands) == 1 and "restic" not in commands[0] and backup.CHECKED in commands[0]
+
+
+def test_a_missing_repository_is_made(fake_host_in):
+    _, commands = _check(fake_host_in, {"state": "missing", "error": ""})
+    assert commands[0].startswith(f"{facts.RESTIC} init >/dev/null && ")
+
+
+def test_a_repository_that_cannot_be_opened_fails_the_host_with_restics_reason(fake_host_in):
+    _, commands = _check(fake_host_in, {"state": "error", "error": "ssh: connect to host nas port 22: No route"})
+    assert commands == [
+        "echo 'labfleet: host pc01: cannot open the backup repository sftp:b@nas:/r: ssh: connect to host nas "
+        "port 22: No route; check that nas is reachable, then run the deploy again' >&2; exit 1"
+    ]
+
+
+def test_the_key_hint_names_the_account_and_the_key(raw):
+    s = build("pc07", with_backups(raw, backup_ssh_key=PASSWORD))
+    assert backup.key_hint(s) == (
+        f"check that nas.lab is reachable and that backup@nas.lab accepts the public key of backup_ssh_key "
+        f"({PASSWORD}.pub) in its authorized_keys"
+    )
+    local = build("pc07", with_backups(raw, backup_repository="/mnt/restic", backup_ssh_key=None))
+    assert backup.key_hint(local) == "check that the repository's directory is mounted and writable by root"
+
+
+def _restore(fake_host_in, monkeypatch, found, user="alice", kind="workspace"):
+    fake_host_in(backup, {facts.ResticSnapshots: found})
+    warnings: list[str] = []
+    monkeypatch.setattr(backup, "logger", SimpleLogger(warnings))
+    commands = list(
+        backup.restore_directory._inner(
+            "pc03", user, user, kind, f"/srv/{kind}/{user}", backup.restored_marker(user, kind), "backup:pc03\n"
+        )
+    )
+    return commands, warnings
+
+
+class SimpleLogger:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def warning(self, line):
+        self.lines.append(line)
+
+
+def test_the_newest_snapshot_is_restored_then_marked(fake_host_in, monkeypatch):
+    found = facts.parse_snapshots([json.dumps(SNAPSHOTS), "exit 0"])
+    commands, warnings = _restore(fake_host_in, monkeypatch, found)
+    assert len(commands) == 1 and warnings == []
+    assert (
+        commands[0].startswith("bash -c ")
+        and "restore --retry-lock 10m a2 --target /srv/workspace/.labfleet-restore-alice" in commands[0]
+    )
+    assert commands[0].endswith(f"> {backup.restored_marker('alice', 'workspace')}")
+
+
+def test_a_user_without_a_snapshot_is_said_and_marked(fake_host_in, monkeypatch):
+    found = facts.parse_snapshots([json.dumps(SNAPSHOTS), "exit 0"])
+    commands, warnings = _restore(fake_host_in, monkeypatch, found, user="bob")
+    assert warnings == ["[pc01] no snapshot of the workspace of bob from pc03: nothing to restore there"]
+    assert len(commands) == 1 and "restic" not in commands[0]
+
+
+def test_a_host_without_snapshots_fails_with_what_to_check(fake_host_in, monkeypatch):
+    commands, _ = _restore(fake_host_in, monkeypatch, {"state": "read", "error": "", "snapshots": []})
+    assert commands == [
+        "echo 'labfleet: host pc01: restore_from names pc03, but the backup repository holds no labfleet snapshot "
+        "taken on pc03; check the name (restic snapshots lists the hosts) or remove restore_from' >&2; exit 1"
+    ]
+
+
+def test_snapshots_that_cannot_be_listed_fail_the_host(fake_host_in, monkeypatch):
+    commands, _ = _restore(
+        fake_host_in, monkeypatch, {"state": "error", "error": "Fatal: wrong password", "snapshots": []}
+    )
+    assert commands == [
+        "echo 'labfleet: host pc01: cannot list the snapshots of pc03 to restore the workspace of alice: "
+        "Fatal: wrong password; fix the repository'\"'\"'s access (see the backup step above), then run the "
+        "deploy again' >&2; exit 1"
+    ]
