@@ -59,7 +59,7 @@ from pyinfra.api import FileUploadCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
-from pyinfra.operations import server
+from pyinfra.operations import files, server
 
 from labfleet import apt, compose, docker, planning, platform
 from labfleet.facts.nvidia import GpuHost
@@ -236,9 +236,17 @@ def driver_install_plan(
     return plan
 
 
-def candidate_release(plan: platform.DriverPlan, policy: Mapping[str, AptVersions] | None) -> str | None:
-    """The release apt would install for the plan: its candidate, else what the release is known to carry."""
+def candidate_release(
+    plan: platform.DriverPlan, policy: Mapping[str, AptVersions] | None, held: bool = False
+) -> str | None:
+    """The release apt would install for the plan: its candidate, else what the release is known to carry.
+
+    + held: labfleet's own pin holds the driver now, so apt's candidate is the held release;
+      the install lifts that hold first, and then the newest release in apt's table is the one
+    """
     found = (policy or {}).get(plan.installed_when)
+    if found and held and found["versions"]:
+        return max((upstream_version(v) for v in found["versions"]), key=version_tuple)
     if found and found["candidate"]:
         return upstream_version(found["candidate"])
     return plan.release_driver
@@ -622,7 +630,8 @@ def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, tit
     floor = settings.nvidia_driver_min
     if platform.blackwell_devices(mine.driver["devices"]):
         floor = max(floor, platform.BLACKWELL_MIN_DRIVER, key=version_tuple)
-    candidate = settings.nvidia_driver_version or candidate_release(plan, mine.policy)
+    held = mine.pin is not None and not settings.nvidia_driver_version
+    candidate = settings.nvidia_driver_version or candidate_release(plan, mine.policy, held)
     if candidate is not None and not driver_meets(candidate, floor):
         require(name=title, ok=False, problem=candidate_problem(settings, release, candidate, floor))
         return
@@ -636,9 +645,12 @@ def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, tit
                 suites=(codename, f"{codename}-updates", f"{codename}-security"),
                 components=plan.components,
             )
-    # The pin first: with nvidia_driver_version it is what makes apt install that release.
+    # The pin first: with nvidia_driver_version it is what makes apt install that release;
+    # without, the hold of the release below the floor is lifted, and set again after.
     if settings.nvidia_driver_version:
         _plan_hold(settings, mine, plan.driver_packages)
+    elif held:
+        files.file(name="Lift the hold of the NVIDIA driver below the floor to install", path=PIN_FILE, present=False)
     if plan.ubuntu_drivers:
         apt.ensure_packages(name="Install ubuntu-drivers-common", packages=plan.packages)
         driver = install_ubuntu_driver(

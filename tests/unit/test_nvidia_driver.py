@@ -626,3 +626,32 @@ def test_blackwell_beside_a_pre_turing_gpu_and_no_supported_branch(settings, pla
     late = plan(settings(nvidia_driver_install=True), facts(["device 0x2684"], release=UBUNTU_24), day=date(2029, 1, 1))
     (problem,) = problems(late)
     assert "no NVIDIA driver branch labfleet knows of is supported on 2029-01-01 and at least 525.60.13" in problem
+
+
+def test_a_held_driver_below_a_new_floor_is_released_for_the_install(settings, plan, monkeypatch):
+    """cuda moved to 13.0 over a held 570: apt's candidate is the held release, the newest in
+    its table decides, the hold is lifted for the install and set again after it."""
+    lines = [*LOADED_570, "nvml 570.86.15", "package nvidia-driver 570.86.15-1"]
+    pin = nvidia_driver.pin_text(["nvidia-driver"], "570.86.15").splitlines()
+    removed = []
+    monkeypatch.setattr(nvidia_driver.files, "file", lambda **kwargs: removed.append(kwargs))
+    planned = plan(settings(cuda="13.0", nvidia_driver_install=True), facts(lines, policy=POLICY_HELD, pin=pin))
+    assert problems(planned) == []
+    assert removed == [
+        {
+            "name": "Lift the hold of the NVIDIA driver below the floor to install",
+            "path": nvidia_driver.PIN_FILE,
+            "present": False,
+        }
+    ]
+    # (the fake answers the sources files with the pin's text too, so non-free is "enabled" there first)
+    assert [name for name, _ in planned if name != "enable_apt_components"] == [
+        "install_driver_packages",
+        "hold_driver",
+        "reboot_when_idle",
+        "check_loaded_driver",
+    ]
+    # Without anything newer in apt's table, the refusal names the held release.
+    policy = [line for line in POLICY_HELD if "580.95.05" not in line and "archive.example/nvidia" not in line]
+    (problem,) = problems(plan(settings(cuda="13.0", nvidia_driver_install=True), facts(lines, policy=policy, pin=pin)))
+    assert "Debian 13's own NVIDIA driver is 550.163.01, below 580.65.06" in problem
