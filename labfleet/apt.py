@@ -229,7 +229,7 @@ def hold_preferences(versions: Mapping[str, str], comment: str | None = None) ->
 
 def installed_versions(packages: Iterable[str], installed: Mapping) -> dict[str, str]:
     """name -> installed version, for those of packages that DebPackages lists."""
-    return {name: installed[name][0] for name in packages if installed.get(name)}
+    return {name: sorted(installed[name])[-1] for name in packages if installed.get(name)}
 
 
 def hold_is_current(

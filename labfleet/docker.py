@@ -254,8 +254,13 @@ def changed_keys(before: Mapping, after: Mapping) -> list[str]:
 
 
 def restart_keys(before: Mapping, after: Mapping) -> list[str]:
-    """The changed keys that dockerd takes up only when it restarts."""
-    return [key for key in changed_keys(before, after) if key not in RELOADABLE_KEYS]
+    """The changed keys that dockerd takes up only when it restarts.
+
+    A removed key is one of them even where dockerd reloads it: a reload applies only the
+    keys the new file sets (moby's reload checks ``IsValueSet``), so a running dockerd
+    would keep, for example, the ``default-runtime`` that the file no longer names.
+    """
+    return [key for key in changed_keys(before, after) if key not in RELOADABLE_KEYS or key not in after]
 
 
 def engine_action(before: Mapping, after: Mapping, active: bool) -> str:

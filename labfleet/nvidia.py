@@ -226,7 +226,7 @@ def toolkit_packages(settings: Settings) -> tuple[str, ...]:
 def installed_toolkit(packages: Mapping) -> str | None:
     """The installed toolkit's version (its base package carries nvidia-ctk), from DebPackages."""
     versions = packages.get("nvidia-container-toolkit-base") or packages.get("nvidia-container-toolkit")
-    return versions[0] if versions else None
+    return sorted(versions)[-1] if versions else None
 
 
 def toolkit_below_floor(packages: Mapping) -> bool:
@@ -574,13 +574,17 @@ def configure_container_runtime(settings: Settings, toolkit: OperationMeta | Non
     if not wants_toolkit(settings):
         host.noop("no NVIDIA GPU on this host: the NVIDIA runtime is not configured")
         return
-    if toolkit is not None:
+    state = snapshot(settings)
+    # dockerd looks for the hook only when it starts: one running when this run installs the
+    # hook restarts once. An upgrade replaces a hook that dockerd already found (a new ctime,
+    # the same path), so it restarts nothing; the ctime cannot tell an upgrade from a toolkit
+    # installed by hand under a running dockerd, which verify_gpu reports instead.
+    if toolkit is not None and state.runtime["hook_changed"] is None:
         docker.restart_service(
             name="Restart dockerd so that it registers NVIDIA's GPU driver",
             service=docker.DOCKER_SERVICE,
-            _if=[toolkit.did_change, lambda: dockerd_predates_hook(runtime_state())],
+            _if=lambda: dockerd_predates_hook(runtime_state()),
         )
-    state = snapshot(settings)
     current = not cdi_commands(
         state.gpu["driver"],
         installed_toolkit(state.packages),

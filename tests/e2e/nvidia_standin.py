@@ -34,6 +34,8 @@ import shlex
 from .harness.hosts import TestHost, host_exec
 
 ROOT = "/srv/labfleet-nvidia-standin"
+# Built packages wait here, and the signing key lives here, outside what the server serves.
+POOL = "/srv/labfleet-nvidia-standin-pool"
 UNIT = "labfleet-nvidia-standin-repo"
 OLD, FLOOR, REFRESH = VERSIONS = ("1.17.7-1", "1.17.8-1", "1.18.0-1")
 RUNTIME_LOG = "/var/log/nvidia-container-runtime-standin.log"
@@ -174,6 +176,8 @@ _REFRESH_FILES = {
 _INDEX_AND_SIGN = r"""
 set -eu
 lib={root}/libnvidia-container; arch=$(dpkg --print-architecture); repo=$lib/stable/deb/$arch
+mkdir -p "$repo"; rm -f "$repo"/*.deb
+for version in {versions}; do cp {pool}/*_"$version"_"$arch".deb "$repo"/; done
 cd "$repo"
 for deb in *.deb; do
     dpkg-deb -f "$deb"
@@ -189,11 +193,13 @@ done > Packages
     echo "SHA256:"
     echo " $(sha256sum Packages | cut -d' ' -f1) $(stat -c %s Packages) Packages"
 }} > Release
-export GNUPGHOME=$(mktemp -d)
-gpg --batch --quiet --passphrase '' --quick-gen-key 'labfleet STAND-IN <standin@test>' default default never
+export GNUPGHOME={pool}/gnupg
+if [ ! -d "$GNUPGHOME" ]; then
+    mkdir -m 700 "$GNUPGHOME"
+    gpg --batch --quiet --passphrase '' --quick-gen-key 'labfleet STAND-IN <standin@test>' default default never
+fi
 gpg --batch --yes --quiet --local-user standin@test --clearsign -o InRelease Release
 gpg --batch --yes --quiet --armor --export standin@test > "$lib/gpgkey"
-rm -rf "$GNUPGHOME"
 ls *.deb | wc -l
 """
 
@@ -218,12 +224,12 @@ def _package_script(name: str, version: str, depends: str, contents: dict) -> st
     return "\n".join(lines)
 
 
-def build_standin_repo(host: TestHost) -> int:
-    """Build the signed repository in host; returns how many .debs it holds."""
+def build_standin_repo(host: TestHost, versions: tuple[str, ...] = VERSIONS) -> int:
+    """Build the packages of every version in host, and publish versions; returns how many .debs it serves."""
     script = [
         "set -eu",
-        f"rm -rf {ROOT}; arch=$(dpkg --print-architecture)",
-        f"repo={ROOT}/libnvidia-container/stable/deb/$arch; mkdir -p $repo; tmp=$(mktemp -d)",
+        f"rm -rf {ROOT} {POOL}; arch=$(dpkg --print-architecture)",
+        f"repo={POOL}; mkdir -p $repo; tmp=$(mktemp -d)",
     ]
     for version in VERSIONS:
         for name, (depends, contents) in _PACKAGES.items():
@@ -232,7 +238,14 @@ def build_standin_repo(host: TestHost) -> int:
             script.append(_package_script(name, version, depends, contents))
     script.append('rm -rf "$tmp"')
     host_exec(host, "\n".join(script), timeout=300)
-    result = host_exec(host, _INDEX_AND_SIGN.format(root=shlex.quote(ROOT)), timeout=300)
+    return publish(host, versions)
+
+
+def publish(host: TestHost, versions: tuple[str, ...]) -> int:
+    """Serve exactly these versions (a new release appearing upstream), signed with the same key;
+    returns how many .debs the repository holds."""
+    script = _INDEX_AND_SIGN.format(root=shlex.quote(ROOT), pool=shlex.quote(POOL), versions=" ".join(versions))
+    result = host_exec(host, script, timeout=300)
     return int(result.stdout.strip().splitlines()[-1])
 
 

@@ -30,6 +30,7 @@ from .harness.runner import assert_converged, assert_no_changes
 pytestmark = pytest.mark.e2e
 
 NVIDIA_STEP = "tests/e2e/deploys/nvidia_step.py"
+RESTART = "Configure the NVIDIA runtime | Restart dockerd so that it registers NVIDIA's GPU driver"
 DEAD_MIRROR = "http://127.0.0.1:9"
 BASE = {"extra_ca_certificates": [], "docker_source": "distro", "docker_apt_mirror": DEAD_MIRROR}
 TINY_IMAGE = "labfleet-test/tiny-sh"
@@ -70,35 +71,59 @@ def test_cpu_only_host_skips_the_nvidia_steps(make_hosts, pyinfra_run):
     assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=BASE))
 
 
+def apt_policy(host: TestHost, package: str) -> dict[str, str]:
+    """apt-cache policy's Installed and Candidate for package: what apt-get upgrade and unattended-upgrades
+    would install (both take apt's candidate, which an apt preferences pin decides)."""
+    out = sh(host, f"LC_ALL=C apt-cache policy {package}")
+    return dict(re.findall(r"^\s+(Installed|Candidate): (\S+)$", out, re.MULTILINE))
+
+
+def refresh_nvidia_lists(host: TestHost) -> None:
+    """apt-get update for NVIDIA's source alone, as unattended-upgrades' daily update would see it."""
+    sh(
+        host,
+        f"apt-get update -qq -o Dir::Etc::sourcelist={nvidia.SOURCES_FILE} -o Dir::Etc::sourceparts=- "
+        "-o APT::Get::List-Cleanup=0",
+    )
+
+
 def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     """nvidia_toolkit: true on a host without a GPU, as a lab prepares a machine for its card.
 
-    The stand-in packages come through labfleet's deb822 source, keyring and version pin;
-    dockerd gets the runtime and the cgroupfs driver in one merge, and `docker run
-    --runtime nvidia` starts a container through the stand-in shim. NVIDIA's guide's
-    .list file is replaced, and an exec-opts key set by hand is kept.
+    STAND-IN toolkit packages (tests/e2e/nvidia_standin.py): the host starts with toolkit
+    1.17.7 installed by hand from NVIDIA's guide (a .list, a key in /usr/share/keyrings),
+    below the 1.17.8 security floor. The deploy upgrades it through labfleet's deb822 source
+    and keyring, holds it there with an apt preferences pin that keeps it when 1.18 appears
+    upstream, and moves it only when nvidia_toolkit_version asks. dockerd gets the runtime
+    and the cgroupfs driver in one merge, and `docker run --runtime nvidia` starts a container
+    through the stand-in shim. The CDI spec follows the simulated driver and the toolkit:
+    labfleet's own spec before 1.18, NVIDIA's nvidia-cdi-refresh from 1.18.
     """
     (host,) = make_hosts(1)
-    assert nvidia_standin.build_standin_repo(host) == 2 * len(nvidia.TOOLKIT_PACKAGES)
+    old, floor, refresh = nvidia_standin.VERSIONS
+    assert nvidia_standin.build_standin_repo(host, (old, floor)) == 2 * len(nvidia.TOOLKIT_PACKAGES)
     mirror = nvidia_standin.serve(host)
     guide_list = "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
-    write_file(
+    guide_key = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
+    write_file(host, guide_list, f"deb [signed-by={guide_key}] {mirror}/$(ARCH) /\n")
+    sh(
         host,
-        guide_list,
-        f"deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] {mirror}/$(ARCH) /\n",
+        f"gpg --dearmor < {nvidia_standin.ROOT}/libnvidia-container/gpgkey > {guide_key} && "
+        f"dpkg -i {nvidia_standin.POOL}/*_{old}_*.deb >/dev/null",
     )
+    assert installed_versions(host) == dict.fromkeys(nvidia.TOOLKIT_PACKAGES, old)
     write_file(host, "/etc/docker/daemon.json", '{"exec-opts": ["native.umask=normal"]}\n')
-    pinned = nvidia_standin.VERSIONS[0]
-    data = {**BASE, "nvidia_toolkit": True, "nvidia_toolkit_apt_mirror": mirror, "nvidia_toolkit_version": pinned}
+    data = {**BASE, "nvidia_toolkit": True, "nvidia_toolkit_apt_mirror": mirror}
 
     first = pyinfra_run([host], deploy=NVIDIA_STEP, data=data)
     assert_converged(first)
     assert first.status(host, "Install NVIDIA's repository key") == "success"
-    assert first.status(host, "Install the NVIDIA Container Toolkit packages") == "success"
+    assert first.status(host, f"Upgrade the NVIDIA Container Toolkit {old} to 1.17.8 or later") == "success"
+    assert first.status(host, "Hold the NVIDIA Container Toolkit at its installed version") == "success"
     # The toolkit came before the engine, so the engine's own start found it: no second restart.
-    assert first.status(host, "Restart dockerd so that it registers NVIDIA's GPU driver") == "no_change"
+    assert RESTART not in first.changed(host)
 
-    assert installed_versions(host) == dict.fromkeys(nvidia.TOOLKIT_PACKAGES, pinned)
+    assert installed_versions(host) == dict.fromkeys(nvidia.TOOLKIT_PACKAGES, floor)
     arch = sh(host, "dpkg --print-architecture").strip()
     sources = sh(host, f"cat {nvidia.SOURCES_FILE}")
     assert f"URIs: {mirror}/{arch}\n" in sources and "Suites: /\n" in sources and "Components" not in sources
@@ -106,8 +131,9 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert sh(host, f"sha256sum < {nvidia.KEYRING}") == sh(
         host, f"sha256sum < {nvidia_standin.ROOT}/libnvidia-container/gpgkey"
     )
-    assert f"Pin: version {pinned}" in sh(host, f"cat {nvidia.PIN_FILE}")
-    assert sh(host, f"ls {guide_list} 2>/dev/null; true") == ""
+    assert sh(host, f"ls {guide_list} {guide_key} 2>/dev/null; true") == ""
+    hold = sh(host, f"cat {nvidia.PIN_FILE}")
+    assert hold.startswith(f"# {nvidia.HOLD_COMMENT}\n") and f"Pin: version {floor}\nPin-Priority: 1001" in hold
 
     config = json.loads(sh(host, "cat /etc/docker/daemon.json"))
     assert config["runtimes"] == {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
@@ -121,23 +147,33 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert said.strip() == "hello through nvidia"
     assert " create " in sh(host, f"cat {nvidia_standin.RUNTIME_LOG}"), "the stand-in shim did not run the container"
 
-    # No driver is loaded, so there is no CDI spec to generate; the refresh unit is enabled.
-    assert first.status(host, "Generate the CDI spec for the loaded driver") == "no_change"
+    # No driver is loaded, so there is no CDI spec to generate; 1.17.8 has no refresh units.
     assert sh(host, f"ls {nvidia.CDI_SPEC} 2>/dev/null; true") == ""
-    assert sh(host, f"systemctl is-enabled {nvidia.CDI_REFRESH_UNIT}").strip() == "enabled"
-
     assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=data))
 
-    # A simulated driver: gpu: auto now detects a GPU, the floor holds, and the CDI spec is
-    # generated for that driver, then again only when the driver changes.
+    # 1.18 appears upstream: apt's candidate stays the held version, so neither apt-get upgrade
+    # nor unattended-upgrades moves it, and the deploy leaves it where it is.
+    assert nvidia_standin.publish(host, nvidia_standin.VERSIONS) == 3 * len(nvidia.TOOLKIT_PACKAGES)
+    refresh_nvidia_lists(host)
+    assert apt_policy(host, "nvidia-container-toolkit") == {"Installed": floor, "Candidate": floor}
+    assert refresh in sh(host, "LC_ALL=C apt-cache madison nvidia-container-toolkit")
+    assert "nvidia" not in sh(host, "LC_ALL=C apt-get -s upgrade; LC_ALL=C apt-get -s dist-upgrade")
+    assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=data))
+    assert installed_versions(host) == dict.fromkeys(nvidia.TOOLKIT_PACKAGES, floor)
+
+    # A simulated driver: gpu: auto now detects a GPU, the floor holds, and labfleet's CDI spec
+    # is generated for that driver and toolkit, then again only when the driver changes.
     gpu_data = {**data, "nvidia_toolkit": "auto"}
     for driver in ("570.86.15", "580.65.06"):
         nvidia_standin.simulate_driver(host, driver)
         run = pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data)
         assert_converged(run)
-        assert run.changed(host) == ["Configure the NVIDIA runtime | Generate the CDI spec for the loaded driver"]
-        assert f"# driver: {driver}" in sh(host, f"cat {nvidia.CDI_SPEC}")
-        assert sh(host, f"cat {nvidia.CDI_MARKER}").strip() == driver
+        assert run.changed(host) == [
+            "Configure the NVIDIA runtime | Keep the CDI spec current for the driver and the toolkit"
+        ]
+        spec = sh(host, f"cat {nvidia.CDI_SPEC}")
+        assert f"# driver: {driver}\n# toolkit: {floor}\n" in spec
+        assert sh(host, f"cat {nvidia.CDI_MARKER}").strip() == f"{driver} {floor}"
         assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data))
     assert sh(host, f"grep -c 'cdi generate' {nvidia_standin.CTK_LOG}").strip() == "2"
 
@@ -151,11 +187,83 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert FactBatch.MARK in commands[0]
     assert "gpgkey" in commands[1]
 
+    # nvidia_toolkit_version moves it to 1.18, which keeps its own spec with NVIDIA's refresh
+    # units: labfleet's /etc/cdi spec goes, the units are enabled, and the service's spec under
+    # /var/run/cdi is for the driver and the new toolkit. dockerd found the hook at its start,
+    # so an upgrade does not restart it.
+    pinned = {**gpu_data, "nvidia_toolkit_version": refresh}
+    moved = pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned)
+    assert_converged(moved)
+    assert RESTART not in moved.changed(host)
+    assert installed_versions(host) == dict.fromkeys(nvidia.TOOLKIT_PACKAGES, refresh)
+    assert f"Pin: version {refresh}" in sh(host, f"cat {nvidia.PIN_FILE}")
+    assert sh(host, f"ls {nvidia.CDI_SPEC} 2>/dev/null; true") == ""
+    for unit in (nvidia.CDI_REFRESH_UNIT, nvidia.CDI_REFRESH_SERVICE):
+        assert sh(host, f"systemctl is-enabled {unit}").strip() == "enabled", unit
+    assert sh(host, f"systemctl is-active {nvidia.CDI_REFRESH_UNIT}").strip() == "active"
+    assert f"# driver: 580.65.06\n# toolkit: {refresh}\n" in sh(host, f"cat {nvidia.CDI_REFRESH_SPEC}")
+    assert sh(host, f"cat {nvidia.CDI_MARKER}").strip() == f"refresh 580.65.06 {refresh}"
+    assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
+    nvidia_standin.simulate_driver(host, "570.86.15")
+    again = pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned)
+    assert again.changed(host) == [
+        "Configure the NVIDIA runtime | Keep the CDI spec current for the driver and the toolkit"
+    ]
+    assert "# driver: 570.86.15\n" in sh(host, f"cat {nvidia.CDI_REFRESH_SPEC}")
+    assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
+
+    # nvidia_default_runtime on, then off: the key labfleet wrote goes; one set by hand stays.
+    on = pyinfra_run([host], deploy=NVIDIA_STEP, data={**pinned, "nvidia_default_runtime": True})
+    assert_converged(on)
+    assert json.loads(sh(host, "cat /etc/docker/daemon.json"))["default-runtime"] == "nvidia"
+    assert sh(host, "docker info --format '{{.DefaultRuntime}}'").strip() == "nvidia"
+    off = pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned)
+    assert_converged(off)
+    assert "default-runtime" not in json.loads(sh(host, "cat /etc/docker/daemon.json"))
+    assert sh(host, "docker info --format '{{.DefaultRuntime}}'").strip() == "runc"
+    assert sh(host, f"ls {nvidia.DEFAULT_RUNTIME_MARKER} 2>/dev/null; true") == ""
+    assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
+    by_hand = {**json.loads(sh(host, "cat /etc/docker/daemon.json")), "default-runtime": "nvidia"}
+    write_file(host, "/etc/docker/daemon.json", json.dumps(by_hand))
+    assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
+    assert json.loads(sh(host, "cat /etc/docker/daemon.json"))["default-runtime"] == "nvidia"
+
+    # GPUs too old for the image's torch stop the host before anything changes, naming each GPU
+    # and the CUDA line that runs it. A STAND-IN nvidia-smi on the host answers labfleet's query
+    # as a P100 and a GTX 1080 would (their compute capabilities from NVIDIA's table).
+    write_file(host, "/usr/local/bin/nvidia-smi", PASCAL_NVIDIA_SMI)
+    sh(host, "chmod 755 /usr/local/bin/nvidia-smi")
+    pascal = pyinfra_run([host], deploy=NVIDIA_STEP, data={**pinned, "cuda": "12.8"}, expect_fail=True)
+    output = pascal.stdout + pascal.stderr
+    assert (
+        f"host {host.name}: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0, GPU 1 (NVIDIA GeForce GTX "
+        "1080) has compute capability 6.1, and the image's torch 2.10.0 for CUDA 12.8 is built for compute "
+        'capability 7.0 and newer (it would fail with "no kernel image is available"); set cuda = "12.6"'
+    ) in output
+    assert pascal.errors() == [
+        (
+            host.name,
+            "Check the GPUs against the image's CUDA line | Check that the image's torch has kernels for every GPU",
+        )
+    ]
+    assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data={**pinned, "cuda": "12.6"}))
+    sh(host, "rm /usr/local/bin/nvidia-smi")
+
     # A driver below the floor stops the host before anything changes, saying what to do.
-    nvidia_standin.simulate_driver(host, "520.61.05")
-    old = pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data, expect_fail=True)
-    output = old.stdout + old.stderr
-    assert f"host {host.name}: NVIDIA driver 520.61.05 is below 525.60.13, the floor for CUDA 12.8" in output
-    assert "nvidia-driver" in output and "nvidia_driver_install: true" in output
-    assert old.errors() == [(host.name, "Check the NVIDIA driver | Check that the NVIDIA driver is at least 525.60.13")]
+    nvidia_standin.simulate_driver(host, "470.256.02")
+    old_driver = pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data, expect_fail=True)
+    output = old_driver.stdout + old_driver.stderr
+    assert f"host {host.name}: NVIDIA driver 470.256.02 is below" in output
+    assert "nvidia_driver_install: true" in output
+    ((failed_host, failed_op),) = old_driver.errors()
+    assert failed_host == host.name and failed_op.startswith("Check the NVIDIA driver | Check that the NVIDIA driver")
     nvidia_standin.simulate_driver(host, None)
+
+
+PASCAL_NVIDIA_SMI = """#!/bin/sh
+# STAND-IN nvidia-smi (labfleet tests): labfleet's compute-capability query, as a P100 and a GTX 1080 answer it.
+case "$*" in
+*--query-gpu=index,name,compute_cap*) printf '0, Tesla P100-PCIE-16GB, 6.0\\n1, NVIDIA GeForce GTX 1080, 6.1\\n';;
+*) exit 1;;
+esac
+"""

@@ -430,7 +430,9 @@ def test_changed_keys_are_top_level_and_include_removed_ones():
     before = {"log-opts": {"max-file": "3"}, "dns": ["192.0.2.53"], "debug": True}
     after = {"log-opts": {"max-file": "5"}, "dns": ["192.0.2.53"], "labels": ["a=b"]}
     assert docker.changed_keys(before, after) == ["debug", "labels", "log-opts"]
-    assert docker.restart_keys(before, after) == ["log-opts"]
+    # debug reloads, but a reload keeps a value the new file no longer sets: removing it restarts.
+    assert docker.restart_keys(before, after) == ["debug", "log-opts"]
+    assert docker.restart_keys({"default-runtime": "nvidia"}, {}) == ["default-runtime"]
 
 
 FAKE_SYSTEMCTL = """#!/bin/sh
