@@ -169,13 +169,22 @@ def _below_floor(settings: Settings, gpu: Mapping, release: Mapping, found: str 
 
 def secure_boot_problem(settings: Settings, installed: str | None) -> str:
     """Secure Boot on and no module loaded: the cause and the enrolment steps."""
-    what = f"NVIDIA driver {installed} is installed but" if installed else "no NVIDIA driver is installed and"
+    enrol = (
+        "enrol the key DKMS signs with: sudo mokutil --import /var/lib/dkms/mok.pub (choose a one-time password), "
+        "reboot, and at the blue MOK manager choose Enroll MOK, Continue, Yes and that password"
+    )
+    if installed:
+        return (
+            f"host {settings.host}: Secure Boot is on and NVIDIA driver {installed} is installed but no NVIDIA kernel "
+            "module is loaded: the kernel loads only modules signed by a key it trusts. To load a DKMS-built module, "
+            f"{enrol}; then run the deploy again (or use signed modules: Ubuntu's linux-modules-nvidia-* that "
+            f"ubuntu-drivers installs; or turn Secure Boot off in {settings.host}'s firmware)"
+        )
     return (
-        f"host {settings.host}: Secure Boot is on and {what} no NVIDIA kernel module is loaded: the kernel loads "
-        "only modules signed by a key it trusts. Use signed modules (Ubuntu: ubuntu-drivers installs Canonical's "
-        "linux-modules-nvidia-*), or enrol the key DKMS signs with: sudo mokutil --import /var/lib/dkms/mok.pub "
-        "(choose a one-time password), reboot, and at the blue MOK manager choose Enroll MOK, Continue, Yes and "
-        f"that password; then run the deploy again (or turn Secure Boot off in {settings.host}'s firmware)"
+        f"host {settings.host}: Secure Boot is on and no NVIDIA driver is installed: the kernel will load only a "
+        "module signed by a key it trusts. Install one with signed modules (Ubuntu: sudo ubuntu-drivers install, "
+        "Canonical's linux-modules-nvidia-*; or set nvidia_driver_install: true), or, for a DKMS-built module "
+        f"(Debian), install it and {enrol}; then run the deploy again"
     )
 
 

@@ -587,9 +587,10 @@ def test_status_says_reboot_needed():
 def test_secure_boot_without_any_driver_says_what_to_install(settings, plan):
     (problem,) = problems(plan(settings(gpu=True), facts(["device 0x2684", "mokutil SecureBoot enabled"])))
     assert problem.startswith(
-        "host pc01: Secure Boot is on and no NVIDIA driver is installed and no NVIDIA kernel module is loaded"
+        "host pc01: Secure Boot is on and no NVIDIA driver is installed: the kernel will load only a module signed by "
+        "a key it trusts. Install one with signed modules (Ubuntu: sudo ubuntu-drivers install"
     )
-    assert "Canonical's linux-modules-nvidia-*" in problem
+    assert "set nvidia_driver_install: true" in problem and "sudo mokutil --import /var/lib/dkms/mok.pub" in problem
 
 
 def test_debian_with_secure_boot_is_not_installed_unsigned(settings, plan):
