@@ -530,6 +530,11 @@ def pull_command(peer: Settings, remote_path: str, dest: str, key: str, known_ho
             f"UserKnownHostsFile={known_hosts}",
             "-o",
             "StrictHostKeyChecking=yes",
+            # A peer that is down or hangs fails the pull instead of holding the run.
+            "-o",
+            "ConnectTimeout=30",
+            "-o",
+            "ServerAliveInterval=15",
         ]
     )
     source = _remote(SYNC_USER, peer.lan_address, "./")

@@ -50,7 +50,7 @@ from labfleet.facts.jupyter import ComposeService
 from labfleet.facts.migrate import MarkerFact, MigrationPending, PendingPull
 from labfleet.facts.system import PathState, PathStates, PublicKeyFile, path_is
 from labfleet.facts.updates import ContainerBusy
-from labfleet.planning import FactBatch, Parts, Read, step, unless_current
+from labfleet.planning import FactBatch, Parts, Read, notice, step, unless_current
 from labfleet.platform import RRSYNC
 from labfleet.settings import JupyterUser, Settings, for_host
 
@@ -220,8 +220,10 @@ def reads(settings: Settings) -> dict[str, Read]:
     if mine:
         paths += [KNOWN_HOSTS, *(f"{pull.key}.pub" for pull in mine)]
         found["packages"] = datasets.reads(settings)["packages"]
+        old_failed = _failed(mine[0].old)
         for pull in mine:
-            command = pull_command(pull, all_settings)
+            # An old PC that failed to connect is not asked: only the stamp is read.
+            command = "false" if old_failed else pull_command(pull, all_settings)
             found[f"pending {pull.user} {pull.kind}"] = Read(
                 MigrationPending, {"command": command, "stamp": stamp_path(pull.user), "old": pull.old}
             )
@@ -355,6 +357,7 @@ def pull_user_files_from(
     pulls: list[tuple[str, str, str, str]],
     stamp: str,
     final: bool,
+    done: bool,
     image: str,
     idle_seconds: int,
 ):
@@ -365,11 +368,11 @@ def pull_user_files_from(
     + pulls: (kind, directory on the old PC, rsync command line, directory here) of each directory
     + stamp: written after the final pass, with the old PC's name; then nothing is read from it again
     + final: the cut-over: the old PC must have stopped the user's JupyterLab in this run (its marker)
+    + done: the final pass was done before this run (the stamp names the old PC): nothing to read
     + image: the project's image tag on the old PC (to say why a cut-over waits)
     + idle_seconds: the old PC's idle window (idem)
     """
-    pending = {kind: host.get_fact(MigrationPending, command=cmd, stamp=stamp, old=old) for kind, _, cmd, _ in pulls}
-    if all(found["done"] for found in pending.values()):
+    if done:
         host.noop(f"{user}'s files came from {old} in the final pass already")
         return
     if _failed(old):
@@ -378,6 +381,7 @@ def pull_user_files_from(
             f"(its error is above); fix what stopped it and run again"
         )
         return
+    pending = {kind: host.get_fact(MigrationPending, command=cmd, stamp=stamp, old=old) for kind, _, cmd, _ in pulls}
     if final:
         peer = host.inventory.get_host(old)
         marker = peer.get_fact(MarkerFact, markers=((user, marker_path(user)),)).get(user)
@@ -456,7 +460,11 @@ def _authorized_current(state: MigrateState, serving: list[Pull], all_settings: 
     for pull in serving:
         by_puller.setdefault(pull.puller, []).append(pull)
     lines = set(state.authorized)
-    for puller, its in by_puller.items():
+    for puller, all_its in by_puller.items():
+        # Once a user is handed over (the marker here names the puller), the line is not needed.
+        its = [pull for pull in all_its if state.markers.get(pull.user) != puller]
+        if not its:
+            continue
         address = datasets._source_address(all_settings[puller])
         for pull, key in zip(its, _puller_keys(puller, [p.key for p in its]), strict=True):
             if key is None:
@@ -467,39 +475,43 @@ def _authorized_current(state: MigrateState, serving: list[Pull], all_settings: 
     return True
 
 
+@operation(is_idempotent=True)
+def wait_for_peers(phase: str):
+    """Nothing: planned on every host of a migration at the same line, this one operation is a
+    barrier in pyinfra's order (an operation waits for the operations before it on every host
+    that has it), so the old and the new PC's steps run in the order the migration needs.
+
+    + phase: what the hosts have done when they reach it
+    """
+    host.noop(phase)
+    return
+    yield  # an operation is a generator, even one that yields nothing
+
+
+def unplain_problem(host_name: str, unplain: list[str]) -> str:
+    return (
+        f"host {host_name}: cannot serve migrations of {', '.join(unplain)}: a sudo rule cannot name such a "
+        "path; use workspace_dir / home_dir made of letters, digits and . _ - @ + /"
+    )
+
+
 @step("Migrate users' files from the old PC")
 def pull_user_files(settings: Settings):
     all_settings = _all_settings()
     state = _state(settings)
     mine = pulls(settings, all_settings)
     serving = served(settings, all_settings)
-    tag = image.image_tag(settings)
-
-    # The old PC: sudo rules for the forced commands, then the pullers' keys.
-    if serving:
-        unplain = unplain_paths(serving)
-        preflight.require(
-            name="Check the paths peers migrate from",
-            ok=not unplain,
-            problem=(
-                f"host {settings.host}: cannot serve migrations of {', '.join(unplain)}: a sudo rule cannot name "
-                "such a path; use workspace_dir / home_dir made of letters, digits and . _ - @ + /"
-            ),
-        )
-        text = sudoers_text(serving)
-        unless_current(
-            sudoers_file,
-            current=path_is(state.paths, SUDOERS, "file", "root", "root", "440", snapshot_files.text_sha1(text)),
-            name="Let peers read migrating users' files, read-only",
-            path=SUDOERS,
-            text=text,
-        )
-    elif SUDOERS in state.paths:
+    if not serving and SUDOERS in state.paths:
         files.file(name="Remove the migration sudo rules", path=SUDOERS, present=False)
-
-    # The new PC: rsync, its keys, and the old PC's host key.
+    if not (mine or serving):
+        return
+    old = all_settings[mine[0].old] if mine else None
     done = bool(mine) and all(state.pending[(p.user, p.kind)]["done"] for p in mine)
-    if mine and not done:
+    old_failed = old is not None and _failed(old.host)
+
+    # 1. The new PC: rsync, its keys and the old PC's host key; the old PC: its sudo rules.
+    if mine and not done and not old_failed:
+        assert old is not None
         tools = ["rsync", "openssh-client"]
         unless_current(
             apt.ensure_packages,
@@ -513,7 +525,6 @@ def pull_user_files(settings: Settings):
             name="Make the keys that pull users' files from the old PC",
             keys=[(pull.key, pull.comment) for pull in mine],
         )
-        old = all_settings[mine[0].old]
         reachable = all(state.pending[(p.user, p.kind)]["rc"] == 0 for p in mine)
         unless_current(
             datasets.trust_peer_host_keys,
@@ -522,7 +533,22 @@ def pull_user_files(settings: Settings):
             path=KNOWN_HOSTS,
             peers=[(old.host, old.lan_address, old.lan_ssh_port)],
         )
+    if serving:
+        unplain = unplain_paths(serving)
+        preflight.require(
+            name="Check the paths peers migrate from", ok=not unplain, problem=unplain_problem(settings.host, unplain)
+        )
+        text = sudoers_text(serving)
+        unless_current(
+            sudoers_file,
+            current=path_is(state.paths, SUDOERS, "file", "root", "root", "440", snapshot_files.text_sha1(text)),
+            name="Let peers read migrating users' files, read-only",
+            path=SUDOERS,
+            text=text,
+        )
+    notice(wait_for_peers, name="Wait for the other PC of the migration", phase="keys made, sudo rules written")
 
+    # 2. The old PC: the new PCs' keys, then the cut-over (each container stopped and marked).
     if serving:
         unless_current(
             datasets.authorize_pullers,
@@ -533,30 +559,29 @@ def pull_user_files(settings: Settings):
                 (p.puller, p.key, p.source, datasets._source_address(all_settings[p.puller]), p.user) for p in serving
             ],
         )
-
-    # The cut-over: the old PC stops each container first, then the new PC pulls what changed.
+    tag = image.image_tag(settings)
     for user, target in sorted(leaving(settings, all_settings).items()):
-        new = all_settings[target]
         unless_current(
             stop_for_cut_over,
             current=state.markers.get(user) == target,
             name=f"Stop JupyterLab of {user} for the cut-over",
             user=user,
             target=target,
-            force=new.jupyter_update == "now",
+            force=all_settings[target].jupyter_update == "now",
             idle_seconds=settings.jupyter_update_idle,
             image=tag,
         )
+    notice(wait_for_peers, name="Wait for the old PC to serve the migration", phase="keys accepted, cut-over done")
 
-    users = sorted({pull.user for pull in mine})
-    for user in users:
+    # 3. The new PC pulls what changed.
+    for user in sorted({pull.user for pull in mine}):
+        assert old is not None
         its = [pull for pull in mine if pull.user == user]
         pending = [state.pending[(p.user, p.kind)] for p in its]
         if settings.migrate_final:
             current = all(found["done"] for found in pending)
         else:
             current = all(found["done"] or (found["rc"] == 0 and not found["changes"]) for found in pending)
-        old = all_settings[its[0].old]
         unless_current(
             pull_user_files_from,
             current=current,
@@ -566,6 +591,7 @@ def pull_user_files(settings: Settings):
             pulls=[(p.kind, p.source, pull_command(p, all_settings), p.dest) for p in its],
             stamp=stamp_path(user),
             final=settings.migrate_final,
+            done=all(found["done"] for found in pending),
             image=image.image_tag(old),
             idle_seconds=old.jupyter_update_idle,
         )

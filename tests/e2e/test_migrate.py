@@ -9,8 +9,8 @@ One story on one pair of hosts, so CI pays for one bring-up:
    belongs to 1002, the old PC is unchanged, JupyterLab does not start on the new PC yet, and
    the next run changes nothing;
 3. a file that is newer on the new PC is kept, and one edited on the old PC arrives;
-4. the old PC unreachable from the new one fails the new PC alone, with one line; the next run
-   completes;
+4. the old PC unreachable from the new one fails the new PC alone, with one line, and so does
+   the old PC down altogether; the next run completes;
 5. migrate_final: the old container is stopped (not removed), a last edit arrives, JupyterLab
    comes up on the new PC, the status shows the old project as migrated, and the next run
    (the old PC's deploy included) changes nothing and starts nothing again.
@@ -23,6 +23,7 @@ import re
 
 import pytest
 
+from .harness.engine import docker
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes, run_pyinfra
 from .harness.snapshots import checksum_snapshot
@@ -144,6 +145,17 @@ def test_a_new_pc_takes_the_users_files_from_the_old_one_then_cuts_over(pair, la
     ), cut_off.stderr_tail()
     assert "Traceback" not in cut_off.stderr
     host_exec(new, f"ip route del unreachable {lan[old.name]['lan_address']}")
+    # The old PC down altogether (frozen: nothing answers): the controller cannot reach it either.
+    docker("pause", old.container)
+    try:
+        down = run(moving, expect_fail=True)
+    finally:
+        docker("unpause", old.container)
+    assert (new.name, PULL) in down.errors(), down.stderr_tail()
+    assert (
+        f"labfleet: host {new.name}: cannot migrate alice from {old.name}: {old.name} failed earlier in this run "
+        "(its error is above); fix what stopped it and run again"
+    ) in down.stderr, down.stderr_tail()
     again = run(moving)
     assert_converged(again)
     assert host_exec(new, f"cat {WORKSPACE}/edited-later.txt {WORKSPACE}/newer-on-new.txt").stdout.split() == [

@@ -136,7 +136,12 @@ def test_the_old_pc_lets_the_sync_account_read_as_the_owner_and_nothing_else(raw
         "ssh-ed25519 K labfleet-pull:migrate/alice/home@pc09.lab"
     )
     odd = _fleet(raw, old={"workspace_dir": "/srv/work space/{user}"})
-    assert migrate.unplain_paths(migrate.served(odd["pc03.lab"], odd)) == ["/srv/work space/alice"]
+    unplain = migrate.unplain_paths(migrate.served(odd["pc03.lab"], odd))
+    assert unplain == ["/srv/work space/alice"]
+    assert migrate.unplain_problem("pc03.lab", unplain) == (
+        "host pc03.lab: cannot serve migrations of /srv/work space/alice: a sudo rule cannot name such a path; "
+        "use workspace_dir / home_dir made of letters, digits and . _ - @ + /"
+    )
 
 
 def test_the_status_shows_a_moved_project_and_one_waiting_for_the_cut_over(raw, monkeypatch):
@@ -266,7 +271,14 @@ def _pull(fake_host_in, pending, peers=(), failed=(), final=False):
     pulls = [("workspace", "/srv/workspace/alice", "rsync ws", "/srv/workspace/alice")]
     commands = list(
         migrate.pull_user_files_from._inner(
-            old="pc03.lab", user="alice", pulls=pulls, stamp="/s/alice", final=final, image="t", idle_seconds=1800
+            old="pc03.lab",
+            user="alice",
+            pulls=pulls,
+            stamp="/s/alice",
+            final=final,
+            done=pending["done"],
+            image="t",
+            idle_seconds=1800,
         )
     )
     return fake, commands
