@@ -173,7 +173,8 @@ one() {{
     return 0
   fi
   summary=$(grep '"message_type":"summary"' "$work/out" | tail -n 1)
-  snapshots="$snapshots${{snapshots:+,}}{{\\"user\\":\\"$1\\",\\"kind\\":\\"$2\\",\\"path\\":\\"$3\\",\\"summary\\":${{summary:-null}}}}"
+  path=$(printf %s "$3" | sed 's/[\\\\"]/\\\\&/g')
+  snapshots="$snapshots${{snapshots:+,}}{{\\"user\\":\\"$1\\",\\"kind\\":\\"$2\\",\\"path\\":\\"$path\\",\\"summary\\":${{summary:-null}}}}"
 }}
 {chr(10).join(lines)}
 if [ -z "$failed" ]; then

@@ -202,9 +202,10 @@ esac
 """
 
 
-def _run_backup_script(raw, tmp_path, fail: bool):
-    s = build("pc07", with_backups(raw, workspace_dir=str(tmp_path / "ws" / "{user}"), home_dir="/nonexistent/{user}"))
-    (tmp_path / "ws" / "alice").mkdir(parents=True)
+def _run_backup_script(raw, tmp_path, fail: bool, parent: str = "ws"):
+    workspace = str(tmp_path / parent / "{user}")
+    s = build("pc07", with_backups(raw, workspace_dir=workspace, home_dir="/nonexistent/{user}"))
+    (tmp_path / parent / "alice").mkdir(parents=True)
     standin = tmp_path / "restic"
     standin.write_text(RESTIC_STANDIN)
     standin.chmod(0o755)
@@ -236,6 +237,13 @@ def test_a_backup_run_leaves_restics_summary_for_the_status(raw, tmp_path):
     # The missing home is skipped; this host's snapshots alone are forgotten, by user and directory.
     assert "forget --host pc07 --tag labfleet --group-by host,tags --keep-daily 7" in log
     assert log.count("backup --json") == 1
+
+
+def test_the_summary_stays_json_whatever_the_path_holds(raw, tmp_path):
+    done, state, _ = _run_backup_script(raw, tmp_path, fail=False, parent='say "hi" \\ é')
+    assert done.returncode == 0, done.stderr
+    (snapshot,) = json.loads((state / "last-success.json").read_text())["snapshots"]
+    assert snapshot["path"] == str(tmp_path / 'say "hi" \\ é' / "alice")
 
 
 def test_a_failed_backup_run_says_why_and_keeps_the_last_success(raw, tmp_path):
