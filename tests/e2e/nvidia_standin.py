@@ -105,6 +105,7 @@ with open("@LOG@", "a") as log:
     if devices and devices not in ("void", "none"):
         ids = ["0"] if devices == "all" else devices.split(",")
         smi = os.path.join(root, "usr/bin/nvidia-smi")
+        os.makedirs(os.path.dirname(smi), exist_ok=True)
         with open(smi, "w") as f:
             f.write(@SMI@.replace("@" + "IDS@", " ".join(ids)))
         os.chmod(smi, 0o755)

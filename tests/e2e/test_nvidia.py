@@ -5,11 +5,13 @@ packages under the four real names, from a GPG-signed local repository that the 
 serves on its own 127.0.0.1 with NVIDIA's layout (tests/e2e/nvidia_standin.py): their
 runtime shim only execs runc, which is what the real runtime does for a container that
 asks for no GPU. A "driver" is simulated by a tmpfs over /proc/driver that holds the text
-a loaded driver exposes; no GPU is ever used. The image's GPU check (nvidia.verify_gpu)
-runs only where a GPU machine is lent.
+a loaded driver exposes; no GPU is ever used. The stand-in hook, which dockerd runs for
+`--gpus` and compose's GPU reservations, gives a container a stand-in nvidia-smi, so the
+whole deploy.py, verify_gpu included, runs on a stand-in GPU host.
 
-Every deploy here runs tests/e2e/deploys/nvidia_step.py (preflight, NVIDIA, Docker) and
-is run again to show that the second run changes nothing.
+The toolkit's own deploys run tests/e2e/deploys/nvidia_step.py (preflight, NVIDIA, Docker);
+the GPU lab runs deploy.py. Every deploy is run again to show that the second run changes
+nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ pytestmark = pytest.mark.e2e
 
 NVIDIA_STEP = "tests/e2e/deploys/nvidia_step.py"
 RESTART = "Configure the NVIDIA runtime | Restart dockerd so that it registers NVIDIA's GPU driver"
+VERIFY = "Check the GPU in the lab image | Check that the lab image sees the GPU (nvidia-smi and the smoke test)"
+DAEMON_MERGE = "Merge settings into /etc/docker/daemon.json and reload or restart dockerd"
+CONTAINER = "labfleet-lab-jupyterlab-1"
+GPU_UUID = "GPU-00000000-0000-0000-0000-000000000000"
 DEAD_MIRROR = "http://127.0.0.1:9"
 BASE = {"extra_ca_certificates": [], "docker_source": "distro", "docker_apt_mirror": DEAD_MIRROR}
 TINY_IMAGE = "labfleet-test/tiny-sh"
@@ -267,3 +273,61 @@ case "$*" in
 *) exit 1;;
 esac
 """
+
+
+def device_requests(host: TestHost) -> list[dict]:
+    """The JupyterLab container's HostConfig.DeviceRequests, the fields compose sets."""
+    inspect = json.loads(sh(host, f"docker inspect --format '{{{{json .HostConfig.DeviceRequests}}}}' {CONTAINER}"))
+    return [{key: request[key] for key in ("Driver", "Count", "DeviceIDs", "Capabilities")} for request in inspect]
+
+
+def test_gpu_lab_comes_up_through_composes_gpu_reservation(make_hosts, pyinfra_run, lab_data):
+    """gpu = true on a host whose engine was installed before the toolkit: the whole deploy.py.
+
+    STAND-IN toolkit packages and a simulated driver (tests/e2e/nvidia_standin.py): dockerd
+    registers its nvidia device driver only when it starts and finds the STAND-IN
+    nvidia-container-runtime-hook, so the engine, running before the toolkit, is restarted
+    once; then compose's GPU reservation (gpu_devices "all", a count, then device ids) starts
+    JupyterLab through that driver: dockerd runs the stand-in hook as a prestart hook with
+    the devices asked for, and the hook gives the container a stand-in nvidia-smi, which is
+    what verify_gpu's `docker run --gpus` then lists. No GPU is used.
+    """
+    (host,) = make_hosts(1, engine=True)
+    nvidia_standin.build_standin_repo(host, (nvidia_standin.FLOOR,))
+    mirror = nvidia_standin.serve(host)
+    nvidia_standin.simulate_driver(host, "580.65.06")
+    # The engine already runs with the keys labfleet wants, so the docker step has nothing to
+    # restart it for: only the toolkit's arrival does.
+    wanted = {"live-restore": True, "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}}}
+    wanted["exec-opts"] = ["native.cgroupdriver=cgroupfs"]
+    write_file(host, "/etc/docker/daemon.json", json.dumps(wanted))
+    sh(host, "systemctl restart docker && docker info >/dev/null")
+    dockerd = sh(host, "systemctl show --property=MainPID --value docker.service")
+    data = {**lab_data, "gpu": True, "nvidia_toolkit_apt_mirror": mirror}
+    hook_log = f"cat {nvidia_standin.HOOK_LOG} 2>/dev/null; true"
+
+    for devices, request, visible in (
+        ("all", {"Driver": "nvidia", "Count": -1, "DeviceIDs": None, "Capabilities": [["gpu"]]}, "all"),
+        (1, {"Driver": "nvidia", "Count": 1, "DeviceIDs": None, "Capabilities": [["gpu"]]}, "0"),
+        ([GPU_UUID], {"Driver": "nvidia", "Count": 0, "DeviceIDs": [GPU_UUID], "Capabilities": [["gpu"]]}, GPU_UUID),
+    ):
+        run = pyinfra_run([host], data={**data, "gpu_devices": devices})
+        assert_converged(run)
+        assert run.status(host, VERIFY) == "no_change", f"{host.name}: verify_gpu with gpu_devices = {devices!r}"
+        assert device_requests(host) == [request], f"{host.name}: gpu_devices = {devices!r}"
+        container = sh(host, f"docker inspect --format '{{{{.Id}}}}' {CONTAINER}").strip()
+        assert f"prestart {container} NVIDIA_VISIBLE_DEVICES={visible}\n" in sh(host, hook_log), (
+            f"{host.name}: the stand-in hook did not run for the JupyterLab container"
+        )
+        assert sh(host, f"docker exec {CONTAINER} nvidia-smi -L").startswith("GPU "), f"{host.name}: {devices!r}"
+        assert sh(host, f"docker inspect --format '{{{{.State.Health.Status}}}}' {CONTAINER}").strip() == "healthy"
+        if devices == "all":
+            # The engine ran before the toolkit: one restart, by the NVIDIA step, and --gpus works.
+            assert RESTART in run.changed(host)
+            assert not any(name.endswith(DAEMON_MERGE) for name in run.changed(host))
+            assert sh(host, "systemctl show --property=MainPID --value docker.service") != dockerd
+        assert_no_changes(pyinfra_run([host], data={**data, "gpu_devices": devices}))
+
+    host_exec(host, IMPORT_TINY_IMAGE, timeout=120)
+    said = sh(host, f"docker run --rm --gpus all {TINY_IMAGE} /bin/sh -c 'echo gpus; /usr/bin/nvidia-smi -L'")
+    assert said.splitlines() == ["gpus", f"GPU 0: NVIDIA STAND-IN (UUID: {GPU_UUID})"]
