@@ -6,7 +6,11 @@ deploy.py calls it in four places, because Docker must find the toolkit when it 
    ``nvidia_driver_install`` (labfleet/nvidia_driver.py).
 2. ``install_container_toolkit``: NVIDIA's apt repository as a deb822 file whose
    Signed-By names its own keyring, for the host's dpkg architecture, and the four
-   toolkit packages (pinned together by ``nvidia_toolkit_version``). It runs *before*
+   toolkit packages, pinned together by ``nvidia_toolkit_version``, or else held at the
+   version installed (an apt preferences pin, which ``apt-get upgrade`` and
+   unattended-upgrades obey). A toolkit below 1.17.8 (CVE-2025-23266; CVE-2024-0132 was
+   fixed in 1.16.2, both container escapes) is upgraded, and a
+   ``nvidia_toolkit_version`` below it is refused at validation. It runs *before*
    the docker step: dockerd registers its ``nvidia`` GPU driver (what ``--gpus`` and
    compose's ``driver: nvidia`` use) only when it starts and finds
    nvidia-container-runtime-hook on its PATH; a dockerd started before the toolkit
@@ -18,8 +22,13 @@ deploy.py calls it in four places, because Docker must find the toolkit when it 
    ``nvidia-ctk runtime configure`` would rewrite the file.
 4. ``configure_container_runtime``, after the docker step: restarts dockerd when it is
    still the one that started before this run installed the toolkit (an engine that
-   was already configured has no daemon.json change to restart for), generates the CDI
-   spec and enables ``nvidia-cdi-refresh`` where the toolkit ships it.
+   was already configured has no daemon.json change to restart for), keeps the CDI spec
+   current, and records whether labfleet made nvidia the default runtime, so that
+   ``nvidia_default_runtime`` turned off removes only a ``default-runtime`` it wrote.
+5. ``check_gpu_architecture``, before the image and JupyterLab: every GPU's compute
+   capability (nvidia-smi) against the CUDA architectures of the image's torch wheel; a
+   Pascal or Volta card on a CUDA line built without it stops that host, naming the CUDA
+   line that runs it (``cuda = "12.6"``).
 
 ``verify_gpu``, at the end of the deploy, runs ``nvidia-smi -L`` and the image's smoke
 test in one ``docker run --rm --gpus`` container on every GPU host, and fails that host
@@ -39,12 +48,16 @@ compose's ``driver: nvidia`` go through the hook, not CDI, on Docker before 28.x
 (Debian 13's docker.io is 26.1), and CDI devices need ``features.cdi`` there. A
 ``docker_daemon`` that sets its own ``exec-opts`` wins, knowingly.
 
-The CDI spec (``nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml``) lists the
-driver's libraries by version, so it is regenerated when the loaded driver differs from
-the one it was generated for: labfleet keeps that version in
-/var/lib/labfleet/nvidia/cdi-driver-version. ``nvidia-cdi-refresh.path`` (toolkit 1.18
-and later) regenerates its own spec under /var/run/cdi, which takes precedence, when the
-driver changes between deploys; it is enabled where it exists.
+The CDI spec lists the driver's libraries by version and the toolkit's hooks by path, so
+it must follow both: from Docker 29.2, ``--gpus`` and compose's ``driver: nvidia`` become
+CDI requests whenever nvidia-cdi-hook is on dockerd's PATH (moby#50228), and a stale spec
+then stops every GPU container. Before toolkit 1.18 labfleet generates
+/etc/cdi/nvidia.yaml with ``nvidia-ctk cdi generate`` whenever the loaded driver or the
+installed toolkit differs from what /var/lib/labfleet/nvidia/cdi-driver-version records.
+From 1.18 NVIDIA's own ``nvidia-cdi-refresh.path`` and ``.service`` keep
+/var/run/cdi/nvidia.yaml (a directory that takes precedence): labfleet enables both, runs
+the service again when the driver or toolkit changed since, and removes the /etc/cdi spec
+it wrote before.
 
 ``nvidia_toolkit: "auto"`` installs the toolkit where there is a GPU; ``true`` installs
 it on hosts that have none yet, so a lab can prepare machines before the cards arrive.

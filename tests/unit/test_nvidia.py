@@ -1,6 +1,8 @@
 """The NVIDIA step: detection, driver floor and install plan, toolkit source, daemon.json, CDI and the
 GPU check, from recorded sysfs, /proc and command output and against fake facts."""
 
+import subprocess
+
 import pytest
 from fakes import PlanningHost
 from pyinfra.facts.deb import DebArch, DebPackages
@@ -750,3 +752,23 @@ def test_default_runtime_goes_only_where_labfleet_set_it(settings, planning_host
     # A value changed by hand, or one docker_daemon asks for, is not labfleet's to remove.
     assert docker.merged_daemon_json({"default-runtime": "runc"}, {}, drop) == {"default-runtime": "runc"}
     assert docker.merged_daemon_json(current, {"default-runtime": "nvidia"}, drop) == current
+
+
+@pytest.mark.parametrize(("installed", "ok"), [("1.17.7-1", False), ("1.17.8~rc.1-1", False), ("1.17.8-1", True)])
+def test_the_floor_check_runs_on_dpkgs_order(tmp_path, installed, ok):
+    """floor_check_command as the host runs it, against a stand-in dpkg-query and the real dpkg."""
+    stand_in = tmp_path / "dpkg-query"
+    stand_in.write_text(f"#!/bin/sh\nprintf '%s' {installed}\n")
+    stand_in.chmod(0o755)
+    command = nvidia.floor_check_command("pc01", URL)
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, env={"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    )
+    assert (result.returncode == 0) is ok
+    if not ok:
+        assert result.stderr.strip() == (
+            f"labfleet: host pc01: the NVIDIA Container Toolkit installed from {URL} is {installed}, below 1.17.8 "
+            "(1.17.8 is the first release with the fix for CVE-2025-23266 (a container escape; CVE-2024-0132 was "
+            "fixed in 1.16.2)); that repository offers nothing newer: point nvidia_toolkit_apt_mirror at one that "
+            "has 1.17.8 or later, then run the deploy again"
+        )
