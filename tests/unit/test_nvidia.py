@@ -596,9 +596,9 @@ def test_the_toolkit_stops_on_an_unsupported_distribution_or_a_mixed_apt_file(se
 TITAN_V_AND_ADA = ["0, NVIDIA TITAN V, 7.0", "1, NVIDIA RTX 5880 Ada Generation, 8.9"]
 # Pascal cards by their compute capability (NVIDIA's CUDA GPUs table): a P100 is 6.0, a GTX 1080 6.1.
 PASCAL = ["0, Tesla P100-PCIE-16GB, 6.0", "1, NVIDIA GeForce GTX 1080, 6.1"]
-# What nvidia-smi prints when the user-space driver is newer than the loaded module (reported
-# again and again, e.g. NVIDIA/nvidia-docker#1068): nothing to parse, so nothing is refused.
-NVML_MISMATCH = ["Failed to initialize NVML: Driver/library version mismatch", "NVML library version: 570.86"]
+# What nvidia-smi prints when the user-space driver is newer than the loaded module, as
+# intel/llvm#17614 recorded it: nothing to parse, so nothing is refused.
+NVML_MISMATCH = ["Failed to initialize NVML: Driver/library version mismatch", "NVML library version: 550.144"]
 
 
 def test_gpu_architectures_fact():
