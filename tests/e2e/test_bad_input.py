@@ -165,6 +165,10 @@ CASES = [
          "systemd calendar"),
     case("restore-from-malformed", {"restore_from": "pc03.lab"}, "restore_from = 'pc03.lab' is invalid",
          '"backup:<host>"'),
+    # Replacing a PC (labfleet/migrate.py).
+    case("migrate-unknown-host", {"migrate_from": "pc77.lab"}, "migrate_from = 'pc77.lab' is not in the inventory"),
+    case("migrate-itself", {"migrate_from": BAD}, f"migrate_from = '{BAD}' names this host itself"),
+    case("migrate-final-alone", {"migrate_final": True}, "migrate_final = True is invalid without migrate_from"),
     # Unknown keys: typos get a suggestion.
     case("typo-port", {"jupyter_prot": 8890}, "unknown setting jupyter_prot; did you mean jupyter_port?"),
     case("typo-root", {"dataset_root": "/data"}, "unknown setting dataset_root; did you mean datasets_root?"),
