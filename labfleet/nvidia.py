@@ -658,37 +658,36 @@ def runs_on(compute_cap: tuple[int, int], archs: Sequence[str]) -> bool:
     return any(m == major and n <= minor for m, n in caps) or compute_cap > max(caps)
 
 
+def torch_archs(profile: str, cuda: str) -> tuple[str | None, tuple[str, ...]]:
+    """(torch version, its CUDA architectures) of the image for this profile and CUDA line; () when unknown."""
+    torch = locked_torch(profile, cuda)
+    return torch, TORCH_ARCHS.get((torch or "", cuda), ())
+
+
 def architecture_problem(host_name: str, profile: str, cuda: str, gpus: Sequence[Mapping]) -> str | None:
     """The one line that refuses a host whose GPUs the image's torch has no kernels for; None when all run.
 
     + gpus: GpuArchitectures
     """
-    torch = locked_torch(profile, cuda)
-    archs = TORCH_ARCHS.get((torch or "", cuda))
-    if not archs:
-        return None
-    old = [gpu for gpu in gpus if not runs_on(gpu["compute_cap"], archs)]
+    torch, archs = torch_archs(profile, cuda)
+    old = [gpu for gpu in gpus if archs and not runs_on(gpu["compute_cap"], archs)]
     if not old:
         return None
     named = ", ".join(
         f"GPU {gpu['index']} ({gpu['name']}) has compute capability {'.'.join(map(str, gpu['compute_cap']))}"
         for gpu in old
     )
-    fixes = [
-        other
-        for other in locked_cudas(profile)
-        if other != cuda
-        and (archs_other := TORCH_ARCHS.get((locked_torch(profile, other) or "", other)))
-        and all(runs_on(gpu["compute_cap"], archs_other) for gpu in gpus)
-    ]
-    # The newest CUDA line that runs every GPU here: its torch is the newest too.
-    best = fixes[-1] if fixes else None
-    fix = (
-        f'set cuda = "{best}" for this host (torch {locked_torch(profile, best)}, built for '
-        f"{TORCH_ARCHS[(locked_torch(profile, best) or '', best)][0]} and newer), then run the deploy again"
-        if best
-        else "no CUDA line labfleet locks has kernels for it; use another GPU or set gpu = false for this host"
-    )
+    # The newest locked CUDA line whose torch runs every GPU here (its torch is the newest too).
+    lines = [(other, *torch_archs(profile, other)) for other in locked_cudas(profile)]
+    fixes = [c for c in lines if c[2] and all(runs_on(gpu["compute_cap"], c[2]) for gpu in gpus)]
+    if fixes:
+        line, fix_torch, fix_archs = fixes[-1]
+        fix = (
+            f'set cuda = "{line}" for this host (torch {fix_torch}, built for {fix_archs[0]} and newer), '
+            "then run the deploy again"
+        )
+    else:
+        fix = "no CUDA line labfleet locks has kernels for it; use another GPU or set gpu = false for this host"
     return (
         f"host {host_name}: {named}, and the image's torch {torch} for CUDA {cuda} is built for compute "
         f'capability {archs[0]} and newer (it would fail with "no kernel image is available"); {fix}'
