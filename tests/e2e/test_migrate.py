@@ -11,7 +11,8 @@ One story on one pair of hosts, so CI pays for one bring-up:
 3. a file that is newer on the new PC is kept, and one edited on the old PC arrives;
 4. the old PC unreachable from the new one fails the new PC alone, with one line, and so does
    the old PC down altogether; the next run completes;
-5. migrate_final: the old container is stopped (not removed), a last edit arrives, JupyterLab
+5. migrate_final: while a kernel runs on the old PC the cut-over waits and the new PC fails,
+   saying why; forced, the old container is stopped (not removed), a last edit arrives, JupyterLab
    comes up on the new PC, the status shows the old project as migrated, and the next run
    (the old PC's deploy included) changes nothing and starts nothing again.
 """
@@ -164,9 +165,29 @@ def test_a_new_pc_takes_the_users_files_from_the_old_one_then_cuts_over(pair, la
     ]
     assert_no_changes(run(moving))
 
-    # 5. The cut-over: a last edit on the old PC, then migrate_final.
+    # 5. The cut-over: a last edit on the old PC, then migrate_final. A kernel runs there, so the
+    # cut-over waits (the new PC fails and says why) until it is forced.
     host_exec(old, f"echo last > {HOME}/last-minute.txt && chown alice:alice {HOME}/last-minute.txt")
+    kernel = host_exec(
+        old,
+        'curl -sf -X POST -H "Authorization: token $(cat /opt/labfleet/alice/jupyter_token)" '
+        "http://127.0.0.1:8888/api/kernels",
+    )
+    assert '"id"' in kernel.stdout, kernel
+    refused = run(final, expect_fail=True)
+    assert {name for name, _ in refused.errors()} == {new.name}, refused.stderr_tail()
+    assert re.search(
+        rf"labfleet: host {new.name}: the cut-over of alice from {old.name} did not happen: its JupyterLab there "
+        rf"is busy \(kernel \w+ \(python3\) .+\); nothing was moved, and JupyterLab of alice stays on "
+        rf"{old.name}; run again once it is idle, or stop it now with --data jupyter_update=now",
+        refused.stderr,
+    ), refused.stderr_tail()
+    assert f"the cut-over of alice to {new.name} waits: kernel" in refused.stderr
+    assert _container_state(old) == "running" and _container_state(new) == "absent"
+    assert host_exec(new, f"test -e {HOME}/last-minute.txt", check=False).returncode != 0
+
     old_before_final = {root: _tree(old, root) for root in (WORKSPACE, HOME)}
+    final[new.name]["jupyter_update"] = "now"
     cut = run(final)
     assert_converged(cut)
     assert cut.status(old, f"{STEP} | Stop JupyterLab of alice for the cut-over") == "success"
@@ -179,7 +200,10 @@ def test_a_new_pc_takes_the_users_files_from_the_old_one_then_cuts_over(pair, la
     ]
     assert health(new, "alice") == "healthy"
     for root in (WORKSPACE, HOME):
-        assert _tree(old, root) == old_before_final[root], f"{old.name}: the cut-over changed {root}"
+        # The kernel's own IPython history may be written as the container stops.
+        kept = {path: state for path, state in old_before_final[root].items() if "/.ipython/" not in path}
+        after = {path: state for path, state in _tree(old, root).items() if "/.ipython/" not in path}
+        assert after == kept, f"{old.name}: the cut-over changed {root}"
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LABFLEET_STATUS_FORMAT", "json")
