@@ -505,7 +505,10 @@ def authorize_pullers(path: str, pullers: list[tuple[str, ...]] | list[tuple[str
         public_key = host.inventory.get_host(puller).get_fact(PublicKeyFile, path=f"{key_path}.pub")
         if public_key:
             tag = public_key.rsplit(" ", 1)[-1]
-            lines[tag] = authorized_key_line(public_key, readable, address, rrsync, *run_as)
+            # Through sudo the path must be the one the sudo rule names (labfleet.migrate).
+            lines[tag] = authorized_key_line(
+                public_key, readable, address, RRSYNC["path"] if any(run_as) else rrsync, *run_as
+            )
     for tag, line in existing.items():
         lines.setdefault(tag, line)
     content = "".join(f"{lines[tag]}\n" for tag in sorted(lines))
