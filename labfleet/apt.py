@@ -15,8 +15,9 @@ One helper per job, shared by the docker and nvidia steps:
   run apt only for the difference; ``apt-get update`` runs only when something is installed
   or a source changed, so a re-run costs no network and reports no change.
 - ``pin_preferences`` renders /etc/apt/preferences.d content that holds packages at one
-  version, so an ``apt upgrade`` by hand does not move a pinned engine; ``hold_packages``
-  holds installed packages at the versions they have, where no version is asked for.
+  version, so an ``apt upgrade`` by hand does not move a pinned engine; ``hold_packages`` is
+  the one operation that writes a hold: installed packages at the versions they have (the
+  toolkit), or every package at one upstream release, any packaging revision (the driver).
 - ``AptRepository`` and ``add_repository``: the one step that adds a signed third-party
   repository (Docker's, NVIDIA's): stale files out, prerequisites, key, deb822 source, pin;
   the install that follows refreshes apt only when that changed something.
@@ -232,6 +233,20 @@ def installed_versions(packages: Iterable[str], installed: Mapping) -> dict[str,
     return {name: sorted(installed[name])[-1] for name in packages if installed.get(name)}
 
 
+def held_versions(packages: Iterable[str], installed: Mapping, release: str | None = None) -> dict[str, str]:
+    """name -> the version a hold pins it at.
+
+    + installed: DebPackages; with release None, each installed package is held at its own
+      version and those not installed are left out
+    + release: an upstream release (``580.95.05``): every package is held at any packaging
+      revision of it (``580.95.05-*``), installed or not, so that an install that follows
+      gets that release, and a distribution's rebuild of it may still come
+    """
+    if release is not None:
+        return dict.fromkeys(packages, f"{release}-*")
+    return installed_versions(packages, installed)
+
+
 def hold_is_current(
     packages: Sequence[str], path: str, comment: str | None, installed: Mapping, entries: Mapping
 ) -> bool:
@@ -245,12 +260,14 @@ def hold_is_current(
 
 
 @operation(is_idempotent=True)
-def hold_packages(packages: Sequence[str], path: str, comment: str | None = None):
-    """Hold packages at the versions installed now, against ``apt upgrade`` and unattended-upgrades.
+def hold_packages(packages: Sequence[str], path: str, comment: str | None = None, release: str | None = None):
+    """Hold packages against ``apt upgrade`` and unattended-upgrades: at the versions installed now, or at a release.
 
-    + packages: package names; those not installed are left out
+    + packages: package names; without release, those not installed are left out
     + path: the apt preferences file that holds them (under /etc/apt/preferences.d)
     + comment: the file's first line, saying who wrote it and why
+    + release: hold every package at this upstream release, any packaging revision
+      (``held_versions``); None: each installed package at its installed version
 
     A pin at priority 1001 makes the installed version apt's candidate, so ``apt-get
     upgrade``, ``apt upgrade`` and unattended-upgrades (which installs apt's candidates)
@@ -265,14 +282,16 @@ def hold_packages(packages: Sequence[str], path: str, comment: str | None = None
 
         hold_packages(name="Hold the toolkit", packages=["nvidia-container-toolkit"],
                       path="/etc/apt/preferences.d/labfleet-nvidia-container-toolkit")
+        hold_packages(name="Hold the driver", packages=["nvidia-driver", "libcuda1"],
+                      path="/etc/apt/preferences.d/labfleet-nvidia-driver", release="580.95.05")
     """
-    versions = installed_versions(packages, host.get_fact(DebPackages))
+    versions = held_versions(packages, host.get_fact(DebPackages) if release is None else {}, release)
     if not versions:
         host.noop(f"none of {', '.join(packages)} installed: nothing to hold")
         return
     text = hold_preferences(versions, comment)
     if host.get_fact(FileContents, path=path) == text.splitlines():
-        host.noop(f"{path} already holds {', '.join(sorted(versions))}")
+        host.noop(f"{path} already holds {', '.join(sorted(versions))}" + (f" at {release}" if release else ""))
         return
     yield f"install -d -m 755 {shlex.quote(posixpath.dirname(path))}"
     yield FileUploadCommand(StringIO(text), path)

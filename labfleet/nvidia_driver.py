@@ -39,8 +39,8 @@ On a GPU host (``gpu``, or detection: PCI vendor 10de or /proc/driver/nvidia), i
   breaks every later ``apt-get install`` of the package. The pin names the release
   (``580.95.05-*``), so a packaging revision of the same release may still come, and never
   a user space that differs from the loaded module. labfleet moves the driver only when
-  ``nvidia_driver_version`` or ``nvidia_driver_install`` asks (apt.pin_preferences renders the
-  pin, as for Docker and the toolkit).
+  ``nvidia_driver_version`` or ``nvidia_driver_install`` asks (apt.hold_packages writes the
+  pin, as it writes the toolkit's).
 
 It runs first among the NVIDIA steps (deploy.py), before the toolkit (labfleet.nvidia).
 """
@@ -72,6 +72,7 @@ from labfleet.facts.nvidia_driver import (
     upstream_version,
 )
 from labfleet.facts.updates import ContainerBusy
+from labfleet.model import release_key
 from labfleet.nvidia import NvidiaHost, explain_skip, has_gpu, snapshot, wants_toolkit
 from labfleet.planning import Read, step
 from labfleet.preflight import require
@@ -91,13 +92,9 @@ CANDIDATES = (
 LOCAL = "@local"
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
-
-
 def driver_meets(driver: str | None, floor: str) -> bool:
     """True when driver >= floor; "570" means any 570.x."""
-    return driver is not None and version_tuple(driver) >= version_tuple(floor)
+    return driver is not None and release_key(driver) >= release_key(floor)
 
 
 def today() -> date:
@@ -143,7 +140,7 @@ def ubuntu_branch(settings: Settings, blackwell: bool) -> str:
     """The branch to name or install on Ubuntu: nvidia_driver_version's, else a supported one."""
     if settings.nvidia_driver_version:
         return settings.nvidia_driver_version.split(".")[0]
-    floor = max(settings.nvidia_driver_min, platform.BLACKWELL_MIN_DRIVER if blackwell else "0", key=version_tuple)
+    floor = max(settings.nvidia_driver_min, platform.BLACKWELL_MIN_DRIVER if blackwell else "0", key=release_key)
     return platform.supported_branch(floor, today()) or floor.split(".")[0]
 
 
@@ -255,7 +252,7 @@ def candidate_release(
     """
     found = (policy or {}).get(plan.installed_when)
     if found and held and found["versions"]:
-        return max((upstream_version(v) for v in found["versions"]), key=version_tuple)
+        return max((upstream_version(v) for v in found["versions"]), key=release_key)
     if found and found["candidate"]:
         return upstream_version(found["candidate"])
     return plan.release_driver
@@ -404,8 +401,8 @@ def install_ubuntu_driver(branch: str, installed_when: str, version: str | None 
 
 
 def pin_text(packages: Iterable[str], release: str) -> str:
-    """The hold: every driver package at release (any packaging revision of it)."""
-    return apt.pin_preferences(sorted(set(packages)), f"{release}-*", comment=PIN_COMMENT)
+    """The hold as apt.hold_packages writes it: every driver package at release (any packaging revision)."""
+    return apt.hold_preferences(apt.held_versions(sorted(set(packages)), {}, release), PIN_COMMENT)
 
 
 def held_release(settings: Settings, driver: DriverState) -> str | None:
@@ -434,12 +431,7 @@ def hold_driver(packages: Sequence[str] = (), version: str | None = None, path: 
     if release is None or not names:
         host.noop("no NVIDIA driver package is installed: nothing to hold")
         return
-    text = pin_text(names, release)
-    if host.get_fact(FileContents, path=path) == text.splitlines():
-        host.noop(f"{path} already holds the NVIDIA driver at {release}")
-        return
-    yield FileUploadCommand(StringIO(text), path)
-    yield f"chmod 644 {shlex.quote(path)}"
+    yield from apt.hold_packages._inner(sorted(names), path, PIN_COMMENT, release=release)
 
 
 @operation(is_idempotent=True)
@@ -638,7 +630,7 @@ def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, tit
         return
     floor = settings.nvidia_driver_min
     if platform.blackwell_devices(mine.driver["devices"]):
-        floor = max(floor, platform.BLACKWELL_MIN_DRIVER, key=version_tuple)
+        floor = max(floor, platform.BLACKWELL_MIN_DRIVER, key=release_key)
     held = mine.pin is not None and not settings.nvidia_driver_version
     candidate = settings.nvidia_driver_version or candidate_release(plan, mine.policy, held)
     if candidate is not None and not driver_meets(candidate, floor):

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 from fakes import PlanningHost
-from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import compose, model, nvidia, nvidia_driver, planning, platform
+from labfleet import apt, compose, model, nvidia, nvidia_driver, planning, platform
 from labfleet.facts.nvidia import GpuHost, parse_gpu_host
 from labfleet.facts.nvidia_driver import (
     AptPolicy,
@@ -497,21 +497,26 @@ def test_a_converged_host_plans_nothing(settings, plan):
 # --- The operations ----------------------------------------------------------------------------
 
 
-def test_hold_pins_every_driver_package_at_the_release(fake_host_in):
+def test_hold_pins_every_driver_package_at_the_release(fake_host_in, monkeypatch):
     fake = fake_host_in(nvidia_driver, {NvidiaDriver: parse_driver_state(MISMATCHED), FileContents: None})
-    commands = list(nvidia_driver.hold_driver._inner())
-    assert commands[0].src.getvalue() == (
+    monkeypatch.setattr(apt, "host", fake)  # the hold is apt.hold_packages, as for the toolkit
+    (upload,) = [c for c in nvidia_driver.hold_driver._inner() if isinstance(c, FileUploadCommand)]
+    assert upload.src.getvalue() == (
         f"# {nvidia_driver.PIN_COMMENT}\n"
         "Package: libcuda1 libnvidia-ml1 nvidia-kernel-dkms\n"
         "Pin: version 570.86.15-*\n"
         "Pin-Priority: 1001\n"
     )
-    fake.facts[FileContents] = commands[0].src.getvalue().splitlines()
+    assert upload.dest == nvidia_driver.PIN_FILE
+    fake.facts[FileContents] = upload.src.getvalue().splitlines()
     assert list(nvidia_driver.hold_driver._inner()) == []
-    assert fake.noops[-1] == f"{nvidia_driver.PIN_FILE} already holds the NVIDIA driver at 570.86.15"
+    assert fake.noops[-1] == (
+        f"{nvidia_driver.PIN_FILE} already holds libcuda1, libnvidia-ml1, nvidia-kernel-dkms at 570.86.15"
+    )
     # A pinned release also names what is about to be installed.
-    pinned = list(nvidia_driver.hold_driver._inner(packages=("nvidia-driver",), version="580.95.05"))
-    text = pinned[0].src.getvalue()
+    pinned = nvidia_driver.hold_driver._inner(packages=("nvidia-driver",), version="580.95.05")
+    (upload,) = [c for c in pinned if isinstance(c, FileUploadCommand)]
+    text = upload.src.getvalue()
     assert "Package: libcuda1 libnvidia-ml1 nvidia-driver nvidia-kernel-dkms\nPin: version 580.95.05-*\n" in text
     fake.facts[NvidiaDriver] = NvidiaDriver.default()
     assert list(nvidia_driver.hold_driver._inner()) == []
