@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from labfleet.model import CUDA_DRIVER_FLOOR, Dataset, UserEntry, lock_file, locked_cudas
+from labfleet.model import CUDA_DRIVER_FLOOR, Dataset, UserEntry, lock_file, locked_cudas, release_key
 
 
 def jupyter_users(host_name: str, values: dict[str, Any], users: Sequence[tuple[str, int]], written: Any) -> list[str]:
@@ -170,13 +170,9 @@ def nvidia_driver(host_name: str, values: dict[str, Any]) -> list[str]:
             "or nvidia_driver_version = None"
         )
     floor = values["nvidia_driver_min"] or CUDA_DRIVER_FLOOR[values["cuda"]]
-    if _release_tuple(version) < _release_tuple(floor):
+    if release_key(version) < release_key(floor):
         errors.append(
             f"host {host_name}: nvidia_driver_version = {version!r} is invalid: it is below {floor}, the driver floor "
             f"for cuda {values['cuda']!r} (nvidia_driver_min); expected a release at or above {floor}"
         )
     return errors
-
-
-def _release_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))

@@ -196,6 +196,12 @@ def driver_release(value):
     return value
 
 
+def release_key(version: str) -> tuple[int, ...]:
+    """``"580.95.05"`` -> ``(580, 95, 5)``: driver releases compare part by part, and a branch
+    (``"570"``) sorts below every release of it."""
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
 def url(value):
     _string(value)
     parsed = urlparse(value)

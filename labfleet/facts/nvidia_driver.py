@@ -14,6 +14,8 @@ from typing import TypedDict
 
 from pyinfra.api import FactBase
 
+from labfleet.model import release_key
+
 PROC_VERSION = "/proc/driver/nvidia/version"
 SYS_VERSION = "/sys/module/nvidia/version"
 # Where the NVML library lands: Ubuntu's and NVIDIA's packages and the .run installer put
@@ -73,10 +75,6 @@ def upstream_version(debian_version: str) -> str:
     """``580.95.05-0ubuntu0.24.04.2`` -> ``580.95.05``: the driver release inside a package version."""
     without_epoch = debian_version.split(":", 1)[-1]
     return without_epoch.rsplit("-", 1)[0] if "-" in without_epoch else without_epoch
-
-
-def release_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 class DriverState(TypedDict):
