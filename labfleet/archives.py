@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -22,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from labfleet import progress
 from labfleet.planning import current_run
 from labfleet.settings import REPO_ROOT
 
@@ -106,11 +106,19 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = _partial_beside(path)
+        # The tar that `docker save` writes is about the image's size: the lines count against that.
+        meter = progress.Meter(f"Save {ref}")
+        total, saved = int(info.get("Size") or 0), 0
         with (
             subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
             gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
         ):
-            shutil.copyfileobj(save.stdout, out, 1 << 20)  # type: ignore[arg-type]  # stdout=PIPE
+            assert save.stdout is not None  # stdout=PIPE
+            while chunk := save.stdout.read(1 << 20):
+                out.write(chunk)
+                saved += len(chunk)
+                if meter.due():
+                    progress.report(progress.controller_prefix(), meter.line(progress.Reading(saved, total)))
         if save.returncode != 0:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")

@@ -20,13 +20,14 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.operations import files
 
-from labfleet import archives, image, jupyter, registry, shipping
+from labfleet import archives, image, jupyter, progress, registry, shipping
 from labfleet.facts.image import ImageId
 from labfleet.planning import Read, current_run, step
 from labfleet.settings import REPO_ROOT, Settings
 
 CONTEXT_CACHE_DIR = REPO_ROOT / "build" / "contexts"
 HOST_CONTEXT_DIR = "/opt/labfleet/image"
+BUILD_LOG = "/var/tmp/labfleet-build.log"
 
 
 def built_on_controller(settings: Settings) -> str:
@@ -69,7 +70,16 @@ def build_on_host(context: str, tag: str, build_args: dict[str, str]):
         host.noop(f"{tag} is already built")
         return
     args = " ".join(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in sorted(build_args.items()))
-    yield f"docker build --force-rm --tag {shlex.quote(tag)} {args} {shlex.quote(context)} 2>&1 | tail -n 40"
+    log = shlex.quote(BUILD_LOG)
+    # The whole log is kept while the build runs: its last step line is the build's progress.
+    yield progress.WatchedCommand(
+        f"docker build --force-rm --tag {shlex.quote(tag)} {args} {shlex.quote(context)} 2>&1 "
+        f"| tee {log} | tail -n 40; rm -f {log}",
+        what=f"Build {tag}",
+        unit="steps",
+        question=progress.build_step_question(log),
+        answer=progress.build_step_answer,
+    )
     # `| tail` hides docker's exit code; the tag's presence is the real result.
     yield f"docker image inspect {shlex.quote(tag)} >/dev/null"
 

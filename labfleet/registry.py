@@ -27,7 +27,7 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.operations import files
 
-from labfleet import apt, archives, docker, shipping
+from labfleet import apt, archives, docker, progress, shipping
 from labfleet.facts.image import ImageId
 from labfleet.facts.registry import RegistryHasTag
 from labfleet.planning import current_run, step
@@ -35,6 +35,8 @@ from labfleet.settings import Settings
 
 CONFIG = "/etc/docker/registry/config.yml"
 SERVICE = "docker-registry.service"
+PUSH_LOG = "/var/tmp/labfleet-push.log"
+PULL_LOG = "/var/tmp/labfleet-pull.log"
 
 
 def daemon_keys(settings: Settings) -> dict:
@@ -82,9 +84,16 @@ def push(tag: str, port: int, here: bool = True):
         host.noop(f"the registry already serves {tag}")
         return
     local = shlex.quote(registry_ref(f"127.0.0.1:{port}", tag))
-    yield (
-        f"docker tag {shlex.quote(tag)} {local} && docker push --quiet {local} >/dev/null; rc=$?; "
-        f"docker rmi {local} >/dev/null; exit $rc"
+    log = shlex.quote(PUSH_LOG)
+    # Without a terminal, docker prints one line per layer and state: the log is the progress.
+    yield progress.WatchedCommand(
+        f"docker tag {shlex.quote(tag)} {local} && "
+        f"{{ docker push {local} >{log} 2>&1 || {{ cat {log} >&2; false; }}; }}; "
+        f"rc=$?; rm -f {log}; docker rmi {local} >/dev/null; exit $rc",
+        what=f"Push {tag}",
+        unit="layers",
+        question=progress.layers_question(log),
+        answer=progress.layers_answer,
     )
 
 
@@ -106,10 +115,15 @@ def pull(registry: str, tag: str, image_id: str, here: bool = True):
     remote = shlex.quote(registry_ref(registry, tag))
     check = f"docker image inspect --format '{{{{.Id}}}}' {remote}"
     refused = shlex.quote(f"labfleet: {registry} served {tag} with another image id than {image_id}; not used")
-    yield (
-        f"docker pull --quiet {remote} >/dev/null && "
+    log = shlex.quote(PULL_LOG)
+    yield progress.WatchedCommand(
+        f"ok=1; {{ docker pull {remote} >{log} 2>&1 || {{ cat {log} >&2; rm -f {log}; false; }}; }} && rm -f {log} && "
         f'if [ "$({check})" = {shlex.quote(image_id)} ]; then docker tag {remote} {shlex.quote(tag)}; ok=0; '
-        f"else echo {refused} >&2; ok=1; fi; docker rmi {remote} >/dev/null; exit $ok"
+        f"else echo {refused} >&2; ok=1; fi; docker rmi {remote} >/dev/null; exit $ok",
+        what=f"Pull {tag}",
+        unit="layers",
+        question=progress.layers_question(log),
+        answer=progress.layers_answer,
     )
 
 

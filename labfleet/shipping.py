@@ -7,12 +7,13 @@ and by the registry host, which receives the image this way and then pushes to i
 from __future__ import annotations
 
 import shlex
+from typing import IO, cast
 
 from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.operations import files
 
-from labfleet import archives, image, jupyter, planning
+from labfleet import archives, image, jupyter, planning, progress
 from labfleet.facts.image import ImageId, LayerChains
 from labfleet.facts.system import FreeBytes
 from labfleet.planning import Read, step
@@ -42,11 +43,18 @@ def load_image(archive: str, ref: str, image_id: str):
         host.noop(f"{ref} is already {image_id[:19]}")
         return
     quoted = shlex.quote(archive)
+    pid_file = shlex.quote(f"{archive}.pid")
     check = f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}"
-    yield (
-        f"docker load --input {quoted} >/dev/null; loaded=$?; rm -f {quoted}; "
+    # The loader reads the archive as its stdin, so its read offset is how far the load got.
+    yield progress.WatchedCommand(
+        f"sh -c 'echo $$ >\"$0\"; exec docker load' {pid_file} <{quoted} >/dev/null; loaded=$?; "
+        f"rm -f {quoted} {pid_file}; "
         f'[ $loaded -eq 0 ] && [ "$({check})" = {shlex.quote(image_id)} ] || '
-        f"{{ echo {shlex.quote(f'labfleet: loading {ref} did not give image {image_id}')} >&2; exit 1; }}"
+        f"{{ echo {shlex.quote(f'labfleet: loading {ref} did not give image {image_id}')} >&2; exit 1; }}",
+        what=f"Load {ref}",
+        unit="bytes",
+        question=progress.read_offset_question(quoted, pid_file),
+        answer=progress.read_offset_answer,
     )
 
 
@@ -68,7 +76,12 @@ def ship(settings: Settings, ref: str):
     # Read only when a copy is due: a host that has the image pays no round trip for it.
     source = archives.for_host(archive, host.get_fact(LayerChains))
     remote = f"{HOST_ARCHIVE_DIR}/labfleet-{source.name}"
-    files.put(name=f"Copy {ref}", src=str(source), dest=remote, mode="600")
+    state = host.state
+    copied = progress.ProgressReader(
+        str(source), progress.Meter(f"Copy {ref}"), host.print_prefix, active=lambda: state.is_executing
+    )
+    # files.put takes any object that reads like a binary file.
+    files.put(name=f"Copy {ref}", src=cast(IO[bytes], copied), dest=remote, mode="600")
     load_image(name=f"Load {ref}", archive=remote, ref=ref, image_id=archive.image_id)
 
 
