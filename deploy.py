@@ -18,10 +18,12 @@ from labfleet import (
     datasets,
     delivery,
     docker,
+    gpu_architecture,
     jupyter,
     migrate,
     nvidia,
     nvidia_driver,
+    nvidia_runtime,
     planning,
     preflight,
     registry,
@@ -38,6 +40,8 @@ planning.read_ahead(
     certs.reads(settings),
     nvidia.reads(settings),
     nvidia_driver.reads(settings),
+    nvidia_runtime.reads(settings),
+    gpu_architecture.reads(settings),
     docker.reads(settings),
     datasets.reads(settings),
     delivery.reads(settings),
@@ -52,11 +56,11 @@ nvidia_driver.check_driver(settings)
 toolkit = nvidia.install_container_toolkit(settings)
 docker.ensure_docker_engine(
     settings,
-    daemon_extra=[registry.daemon_keys(settings), nvidia.daemon_keys(settings)],
-    daemon_drop=nvidia.daemon_keys_to_drop(settings),
+    daemon_extra=[registry.daemon_keys(settings), nvidia_runtime.daemon_keys(settings)],
+    daemon_drop=nvidia_runtime.daemon_keys_to_drop(settings),
 )
-nvidia.configure_container_runtime(settings, toolkit)
-nvidia.check_gpu_architecture(settings)
+nvidia_runtime.configure_container_runtime(settings, toolkit)
+gpu_architecture.check_gpu_architecture(settings)
 datasets.lay_out_datasets(settings)
 delivery.deliver_image(settings)
 jupyter.write_projects(settings)

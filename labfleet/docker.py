@@ -43,7 +43,7 @@ held to the same check: ``docker compose version`` must report v2.
 Later steps add to daemon.json through ``daemon_extra``: mappings that are merged, in
 order, under the user's ``docker_daemon``, so that one write and at most one restart
 cover the engine, the NVIDIA runtime and the registry. For example deploy.py can call
-``ensure_docker_engine(settings, daemon_extra=[nvidia.daemon_keys(settings)])``.
+``ensure_docker_engine(settings, daemon_extra=[nvidia_runtime.daemon_keys(settings)])``.
 """
 
 from __future__ import annotations
@@ -594,7 +594,7 @@ def ensure_docker_engine(settings: Settings, daemon_extra: Iterable[Mapping] = (
     + daemon_extra: daemon.json keys from later steps (NVIDIA runtime, registries), merged
       under docker_daemon into one write and at most one restart
     + daemon_drop: keys a later step wrote earlier and no longer wants, with the value it
-      wrote (``nvidia.daemon_keys_to_drop``), removed in the same write
+      wrote (``nvidia_runtime.daemon_keys_to_drop``), removed in the same write
     """
     state = planning.snapshot(DockerHost, reads(settings))
     title = "Check that Docker can be installed here"

@@ -22,7 +22,7 @@ import shlex
 
 import pytest
 
-from labfleet import nvidia
+from labfleet import nvidia, nvidia_runtime
 from labfleet.planning import FactBatch
 
 from . import nvidia_standin
@@ -154,7 +154,7 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert " create " in sh(host, f"cat {nvidia_standin.RUNTIME_LOG}"), "the stand-in shim did not run the container"
 
     # No driver is loaded, so there is no CDI spec to generate; 1.17.8 has no refresh units.
-    assert sh(host, f"ls {nvidia.CDI_SPEC} 2>/dev/null; true") == ""
+    assert sh(host, f"ls {nvidia_runtime.CDI_SPEC} 2>/dev/null; true") == ""
     assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=data))
 
     # 1.18 appears upstream: apt's candidate stays the held version, so neither apt-get upgrade
@@ -177,9 +177,9 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
         assert run.changed(host) == [
             "Configure the NVIDIA runtime | Keep the CDI spec current for the driver and the toolkit"
         ]
-        spec = sh(host, f"cat {nvidia.CDI_SPEC}")
+        spec = sh(host, f"cat {nvidia_runtime.CDI_SPEC}")
         assert f"# driver: {driver}\n# toolkit: {floor}\n" in spec
-        assert sh(host, f"cat {nvidia.CDI_MARKER}").strip() == f"{driver} {floor}"
+        assert sh(host, f"cat {nvidia_runtime.CDI_MARKER}").strip() == f"{driver} {floor}"
         assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=gpu_data))
     assert sh(host, f"grep -c 'cdi generate' {nvidia_standin.CTK_LOG}").strip() == "2"
 
@@ -203,19 +203,19 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert RESTART not in moved.changed(host)
     assert installed_versions(host) == dict.fromkeys(nvidia.TOOLKIT_PACKAGES, refresh)
     assert f"Pin: version {refresh}" in sh(host, f"cat {nvidia.PIN_FILE}")
-    assert sh(host, f"ls {nvidia.CDI_SPEC} 2>/dev/null; true") == ""
-    for unit in (nvidia.CDI_REFRESH_UNIT, nvidia.CDI_REFRESH_SERVICE):
+    assert sh(host, f"ls {nvidia_runtime.CDI_SPEC} 2>/dev/null; true") == ""
+    for unit in (nvidia_runtime.CDI_REFRESH_UNIT, nvidia_runtime.CDI_REFRESH_SERVICE):
         assert sh(host, f"systemctl is-enabled {unit}").strip() == "enabled", unit
-    assert sh(host, f"systemctl is-active {nvidia.CDI_REFRESH_UNIT}").strip() == "active"
-    assert f"# driver: 580.65.06\n# toolkit: {refresh}\n" in sh(host, f"cat {nvidia.CDI_REFRESH_SPEC}")
-    assert sh(host, f"cat {nvidia.CDI_MARKER}").strip() == f"refresh 580.65.06 {refresh}"
+    assert sh(host, f"systemctl is-active {nvidia_runtime.CDI_REFRESH_UNIT}").strip() == "active"
+    assert f"# driver: 580.65.06\n# toolkit: {refresh}\n" in sh(host, f"cat {nvidia_runtime.CDI_REFRESH_SPEC}")
+    assert sh(host, f"cat {nvidia_runtime.CDI_MARKER}").strip() == f"refresh 580.65.06 {refresh}"
     assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
     nvidia_standin.simulate_driver(host, "570.86.15")
     again = pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned)
     assert again.changed(host) == [
         "Configure the NVIDIA runtime | Keep the CDI spec current for the driver and the toolkit"
     ]
-    assert "# driver: 570.86.15\n" in sh(host, f"cat {nvidia.CDI_REFRESH_SPEC}")
+    assert "# driver: 570.86.15\n" in sh(host, f"cat {nvidia_runtime.CDI_REFRESH_SPEC}")
     assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
 
     # nvidia_default_runtime on, then off: the key labfleet wrote goes; one set by hand stays.
@@ -227,7 +227,7 @@ def test_toolkit_from_a_signed_repository_of_stand_ins(make_hosts, pyinfra_run):
     assert_converged(off)
     assert "default-runtime" not in json.loads(sh(host, "cat /etc/docker/daemon.json"))
     assert sh(host, "docker info --format '{{.DefaultRuntime}}'").strip() == "runc"
-    assert sh(host, f"ls {nvidia.DEFAULT_RUNTIME_MARKER} 2>/dev/null; true") == ""
+    assert sh(host, f"ls {nvidia_runtime.DEFAULT_RUNTIME_MARKER} 2>/dev/null; true") == ""
     assert_no_changes(pyinfra_run([host], deploy=NVIDIA_STEP, data=pinned))
     by_hand = {**json.loads(sh(host, "cat /etc/docker/daemon.json")), "default-runtime": "nvidia"}
     write_file(host, "/etc/docker/daemon.json", json.dumps(by_hand))

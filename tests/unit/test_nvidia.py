@@ -9,7 +9,7 @@ from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
 
-from labfleet import apt, docker, model, nvidia, nvidia_driver, planning
+from labfleet import apt, docker, gpu_architecture, model, nvidia, nvidia_driver, nvidia_runtime, planning
 from labfleet.facts.apt import AptSourceEntries
 from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
 from labfleet.facts.nvidia import (
@@ -84,11 +84,12 @@ def test_gpu_setting_overrides_detection(raw, monkeypatch):
 
 @pytest.fixture
 def fake_host(fake_host_in, monkeypatch):
-    """One FakeHost where both NVIDIA modules read `host`."""
+    """One FakeHost where every NVIDIA module reads `host`."""
 
     def install(facts=None, executing=True):
         fake = fake_host_in(nvidia, facts, executing)
-        monkeypatch.setattr(nvidia_driver, "host", fake)
+        for module in (nvidia_driver, nvidia_runtime, gpu_architecture):
+            monkeypatch.setattr(module, "host", fake)
         return fake
 
     return install
@@ -139,7 +140,8 @@ def planning_hosts(monkeypatch):
 
         def use(name):
             monkeypatch.setattr(planning, "host", hosts[name])
-            monkeypatch.setattr(nvidia, "host", hosts[name])
+            for module in (nvidia, nvidia_runtime, gpu_architecture):
+                monkeypatch.setattr(module, "host", hosts[name])
             return hosts[name]
 
         return hosts, use
@@ -153,14 +155,16 @@ def test_every_nvidia_step_reads_one_batch_per_host(settings, planning_hosts):
     s = settings()
     for name in hosts:
         use(name)
-        planning.read_ahead(nvidia.reads(s), docker.reads(s))
+        planning.read_ahead(nvidia.reads(s), nvidia_runtime.reads(s), gpu_architecture.reads(s), docker.reads(s))
     for name, gpu in (("gpu01", True), ("cpu01", False)):
         use(name)
         assert nvidia.has_gpu(s) is gpu and nvidia.wants_toolkit(s) is gpu and nvidia.has_gpu(s) is gpu
-        snapshot = nvidia.snapshot(s)
-        assert snapshot.runtime["spec_for"] == "570.86.15 1.17.8-1" and snapshot.cdi_refresh["active"] == "active"
-        assert [gpu["compute_cap"] for gpu in snapshot.architectures] == [(7, 0), (8, 9)]
-        assert ("runtimes" in nvidia.daemon_keys(s)) is gpu
+        assert nvidia.snapshot(s).packages
+        runtime = nvidia_runtime.snapshot(s)
+        assert runtime.runtime["spec_for"] == "570.86.15 1.17.8-1" and runtime.cdi_refresh["active"] == "active"
+        gpus = planning.read(gpu_architecture.reads(s))["architectures"]
+        assert [gpu["compute_cap"] for gpu in gpus] == [(7, 0), (8, 9)]
+        assert ("runtimes" in nvidia_runtime.daemon_keys(s)) is gpu
     assert {name: fake.reads for name, fake in hosts.items()} == {"gpu01": [FactBatch], "cpu01": [FactBatch]}
 
 
@@ -179,8 +183,10 @@ def test_auto_reads_the_gpu_fact_once_per_host(settings, planning_hosts):
 
 
 def test_gpu_false_reads_nothing_unless_the_toolkit_is_wanted(settings):
-    assert nvidia.reads(settings(gpu=False)) == {}
-    assert "runtime" in nvidia.reads(settings(gpu=False, nvidia_toolkit=True))
+    for step in (nvidia, nvidia_runtime, gpu_architecture):
+        assert step.reads(settings(gpu=False)) == {}
+    assert "packages" in nvidia.reads(settings(gpu=False, nvidia_toolkit=True))
+    assert "runtime" in nvidia_runtime.reads(settings(gpu=False, nvidia_toolkit=True))
     assert "debian_sources" in nvidia.reads(settings(nvidia_driver_install=True))
 
 
@@ -284,19 +290,22 @@ def test_nvidias_guide_list_goes_and_mixed_files_are_reported(settings):
     ],
 )
 def test_cgroupfs_driver_keeps_other_exec_opts(current, expected):
-    assert nvidia.exec_opts_with_cgroupfs(current) == expected
+    assert nvidia_runtime.exec_opts_with_cgroupfs(current) == expected
 
 
 def test_daemon_keys_register_the_runtime_by_merge(settings, planning_hosts):
     _, use = planning_hosts(pc01=host_facts(daemon_json={"exec-opts": ["native.umask=normal"]}))
     use("pc01")
-    keys = nvidia.daemon_keys(settings(nvidia_toolkit=True))
+    keys = nvidia_runtime.daemon_keys(settings(nvidia_toolkit=True))
     assert keys == {
         "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}},
         "exec-opts": ["native.umask=normal", "native.cgroupdriver=cgroupfs"],
     }
-    assert nvidia.daemon_keys(settings(nvidia_toolkit=True, nvidia_default_runtime=True))["default-runtime"] == "nvidia"
-    assert nvidia.daemon_keys(settings(nvidia_toolkit=False)) == {}
+    assert (
+        nvidia_runtime.daemon_keys(settings(nvidia_toolkit=True, nvidia_default_runtime=True))["default-runtime"]
+        == "nvidia"
+    )
+    assert nvidia_runtime.daemon_keys(settings(nvidia_toolkit=False)) == {}
 
 
 # What `nvidia-ctk runtime configure --runtime=docker` writes into an empty daemon.json: the
@@ -308,7 +317,7 @@ def test_a_host_configured_by_nvidia_ctk_keeps_its_runtime_and_gains_only_the_cg
     _, use = planning_hosts(pc01=host_facts(daemon_json=BY_NVIDIA_CTK))
     use("pc01")
     s = settings(nvidia_toolkit=True)
-    wanted = docker.daemon_config(s, [nvidia.daemon_keys(s)])
+    wanted = docker.daemon_config(s, [nvidia_runtime.daemon_keys(s)])
     merged = docker.merged_daemon_json(BY_NVIDIA_CTK, wanted)
     # NVIDIA's entry is labfleet's own, so the merge changes only what nvidia-ctk does not write:
     # one daemon.json write (and one dockerd restart) on the first deploy, none after.
@@ -347,7 +356,7 @@ DISABLED = {"systemd": True, "active": "inactive", "enabled": "disabled"}
 
 
 def cdi(driver, toolkit, lines, path_unit=NO_UNIT, service_unit=NO_UNIT):
-    return nvidia.cdi_commands(driver, toolkit, parse_nvidia_runtime_state(lines), path_unit, service_unit)
+    return nvidia_runtime.cdi_commands(driver, toolkit, parse_nvidia_runtime_state(lines), path_unit, service_unit)
 
 
 @pytest.mark.parametrize(
@@ -398,9 +407,9 @@ def test_toolkit_1_18_uses_nvidias_refresh_units_and_drops_the_spec_labfleet_wro
 
 def test_a_1_18_toolkit_without_the_units_keeps_labfleets_own_spec():
     assert cdi("570.86.15", "1.18.0-1", ["spec", "spec-for 570.86.15 1.18.0-1"]) == []
-    assert nvidia.uses_cdi_refresh("1.17.8-1", ENABLED) is False
-    assert nvidia.uses_cdi_refresh("1.18.0~rc.1-1", ENABLED) is False
-    assert nvidia.uses_cdi_refresh("1.18.2-1", ENABLED) is True
+    assert nvidia_runtime.uses_cdi_refresh("1.17.8-1", ENABLED) is False
+    assert nvidia_runtime.uses_cdi_refresh("1.18.0~rc.1-1", ENABLED) is False
+    assert nvidia_runtime.uses_cdi_refresh("1.18.2-1", ENABLED) is True
 
 
 def test_keep_cdi_spec_current_plans_the_difference(fake_host):
@@ -412,10 +421,10 @@ def test_keep_cdi_spec_current_plans_the_difference(fake_host):
             ServiceState: NO_UNIT,
         }
     )
-    commands = list(nvidia.keep_cdi_spec_current._inner())
+    commands = list(nvidia_runtime.keep_cdi_spec_current._inner())
     assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in commands[0] and len(commands) == 2
     fake.facts[NvidiaRuntimeState] = parse_nvidia_runtime_state(RUNTIME_STATE)
-    assert list(nvidia.keep_cdi_spec_current._inner()) == []
+    assert list(nvidia_runtime.keep_cdi_spec_current._inner()) == []
     assert fake.noops == ["the CDI spec is for driver 570.86.15 and toolkit 1.17.8-1"]
 
 
@@ -429,7 +438,7 @@ def test_keep_cdi_spec_current_plans_the_difference(fake_host):
     ],
 )
 def test_dockerd_restarts_only_when_it_started_before_the_hook(lines, predates):
-    assert nvidia.dockerd_predates_hook(parse_nvidia_runtime_state(lines)) is predates
+    assert nvidia_runtime.dockerd_predates_hook(parse_nvidia_runtime_state(lines)) is predates
 
 
 # --- Driver install ---------------------------------------------------------------------------
@@ -612,65 +621,67 @@ def test_gpu_architectures_fact():
 
 
 def test_every_cuda_lock_has_its_torch_architectures():
-    """A relock that moves torch must say which GPUs the new wheel runs on (nvidia.TORCH_ARCHS)."""
+    """A relock that moves torch must say which GPUs the new wheel runs on (gpu_architecture.TORCH_ARCHS)."""
     locks = sorted(model.REQUIREMENTS_DIR.glob("*-cu*.txt"))
     assert locks
     for lock in locks:
         profile, _, line = lock.stem.rpartition("-cu")
         cuda = f"{line[:-1]}.{line[-1]}"
-        torch = nvidia.locked_torch(profile, cuda)
-        assert torch is None or (torch, cuda) in nvidia.TORCH_ARCHS, f"{lock.name}: torch {torch} for CUDA {cuda}"
+        torch = gpu_architecture.locked_torch(profile, cuda)
+        assert torch is None or (torch, cuda) in gpu_architecture.TORCH_ARCHS, (
+            f"{lock.name}: torch {torch} for CUDA {cuda}"
+        )
 
 
 @pytest.mark.parametrize(
     ("cap", "archs", "runs"),
     [
-        ((6, 1), nvidia.TORCH_ARCHS[("2.7.1", "12.6")], True),  # sm_60 runs on 6.1
-        ((6, 1), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], False),
-        ((7, 0), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], True),
-        ((7, 0), nvidia.TORCH_ARCHS[("2.11.0", "13.0")], False),
-        ((8, 9), nvidia.TORCH_ARCHS[("2.11.0", "13.0")], True),  # sm_86 runs on 8.9
-        ((12, 1), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], True),
-        ((11, 0), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], False),  # no sm_11x, older than sm_120
-        ((13, 0), nvidia.TORCH_ARCHS[("2.10.0", "12.8")], True),  # newer than every arch: not judged here
-        ((3, 7), nvidia.TORCH_ARCHS[("2.7.1", "12.6")], False),
+        ((6, 1), gpu_architecture.TORCH_ARCHS[("2.7.1", "12.6")], True),  # sm_60 runs on 6.1
+        ((6, 1), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], False),
+        ((7, 0), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], True),
+        ((7, 0), gpu_architecture.TORCH_ARCHS[("2.11.0", "13.0")], False),
+        ((8, 9), gpu_architecture.TORCH_ARCHS[("2.11.0", "13.0")], True),  # sm_86 runs on 8.9
+        ((12, 1), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], True),
+        ((11, 0), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], False),  # no sm_11x, older than sm_120
+        ((13, 0), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], True),  # newer than every arch: not judged here
+        ((3, 7), gpu_architecture.TORCH_ARCHS[("2.7.1", "12.6")], False),
     ],
 )
 def test_a_gpu_runs_the_kernels_of_its_major_at_or_below_its_minor(cap, archs, runs):
-    assert nvidia.runs_on(cap, archs) is runs
+    assert gpu_architecture.runs_on(cap, archs) is runs
 
 
 def test_pascal_and_volta_are_refused_with_the_cuda_line_that_runs_them():
     pascal = parse_gpu_architectures(PASCAL)
-    problem = nvidia.architecture_problem("pc03", "pytorch", "12.8", pascal)
+    problem = gpu_architecture.architecture_problem("pc03", "pytorch", "12.8", pascal)
     assert problem == (
         "host pc03: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0, GPU 1 (NVIDIA GeForce GTX 1080) has "
         "compute capability 6.1, and the image's torch 2.10.0 for CUDA 12.8 is built for compute capability 7.0 "
         'and newer (it would fail with "no kernel image is available"); set cuda = "12.6" for this host '
         "(torch 2.7.1, built for 5.0 and newer), then run the deploy again"
     )
-    assert nvidia.architecture_problem("pc03", "pytorch", "12.6", pascal) is None
+    assert gpu_architecture.architecture_problem("pc03", "pytorch", "12.6", pascal) is None
     volta = parse_gpu_architectures(TITAN_V_AND_ADA)
-    assert nvidia.architecture_problem("pc04", "pytorch", "12.8", volta) is None
-    on_13 = nvidia.architecture_problem("pc04", "pytorch", "13.0", volta)
+    assert gpu_architecture.architecture_problem("pc04", "pytorch", "12.8", volta) is None
+    on_13 = gpu_architecture.architecture_problem("pc04", "pytorch", "13.0", volta)
     assert on_13 is not None and "GPU 0 (NVIDIA TITAN V) has compute capability 7.0," in on_13
     assert "GPU 1" not in on_13 and 'set cuda = "12.8" for this host' in on_13
     kepler = parse_gpu_architectures(["0, Tesla K80, 3.7"])
-    assert "no CUDA line labfleet locks has kernels for it" in nvidia.architecture_problem(
+    assert "no CUDA line labfleet locks has kernels for it" in gpu_architecture.architecture_problem(
         "pc05", "pytorch", "12.8", kepler
     )
     # The jupyter profile has no torch, and nothing is known without a driver: nothing refused.
-    assert nvidia.architecture_problem("pc03", "jupyter", "12.8", pascal) is None
-    assert nvidia.architecture_problem("pc03", "pytorch", "12.8", []) is None
+    assert gpu_architecture.architecture_problem("pc03", "jupyter", "12.8", pascal) is None
+    assert gpu_architecture.architecture_problem("pc03", "pytorch", "12.8", []) is None
 
 
 def test_check_gpu_architectures_fails_the_host_with_its_line(fake_host):
     fake = fake_host({GpuArchitectures: parse_gpu_architectures(PASCAL)})
-    (command,) = list(nvidia.check_gpu_architectures._inner("pytorch", "12.8"))
+    (command,) = list(gpu_architecture.check_gpu_architectures._inner("pytorch", "12.8"))
     assert "labfleet: host pc01: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0" in command
     assert command.endswith("exit 1")
     fake.facts[GpuArchitectures] = parse_gpu_architectures(TITAN_V_AND_ADA)
-    assert list(nvidia.check_gpu_architectures._inner("pytorch", "12.8")) == []
+    assert list(gpu_architecture.check_gpu_architectures._inner("pytorch", "12.8")) == []
     assert fake.noops == ["2 GPU(s) run the image's torch"]
 
 
@@ -739,10 +750,10 @@ def test_default_runtime_goes_only_where_labfleet_set_it(settings, planning_host
     _, use = planning_hosts(pc01=marked, pc02=host_facts(daemon_json={"default-runtime": "nvidia"}))
     use("pc01")
     off = settings(nvidia_toolkit=True)
-    assert nvidia.daemon_keys_to_drop(off) == {"default-runtime": "nvidia"}
-    assert nvidia.daemon_keys_to_drop(settings(nvidia_toolkit=True, nvidia_default_runtime=True)) == {}
+    assert nvidia_runtime.daemon_keys_to_drop(off) == {"default-runtime": "nvidia"}
+    assert nvidia_runtime.daemon_keys_to_drop(settings(nvidia_toolkit=True, nvidia_default_runtime=True)) == {}
     use("pc02")  # set by hand (nvidia-ctk runtime configure --set-as-default): no marker, it stays
-    assert nvidia.daemon_keys_to_drop(off) == {}
+    assert nvidia_runtime.daemon_keys_to_drop(off) == {}
     current = {"default-runtime": "nvidia", "live-restore": True, "log-driver": "local"}
     drop = {"default-runtime": "nvidia"}
     assert docker.merged_daemon_json(current, {"live-restore": True}, drop) == {

@@ -6,7 +6,7 @@ and the lab image, which the stand-in toolkit cannot provide.
 
 from pyinfra import host
 
-from labfleet import certs, docker, nvidia, nvidia_driver, planning, preflight
+from labfleet import certs, docker, gpu_architecture, nvidia, nvidia_driver, nvidia_runtime, planning, preflight
 from labfleet.settings import for_host
 
 settings = for_host(host)
@@ -17,6 +17,8 @@ planning.read_ahead(
     certs.reads(settings),
     nvidia.reads(settings),
     nvidia_driver.reads(settings),
+    nvidia_runtime.reads(settings),
+    gpu_architecture.reads(settings),
     docker.reads(settings),
 )
 
@@ -24,7 +26,9 @@ preflight.check_host(settings)
 nvidia_driver.check_driver(settings)
 toolkit = nvidia.install_container_toolkit(settings)
 docker.ensure_docker_engine(
-    settings, daemon_extra=[nvidia.daemon_keys(settings)], daemon_drop=nvidia.daemon_keys_to_drop(settings)
+    settings,
+    daemon_extra=[nvidia_runtime.daemon_keys(settings)],
+    daemon_drop=nvidia_runtime.daemon_keys_to_drop(settings),
 )
-nvidia.configure_container_runtime(settings, toolkit)
-nvidia.check_gpu_architecture(settings)
+nvidia_runtime.configure_container_runtime(settings, toolkit)
+gpu_architecture.check_gpu_architecture(settings)
