@@ -144,9 +144,14 @@ def ubuntu_branch(settings: Settings, blackwell: bool) -> str:
     return platform.supported_branch(floor, today()) or floor.split(".")[0]
 
 
-def driver_advice(settings: Settings, release: Mapping, gpu: Mapping, blackwell: bool = False) -> str:
-    """What to install, in the words of this host's distribution."""
-    install = platform.driver_install_hint(release.get("name") or "", ubuntu_branch(settings, blackwell))
+def driver_advice(settings: Settings, release: Mapping, gpu: Mapping, devices: Sequence[int] = ()) -> str:
+    """What to install, in the words of this host's distribution.
+
+    + devices: the GPUs' PCI device ids (NvidiaDriver): Blackwell raises the branch, and a
+      pre-Turing GPU needs the proprietary flavour
+    """
+    branch = ubuntu_branch(settings, bool(platform.blackwell_devices(devices)))
+    install = platform.driver_install_hint(release.get("name") or "", branch, platform.open_kernel_modules(devices))
     notes = []
     if gpu["nouveau"]:
         notes.append("nouveau is loaded and must be blacklisted")
@@ -156,11 +161,13 @@ def driver_advice(settings: Settings, release: Mapping, gpu: Mapping, blackwell:
     return f"install {install}, then reboot.{extra} Or set nvidia_driver_install: true to let labfleet install it"
 
 
-def _below_floor(settings: Settings, gpu: Mapping, release: Mapping, found: str | None = None) -> str:
+def _below_floor(
+    settings: Settings, gpu: Mapping, release: Mapping, devices: Sequence[int], found: str | None = None
+) -> str:
     found = found or gpu["driver"] or "none loaded"
     return (
         f"host {settings.host}: NVIDIA driver {found} is below {settings.nvidia_driver_min}, the floor for "
-        f"CUDA {settings.cuda} (nvidia_driver_min); {driver_advice(settings, release, gpu)}"
+        f"CUDA {settings.cuda} (nvidia_driver_min); {driver_advice(settings, release, gpu, devices)}"
     )
 
 
@@ -570,7 +577,7 @@ def check_driver(settings: Settings):
         _install_driver(settings, state, mine, title, secure_boot)
         return
     if installed is not None and module != installed:
-        _reboot_needed(settings, state, module, installed, title)
+        _reboot_needed(settings, state, mine.driver["devices"], module, installed, title)
     elif driver_meets(module, settings.nvidia_driver_min):
         require(name=title, ok=True, problem="")
         blackwell = platform.blackwell_devices(driver["devices"])
@@ -581,17 +588,21 @@ def check_driver(settings: Settings):
             problem=blackwell_problem(settings, blackwell, module, driver["flavour"]),
         )
     else:
-        require(name=title, ok=False, problem=_below_floor(settings, state.gpu, state.release, module))
+        require(
+            name=title, ok=False, problem=_below_floor(settings, state.gpu, state.release, driver["devices"], module)
+        )
         return
     _plan_hold(settings, mine, ())
 
 
-def _reboot_needed(settings: Settings, state: NvidiaHost, module: str | None, installed: str, title: str) -> None:
+def _reboot_needed(
+    settings: Settings, state: NvidiaHost, devices: Sequence[int], module: str | None, installed: str, title: str
+) -> None:
     line = reboot_line(settings.host, module, installed)
     require(
         name=f"{title} (the installed {installed}, loaded after the reboot)",
         ok=driver_meets(installed, settings.nvidia_driver_min),
-        problem=_below_floor(settings, state.gpu, state.release, f"{installed} (installed)"),
+        problem=_below_floor(settings, state.gpu, state.release, devices, f"{installed} (installed)"),
     )
     if settings.nvidia_driver_install:
         plan_reboot(settings, line)
@@ -626,7 +637,11 @@ def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, tit
     else:
         plan = driver_install_plan(settings, release, state.arch, secure_boot, mine.driver["devices"])
     if isinstance(plan, str):
-        require(name=title, ok=False, problem=f"{_below_floor(settings, state.gpu, state.release)}. {plan}")
+        require(
+            name=title,
+            ok=False,
+            problem=f"{_below_floor(settings, state.gpu, state.release, mine.driver['devices'])}. {plan}",
+        )
         return
     floor = settings.nvidia_driver_min
     if platform.blackwell_devices(mine.driver["devices"]):

@@ -201,11 +201,16 @@ def nvidia_driver(release: Distribution, arch: str, branch: str, open_modules: b
     )
 
 
-def driver_install_hint(release_name: str, branch: str) -> str:
-    """What a person installs to get the driver branch, in the words of the host's distribution."""
+def driver_install_hint(release_name: str, branch: str, open_modules: bool = True) -> str:
+    """What a person installs to get the driver branch, in the words of the host's distribution.
+
+    + open_modules: NVIDIA's open kernel modules (``open_kernel_modules``); a pre-Turing GPU
+      needs the proprietary flavour, which Ubuntu names without ``-open``
+    """
     name = release_name.lower()
     if "ubuntu" in name:
-        return f"`sudo apt install nvidia-driver-{branch}-server-open` (or `sudo ubuntu-drivers install`)"
+        package = f"nvidia-driver-{branch}-server" + ("-open" if open_modules else "")
+        return f"`sudo apt install {package}` (or `sudo ubuntu-drivers install`)"
     if "debian" in name:
         return "`nvidia-driver` from Debian's non-free component (or NVIDIA's CUDA repository)"
     return f"NVIDIA driver {branch} or newer"

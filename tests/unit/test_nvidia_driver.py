@@ -550,9 +550,12 @@ def test_install_at_a_pinned_release_checks_apts_candidate_first(fake_host_in):
 def test_advice_names_the_supported_package_and_the_obstacles(settings, monkeypatch):
     monkeypatch.setattr(nvidia_driver, "today", lambda: TODAY)
     fresh = parse_gpu_host(["pci 0000:17:00.0 0x030200", "nouveau", "secureboot 1"])
-    ubuntu = nvidia_driver.driver_advice(settings(), {"name": "Ubuntu"}, fresh)
-    assert "sudo apt install nvidia-driver-580-server-open" in ubuntu
+    ubuntu = nvidia_driver.driver_advice(settings(), {"name": "Ubuntu"}, fresh, [0x2684])
+    assert "sudo apt install nvidia-driver-580-server-open`" in ubuntu
     assert "nouveau is loaded" in ubuntu and "Secure Boot is on" in ubuntu
+    # A Pascal card (GTX 1080, 0x1b80) cannot run the open modules: the proprietary flavour is named.
+    pascal = nvidia_driver.driver_advice(settings(), {"name": "Ubuntu"}, fresh, [0x1B80])
+    assert "sudo apt install nvidia-driver-580-server`" in pascal
     debian = nvidia_driver.driver_advice(
         settings(), {"name": "Debian"}, {**fresh, "nouveau": False, "secure_boot": False}
     )
