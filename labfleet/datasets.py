@@ -17,6 +17,8 @@ Sources (``Dataset.source.kind``; each is one entry of ``SOURCE_KINDS`` and its 
   for a dedicated account without sudo, only from the puller's address, and only for a
   read-only rsync of that one path (``restrict,from=...,command="rrsync -ro <path>"``).
 - ``nfs:<server>:<export>``: a read-only systemd mount unit, enabled at boot.
+- ``s3:<bucket>/<prefix>``: fetched by the host with rclone (labfleet.datasets_s3), its keys
+  in a root-only rclone config file.
 
 Never delete: rsync runs without ``--delete`` unless the dataset says ``prune: True``, and
 writes each file to a temporary name that it renames only when the file is complete, so a
@@ -44,7 +46,7 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
-from labfleet import apt, planning, preflight
+from labfleet import apt, datasets_s3, planning, preflight
 from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
 from labfleet.facts.system import Account, GroupMembers, PathState, PathStates, PublicKeyFile, SshHostKey, path_is
 from labfleet.planning import Read, step, unless_current
@@ -814,6 +816,21 @@ def _bring_in_from_peers(settings: Settings, datasets: list[Dataset]) -> None:
         _pull_round(settings, all_settings, 3)
 
 
+def _bring_in_s3(settings: Settings, datasets: list[Dataset]) -> None:
+    for dataset in datasets:
+        datasets_s3.write_config(dataset)
+        datasets_s3.sync_bucket(
+            name=f"Fetch dataset {dataset.name} from {dataset.source}",
+            dataset=dataset,
+            dest=dataset_dir(settings, dataset),
+            staging=datasets_s3.staging_dir(settings.datasets_root, dataset),
+            config=datasets_s3.config_path(dataset),
+            group=settings.datasets_group,
+            stamp=stamp_path(dataset),
+        )
+        _verify(settings, dataset)
+
+
 def _bring_in_nfs(settings: Settings, datasets: list[Dataset]) -> None:
     for dataset in datasets:
         _mount_nfs(settings, dataset)
@@ -837,10 +854,11 @@ class SourceKind:
 
 
 # Adding a source kind: one entry here and its bring_in function above (and its form in
-# labfleet/settings.py). The order is the order of the step: pushes before pulls, since a
-# peer may serve what the controller pushed to it.
+# labfleet/settings.py). The order is the order of the step: pushes and fetches before pulls,
+# since a peer may serve what the controller pushed to it or what it fetched from a bucket.
 SOURCE_KINDS: dict[str, SourceKind] = {
     "local": SourceKind(packages=("rsync",), bring_in=_bring_in_local),
+    "s3": SourceKind(packages=("rclone",), bring_in=_bring_in_s3),
     "host": SourceKind(packages=("rsync", "openssh-client"), bring_in=_bring_in_from_peers),
     "nfs": SourceKind(packages=("nfs-common",), bring_in=_bring_in_nfs, mounted=True),
     "manual": SourceKind(packages=(), bring_in=_bring_in_manual),

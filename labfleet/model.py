@@ -19,6 +19,7 @@ tests/unit/test_settings.py checks that group_data/all.py and the declarations l
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import ipaddress
 import itertools
@@ -341,17 +342,30 @@ def host_address(value):
 
 # --- Datasets -----------------------------------------------------------------------------
 
-SOURCE_FORMS = "manual, local:<path>, host:<inventory host>:</path> or nfs:<server>:</export>"
+SOURCE_FORMS = "manual, local:<path>, host:<inventory host>:</path>, nfs:<server>:</export> or s3:<bucket>[/<prefix>]"
+# S3's rule for bucket names: 3 to 63 lowercase letters, digits, dots and hyphens, a letter or
+# digit at each end.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+S3_KEYS = ("s3_endpoint", "s3_credentials_file")
+# The one profile of an s3_credentials_file, in the AWS credentials file's own names.
+S3_CREDENTIAL_KEYS = ("aws_access_key_id", "aws_secret_access_key")
+S3_OPTIONAL_KEYS = ("region",)
+S3_CREDENTIALS_FORM = (
+    "a file on the controller with one profile, e.g. [default] with aws_access_key_id = ... and "
+    "aws_secret_access_key = ... (region = ... optional)"
+)
 
 
 @dataclass(frozen=True)
 class Source:
     """Where a dataset comes from, parsed once while the settings are validated.
 
-    ``kind`` is one of "manual", "local", "host", "nfs"; ``text`` is the setting as written
-    (a local path resolved on the controller). ``path`` is the controller's directory for
-    local: and the peer's directory for host:; ``peer`` names the inventory host of host:;
-    ``server`` and ``export`` are those of nfs:. The fields a kind does not use are None.
+    ``kind`` is one of "manual", "local", "host", "nfs", "s3"; ``text`` is the setting as
+    written (a local path resolved on the controller). ``path`` is the controller's directory
+    for local:, the peer's directory for host: and the key prefix for s3: ("" for the whole
+    bucket); ``peer`` names the inventory host of host:; ``server`` and ``export`` are those of
+    nfs:; ``bucket``, ``endpoint`` and ``credentials_file`` (a controller path, never the
+    secret itself) are those of s3:. The fields a kind does not use are None.
     """
 
     kind: str
@@ -360,6 +374,9 @@ class Source:
     peer: str | None = None
     server: str | None = None
     export: str | None = None
+    bucket: str | None = None
+    endpoint: str | None = None
+    credentials_file: str | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -385,7 +402,89 @@ def dataset_source(value: Any) -> Source:
         server, _, export = rest.partition(":")
         if server and export.startswith("/"):
             return Source("nfs", value, server=server, export=export)
+    if kind == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not _BUCKET.match(bucket) or ".." in bucket:
+            raise Invalid(
+                f"source {value!r}: bucket {bucket!r} is not an S3 bucket name (3 to 63 lowercase letters, "
+                "digits, '.' and '-'); the form is s3:<bucket>[/<prefix>]"
+            )
+        prefix = prefix.strip("/")
+        if "//" in prefix or ".." in prefix.split("/"):
+            raise Invalid(
+                f"source {value!r}: prefix {prefix!r} must not hold '//' or '..'; the form is s3:<bucket>[/<prefix>]"
+            )
+        return Source("s3", f"s3:{bucket}/{prefix}" if prefix else f"s3:{bucket}", path=prefix, bucket=bucket)
     raise Invalid(f"source {value!r} must be {SOURCE_FORMS}")
+
+
+def s3_credentials(path: str) -> dict[str, str]:
+    """The access key of an s3_credentials_file: its one profile's keys (an AWS credentials file).
+
+    Shared by the validation (before any host is touched) and labfleet.datasets_s3, which
+    writes the host's rclone config from it. The messages never quote a value of the file.
+    """
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except configparser.MissingSectionHeaderError:
+        raise Invalid(f"{path} has no [profile] line before its keys") from None
+    except (configparser.DuplicateOptionError, configparser.DuplicateSectionError):
+        raise Invalid(f"{path} names a key or a profile twice") from None
+    except (configparser.Error, UnicodeDecodeError):
+        # configparser's own message quotes the line, which may be the secret.
+        raise Invalid(f"{path} has a line that is not 'key = value' or '[profile]'") from None
+    profiles = parser.sections()
+    if len(profiles) != 1:
+        raise Invalid(f"{path} must hold exactly one profile such as [default], not {len(profiles)}")
+    profile = parser[profiles[0]]
+    unknown = sorted(set(profile) - set(S3_CREDENTIAL_KEYS) - set(S3_OPTIONAL_KEYS))
+    if unknown:
+        raise Invalid(f"{path}: profile [{profiles[0]}] has unknown keys {unknown}")
+    values = {}
+    for key in (*S3_CREDENTIAL_KEYS, *S3_OPTIONAL_KEYS):
+        value = profile.get(key, "").strip()
+        if key in S3_CREDENTIAL_KEYS and not value:
+            raise Invalid(f"{path}: profile [{profiles[0]}] has no {key}")
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise Invalid(f"{path}: the value of {key} holds spaces or control characters")
+        if value:
+            values[key] = value
+    return values
+
+
+def _s3_source(name: str, source: Source, spec: dict) -> Source:
+    given = [key for key in S3_KEYS if key in spec]
+    if source.kind != "s3":
+        if given:
+            verb = "belong" if len(given) > 1 else "belongs"
+            raise Invalid(
+                f"dataset {name!r}: {' and '.join(given)} {verb} to an s3: source only, not to {source.text!r}"
+            )
+        return source
+    missing = [key for key in S3_KEYS if key not in spec]
+    if missing:
+        raise Invalid(f"dataset {name!r}: an s3: source needs {' and '.join(missing)}")
+    endpoint = spec["s3_endpoint"]
+    try:
+        parsed = urlparse(_string(endpoint))
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or " " in endpoint:
+            raise Invalid("")
+        parsed.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except (Invalid, ValueError):
+        raise Invalid(
+            f"dataset {name!r}: s3_endpoint {endpoint!r} is not an http:// or https:// URL like https://s3.lab:9000"
+        ) from None
+    credentials = spec["s3_credentials_file"]
+    try:
+        path = Path(_string(credentials)).expanduser()
+        if not path.is_file():
+            raise Invalid(f"{str(credentials)!r} is no such file on the controller")
+        s3_credentials(str(path))
+    except Invalid as exc:
+        raise Invalid(f"dataset {name!r}: s3_credentials_file: {exc}; expected {S3_CREDENTIALS_FORM}") from None
+    return dataclasses.replace(source, endpoint=endpoint.rstrip("/"), credentials_file=str(path.resolve()))
 
 
 @dataclass(frozen=True)
@@ -407,7 +506,7 @@ def datasets(value: Any) -> tuple[Dataset, ...]:
             spec = {"source": spec}
         if not isinstance(spec, dict):
             raise Invalid(f"dataset {name!r} must be a mapping with a source")
-        unknown = set(spec) - {"source", "readonly", "prune", "manifest"}
+        unknown = set(spec) - {"source", "readonly", "prune", "manifest", *S3_KEYS}
         if unknown:
             raise Invalid(f"dataset {name!r} has unknown keys {sorted(unknown)}")
         if "source" not in spec:
@@ -423,7 +522,7 @@ def datasets(value: Any) -> tuple[Dataset, ...]:
             parts = PurePosixPath(manifest).parts
             if manifest.startswith("/") or ".." in parts:
                 raise Invalid(f"dataset {name!r}: manifest {manifest!r} must be a path inside the dataset (SHA256SUMS)")
-        source = dataset_source(spec["source"])
+        source = _s3_source(name, dataset_source(spec["source"]), spec)
         if source.kind == "nfs" and not readonly:
             raise Invalid(f"dataset {name!r}: an nfs: source is mounted read-only; remove readonly: false")
         out.append(Dataset(name, source, readonly, prune, manifest))
@@ -854,7 +953,10 @@ class Settings:
     cuda: str = field(metadata=setting(choice(*CUDA_DRIVER_FLOOR), _one_of(*CUDA_DRIVER_FLOOR)))
     datasets_root: str = field(metadata=setting(absolute_path, "an absolute path"))
     datasets: tuple[Dataset, ...] = field(
-        metadata=setting(datasets, "a mapping of dataset name to {source, readonly, prune, manifest}")
+        metadata=setting(
+            datasets,
+            "a mapping of dataset name to {source, readonly, prune, manifest, s3_endpoint, s3_credentials_file}",
+        )
     )
     datasets_group: str = field(metadata=setting(username, "a group name like labdata"))
     # None means the inventory's ssh_hostname (or the host's name).

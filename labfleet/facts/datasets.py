@@ -1,4 +1,4 @@
-"""Facts about datasets: default ACLs, rsync dry runs, manifests (labfleet.datasets)."""
+"""Facts about datasets: default ACLs, rsync and rclone dry runs, manifests (labfleet.datasets, .datasets_s3)."""
 
 from __future__ import annotations
 
@@ -101,3 +101,45 @@ class ManifestState(FactBase):
             if key in state and value.strip():
                 state[key] = value.strip()
         return state
+
+
+class RcloneDryRun(FactBase):
+    """What an rclone copy or sync would change: runs the given rclone command line with --dry-run.
+
+    + command: an rclone copy or sync command line, without --dry-run
+
+    Returns ``{"rc": int, "changes": [paths to copy or delete], "error": str}``, error being
+    rclone's last error line ("" when none). The command never fails the fact: a bucket that
+    cannot be read is the caller's to report.
+    """
+
+    def command(self, command: str) -> str:
+        return f'{command} --dry-run 2>&1; echo "labfleet-rc=$?"'
+
+    def process(self, output):
+        return parse_rclone_dry_run(list(output))
+
+
+def parse_rclone_dry_run(lines) -> dict:
+    """Split rclone --dry-run output (with a final ``labfleet-rc=N``) into what would change and the last error.
+
+    A file that only needs its time set (rclone found its bytes equal by hash) is not a change:
+    its content is already the object's.
+    """
+    rc, changes, error = 0, [], ""
+    for line in lines:
+        if line.startswith("labfleet-rc="):
+            rc = int(line.partition("=")[2] or 1)
+            continue
+        skipped = _RCLONE_SKIPPED.search(line)
+        if skipped and skipped["action"] in ("copy", "delete"):
+            changes.append(skipped["path"])
+        elif _RCLONE_ERROR.search(line):
+            error = _RCLONE_PREFIX.sub("", line.strip())[:500]
+    return {"rc": rc, "changes": changes, "error": error}
+
+
+# rclone's log lines: "2026/12/02 12:15:51 NOTICE: d0/f2.bin: Skipped copy as --dry-run is set (size 7)".
+_RCLONE_SKIPPED = re.compile(r"NOTICE: (?P<path>.+): Skipped (?P<action>[a-z ]+?) as --dry-run is set")
+_RCLONE_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Failed to ")
+_RCLONE_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")

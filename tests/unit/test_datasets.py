@@ -183,7 +183,7 @@ def test_acl_and_manifest_facts_parse_their_output():
 
 
 def test_each_source_kind_has_one_entry_in_the_table(raw):
-    assert set(datasets.SOURCE_KINDS) == {"manual", "local", "host", "nfs"}
+    assert set(datasets.SOURCE_KINDS) == {"manual", "local", "host", "nfs", "s3"}
     assert [kind for kind, entry in datasets.SOURCE_KINDS.items() if entry.mounted] == ["nfs"]
     fleet = _settings(
         raw,

@@ -1,0 +1,178 @@
+"""s3: datasets: a bucket (or a prefix of it) copied onto each host with rclone from the distribution.
+
+Why these choices:
+
+- The keys go to the host as an rclone config file (0600 root, in a 0700 directory), named
+  by ``--config``: never in process arguments, never in pyinfra's output, never in the
+  environment of a process another user could read.
+- rclone compares size and modification time (the bucket's own LastModified, read from the
+  listing with ``--use-server-modtime``, so no request per object); only what differs moves.
+  An object whose bytes equal the file's (same size, same MD5) but whose time differs counts
+  as current: rclone checks the hash before it calls such a file changed.
+- Never a half-written file in place: rclone 1.60 (Debian 12 and 13) writes local files
+  under their final name, so the objects that differ are first fetched into a staging
+  directory beside the dataset (``<datasets_root>/.labfleet-incoming/<name>``, root only, on
+  the same file system), given the dataset's owner and modes there, and then renamed into
+  place. A killed run leaves its complete files in staging, where the next run keeps them.
+- Nothing is deleted unless the dataset says ``prune: True``; then the files that the bucket
+  no longer has are listed (``rclone check``) and exactly those are removed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from io import StringIO
+from urllib.parse import urlparse
+
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.operations import files
+
+from labfleet import preflight
+from labfleet.facts.datasets import RcloneDryRun
+from labfleet.model import Dataset, Source, s3_credentials
+
+# One rclone config per dataset, root only: it holds that dataset's keys.
+CONFIG_DIR = "/etc/labfleet/dataset-s3"
+# The name of the remote inside each config file.
+REMOTE = "bucket"
+# Beside the datasets, on their file system, so that moving a fetched file in is a rename.
+INCOMING = ".labfleet-incoming"
+
+
+def config_path(dataset: Dataset) -> str:
+    return posixpath.join(CONFIG_DIR, f"{dataset.name}.conf")
+
+
+def staging_dir(datasets_root: str, dataset: Dataset) -> str:
+    return posixpath.join(datasets_root, INCOMING, dataset.name)
+
+
+def remote(source: Source) -> str:
+    """rclone's name for the bucket and prefix of an s3: source, e.g. ``bucket:lab-data/train``."""
+    return f"{REMOTE}:{source.bucket}/{source.path}" if source.path else f"{REMOTE}:{source.bucket}"
+
+
+def rclone_config(source: Source) -> str:
+    """The host's rclone config for an s3: source, from the controller's credentials file."""
+    assert source.credentials_file and source.endpoint, source
+    keys = s3_credentials(source.credentials_file)
+    host_name = urlparse(source.endpoint).hostname or ""
+    lines = [
+        f"[{REMOTE}]",
+        "type = s3",
+        # "Other" speaks plain S3 with path-style addresses, which every S3-compatible server takes.
+        f"provider = {'AWS' if host_name.endswith('.amazonaws.com') else 'Other'}",
+        f"endpoint = {source.endpoint}",
+        f"access_key_id = {keys['aws_access_key_id']}",
+        f"secret_access_key = {keys['aws_secret_access_key']}",
+    ]
+    if "region" in keys:
+        lines.append(f"region = {keys['region']}")
+    return "# Written by labfleet (labfleet/datasets_s3.py) from s3_credentials_file; edits are replaced.\n" + (
+        "\n".join(lines) + "\n"
+    )
+
+
+def rclone(config: str, *args: str) -> str:
+    """An rclone command line that reads its remote from config; the server's times are the objects' times."""
+    return shlex.join(["rclone", "--config", config, "--use-server-modtime", *args])
+
+
+def file_modes(dataset: Dataset) -> str:
+    """chmod's modes for fetched files: what rsync_flags gives pushed and pulled files."""
+    return "u+rw,go+r,go-w" if dataset.readonly else "ug+rw,o+r,o-w"
+
+
+@operation(is_idempotent=True)
+def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: str, stamp: str):
+    """Copy an s3: dataset's objects into its directory on this host, only those that differ.
+
+    + dataset: the dataset (its source names bucket, prefix and endpoint; prune deletes what the bucket lost)
+    + dest: the dataset directory
+    + staging: root-only directory on dest's file system that objects are fetched into first
+    + config: the rclone config file with the keys (written by bring_in_s3)
+    + group: the datasets group, which owns every fetched file
+    + stamp: file that is removed when anything moves, so the manifest is verified again
+
+    A dry run (``rclone copy --dry-run``, or ``sync`` with prune) on this host decides; only
+    when it lists something does the transfer run, so a re-run reports no change.
+
+    **Example:**
+
+    .. code:: python
+
+        sync_bucket(name="Fetch imagenet", dataset=dataset, dest="/srv/datasets/imagenet",
+                    staging="/srv/datasets/.labfleet-incoming/imagenet",
+                    config="/etc/labfleet/dataset-s3/imagenet.conf", group="labdata",
+                    stamp="/var/lib/labfleet/datasets/imagenet.verified")
+    """
+    source = dataset.source
+    bucket = remote(source)
+    label = f"dataset {dataset.name}"
+    pending = host.get_fact(RcloneDryRun, command=rclone(config, "sync" if dataset.prune else "copy", bucket, dest))
+    if pending["rc"] != 0:
+        yield preflight.failing_command(
+            f"host {host.name}: {label}: rclone cannot read {source} from {source.endpoint} "
+            f"(rclone exit {pending['rc']}): {pending['error']}; check s3_endpoint, the bucket and prefix, "
+            "and the keys in s3_credentials_file"
+        )
+        return
+    if not pending["changes"]:
+        host.noop(f"{dest} already matches {source}")
+        return
+    failed = shlex.quote(
+        f"labfleet: host {host.name}: {label}: fetching {source} from {source.endpoint} failed (rclone exit"
+    )
+    retry = shlex.quote("; run again: what arrived whole is kept and not fetched twice")
+    q_dest, q_staging = shlex.quote(dest), shlex.quote(staging)
+    # Each rclone's log goes to a file, and only its last error line (never a key) to stderr.
+    run = (
+        'run() { "$@" >"$log" 2>&1 && return 0; rc=$?; '
+        "err=$(grep -E 'ERROR|CRITICAL|Failed' \"$log\" | tail -n 1 | cut -c1-500); "
+        f'echo {failed} "$rc):" "${{err:-killed or stopped}}"{retry} >&2; exit 1; }}'
+    )
+    commands = [
+        "set -eu",
+        "log=$(mktemp)",
+        "trap 'rm -f \"$log\"' EXIT",
+        run,
+        f"rm -f {shlex.quote(stamp)}",
+        f"install -d -m 0700 -o root -g root {shlex.quote(posixpath.dirname(staging))} {q_staging}",
+        # sync, not copy: a file left in staging by a killed run for an object since deleted goes.
+        "run " + rclone(config, "sync", bucket, staging, "--compare-dest", dest),
+        f"find {q_staging} -type f -exec chown root:{shlex.quote(group)} {{}} + "
+        f"-exec chmod {file_modes(dataset)} {{}} +",
+        "run " + shlex.join(["rclone", "--config", config, "move", staging, dest, "--delete-empty-src-dirs"]),
+    ]
+    if dataset.prune:
+        listed = shlex.quote(f"{staging}.gone")
+        commands += [
+            # check exits 1 when it finds files missing: the list, not the exit code, says which.
+            f"rclone --config {shlex.quote(config)} --use-server-modtime check {q_dest} "
+            f'{shlex.quote(bucket)} --one-way --size-only --missing-on-dst {listed} >"$log" 2>&1 || true',
+            f'test -f {listed} || {{ echo {failed} "?): cannot list what the bucket no longer has" >&2; exit 1; }}',
+            "run " + rclone(config, "delete", dest, "--files-from-raw", f"{staging}.gone", "--rmdirs"),
+            f"rm -f {listed}",
+        ]
+    yield "; ".join(commands)
+
+
+def write_config(dataset: Dataset) -> None:
+    """Put a dataset's rclone config on the host, 0600 root; a change of keys or endpoint rewrites it."""
+    files.directory(
+        name="Create the directory of the S3 dataset keys",
+        path=CONFIG_DIR,
+        user="root",
+        group="root",
+        mode="700",
+    )
+    files.put(
+        name=f"Write the S3 keys of dataset {dataset.name}",
+        src=StringIO(rclone_config(dataset.source)),
+        dest=config_path(dataset),
+        user="root",
+        group="root",
+        mode="600",
+    )
