@@ -3,13 +3,15 @@
     sudo bench/gpu_check.sh              # on a GPU host, from a checkout of labfleet
     sudo bench/gpu_check.sh --json       # everything, as JSON
     bench/gpu_check.sh --cull 2h         # mark kernels idle longer than 2h (default: group_data's 24h)
+    bench/gpu_check.sh --cuda 13.0       # judge the GPUs against that CUDA line's torch (default 12.8)
 
 It runs each fact's own command on this machine with ``sh`` and parses the output with the fact's
 own parser, exactly as pyinfra does over SSH: the detection (GpuHost), the driver as the kernel and
 the package manager see it (NvidiaDriver: the loaded module against the NVML library on disk, the
-"Driver/library version mismatch" that needs a reboot), and who uses which GPU (GpuUsage, attributed
-by labfleet.gpu_usage). Nothing is changed and nothing leaves the machine. Run it as root: the
-process attribution reads docker and other users' processes.
+"Driver/library version mismatch" that needs a reboot), each GPU's compute capability against the
+image's torch (GpuArchitectures, judged by labfleet.gpu_architecture as the deploy judges it), and
+who uses which GPU (GpuUsage, attributed by labfleet.gpu_usage). Nothing is changed and nothing
+leaves the machine. Run it as root: the process attribution reads docker and other users' processes.
 
 Exit status: 0 when nvidia-smi answered and the module matches the library, 1 when either did
 not, 2 when this machine has no NVIDIA GPU or no nvidia-smi at all.
@@ -23,14 +25,16 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 
 from pyinfra.api import FactBase
 
 from labfleet import gpu_usage
 from labfleet.facts.gpu_usage import GpuUsage, GpuUsageState
-from labfleet.facts.nvidia import GpuHost, GpuHostState
+from labfleet.facts.nvidia import GpuArchitecture, GpuArchitectures, GpuHost, GpuHostState
 from labfleet.facts.nvidia_driver import DriverState, NvidiaDriver, installed_driver, reboot_needed
-from labfleet.model import Invalid, cull_idle
+from labfleet.gpu_architecture import architecture_problem
+from labfleet.model import CUDA_DRIVER_FLOOR, Invalid, cull_idle
 from labfleet.nvidia_driver import reboot_line
 
 
@@ -42,10 +46,21 @@ def run_fact(fact_class: type[FactBase], **kwargs):
     return fact.process(lines) if lines else fact.default()
 
 
-def driver_check(name: str, host: GpuHostState, driver: DriverState, usage: GpuUsageState) -> list[str]:
-    """Problems with the driver that a person must act on (empty: none found): the deploy's own
-    reboot-needed line (labfleet.nvidia_driver) where the module differs from the library."""
+def driver_check(
+    name: str,
+    host: GpuHostState,
+    driver: DriverState,
+    usage: GpuUsageState,
+    architectures: Sequence[GpuArchitecture] = (),
+    cuda: str = "12.8",
+) -> list[str]:
+    """Problems that a person must act on (empty: none found), in the deploy's own words: the
+    reboot-needed line (labfleet.nvidia_driver) where the module differs from the library, and
+    the compute-capability refusal (labfleet.gpu_architecture) for the pytorch image of cuda."""
     problems = []
+    refused = architecture_problem(name, "pytorch", cuda, architectures)
+    if refused:
+        problems.append(refused)
     mismatch = reboot_needed(driver)
     if mismatch:
         problems.append(reboot_line(name, *mismatch))
@@ -62,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cull", default="24h", help='jupyter_cull_idle to mark idle kernels by ("off" or 30m, 24h, ...)'
     )
+    parser.add_argument(
+        "--cuda", default="12.8", choices=sorted(CUDA_DRIVER_FLOOR), help="the image's CUDA line (cuda setting)"
+    )
     args = parser.parse_args(argv)
     try:
         cull_seconds = cull_idle(args.cull)
@@ -72,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     host = run_fact(GpuHost)
     driver = run_fact(NvidiaDriver)
     usage = run_fact(GpuUsage)
+    architectures = run_fact(GpuArchitectures)
     use = gpu_usage.host_gpu_use(usage, cull_seconds)
-    problems = driver_check(name, host, driver, usage)
+    problems = driver_check(name, host, driver, usage, architectures, args.cuda)
 
     if args.json:
-        found = {"host": name, "GpuHost": host, "NvidiaDriver": driver, "GpuUsage": usage}
+        found = {
+            "host": name,
+            "GpuHost": host,
+            "NvidiaDriver": driver,
+            "GpuArchitectures": architectures,
+            "GpuUsage": usage,
+        }
         print(json.dumps({**found, "gpu_use": use, "problems": problems}, indent=2))
     else:
         print(f"labfleet GPU check on {name} (this machine's driver; nothing changed, no network)")
@@ -93,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             f"NvidiaDriver: module {driver['module'] or '-'} ({driver['flavour'] or '-'}); NVML library {libraries}; "
             f"installed release {installed_driver(driver) or '-'}; {len(driver['packages'])} driver package(s)"
         )
+        for gpu in architectures:
+            cap = ".".join(map(str, gpu["compute_cap"]))
+            print(f"GpuArchitectures: GPU {gpu['index']} ({gpu['name']}) compute capability {cap}")
         if use is None:
             print("GpuUsage: no nvidia-smi on this machine")
         else:

@@ -15,6 +15,7 @@ from test_compose import _project
 from test_image import _server_config
 from test_report import row
 
+from bench.gpu_check import driver_check
 from labfleet import compose, gpu_usage, report
 from labfleet.busy_check import parse_time
 from labfleet.facts.gpu_usage import (
@@ -26,6 +27,8 @@ from labfleet.facts.gpu_usage import (
     parse_gpu_line,
     parse_gpu_usage,
 )
+from labfleet.facts.nvidia import parse_gpu_architectures, parse_gpu_host
+from labfleet.facts.nvidia_driver import parse_driver_state
 from labfleet.planning import FactBatch
 from labfleet.settings import SettingsError, build
 
@@ -319,6 +322,27 @@ def test_bench_gpu_check_runs_the_facts_against_the_standin(standin_smi):
     assert document["gpu_use"]["cull_seconds"] == 0
     bad = subprocess.run([str(REPO / "bench" / "gpu_check.sh"), "--cull", "soon"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--cull 'soon': expected \"off\" or a duration" in bad.stderr
+
+
+def test_bench_gpu_check_names_each_problem_in_the_deploys_words():
+    """Every line the check prints as a problem: the reboot-needed line, nvidia-smi's own error,
+    GPUs without a module, and the compute-capability refusal (Pascal on the 12.8 image)."""
+    gpus = parse_gpu_host(["pci 0000:01:00.0 0x030000"])
+    loaded = {**gpus, "driver": "570.86.15"}
+    driver = parse_driver_state(
+        ["proc NVRM version: NVIDIA UNIX x86_64 Kernel Module  565.57.01  Thu Oct 10 2024", "nvml 570.86.15"]
+    )
+    usage = parse_gpu_usage(host_output("Failed to initialize NVML: Driver/library version mismatch"))
+    assert driver_check("pc03", loaded, driver, usage) == [
+        "pc03 runs module 565.57.01 but 570.86.15 is installed: reboot pc03",
+        "nvidia-smi: Failed to initialize NVML: Driver/library version mismatch",
+    ]
+    no_module = driver_check("pc03", gpus, parse_driver_state([]), parse_gpu_usage([]))
+    assert no_module == ["NVIDIA GPUs but no loaded nvidia kernel module"]
+    pascal = parse_gpu_architectures(["0, NVIDIA GeForce GTX 1080, 6.1"])
+    (refused,) = driver_check("pc03", loaded, parse_driver_state([]), parse_gpu_usage([]), pascal, "12.8")
+    assert refused.startswith("host pc03: GPU 0 (NVIDIA GeForce GTX 1080) has compute capability 6.1")
+    assert driver_check("pc03", loaded, parse_driver_state([]), parse_gpu_usage([]), pascal, "12.6") == []
 
 
 def test_bench_gpu_check_says_so_where_there_is_no_gpu(tmp_path):
