@@ -454,6 +454,11 @@ def test_debian_installs_when_its_driver_meets_the_floor_then_holds_and_reboots(
     ]
     install = planned[0][1]
     assert install["packages"][:4] == ("nvidia-driver", "nvidia-open-kernel-dkms", "libcuda1", "nvidia-smi")
+    assert planned[2][1]["reason"] == "pc01: labfleet installed nvidia-driver, which needs a reboot to load"
+    assert planned[3][1]["problem"] == (
+        "labfleet installed nvidia-driver and rebooted, and the driver loaded now is still below 525.60.13, the "
+        "floor for CUDA 12.8: see dkms status and dmesg on pc01 (with Secure Boot, the module's key must be enrolled)"
+    )
 
 
 def test_blackwell_is_refused_debians_driver_and_needs_open_570(settings, plan):
