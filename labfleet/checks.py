@@ -154,6 +154,12 @@ def migration(host_name: str, values: dict[str, Any], inventory_hosts: frozenset
             f"host {host_name}: migrate_final = True is invalid without migrate_from; "
             'expected migrate_from = "<old PC>" beside it (or migrate_final = False)'
         )
+    if old is not None and values["restore_from"] is not None:
+        # Two sources for one home would merge two histories file by file (each run keeps whichever came first).
+        errors.append(
+            f"host {host_name}: restore_from = {values['restore_from']!r} is invalid with migrate_from = {old!r}; "
+            "expected one of them: migrate_from while the old PC lives, restore_from when it is gone"
+        )
     return errors
 
 

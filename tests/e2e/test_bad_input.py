@@ -169,6 +169,9 @@ CASES = [
     case("migrate-unknown-host", {"migrate_from": "pc77.lab"}, "migrate_from = 'pc77.lab' is not in the inventory"),
     case("migrate-itself", {"migrate_from": BAD}, f"migrate_from = '{BAD}' names this host itself"),
     case("migrate-final-alone", {"migrate_final": True}, "migrate_final = True is invalid without migrate_from"),
+    case("migrate-and-restore", {"migrate_from": GOOD, "restore_from": "backup", "backup_repository": "/mnt/restic",
+                                 "backup_password_file": "/etc/hostname"},
+         f"restore_from = 'backup' is invalid with migrate_from = '{GOOD}'"),
     # Unknown keys: typos get a suggestion.
     case("typo-port", {"jupyter_prot": 8890}, "unknown setting jupyter_prot; did you mean jupyter_port?"),
     case("typo-root", {"dataset_root": "/data"}, "unknown setting dataset_root; did you mean datasets_root?"),

@@ -63,6 +63,16 @@ def _fleet(raw, new=None, old=None) -> dict:
             "host pc09.lab: migrate_final = True is invalid without migrate_from; "
             'expected migrate_from = "<old PC>" beside it (or migrate_final = False)',
         ),
+        (
+            {
+                "migrate_from": "pc03.lab",
+                "restore_from": "backup",
+                "backup_repository": "/mnt/restic",
+                "backup_password_file": "/etc/hostname",
+            },
+            "host pc09.lab: restore_from = 'backup' is invalid with migrate_from = 'pc03.lab'; "
+            "expected one of them: migrate_from while the old PC lives, restore_from when it is gone",
+        ),
     ],
 )
 def test_a_bad_migration_setting_is_one_line_naming_host_key_value_and_form(raw, data, line):
