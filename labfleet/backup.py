@@ -78,6 +78,11 @@ def restored_marker(user: str, kind: str) -> str:
     return f"{STATE_DIR}/restored-{user}-{kind}"
 
 
+def kept_list(marker: str) -> str:
+    """While a restore is under way: what its target held before (labfleet.backup.restore_command)."""
+    return f"{marker}.kept"
+
+
 def _text_sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -374,25 +379,37 @@ def restore_directory(source: str, user: str, group: str, kind: str, target: str
             logger.warning(f"{host.print_prefix}{message}")
         yield mark
         return
-    yield restore_command(chosen["id"], chosen["paths"][0], target, user, group) + " && " + mark
+    command = restore_command(chosen["id"], chosen["paths"][0], target, user, group, kept_list(marker))
+    yield f"{command} && {mark}"
 
 
-def restore_command(snapshot_id: str, path: str, target: str, user: str, group: str) -> str:
-    """Restore path of a snapshot into target through a staging directory beside it.
+def restore_command(snapshot_id: str, path: str, target: str, user: str, group: str, kept: str) -> str:
+    """Restore path of a snapshot into target through a staging directory beside it, never over what was there.
 
-    The staging directory is beside target, on its file system, and lives only as long as the tar
-    that copies it in: with --skip-old-files, a file or a directory that is there already is left
-    as it is (content, owner, mode and times).
+    The staging directory is beside target, on its file system; the next attempt starts it
+    afresh. Before the first file is copied in, ``kept`` lists what target held (once: a later
+    attempt reads the same list). Those paths are taken out of the staging directory (a
+    directory on both sides stays, for what is new inside it), so they are never written nor
+    written through (a symlink there is not followed); the rest is copied in, directories that
+    are there keeping their owner, mode and times. A file half-written by an interrupted attempt
+    is not in the list, so the next attempt writes it whole; the marker comes only after the copy.
     """
     staging = posixpath.join(posixpath.dirname(target), f".labfleet-restore-{posixpath.basename(target)}")
-    q_staging, q_target = shlex.quote(staging), shlex.quote(target)
+    source = staging + path
+    q_staging, q_target, q_source, q_kept = (shlex.quote(p) for p in (staging, target, source, kept))
     script = (
         f"set -eo pipefail; rm -rf {q_staging}; install -d -m 0700 {q_staging}; "
         f"{shlex.quote(RESTIC)} restore --retry-lock 10m {shlex.quote(snapshot_id)} --target {q_staging} >/dev/null; "
         f"chown -R -h {shlex.quote(f'{user}:{group}')} {q_staging}; "
         f"[ -d {q_target} ] || install -d -o {shlex.quote(user)} -g {shlex.quote(group)} {q_target}; "
-        f"tar -C {shlex.quote(staging + path)} -cf - . | "
-        f"tar -C {q_target} -xpf - --skip-old-files; rm -rf {q_staging}"
+        f"if [ ! -e {q_kept} ]; then install -d -m 0755 {shlex.quote(posixpath.dirname(kept))}; "
+        f"(cd {q_target} && find . -mindepth 1 -print0) > {q_kept}.new; mv {q_kept}.new {q_kept}; fi; "
+        # find lists a directory before what it holds: a path's parents are dealt with first.
+        f"cd {q_source}; while IFS= read -r -d '' p; do "
+        f'if [ -d {q_target}/"$p" ] && [ ! -L {q_target}/"$p" ] && [ -d "$p" ] && [ ! -L "$p" ]; then continue; fi; '
+        f'rm -rf -- "$p"; done < {q_kept}; cd /; '
+        f"tar -C {q_source} -cf - . | tar -C {q_target} -xpf - --no-overwrite-dir; "
+        f"rm -rf {q_staging}; rm -f {q_kept}"
     )
     return f"bash -c {shlex.quote(script)}"
 

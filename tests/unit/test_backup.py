@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -362,13 +366,77 @@ def test_no_backup_settings_no_backup_status(raw):
     assert backup.status_reasons(None) == [] and backup.status_cell(None) == "-"
 
 
-def test_the_restore_never_replaces_a_file_and_gives_everything_to_the_user_by_name():
-    command = backup.restore_command("a2", "/srv/workspace/alice", "/srv/workspace/alice", "alice", "alice")
-    assert command.startswith("bash -c ")
+RESTORE_STANDIN = """#!/bin/sh
+# restic restore ID --target DIR: the snapshot of $SNAPSHOT_OF, as restic lays it out under DIR.
+[ "$1" = restore ] || exit 9
+while [ "$1" != --target ]; do shift; done
+mkdir -p "$2$SNAPSHOT_OF" && cp -a "$SNAPSHOT"/. "$2$SNAPSHOT_OF"/
+"""
+
+# The first attempt "dies" while it copies in: half of big.bin is written, then tar is gone.
+DYING_TAR = """#!/bin/sh
+case " $* " in
+  *" -xpf "*) cat >/dev/null; head -c 1000 "$SNAPSHOT/big.bin" > "$2/big.bin"; exit 1 ;;
+esac
+exec /usr/bin/tar "$@"
+"""
+
+
+def _restore_for_real(tmp_path, kill_first: bool) -> tuple[Path, Path, list[subprocess.CompletedProcess]]:
+    """restore_command run by bash against a stand-in restic, as this test's own user (chown to oneself)."""
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    snap, target, state, bin_dir = (tmp_path / name for name in ("snap", "home", "state", "bin"))
+    for directory in (snap / "sub", snap / "mine", snap / "link", target / "mine", bin_dir):
+        directory.mkdir(parents=True)
+    (snap / "big.bin").write_bytes(os.urandom(100_000))
+    (snap / "keep.txt").write_text("from the backup\n")
+    (snap / "sub" / "é x.txt").write_text("nested\n")
+    (snap / "mine" / "new.txt").write_text("new inside an existing directory\n")
+    (snap / "link" / "through.txt").write_text("must not land where the link points\n")
+    (target / "keep.txt").write_text("the researcher's\n")
+    (target / "mine").chmod(0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (target / "link").symlink_to(elsewhere)
+    (bin_dir / "restic").write_text(RESTORE_STANDIN)
+    (bin_dir / "tar").write_text(DYING_TAR)
+    for tool in ("restic", "tar"):
+        (bin_dir / tool).chmod(0o755)
+    kept = str(state / "restored-me-home.kept")
+    command = backup.restore_command("a2", "/srv/home/me", str(target), user, group, kept)
+    command = command.replace(facts.RESTIC, str(bin_dir / "restic"))
+    env = {"PATH": "/usr/bin:/bin", "SNAPSHOT": str(snap), "SNAPSHOT_OF": "/srv/home/me"}
+    runs = []
+    if kill_first:
+        dying = {**env, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+        runs.append(subprocess.run(["bash", "-c", command], env=dying, capture_output=True, text=True, check=False))
+        assert runs[0].returncode != 0 and (target / "big.bin").stat().st_size == 1000
+        assert (state / "restored-me-home.kept").exists()
+    runs.append(subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, check=False))
+    return snap, target, runs
+
+
+@pytest.mark.parametrize("kill_first", [False, True], ids=["one-attempt", "after-an-interrupted-attempt"])
+def test_the_restore_copies_what_is_missing_and_never_replaces_or_writes_through_what_was_there(tmp_path, kill_first):
+    snap, target, runs = _restore_for_real(tmp_path, kill_first)
+    assert runs[-1].returncode == 0, runs[-1].stderr
+    # Written whole, even the file a dead attempt left half-written (it was not there before).
+    assert (target / "big.bin").read_bytes() == (snap / "big.bin").read_bytes()
+    assert (target / "sub" / "é x.txt").read_text() == "nested\n"
+    assert (target / "mine" / "new.txt").exists()
+    # What was there before the first attempt is untouched: content, a directory's mode, a symlink's target.
+    assert (target / "keep.txt").read_text() == "the researcher's\n"
+    assert (target / "mine").stat().st_mode & 0o777 == 0o700
+    assert (target / "link").is_symlink() and list((tmp_path / "elsewhere").iterdir()) == []
+    # No staging directory and no list left behind.
+    assert sorted(p.name for p in target.parent.iterdir()) == ["bin", "elsewhere", "home", "snap", "state"]
+    assert list((tmp_path / "state").iterdir()) == []
+
+
+def test_the_restore_command_gives_everything_to_the_user_by_name():
+    command = backup.restore_command("a2", "/srv/workspace/alice", "/srv/workspace/alice", "alice", "alice", "/k")
     assert "--target /srv/workspace/.labfleet-restore-alice" in command
     assert "chown -R -h alice:alice /srv/workspace/.labfleet-restore-alice" in command
-    assert "tar -C /srv/workspace/.labfleet-restore-alice/srv/workspace/alice -cf - ." in command
-    assert "-xpf - --skip-old-files;" in command
     assert "set -eo pipefail" in command
 
 
