@@ -182,7 +182,8 @@ def secure_boot_problem(settings: Settings, installed: str | None) -> str:
             f"host {settings.host}: Secure Boot is on and NVIDIA driver {installed} is installed but no NVIDIA kernel "
             "module is loaded: the kernel loads only modules signed by a key it trusts. To load a DKMS-built module, "
             f"{enrol}; then run the deploy again (or use signed modules: Ubuntu's linux-modules-nvidia-* that "
-            f"ubuntu-drivers installs; or turn Secure Boot off in {settings.host}'s firmware)"
+            f"ubuntu-drivers installs; or turn Secure Boot off in {settings.host}'s firmware). If {settings.host} "
+            "has not rebooted since the driver was installed, reboot it first: the module may only be waiting for it"
         )
     return (
         f"host {settings.host}: Secure Boot is on and no NVIDIA driver is installed: the kernel will load only a "
