@@ -76,8 +76,12 @@ def rclone_config(source: Source) -> str:
 
 
 def rclone(config: str, *args: str) -> str:
-    """An rclone command line that reads its remote from config; the server's times are the objects' times."""
-    return shlex.join(["rclone", "--config", config, "--use-server-modtime", *args])
+    """An rclone command line that reads its remote from config.
+
+    The server's LastModified is each object's time, and the bucket is listed in one go
+    (``--fast-list``): a listing call per thousand objects, not one per "directory".
+    """
+    return shlex.join(["rclone", "--config", config, "--use-server-modtime", "--fast-list", *args])
 
 
 def file_modes(dataset: Dataset) -> str:
@@ -150,7 +154,7 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
         listed = shlex.quote(f"{staging}.gone")
         commands += [
             # check exits 1 when it finds files missing: the list, not the exit code, says which.
-            f"rclone --config {shlex.quote(config)} --use-server-modtime check {q_dest} "
+            f"rclone --config {shlex.quote(config)} --use-server-modtime --fast-list check {q_dest} "
             f'{shlex.quote(bucket)} --one-way --size-only --missing-on-dst {listed} >"$log" 2>&1 || true',
             f'test -f {listed} || {{ echo {failed} "?): cannot list what the bucket no longer has" >&2; exit 1; }}',
             "run " + rclone(config, "delete", dest, "--files-from-raw", f"{staging}.gone", "--rmdirs"),
