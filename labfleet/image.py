@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from labfleet import progress
 from labfleet.certs import host_file_name
 from labfleet.settings import REPO_ROOT, Settings, build
 
@@ -200,24 +201,23 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="labfleet-context-") as directory:
         assemble_context(settings, Path(directory), context)
         try:
-            result = subprocess.run(
+            returncode, log = progress.run_on_controller(
                 [*argv, directory],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
+                f"Build {tag}",
+                "steps",
+                progress.build_step_answer,
                 env=_build_env(engine_cmd),
-                check=False,
+                timeout=timeout,
             )
         except subprocess.TimeoutExpired as error:
             raise ImageBuildError(
                 f"building {tag} did not finish within {timeout:.0f} s; check the network to the package "
                 "index (and extra_ca_certificates behind a TLS-inspecting proxy), then run the deploy again"
             ) from error
-    log = result.stdout + result.stderr
-    if result.returncode != 0:
+    if returncode != 0:
         tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
         raise ImageBuildError(
             f"building {tag} (profile {settings.image_profile}, CUDA {settings.cuda}, base {settings.base_image}) "
-            f"failed with exit {result.returncode}; the build's last lines say why:\n{tail}"
+            f"failed with exit {returncode}; the build's last lines say why:\n{tail}"
         )
     return Build(tag=tag, built=True, seconds=time.monotonic() - started, log=log)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,16 +85,20 @@ def format_line(what: str, unit: Unit, reading: Reading, rate: float | None, ela
     if done is None:
         parts = ["still running"]
     elif unit == "bytes":
-        amount = (
-            f"{size_text(done)} of {size_text(total)} ({min(done * 100 // total, 100)}%)" if total else size_text(done)
-        )
-        parts = [amount] + ([f"{size_text(rate)}/s"] if rate is not None else [])
+        amount = size_text(done)
+        if total:
+            amount += f" of {size_text(total)} ({min(done * 100 // total, 100)}%)"
+        # A detail says what the work does once no bytes move; a rate would then only fall.
+        if reading.detail:
+            parts = [amount, reading.detail]
+        else:
+            parts = [amount] + ([f"{size_text(rate)}/s"] if rate is not None else [])
     elif unit == "layers":
         parts = [f"{done} of {total} layers done" if total else f"{done} layers done"]
     else:
         parts = [f"step {done} of {total}" if total else f"step {done}"]
-    if reading.detail:
-        parts[0] += f" ({reading.detail})"
+        if reading.detail:
+            parts[0] += f" ({reading.detail})"
     return f"{what}: {', '.join(parts)}, {duration_text(elapsed)} so far"
 
 
@@ -239,22 +245,75 @@ class WatchedCommand(StringCommand):
         return self.answer(output.stdout) if asked else Reading(None)
 
 
+def run_on_controller(
+    argv: list[str],
+    what: str,
+    unit: Unit,
+    answer: Callable[[str], Reading],
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> tuple[int, str]:
+    """Run argv on the controller and return its exit status and output (stdout and stderr),
+    printing a line every interval from what its output says so far.
+
+    + argv: the command
+    + what: the step as the lines name it
+    + unit: what the readings count
+    + answer: turns the output so far into a Reading
+    + env: the command's environment (default: this process's)
+    + timeout: seconds before the command is killed and subprocess.TimeoutExpired raised
+    """
+    meter = Meter(what, unit)
+    output: list[str] = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
+        assert process.stdout is not None  # stdout=PIPE
+        reader = threading.Thread(target=output.extend, args=(process.stdout,), daemon=True)
+        reader.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = meter.next_line_in()
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            try:
+                process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    process.kill()
+                    raise
+                report(controller_prefix(), meter.line(answer("".join(output))))
+        reader.join()
+    return process.returncode, "".join(output)
+
+
 # --- What the hosts answer -------------------------------------------------------------
 
 
 def read_offset_question(archive: str, pid_file: str) -> str:
-    """How far the process whose pid is in pid_file has read its stdin, and the archive's size."""
+    """How far the process whose pid is in pid_file has read its stdin, and the archive's size.
+
+    `docker load` closes its stdin once it has sent the whole archive and then waits for the
+    engine to load the layers: a live process without its stdin has read everything.
+    """
     return (
-        f"pid=$(cat {pid_file} 2>/dev/null) && sed -n 's/^pos:[[:space:]]*//p' /proc/$pid/fdinfo/0 2>/dev/null; "
-        f"stat -c %s {archive} 2>/dev/null; true"
+        f"size=$(stat -c %s {archive} 2>/dev/null); pid=$(cat {pid_file} 2>/dev/null); "
+        "pos=$(sed -n 's/^pos:[[:space:]]*//p' /proc/$pid/fdinfo/0 2>/dev/null); "
+        'if [ -n "$pos" ]; then echo "$pos $size"; elif [ -n "$pid" ] && [ -d /proc/$pid ]; then echo "all $size"; fi; '
+        "true"
     )
 
 
+LOADING = "all read, the engine loads the layers"
+
+
 def read_offset_answer(text: str) -> Reading:
-    """`<offset>` and `<size>` lines; an offset alone is not a reading (the size line comes last)."""
-    numbers = [int(line) for line in text.split() if line.isdigit()]
-    if len(numbers) == 2:
-        return Reading(numbers[0], numbers[1])
+    """`<offset> <size>`, or `all <size>` once the whole file is read; nothing before the reader starts."""
+    words = text.split()
+    if len(words) == 2 and words[1].isdigit():
+        if words[0].isdigit():
+            return Reading(int(words[0]), int(words[1]))
+        if words[0] == "all":
+            return Reading(int(words[1]), int(words[1]), LOADING)
     return Reading(None)
 
 

@@ -146,10 +146,14 @@ def push_from_controller(settings: Settings, tag: str) -> None:
     remote = registry_ref(registry_address(settings), tag)
 
     def push() -> str:
-        for argv in (["docker", "tag", tag, remote], ["docker", "push", "--quiet", remote]):
-            result = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
+        tagged = subprocess.run(["docker", "tag", tag, remote], capture_output=True, text=True, check=False)
+        if tagged.returncode != 0:
+            raise RuntimeError(f"`docker tag {tag} {remote}` failed: {tagged.stderr.strip()}")
+        returncode, output = progress.run_on_controller(
+            ["docker", "push", remote], f"Push {tag}", "layers", progress.layers_answer
+        )
+        if returncode != 0:
+            raise RuntimeError(f"`docker push {remote}` failed: {output.strip()}")
         return remote
 
     current_run().once(f"pushed {remote}", push)

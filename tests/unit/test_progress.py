@@ -151,35 +151,46 @@ def test_a_read_file_starts_again_on_a_retry_and_is_quiet_while_inactive(tmp_pat
 
 
 def test_the_offset_answer():
-    assert progress.read_offset_answer("1048576\n4194304\n") == Reading(MIB, 4 * MIB)
-    assert progress.read_offset_answer("4194304\n") == Reading(None)  # the loader has not started
-    assert progress.read_offset_answer("") == Reading(None)
+    assert progress.read_offset_answer("1048576 4194304\n") == Reading(MIB, 4 * MIB)
+    assert progress.read_offset_answer("all 4194304\n") == Reading(4 * MIB, 4 * MIB, progress.LOADING)
+    assert progress.read_offset_answer("") == Reading(None)  # the loader has not started, or has ended
+    assert progress.read_offset_answer(" 4194304\n") == Reading(None)
 
 
-def test_the_offset_question_reads_how_far_a_process_read_its_stdin(tmp_path):
-    """The question in a real shell against a real reader (a python3 that reads 5000 bytes and waits to be killed)."""
+def test_a_loader_that_has_read_everything_says_what_it_waits_for():
+    line = progress.format_line("Load img", "bytes", Reading(GIB, GIB, progress.LOADING), 0, 40)
+    assert line == f"Load img: 1.0 GiB of 1.0 GiB (100%), {progress.LOADING}, 40s so far"
+
+
+def ask_about_a_reader(tmp_path, python: str) -> str:
+    """The question in a real shell, asked of a real reader: a python3 that reads some of its
+    stdin (the archive), says so, and waits to be killed."""
     archive = tmp_path / "archive.tar"
     archive.write_bytes(b"x" * 20000)
     pid_file = tmp_path / "archive.tar.pid"
-    python = "import os, signal; os.read(0, 5000); print(1, flush=True); signal.pause()"
+    script = f"import os, signal; {python}; print(1, flush=True); signal.pause()"
     reader = subprocess.Popen(
-        ["sh", "-c", f'echo $$ >"$0"; exec python3 -c "{python}"', str(pid_file)],
+        ["sh", "-c", f'echo $$ >"$0"; exec python3 -c "{script}"', str(pid_file)],
         stdin=archive.open("rb"),
         stdout=subprocess.PIPE,
     )
     try:
         assert reader.stdout is not None
         reader.stdout.readline()
-        asked = subprocess.run(
-            ["sh", "-c", progress.read_offset_question(str(archive), str(pid_file))],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        question = progress.read_offset_question(str(archive), str(pid_file))
+        return subprocess.run(["sh", "-c", question], capture_output=True, text=True, check=True).stdout
     finally:
         reader.kill()
         reader.wait()
-    assert progress.read_offset_answer(asked.stdout) == Reading(5000, 20000)
+
+
+def test_the_offset_question_reads_how_far_a_process_read_its_stdin(tmp_path):
+    assert progress.read_offset_answer(ask_about_a_reader(tmp_path, "os.read(0, 5000)")) == Reading(5000, 20000)
+
+
+def test_the_offset_question_knows_a_reader_that_closed_its_stdin_has_read_it_all(tmp_path):
+    answer = progress.read_offset_answer(ask_about_a_reader(tmp_path, "os.close(0)"))
+    assert answer == Reading(20000, 20000, progress.LOADING)
 
 
 LEGACY_BUILD = """\
@@ -286,3 +297,27 @@ def test_a_failing_question_does_not_fail_the_work(monkeypatch, caplog):
     assert next(r.getMessage() for r in caplog.records if r.levelno == logging.INFO).startswith(
         "[pc01] Load img: still running, "
     )
+
+
+def test_work_on_the_controller_is_reported_from_its_output_so_far(monkeypatch, caplog, tmp_path):
+    """A real command that prints two build steps and waits until a line has reported the second."""
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.01")
+    gate = tmp_path / "gate"
+
+    def answer(text: str) -> Reading:
+        if "Step 2/3" in text:
+            gate.touch()
+        return progress.build_step_answer(text)
+
+    script = f'echo "Step 1/3 : FROM base"; echo "Step 2/3 : RUN make"; while [ ! -e {gate} ]; do sleep 0.01; done'
+    with caplog.at_level(logging.INFO, logger="pyinfra"):
+        returncode, output = progress.run_on_controller(["sh", "-c", script], "Build img", "steps", answer)
+    assert (returncode, output) == (0, "Step 1/3 : FROM base\nStep 2/3 : RUN make\n")
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("[controller] Build img: step 2 of 3 (RUN make), ") for line in lines), lines
+
+
+def test_work_on_the_controller_past_its_timeout_is_killed(monkeypatch):
+    monkeypatch.setenv(progress.INTERVAL_ENV, "30")
+    with pytest.raises(subprocess.TimeoutExpired):
+        progress.run_on_controller(["sleep", "30"], "Push img", "layers", progress.layers_answer, timeout=0.05)
