@@ -194,19 +194,21 @@ RESTIC_STANDIN = """#!/bin/sh
 echo "$@" >> "$LOG"
 case "$1" in
   backup)
-    if [ -n "${FAIL:-}" ]; then
+    if [ "${FAIL:-}" = ssh ]; then
       echo "ssh: connect to host 10.0.0.5 port 22: Connection refused" >&2
       echo 'Fatal: unable to open repository at sftp:b@10.0.0.5:/r: "unexpected EOF"' >&2
       exit 1
     fi
+    if [ "${FAIL:-}" = silent ]; then echo "killed" >&2; exit 137; fi
     echo '{"message_type":"status","percent_done":0.5}'
     echo '{"message_type":"summary","files_new":3,"total_bytes_processed":1000,"snapshot_id":"abc123"}' ;;
-  forget) exit 0 ;;
+  forget)
+    if [ "${FAIL:-}" = forget ]; then echo "Fatal: unable to create lock in backend: locked exclusively" >&2; exit 1; fi ;;
 esac
 """
 
 
-def _run_backup_script(raw, tmp_path, fail: bool, parent: str = "ws"):
+def _run_backup_script(raw, tmp_path, fail: str, parent: str = "ws"):
     workspace = str(tmp_path / parent / "{user}")
     s = build("pc07", with_backups(raw, workspace_dir=workspace, home_dir="/nonexistent/{user}"))
     (tmp_path / parent / "alice").mkdir(parents=True)
@@ -215,13 +217,13 @@ def _run_backup_script(raw, tmp_path, fail: bool, parent: str = "ws"):
     standin.chmod(0o755)
     state = tmp_path / "state"
     script = backup.backup_script(s).replace(facts.RESTIC, str(standin)).replace(facts.STATE_DIR, str(state))
-    env = {"PATH": "/usr/bin:/bin", "LOG": str(tmp_path / "log"), **({"FAIL": "1"} if fail else {})}
+    env = {"PATH": "/usr/bin:/bin", "LOG": str(tmp_path / "log"), "FAIL": fail}
     done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, check=False)
     return done, state, (tmp_path / "log").read_text()
 
 
 def test_a_backup_run_leaves_restics_summary_for_the_status(raw, tmp_path):
-    done, state, log = _run_backup_script(raw, tmp_path, fail=False)
+    done, state, log = _run_backup_script(raw, tmp_path, fail="")
     assert done.returncode == 0, done.stderr
     success = json.loads((state / "last-success.json").read_text())
     assert success["snapshots"] == [
@@ -244,20 +246,33 @@ def test_a_backup_run_leaves_restics_summary_for_the_status(raw, tmp_path):
 
 
 def test_the_summary_stays_json_whatever_the_path_holds(raw, tmp_path):
-    done, state, _ = _run_backup_script(raw, tmp_path, fail=False, parent='say "hi" \\ é')
+    done, state, _ = _run_backup_script(raw, tmp_path, fail="", parent='say "hi" \\ é')
     assert done.returncode == 0, done.stderr
     (snapshot,) = json.loads((state / "last-success.json").read_text())["snapshots"]
     assert snapshot["path"] == str(tmp_path / 'say "hi" \\ é' / "alice")
 
 
 def test_a_failed_backup_run_says_why_and_keeps_the_last_success(raw, tmp_path):
-    done, state, log = _run_backup_script(raw, tmp_path, fail=True)
+    done, state, log = _run_backup_script(raw, tmp_path, fail="ssh")
     assert done.returncode == 1
     run = json.loads((state / "last-run.json").read_text())
     assert run["ok"] is False
     assert run["error"].startswith("alice workspace: ssh: connect to host 10.0.0.5 port 22: Connection refused")
     assert not (state / "last-success.json").exists()
     assert "forget" not in log
+
+
+def test_a_backup_that_dies_without_a_reason_says_how_it_exited_and_a_failed_retention_says_so(raw, tmp_path):
+    done, state, _ = _run_backup_script(raw, tmp_path / "silent", fail="silent")
+    assert done.returncode == 1
+    assert json.loads((state / "last-run.json").read_text())["error"] == "alice workspace: restic exited 137"
+    assert done.stderr == "labfleet-backup: alice workspace: restic exited 137\n"
+
+    done, state, log = _run_backup_script(raw, tmp_path / "forget", fail="forget")
+    assert done.returncode == 1 and "forget" in log
+    error = json.loads((state / "last-run.json").read_text())["error"]
+    assert error.startswith("retention: Fatal: unable to create lock in backend: locked exclusively"), error
+    assert not (state / "last-success.json").exists()
 
 
 # --- Facts --------------------------------------------------------------------------------------

@@ -348,3 +348,42 @@ def test_the_final_pass_pulls_only_after_the_old_pc_handed_over_then_stamps(fake
 def test_the_sudoers_drop_in_is_checked_before_it_replaces_the_old_one(tmp_path):
     (command,) = list(migrate.sudoers_file._inner(path=str(tmp_path / "rules"), text="x\n"))
     assert "visudo -cqf" in command and command.index("visudo") < command.index("install -m 0440")
+
+
+def test_jupyterlab_is_held_back_on_the_old_pc_after_and_during_the_cut_over_and_on_the_new_pc_before(raw, monkeypatch):
+    waiting = _fleet(raw)
+    monkeypatch.setattr(migrate, "_all_settings", lambda: waiting)
+    monkeypatch.setattr(migrate.planning, "read", lambda reads: {"markers": {"alice": None, "carol": None}})
+    assert migrate.held_back(waiting["pc09.lab"]) == {
+        "alice": "JupyterLab of alice starts here at the cut-over from pc03.lab (migrate_final = True); "
+        "until then it runs there"
+    }
+    final = _fleet(raw, new={"migrate_final": True})
+    monkeypatch.setattr(migrate, "_all_settings", lambda: final)
+    assert migrate.held_back(final["pc09.lab"]) == {}
+    monkeypatch.setattr(migrate.planning, "read", lambda reads: {"markers": {"alice": None, "bob": "pc10.lab"}})
+    assert migrate.held_back(final["pc03.lab"]) == {
+        "bob": "JupyterLab of bob moved to pc10.lab: its container here stays stopped",
+        "alice": "JupyterLab of alice moves to pc09.lab in this run: its container here is stopped",
+    }
+
+
+def test_an_old_container_whose_busy_check_is_missing_is_not_stopped(fake_host_in):
+    unchecked = {"checked": False, "busy": False, "reasons": [], "notes": []}
+    fake, commands = _stop(
+        fake_host_in, {MarkerFact: {"alice": None}, ComposeService: RUNNING, ContainerBusy: unchecked}
+    )
+    assert commands == []
+    assert fake.noops == ["the cut-over of alice to pc09.lab waits: the busy check is not installed here yet"]
+
+    peer = _Peer("pc03.lab", {MarkerFact: {"alice": None}, ComposeService: RUNNING, ContainerBusy: unchecked})
+    _, commands = _pull(fake_host_in, CHANGED, peers=[peer], final=True)
+    assert "its JupyterLab there is busy (the busy check is not installed there yet)" in _fails_with(commands)
+
+
+def test_a_cut_over_that_found_the_old_container_not_stopped_says_so():
+    assert migrate.cut_over_refusal("pc09.lab", "alice", "pc03.lab", None, []) == (
+        "host pc09.lab: the cut-over of alice from pc03.lab did not happen: it was not stopped; nothing was moved, "
+        "and JupyterLab of alice stays on pc03.lab; run again once it is idle, or stop it now with "
+        "--data jupyter_update=now"
+    )
