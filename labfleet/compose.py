@@ -36,8 +36,13 @@ def project_directory(user: str) -> str:
     return f"{APP_ROOT}/{user}"
 
 
+# Every labfleet compose project is this and the user's name: how the status tells a lab
+# user's container from any other (labfleet.gpu_usage).
+PROJECT_PREFIX = "labfleet-"
+
+
 def project_name(user: str) -> str:
-    return f"labfleet-{user}"
+    return f"{PROJECT_PREFIX}{user}"
 
 
 # In each project directory: run before every recreate of its container, by the deploy and by

@@ -24,9 +24,8 @@ from collections.abc import Iterable
 from typing import TypedDict
 
 from labfleet.busy_check import duration_text
+from labfleet.compose import PROJECT_PREFIX
 from labfleet.facts.gpu_usage import GpuProcess, GpuUsageState, Kernel, container_ids, kernel_id
-
-PROJECT_PREFIX = "labfleet-"  # labfleet.compose.project_name
 
 
 class ProcessUse(TypedDict):
