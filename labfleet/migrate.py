@@ -309,6 +309,13 @@ def stop_for_cut_over(user: str, target: str, force: bool, idle_seconds: int, im
     if host.get_fact(MarkerFact, markers=((user, marker),)).get(user) == target:
         host.noop(f"JupyterLab of {user} already moved to {target}")
         return
+    if _failed(target):
+        # The new PC would not pull nor start JupyterLab: stopping here would leave the researcher none.
+        line = f"the cut-over of {user} to {target} waits: {target} failed earlier in this run"
+        if host.state.is_executing:
+            logger.warning(f"{host.print_prefix}{line}")
+        host.noop(line)
+        return
     state = host.get_fact(ComposeService, project=project, image=image)
     if state["status"] == "running" and not force:
         busy = host.get_fact(ContainerBusy, container=container, idle_seconds=idle_seconds)

@@ -244,8 +244,8 @@ BUSY = {"checked": True, "busy": True, "reasons": ["kernel python3 ran 2 min ago
 IDLE = {"checked": True, "busy": False, "reasons": [], "notes": []}
 
 
-def _stop(fake_host_in, facts, force=False):
-    fake = fake_host_in(migrate, facts)
+def _stop(fake_host_in, facts, force=False, failed=()):
+    fake = _with_peers(fake_host_in(migrate, facts), [_Peer("pc09.lab")], failed)
     fake.state.is_executing = False  # planning's pass: the warning is logged once, while executing
     commands = list(
         migrate.stop_for_cut_over._inner(user="alice", target="pc09.lab", force=force, idle_seconds=1800, image="t")
@@ -387,3 +387,11 @@ def test_a_cut_over_that_found_the_old_container_not_stopped_says_so():
         "and JupyterLab of alice stays on pc03.lab; run again once it is idle, or stop it now with "
         "--data jupyter_update=now"
     )
+
+
+def test_the_old_container_keeps_running_when_the_new_pc_failed_in_this_run(fake_host_in):
+    fake, commands = _stop(
+        fake_host_in, {MarkerFact: {"alice": None}, ComposeService: RUNNING}, force=True, failed=["pc09.lab"]
+    )
+    assert commands == []
+    assert fake.noops == ["the cut-over of alice to pc09.lab waits: pc09.lab failed earlier in this run"]
