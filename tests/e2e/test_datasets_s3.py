@@ -36,6 +36,7 @@ KEY_ID = "AKIALABFLEETTEST0001"
 SECRET = "labfleetTestSecret/Do+Not+Print+0123456789abcd"
 BIG_MB = 64
 FETCH = f"Fetch dataset train from s3:{BUCKET}/{PREFIX}"
+STEP = "Lay out the dataset directories"
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +212,15 @@ def test_a_bucket_arrives_byte_exact_only_changes_move_and_nothing_is_deleted_wi
         assert_converged(pyinfra_run([host], deploy=deploy, data=pruned))
         assert host_digests(host, dest) == digests(objects), "prune left the deleted object"
         assert_no_changes(pyinfra_run([host], deploy=deploy, data=pruned))
+
+        # A bucket that is not there fails the host with rclone's own error on one line.
+        missing = {"datasets": {"gone": {**spec, "source": "s3:no-such-bucket/x"}}}
+        failed = pyinfra_run([host], deploy=deploy, data=missing, expect_fail=True)
+        assert failed.errors() == [(host.name, f"{STEP} | Fetch dataset gone from s3:no-such-bucket/x")]
+        assert re.search(
+            rf"labfleet: host {host.name}: dataset gone: rclone cannot read s3:no-such-bucket/x from {endpoint} "
+            r"\(rclone exit [1-9]\d*\): .*\S.*; check s3_endpoint, the bucket and prefix, and the keys in "
+            "s3_credentials_file",
+            failed.stderr,
+        ), failed.stderr_tail()
+        assert SECRET not in failed.stderr and SECRET not in failed.stdout
