@@ -18,6 +18,8 @@ One helper per job, shared by the docker and nvidia steps:
   version, so an ``apt upgrade`` by hand does not move a pinned engine; ``hold_packages`` is
   the one operation that writes a hold: installed packages at the versions they have (the
   toolkit), or every package at one upstream release, any packaging revision (the driver).
+- ``enable_apt_components`` adds components (Debian's non-free for its NVIDIA driver) to the
+  distribution's own entries, in deb822 or one-line files, leaving everything else as it is.
 - ``AptRepository`` and ``add_repository``: the one step that adds a signed third-party
   repository (Docker's, NVIDIA's): stale files out, prerequisites, key, deb822 source, pin;
   the install that follows refreshes apt only when that changed something.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -334,6 +337,84 @@ def install_keyring(url: str, path: str):
         f'install -d -m 755 {shlex.quote(posixpath.dirname(path))} && install -m 644 "$tmp" {q_path}; '
         'rc=$?; rm -f "$tmp"; exit $rc'
     )
+
+
+# --- Components of the distribution's own sources -------------------------------------------
+
+_ONE_LINE = re.compile(r"^(\s*deb(?:-src)?\s+(?:\[[^\]]*\]\s+)?\S+\s+)(\S+)((?:\s+[^\s#]+)*)(\s*(?:#.*)?)$")
+
+
+def add_components(text: str, path: str, suites: Iterable[str], components: Sequence[str]) -> str:
+    """text with components added to the entries of suites that have ``main``; all else verbatim.
+
+    + path: decides the format (``.sources`` is deb822, anything else one-line)
+    """
+    suites = set(suites)
+    if path.endswith(".sources"):
+        return _add_components_deb822(text, suites, components)
+    lines = []
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\n")
+        match = _ONE_LINE.match(body)
+        if match and match.group(2) in suites:
+            present = match.group(3).split()
+            missing = [c for c in components if c not in present]
+            if "main" in present and missing:
+                body = match.group(1) + match.group(2) + match.group(3) + " " + " ".join(missing) + match.group(4)
+        lines.append(body + line[len(line.rstrip("\n")) :])
+    return "".join(lines)
+
+
+def _add_components_deb822(text: str, suites: set[str], components: Sequence[str]) -> str:
+    stanzas = re.split(r"(\n[ \t]*\n)", text)
+    for index in range(0, len(stanzas), 2):
+        fields = {}
+        for line in stanzas[index].splitlines():
+            name, sep, value = line.partition(":")
+            if sep and not line.startswith((" ", "\t", "#")):
+                fields[name.strip().lower()] = value.split()
+        enabled = (fields.get("enabled") or ["yes"])[0].lower() != "no"
+        present = fields.get("components", [])
+        missing = [c for c in components if c not in present]
+        if enabled and set(fields.get("suites", [])) & suites and "main" in present and missing:
+            added = " ".join(missing)
+            stanzas[index] = re.sub(
+                r"(?im)^(components:[^\n#]*?)[ \t]*$",
+                r"\g<1> " + added,
+                stanzas[index],
+                count=1,
+            )
+    return "".join(stanzas)
+
+
+@operation(is_idempotent=True)
+def enable_apt_components(path: str, suites: Sequence[str], components: Sequence[str]):
+    """Add components to the entries of some suites in an existing apt sources file.
+
+    + path: the file (deb822 ``.sources`` or one-line ``.list``/``sources.list``)
+    + suites: the suites whose entries get the components, when they have ``main``
+    + components: the components to add
+
+    Everything else in the file (other entries, comments, order) is kept as it is.
+
+    **Example:**
+
+    .. code:: python
+
+        enable_apt_components(name="Enable non-free", path="/etc/apt/sources.list.d/debian.sources",
+                              suites=["trixie", "trixie-updates"], components=["non-free"])
+    """
+    lines = host.get_fact(FileContents, path=path)
+    if lines is None:
+        host.noop(f"{path} does not exist")
+        return
+    text = "\n".join(lines) + "\n"
+    wanted = add_components(text, path, suites, components)
+    if wanted == text:
+        host.noop(f"{path} already has {' '.join(components)} where it has main")
+        return
+    yield FileUploadCommand(StringIO(wanted), path)
+    yield f"chmod 644 {shlex.quote(path)}"
 
 
 # --- A signed third-party repository ---------------------------------------------------------

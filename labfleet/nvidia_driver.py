@@ -47,15 +47,13 @@ It runs first among the NVIDIA steps (deploy.py), before the toolkit (labfleet.n
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
-from io import StringIO
 
 from pyinfra import host, logger
-from pyinfra.api import FileUploadCommand, operation
+from pyinfra.api import operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
@@ -264,82 +262,6 @@ def candidate_release(
     if found and found["candidate"]:
         return upstream_version(found["candidate"])
     return plan.release_driver
-
-
-_ONE_LINE = re.compile(r"^(\s*deb(?:-src)?\s+(?:\[[^\]]*\]\s+)?\S+\s+)(\S+)((?:\s+[^\s#]+)*)(\s*(?:#.*)?)$")
-
-
-def add_components(text: str, path: str, suites: Iterable[str], components: Sequence[str]) -> str:
-    """text with components added to the entries of suites that have ``main``; all else verbatim.
-
-    + path: decides the format (``.sources`` is deb822, anything else one-line)
-    """
-    suites = set(suites)
-    if path.endswith(".sources"):
-        return _add_components_deb822(text, suites, components)
-    lines = []
-    for line in text.splitlines(keepends=True):
-        body = line.rstrip("\n")
-        match = _ONE_LINE.match(body)
-        if match and match.group(2) in suites:
-            present = match.group(3).split()
-            missing = [c for c in components if c not in present]
-            if "main" in present and missing:
-                body = match.group(1) + match.group(2) + match.group(3) + " " + " ".join(missing) + match.group(4)
-        lines.append(body + line[len(line.rstrip("\n")) :])
-    return "".join(lines)
-
-
-def _add_components_deb822(text: str, suites: set[str], components: Sequence[str]) -> str:
-    stanzas = re.split(r"(\n[ \t]*\n)", text)
-    for index in range(0, len(stanzas), 2):
-        fields = {}
-        for line in stanzas[index].splitlines():
-            name, sep, value = line.partition(":")
-            if sep and not line.startswith((" ", "\t", "#")):
-                fields[name.strip().lower()] = value.split()
-        enabled = (fields.get("enabled") or ["yes"])[0].lower() != "no"
-        present = fields.get("components", [])
-        missing = [c for c in components if c not in present]
-        if enabled and set(fields.get("suites", [])) & suites and "main" in present and missing:
-            added = " ".join(missing)
-            stanzas[index] = re.sub(
-                r"(?im)^(components:[^\n#]*?)[ \t]*$",
-                r"\g<1> " + added,
-                stanzas[index],
-                count=1,
-            )
-    return "".join(stanzas)
-
-
-@operation(is_idempotent=True)
-def enable_apt_components(path: str, suites: Sequence[str], components: Sequence[str]):
-    """Add components to the entries of some suites in an existing apt sources file.
-
-    + path: the file (deb822 ``.sources`` or one-line ``.list``/``sources.list``)
-    + suites: the suites whose entries get the components, when they have ``main``
-    + components: the components to add
-
-    Everything else in the file (other entries, comments, order) is kept as it is.
-
-    **Example:**
-
-    .. code:: python
-
-        enable_apt_components(name="Enable non-free", path="/etc/apt/sources.list.d/debian.sources",
-                              suites=["trixie", "trixie-updates"], components=["non-free"])
-    """
-    lines = host.get_fact(FileContents, path=path)
-    if lines is None:
-        host.noop(f"{path} does not exist")
-        return
-    text = "\n".join(lines) + "\n"
-    wanted = add_components(text, path, suites, components)
-    if wanted == text:
-        host.noop(f"{path} already has {' '.join(components)} where it has main")
-        return
-    yield FileUploadCommand(StringIO(wanted), path)
-    yield f"chmod 644 {shlex.quote(path)}"
 
 
 @operation(is_idempotent=True)
@@ -656,7 +578,7 @@ def _install_driver(settings: Settings, state: NvidiaHost, mine: DriverHost, tit
     distribution_sources = zip(platform.DEBIAN_SOURCES, (state.debian_sources, state.sources_list), strict=True)
     for path, lines in distribution_sources:
         if plan.components and lines is not None:
-            enable_apt_components(
+            apt.enable_apt_components(
                 name=f"Enable {' '.join(plan.components)} in {path}",
                 path=path,
                 suites=(codename, f"{codename}-updates", f"{codename}-security"),

@@ -4,6 +4,8 @@ import hashlib
 import subprocess
 from types import SimpleNamespace
 
+from pyinfra.facts.files import FileContents
+
 from labfleet import apt, planning
 
 
@@ -236,3 +238,64 @@ def test_a_repository_key_that_cannot_be_downloaded_leaves_the_keyring_alone(tmp
         "(docker_apt_mirror) and that this host reaches it"
     )
     assert (tmp_path / "key.asc").read_text() == "old key\n"
+
+
+# --- Components of the distribution's own sources (Debian's non-free, for its NVIDIA driver) ------
+
+COMPONENTS = ("contrib", "non-free", "non-free-firmware")
+DEBIAN_SOURCES = """\
+Types: deb
+URIs: http://archive.example/debian
+Suites: trixie trixie-updates
+Components: main non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.example/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Enabled: no
+Types: deb-src
+URIs: http://archive.example/debian
+Suites: trixie
+Components: main
+"""
+
+
+def test_non_free_is_added_to_the_distributions_deb822_entries_only():
+    suites = ("trixie", "trixie-updates", "trixie-security")
+    text = apt.add_components(DEBIAN_SOURCES, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS)
+    assert text.splitlines()[3] == "Components: main non-free-firmware contrib non-free"
+    assert text.splitlines()[9] == "Components: main contrib non-free non-free-firmware"
+    assert text.split("\n\n")[2] == DEBIAN_SOURCES.split("\n\n")[2]  # a disabled stanza is left alone
+    assert apt.add_components(text, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS) == text
+
+
+def test_non_free_is_added_to_one_line_entries_with_main():
+    text = (
+        "# installer\n"
+        "deb http://archive.example/debian bookworm main non-free-firmware\n"
+        "deb [arch=amd64] http://security.example/debian-security bookworm-security main # security\n"
+        "deb http://vendor.example/apt stable main\n"
+        "deb http://archive.example/debian bookworm-backports main\n"
+    )
+    suites = ("bookworm", "bookworm-updates", "bookworm-security")
+    lines = apt.add_components(text, "/etc/apt/sources.list", suites, COMPONENTS).splitlines()
+    assert lines[1] == "deb http://archive.example/debian bookworm main non-free-firmware contrib non-free"
+    assert lines[2] == (
+        "deb [arch=amd64] http://security.example/debian-security bookworm-security main "
+        "contrib non-free non-free-firmware # security"
+    )
+    assert lines[0] == "# installer" and lines[3:] == text.splitlines()[3:]
+
+
+def test_enable_apt_components_uploads_only_a_difference(fake_host_in):
+    fake = fake_host_in(apt, {FileContents: DEBIAN_SOURCES.splitlines()})
+    path = "/etc/apt/sources.list.d/debian.sources"
+    commands = list(apt.enable_apt_components._inner(path, ["trixie"], COMPONENTS))
+    assert len(commands) == 2 and commands[1] == f"chmod 644 {path}"
+    fake.facts[FileContents] = None
+    assert list(apt.enable_apt_components._inner(path, ["trixie"], COMPONENTS)) == []
+    assert fake.noops == [f"{path} does not exist"]

@@ -27,8 +27,6 @@ from labfleet.facts.system import GroupMembers, ServiceState
 from labfleet.planning import FactBatch
 from labfleet.settings import build
 
-COMPONENTS = ("contrib", "non-free", "non-free-firmware")
-
 # A workstation with an RTX 4090 (VGA class) and its audio function, driver 570 loaded.
 RTX_WORKSTATION = [
     "pci 0000:01:00.0 0x030000",
@@ -439,75 +437,6 @@ def test_keep_cdi_spec_current_plans_the_difference(fake_host):
 )
 def test_dockerd_restarts_only_when_it_started_before_the_hook(lines, predates):
     assert nvidia_runtime.dockerd_predates_hook(parse_nvidia_runtime_state(lines)) is predates
-
-
-# --- Driver install ---------------------------------------------------------------------------
-
-
-DEBIAN_SOURCES = """\
-Types: deb
-URIs: http://archive.example/debian
-Suites: trixie trixie-updates
-Components: main non-free-firmware
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://security.example/debian-security
-Suites: trixie-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Enabled: no
-Types: deb-src
-URIs: http://archive.example/debian
-Suites: trixie
-Components: main
-"""
-
-
-def test_non_free_is_added_to_the_distributions_deb822_entries_only():
-    suites = ("trixie", "trixie-updates", "trixie-security")
-    text = nvidia_driver.add_components(DEBIAN_SOURCES, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS)
-    assert text.splitlines()[3] == "Components: main non-free-firmware contrib non-free"
-    assert text.splitlines()[9] == "Components: main contrib non-free non-free-firmware"
-    assert text.split("\n\n")[2] == DEBIAN_SOURCES.split("\n\n")[2]  # a disabled stanza is left alone
-    assert nvidia_driver.add_components(text, "/etc/apt/sources.list.d/debian.sources", suites, COMPONENTS) == text
-
-
-def test_non_free_is_added_to_one_line_entries_with_main():
-    text = (
-        "# installer\n"
-        "deb http://archive.example/debian bookworm main non-free-firmware\n"
-        "deb [arch=amd64] http://security.example/debian-security bookworm-security main # security\n"
-        "deb http://vendor.example/apt stable main\n"
-        "deb http://archive.example/debian bookworm-backports main\n"
-    )
-    suites = ("bookworm", "bookworm-updates", "bookworm-security")
-    lines = nvidia_driver.add_components(text, "/etc/apt/sources.list", suites, COMPONENTS).splitlines()
-    assert lines[1] == "deb http://archive.example/debian bookworm main non-free-firmware contrib non-free"
-    assert lines[2] == (
-        "deb [arch=amd64] http://security.example/debian-security bookworm-security main "
-        "contrib non-free non-free-firmware # security"
-    )
-    assert lines[0] == "# installer" and lines[3:] == text.splitlines()[3:]
-
-
-def test_enable_apt_components_uploads_only_a_difference(fake_host):
-    fake = fake_host({FileContents: DEBIAN_SOURCES.splitlines()})
-    path = "/etc/apt/sources.list.d/debian.sources"
-    commands = list(nvidia_driver.enable_apt_components._inner(path, ["trixie"], COMPONENTS))
-    assert len(commands) == 2 and commands[1] == f"chmod 644 {path}"
-    fake.facts[FileContents] = None
-    assert list(nvidia_driver.enable_apt_components._inner(path, ["trixie"], COMPONENTS)) == []
-    assert fake.noops == [f"{path} does not exist"]
-
-
-def test_loaded_driver_is_checked_again_after_the_reboot(fake_host):
-    fake = fake_host({GpuHost: parse_gpu_host(RTX_WORKSTATION)})
-    assert list(nvidia_driver.check_loaded_driver._inner("570", "reboot")) == []
-    fake.facts[GpuHost] = parse_gpu_host(FRESH_SERVER)
-    (command,) = list(nvidia_driver.check_loaded_driver._inner("570", "the branch is older"))
-    assert "the loaded NVIDIA driver is none; the branch is older" in command and command.endswith("exit 1")
 
 
 # --- Verify -----------------------------------------------------------------------------------

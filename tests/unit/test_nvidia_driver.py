@@ -360,7 +360,6 @@ def plan(monkeypatch):
             "hold_driver",
             "install_driver_packages",
             "install_ubuntu_driver",
-            "enable_apt_components",
             "reboot_when_idle",
             "refuse_reboot",
             "check_loaded_driver",
@@ -368,6 +367,7 @@ def plan(monkeypatch):
             monkeypatch.setattr(nvidia_driver, name, recorder(name))
         monkeypatch.setattr(nvidia_driver, "docker", SimpleNamespace(warn=recorder("warn")))
         monkeypatch.setattr(nvidia_driver.apt, "ensure_packages", recorder("ensure_packages"))
+        monkeypatch.setattr(nvidia_driver.apt, "enable_apt_components", recorder("enable_apt_components"))
         monkeypatch.setattr(
             nvidia_driver,
             "require",
@@ -546,6 +546,14 @@ def test_reboot_waits_while_a_container_is_busy(fake_host_in):
     commands = list(nvidia_driver.reboot_when_idle._inner("...", ["c1"], 1800))
     assert any(isinstance(c, StringCommand) and "reboot" in str(c) for c in commands)
     assert isinstance(commands[-1], FunctionCommand)
+
+
+def test_loaded_driver_is_checked_again_after_the_reboot(fake_host_in):
+    fake = fake_host_in(nvidia_driver, {GpuHost: parse_gpu_host(["pci 0000:01:00.0 0x030000", "nvrm 570.86.15"])})
+    assert list(nvidia_driver.check_loaded_driver._inner("570", "reboot")) == []
+    fake.facts[GpuHost] = parse_gpu_host(["pci 0000:17:00.0 0x030200", "nouveau"])
+    (command,) = list(nvidia_driver.check_loaded_driver._inner("570", "the branch is older"))
+    assert "the loaded NVIDIA driver is none; the branch is older" in command and command.endswith("exit 1")
 
 
 def test_install_at_a_pinned_release_checks_apts_candidate_first(fake_host_in):
