@@ -55,22 +55,6 @@ def test_cpu_only_host():
     assert parse_gpu_host(CPU_ONLY)["gpus"] == []
 
 
-@pytest.mark.parametrize(
-    ("driver", "floor", "ok"),
-    [
-        ("570.86.15", "570", True),
-        ("569.99", "570", False),
-        ("580.65.06", "570", True),
-        ("525.60.13", "525.60.13", True),
-        ("525.60.11", "525.60.13", False),
-        ("535.54.03", "525.60.13", True),
-        (None, "525.60.13", False),
-    ],
-)
-def test_driver_floor(driver, floor, ok):
-    assert nvidia_driver.driver_meets(driver, floor) is ok
-
-
 def test_gpu_setting_overrides_detection(raw, monkeypatch):
     monkeypatch.setattr(nvidia, "host", None)  # no host is asked when the setting decides
     assert nvidia.has_gpu(build("pc01", {**raw, "gpu": True})) is True
