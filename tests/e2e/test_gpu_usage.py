@@ -16,6 +16,7 @@ import time
 
 from .harness.hosts import TestHost, host_exec
 from .harness.runner import assert_converged, assert_no_changes, run_pyinfra
+from .probes import jupyter_api, run_cell
 from .test_status import run_status
 
 CONTAINER = "labfleet-lab-jupyterlab-1"
@@ -34,48 +35,13 @@ esac
 """
 
 
-def _api(host: TestHost, path: str, method: str = "GET") -> str:
-    return host_exec(
-        host,
-        f'curl -sf -X {method} -H "Authorization: token $(cat /opt/labfleet/lab/jupyter_token)" '
-        f"http://127.0.0.1:8888/api{path}",
-    ).stdout
-
-
-# Run by the container's python3: starts a kernel, runs one cell in it through the kernel's
-# websocket (websocket-client is in the image, as a JupyterLab dependency), and leaves once the
-# kernel is idle again: a kernel someone used and then forgot, as a closed browser tab leaves it.
-USED_KERNEL = r"""
-import json, urllib.request, uuid, websocket
-token = open("/run/secrets/jupyter_token").read().strip()
-auth = {"Authorization": "token " + token, "Content-Type": "application/json"}
-request = urllib.request.Request("http://127.0.0.1:8888/api/kernels", data=b"{}", headers=auth, method="POST")
-kernel = json.load(urllib.request.urlopen(request, timeout=60))
-channel = websocket.create_connection(
-    "ws://127.0.0.1:8888/api/kernels/%s/channels?token=%s" % (kernel["id"], token), timeout=60)
-msg_id = uuid.uuid4().hex
-header = {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
-          "version": "5.3", "date": ""}
-content = {"code": "weights = list(range(1000))", "silent": False, "store_history": True,
-           "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
-channel.send(json.dumps({"header": header, "parent_header": {}, "metadata": {}, "content": content,
-                         "channel": "shell", "buffers": []}))
-while True:
-    message = json.loads(channel.recv())
-    if (message.get("msg_type") == "status" and message["parent_header"].get("msg_id") == msg_id
-            and message["content"]["execution_state"] == "idle"):
-        break
-channel.close()
-print(kernel["id"])
-"""
-
-
 def _start_kernel(host: TestHost) -> str:
-    return host_exec(host, f"docker exec -i {CONTAINER} python3 -", input=USED_KERNEL).stdout.strip()
+    """A kernel that ran one cell and was left idle."""
+    return run_cell(host, CONTAINER, "weights = list(range(1000))", until="idle")
 
 
 def _kernels(host: TestHost) -> list[str]:
-    return [kernel["id"] for kernel in json.loads(_api(host, "/kernels"))]
+    return [kernel["id"] for kernel in json.loads(jupyter_api(host, "/kernels"))]
 
 
 def _container(host: TestHost) -> tuple[str, str]:

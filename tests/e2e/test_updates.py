@@ -21,7 +21,7 @@ from labfleet import updates
 from .harness.hosts import TestHost, host_exec
 from .harness.runner import Result, assert_converged, assert_no_changes, run_pyinfra
 from .harness.snapshots import checksum_snapshot
-from .probes import health
+from .probes import health, jupyter_api, run_cell
 from .test_status import run_status
 
 CONTAINER = "labfleet-lab-jupyterlab-1"
@@ -29,33 +29,6 @@ TIMER = "labfleet-update-lab.timer"
 IDLE = "15s"
 BRING_UP = "Bring up JupyterLab of lab"
 DEFERRED = "JupyterLab of lab keeps running its old container: "
-
-# Run by the container's python3: starts a kernel, has it run a loop through the kernel's
-# websocket (websocket-client is in the image, as a JupyterLab dependency), and leaves once
-# the kernel says it is busy with that request. The loop runs on without a client.
-BUSY_KERNEL = r"""
-import json, urllib.request, uuid, websocket
-token = open("/run/secrets/jupyter_token").read().strip()
-auth = {"Authorization": "token " + token, "Content-Type": "application/json"}
-request = urllib.request.Request("http://127.0.0.1:8888/api/kernels", data=b"{}", headers=auth, method="POST")
-kernel = json.load(urllib.request.urlopen(request, timeout=60))
-channel = websocket.create_connection(
-    "ws://127.0.0.1:8888/api/kernels/%s/channels?token=%s" % (kernel["id"], token), timeout=60)
-msg_id = uuid.uuid4().hex
-header = {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
-          "version": "5.3", "date": ""}
-content = {"code": "import time\nwhile True:\n    time.sleep(0.2)", "silent": False, "store_history": False,
-           "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
-channel.send(json.dumps({"header": header, "parent_header": {}, "metadata": {}, "content": content,
-                         "channel": "shell", "buffers": []}))
-while True:
-    message = json.loads(channel.recv())
-    if (message.get("msg_type") == "status" and message["parent_header"].get("msg_id") == msg_id
-            and message["content"]["execution_state"] == "busy"):
-        break
-channel.close()
-print(kernel["id"])
-"""
 
 STANDIN_NVIDIA_SMI = """#!/bin/sh
 # STAND-IN nvidia-smi written by tests/e2e/test_updates.py: these machines have no GPU. It lists
@@ -65,15 +38,8 @@ case "$*" in *--query-compute-apps*) echo "{pid}, python3" ;; esac
 
 
 def _busy_kernel(host: TestHost) -> str:
-    return host_exec(host, f"docker exec -i {CONTAINER} python3 -", input=BUSY_KERNEL).stdout.strip()
-
-
-def _api(host: TestHost, path: str, method: str = "GET") -> str:
-    return host_exec(
-        host,
-        f'curl -sf -X {method} -H "Authorization: token $(cat /opt/labfleet/lab/jupyter_token)" '
-        f"http://127.0.0.1:8888/api{path}",
-    ).stdout
+    """A kernel busy with a loop that runs on without a client."""
+    return run_cell(host, CONTAINER, "import time\nwhile True:\n    time.sleep(0.2)", until="busy")
 
 
 def _settings_api(method: str, body: str | None = None) -> str:
@@ -132,7 +98,7 @@ def test_an_update_waits_for_a_busy_kernel_and_lands_by_itself_once_idle(make_ho
     changed = {**data, "shm_size": "512m"}
     _deferred(run_pyinfra([host], data=changed), host, f"kernel {kernel[:8]} (python3) is busy")
     assert _container_id(host) == old
-    assert json.loads(_api(host, f"/kernels/{kernel}"))["execution_state"] == "busy"
+    assert json.loads(jupyter_api(host, f"/kernels/{kernel}"))["execution_state"] == "busy"
     # While it stays busy, the same deploy changes nothing.
     assert_no_changes(run_pyinfra([host], data=changed))
 
@@ -144,7 +110,7 @@ def test_an_update_waits_for_a_busy_kernel_and_lands_by_itself_once_idle(make_ho
     assert any("lab: update pending" in line and kernel[:8] in line for line in lines), lines
 
     # Interrupted, and quiet for the idle window: the host's timer recreates the container, no deploy.
-    _api(host, f"/kernels/{kernel}/interrupt", method="POST")
+    jupyter_api(host, f"/kernels/{kernel}/interrupt", method="POST")
     host_exec(
         host,
         f"for i in $(seq 150); do [ \"$(docker inspect --format '{{{{.Id}}}}' {CONTAINER} 2>/dev/null)\" != {old} ] && "
