@@ -203,7 +203,9 @@ case "$1" in
     echo '{"message_type":"status","percent_done":0.5}'
     echo '{"message_type":"summary","files_new":3,"total_bytes_processed":1000,"snapshot_id":"abc123"}' ;;
   forget)
-    if [ "${FAIL:-}" = forget ]; then echo "Fatal: unable to create lock in backend: locked exclusively" >&2; exit 1; fi ;;
+    if [ "${FAIL:-}" = forget ]; then
+      echo "Fatal: unable to create lock in backend: locked exclusively" >&2; exit 1
+    fi ;;
 esac
 """
 
