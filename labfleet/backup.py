@@ -29,7 +29,6 @@ Files on each host:
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import shlex
 from dataclasses import dataclass
@@ -81,15 +80,6 @@ def restored_marker(user: str, kind: str) -> str:
 def kept_list(marker: str) -> str:
     """While a restore is under way: what its target held before (labfleet.backup.restore_command)."""
     return f"{marker}.kept"
-
-
-def _text_sha1(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _file_sha1(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha1(handle.read()).hexdigest()
 
 
 # --- What is written on the host ------------------------------------------------------------------
@@ -321,7 +311,7 @@ def check_repository(repository: str, marker: str, hint: str):
                          marker="/var/lib/labfleet/backup/repository", hint="check that nas.lab is reachable")
     """
     found = host.get_fact(ResticRepository)
-    write = f"install -d -m 0755 {STATE_DIR} && printf '%s\\n' {shlex.quote(repository)} > {shlex.quote(marker)}"
+    write = snapshot_files.note_command(marker, f"{repository}\n")
     if found["state"] == "exists":
         yield write
     elif found["state"] in ("missing", "unavailable"):
@@ -355,7 +345,7 @@ def restore_directory(source: str, user: str, group: str, kind: str, target: str
                           marker="/var/lib/labfleet/backup/restored-alice-workspace", marker_text="backup:pc03.lab\\n")
     """
     found = host.get_fact(ResticSnapshots, source=source)
-    mark = f"install -d -m 0755 {STATE_DIR} && printf %s {shlex.quote(marker_text)} > {shlex.quote(marker)}"
+    mark = snapshot_files.note_command(marker, marker_text)
     if found["state"] == "unavailable":
         # A preview before labfleet-restic is installed: the run reads the snapshots again.
         yield f"echo 'restore {kind} of {user} from {source}'"
@@ -435,17 +425,7 @@ def set_up_backups(settings: Settings):
     snapshot_files.directory(paths, f"Create {CONFIG_DIR}", CONFIG_DIR, "root", "root", "700")
     snapshot_files.directory(paths, f"Create {STATE_DIR}", STATE_DIR, "root", "root", "755")
     for dest, local in controller_files(settings).items():
-        # Uploaded from the controller's file: the secret is never in an argument or the output.
-        unless_current(
-            files.put,
-            current=path_is(paths, dest, "file", "root", "root", "600", _file_sha1(local)),
-            name=f"Copy {dest}",
-            src=local,
-            dest=dest,
-            user="root",
-            group="root",
-            mode="600",
-        )
+        snapshot_files.controller_file(paths, f"Copy {dest}", local, dest, "root", "root", "600")
     units = {}
     for path, (text, mode) in host_files(settings).items():
         if path.startswith(UNIT_DIR):
@@ -455,7 +435,7 @@ def set_up_backups(settings: Settings):
     snapshot_files.systemd_units(paths, units, "Reload systemd for the backup timer")
     unless_current(
         check_repository,
-        current=path_is(paths, CHECKED, "file", sha1=_text_sha1(f"{settings.backup_repository.text}\n")),
+        current=path_is(paths, CHECKED, "file", sha1=snapshot_files.text_sha1(f"{settings.backup_repository.text}\n")),
         name="Check the backup repository",
         repository=settings.backup_repository.text,
         marker=CHECKED,
@@ -506,7 +486,7 @@ def restore_workspaces(settings: Settings):
             marker = restored_marker(user.name, kind)
             unless_current(
                 restore_directory,
-                current=path_is(paths, marker, "file", sha1=_text_sha1(text)),
+                current=path_is(paths, marker, "file", sha1=snapshot_files.text_sha1(text)),
                 name=f"Restore the {kind} of {user.name} from {settings.restore_from}",
                 source=source,
                 user=user.name,

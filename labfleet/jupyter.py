@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from dataclasses import dataclass
 
@@ -226,16 +225,8 @@ def _write_home_and_secrets(settings: Settings, project: compose.Project, states
         snapshot_files.directory(states, f"Create the secrets directory of {user}", directory, "root", "root", "700")
     for name, local in project.user.secrets:
         dest = _secret_path(user, name)
-        # Uploaded from the controller's file: the value is never in an argument or a command.
-        unless_current(
-            files.put,
-            current=path_is(states, dest, "file", user, group, SECRET_MODE, _file_sha1(local)),
-            name=f"Write the secret {name} of {user}",
-            src=local,
-            dest=dest,
-            user=user,
-            group=group,
-            mode=str(SECRET_MODE),
+        snapshot_files.controller_file(
+            states, f"Write the secret {name} of {user}", local, dest, user, group, str(SECRET_MODE)
         )
     wanted = {name for name, _ in project.user.secrets}
     for stale in found[f"secret files {user}"]:
@@ -247,11 +238,6 @@ def _write_home_and_secrets(settings: Settings, project: compose.Project, states
                 path=_secret_path(user, stale),
                 present=False,
             )
-
-
-def _file_sha1(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha1(handle.read()).hexdigest()
 
 
 # Jupyter prints its URLs with the token; logs shown on failure must not carry it.

@@ -418,8 +418,7 @@ def pull_user_files_from(
             moved = True
             yield command
     if final:
-        quoted = shlex.quote(stamp)
-        yield f"install -d -m 0755 {shlex.quote(posixpath.dirname(stamp))} && echo {shlex.quote(old)} > {quoted}"
+        yield snapshot_files.note_command(stamp, f"{old}\n")
     elif not moved:
         host.noop(f"{user}'s workspace and home already have everything from {old}")
 

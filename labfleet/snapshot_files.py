@@ -8,6 +8,8 @@ owner, mode and, for a file, its sha1).
 from __future__ import annotations
 
 import hashlib
+import posixpath
+import shlex
 from io import StringIO
 
 from pyinfra.operations import files, systemd
@@ -19,6 +21,12 @@ from labfleet.planning import unless_current
 def text_sha1(text: str) -> str:
     """The sha1 PathStates reports for a file holding text."""
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def note_command(path: str, text: str) -> str:
+    """A shell command that writes text to path, its directory made first (0755): a note that a later run reads."""
+    directory = shlex.quote(posixpath.dirname(path))
+    return f"install -d -m 0755 {directory} && printf %s {shlex.quote(text)} > {shlex.quote(path)}"
 
 
 def directory(states: dict[str, PathState], name: str, path: str, user: str, group: str, mode: str):
@@ -41,6 +49,23 @@ def text_file(states: dict[str, PathState], name: str, text: str, dest: str, use
         current=path_is(states, dest, "file", user, group, mode, text_sha1(text)),
         name=name,
         src=StringIO(text),
+        dest=dest,
+        user=user,
+        group=group,
+        mode=mode,
+    )
+
+
+def controller_file(states: dict[str, PathState], name: str, local: str, dest: str, user: str, group: str, mode: str):
+    """``files.put`` of a file on the controller (a secret: its content is never in an argument or the
+    output), unless the snapshot shows that content, owner and mode at dest."""
+    with open(local, "rb") as handle:
+        sha1 = hashlib.sha1(handle.read()).hexdigest()
+    return unless_current(
+        files.put,
+        current=path_is(states, dest, "file", user, group, mode, sha1),
+        name=name,
+        src=local,
         dest=dest,
         user=user,
         group=group,

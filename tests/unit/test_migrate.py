@@ -326,7 +326,7 @@ def test_the_final_pass_pulls_only_after_the_old_pc_handed_over_then_stamps(fake
     handed = _Peer("pc03.lab", {MarkerFact: {"alice": "pc01"}})
     _, commands = _pull(fake_host_in, CHANGED, peers=[handed], final=True)
     assert commands[0] == "rsync ws"
-    assert commands[1] == "install -d -m 0755 /s && echo pc03.lab > /s/alice"
+    assert commands[1] == "install -d -m 0755 /s && printf %s 'pc03.lab\n' > /s/alice"
 
     busy = _Peer("pc03.lab", {MarkerFact: {"alice": None}, ComposeService: RUNNING, ContainerBusy: BUSY})
     _, commands = _pull(fake_host_in, CHANGED, peers=[busy], final=True)
