@@ -151,31 +151,39 @@ def test_backup_to_an_sftp_server_then_restore_onto_a_fresh_host(make_hosts, fle
     assert reason.startswith("the last backup failed (") and "Connection refused" in reason, reason
     host_exec(nas, "systemctl start ssh.service")
 
-    # 5. The PC dies; a fresh host takes its name, lab at another UID, one file already there.
+    # 5. The PC dies. A fresh host takes its name (lab at another UID, one file already there) and
+    #    restores its own snapshots; another fresh host, under its own name, restores the dead
+    #    PC's snapshots (restore_from = "backup:<dead PC>"). One run deploys both.
     fleet.remove([pc])
-    (fresh,) = make_hosts(1, engine=True)
+    fresh, other = make_hosts(2, engine=True)
     new = dataclasses.replace(fresh, name=pc.name)
     host_exec(new, f"usermod -u {NEW_UID} lab && groupmod -g {NEW_UID} lab && chown -R lab:lab /home/lab")
     host_exec(new, f"install -d -o lab -g lab {WORKSPACE} && echo placed > '{WORKSPACE}/{PLACED}'")
     host_exec(new, f"chown lab:lab '{WORKSPACE}/{PLACED}'")
-    restore = {**data, "restore_from": "backup"}
-    runs.append(pyinfra_run([new], data=restore))
+    restores = {new.name: {"restore_from": "backup"}, other.name: {"restore_from": f"backup:{pc.name}"}}
+    runs.append(pyinfra_run([new, other], data=data, host_data=restores))
     assert_converged(runs[-1])
-    assert runs[-1].status(new, "Restore the workspace of lab from backup") == "success"
-    assert runs[-1].status(new, "Restore the home of lab from backup") == "success"
-    assert health(new) == "healthy"
-    after = {"workspace": _checksums(new, WORKSPACE), "home": _checksums(new, HOME)}
-    for kind, files in before.items():
-        for path, digest in files.items():
-            # The pre-placed file is kept; the server that came up rewrites its own runtime files.
-            if (kind, path) == ("workspace", PLACED) or path.startswith(RUNTIME):
-                continue
-            assert after[kind].get(path) == digest, f"{kind} {path}: {after[kind].get(path)} != {digest}"
+    for host in (new, other):
+        source = restores[host.name]["restore_from"]
+        assert runs[-1].status(host, f"Restore the workspace of lab from {source}") == "success"
+        assert runs[-1].status(host, f"Restore the home of lab from {source}") == "success"
+        assert health(host) == "healthy"
+        after = {"workspace": _checksums(host, WORKSPACE), "home": _checksums(host, HOME)}
+        for kind, files in before.items():
+            for path, digest in files.items():
+                # The pre-placed file is kept; the server that came up rewrites its own runtime files.
+                if (host, kind, path) == (new, "workspace", PLACED) or path.startswith(RUNTIME):
+                    continue
+                assert after[kind].get(path) == digest, (
+                    f"{host.name} {kind} {path}: {after[kind].get(path)} != {digest}"
+                )
+        uid = host_exec(host, "id -u lab").stdout.strip()
+        owners = host_exec(host, f"find {WORKSPACE} {HOME} ! -uid {uid} -printf '%u %p\\n'").stdout
+        assert owners == "", f"{host.name}: files not owned by lab ({uid}):\n{owners}"
+        assert host_exec(host, "ls -A /srv/workspace /srv/home").stdout.count(".labfleet-restore") == 0
+    assert host_exec(new, "id -u lab").stdout.strip() == str(NEW_UID)
     assert host_exec(new, f"cat '{WORKSPACE}/{PLACED}'").stdout == "placed\n", "the restore replaced a file"
-    owners = host_exec(new, f"find {WORKSPACE} {HOME} ! -uid {NEW_UID} -printf '%u %p\\n'").stdout
-    assert owners == "", f"files not owned by lab ({NEW_UID}):\n{owners}"
-    assert host_exec(new, "ls -A /srv/workspace /srv/home").stdout.count(".labfleet-restore") == 0
-    runs.append(pyinfra_run([new], data=restore))
+    runs.append(pyinfra_run([new, other], data=data, host_data=restores))
     assert_no_changes(runs[-1])
 
     # The password never shows in pyinfra's output.
