@@ -27,6 +27,7 @@ from labfleet import (
     planning,
     preflight,
     registry,
+    restore,
     updates,
 )
 from labfleet.settings import for_host
@@ -48,6 +49,7 @@ planning.read_ahead(
     jupyter.reads(settings),
     updates.reads(settings),
     backup.reads(settings),
+    restore.reads(settings),
     migrate.reads(settings),
 )
 
@@ -66,7 +68,7 @@ delivery.deliver_image(settings)
 jupyter.write_projects(settings)
 migrate.pull_user_files(settings)
 backup.set_up_backups(settings)
-backup.restore_workspaces(settings)
+restore.restore_workspaces(settings)
 backup.schedule_backups(settings)
 jupyter.bring_up(settings)
 nvidia.verify_gpu(settings)

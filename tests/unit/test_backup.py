@@ -1,4 +1,4 @@
-"""Backups and restores (labfleet/backup.py): settings, the host's scripts and units, the facts, the status."""
+"""Backups and restores (labfleet/backup.py, labfleet/restore.py): settings, scripts and units, facts, status."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labfleet import backup
+from labfleet import backup, restore
 from labfleet.facts import backup as facts
 from labfleet.model import Repository
 from labfleet.settings import SettingsError, build
@@ -138,9 +138,9 @@ def test_a_restore_needs_a_repository(raw):
 
 
 def test_restore_source_is_this_host_or_the_named_one(raw):
-    assert backup.restore_source(build("pc07", with_backups(raw, restore_from="backup"))) == "pc07"
-    assert backup.restore_source(build("pc07", with_backups(raw, restore_from="backup:pc03.lab"))) == "pc03.lab"
-    assert backup.restore_source(build("pc07", with_backups(raw, restore_from=None))) is None
+    assert restore.restore_source(build("pc07", with_backups(raw, restore_from="backup"))) == "pc07"
+    assert restore.restore_source(build("pc07", with_backups(raw, restore_from="backup:pc03.lab"))) == "pc03.lab"
+    assert restore.restore_source(build("pc07", with_backups(raw, restore_from=None))) is None
 
 
 # --- What is written on the host ------------------------------------------------------------------
@@ -420,7 +420,7 @@ def _restore_for_real(tmp_path, kill_first: bool) -> tuple[Path, Path, list[subp
     for tool in ("restic", "tar"):
         (bin_dir / tool).chmod(0o755)
     kept = str(state / "restored-me-home.kept")
-    command = backup.restore_command("a2", "/srv/home/me", str(target), user, group, kept)
+    command = restore.restore_command("a2", "/srv/home/me", str(target), user, group, kept)
     command = command.replace(facts.RESTIC, str(bin_dir / "restic"))
     env = {"PATH": "/usr/bin:/bin", "SNAPSHOT": str(snap), "SNAPSHOT_OF": "/srv/home/me"}
     runs = []
@@ -451,7 +451,7 @@ def test_the_restore_copies_what_is_missing_and_never_replaces_or_writes_through
 
 
 def test_the_restore_command_gives_everything_to_the_user_by_name():
-    command = backup.restore_command("a2", "/srv/workspace/alice", "/srv/workspace/alice", "alice", "alice", "/k")
+    command = restore.restore_command("a2", "/srv/workspace/alice", "/srv/workspace/alice", "alice", "alice", "/k")
     assert "--target /srv/workspace/.labfleet-restore-alice" in command
     assert "chown -R -h alice:alice /srv/workspace/.labfleet-restore-alice" in command
     assert "set -eo pipefail" in command
@@ -495,12 +495,12 @@ def test_the_key_hint_names_the_account_and_the_key(raw):
 
 
 def _restore(fake_host_in, monkeypatch, found, user="alice", kind="workspace"):
-    fake_host_in(backup, {facts.ResticSnapshots: found})
+    fake_host_in(restore, {facts.ResticSnapshots: found})
     warnings: list[str] = []
-    monkeypatch.setattr(backup, "logger", SimpleLogger(warnings))
+    monkeypatch.setattr(restore, "logger", SimpleLogger(warnings))
     commands = list(
-        backup.restore_directory._inner(
-            "pc03", user, user, kind, f"/srv/{kind}/{user}", backup.restored_marker(user, kind), "backup:pc03\n"
+        restore.restore_directory._inner(
+            "pc03", user, user, kind, f"/srv/{kind}/{user}", restore.restored_marker(user, kind), "backup:pc03\n"
         )
     )
     return commands, warnings
@@ -522,7 +522,7 @@ def test_the_newest_snapshot_is_restored_then_marked(fake_host_in, monkeypatch):
         commands[0].startswith("bash -c ")
         and "restore --retry-lock 10m a2 --target /srv/workspace/.labfleet-restore-alice" in commands[0]
     )
-    assert commands[0].endswith(f"> {backup.restored_marker('alice', 'workspace')}")
+    assert commands[0].endswith(f"> {restore.restored_marker('alice', 'workspace')}")
 
 
 def test_a_user_without_a_snapshot_is_said_and_marked(fake_host_in, monkeypatch):
