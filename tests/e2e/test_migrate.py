@@ -35,6 +35,8 @@ HOME = "/srv/home/alice"
 CONTAINER = "labfleet-alice-jupyterlab-1"
 STEP = "Migrate users' files from the old PC"
 PULL = f"{STEP} | Pull the workspace and home of alice from the old PC"
+SUDOERS = "/etc/sudoers.d/labfleet-migrate"
+RRSYNC = "/usr/bin/rrsync"
 RUNTIME = "/.local/share/jupyter/runtime/"
 
 # Written as alice's files on the old PC (bash, so that the names stay exactly as written).
@@ -217,3 +219,18 @@ def test_a_new_pc_takes_the_users_files_from_the_old_one_then_cuts_over(pair, la
     # The next run, the old PC's deploy included, changes nothing and starts nothing again.
     assert_no_changes(run(final))
     assert _container_state(old) == "exited"
+
+    # The sync account may run exactly the two read-only rrsyncs as alice, nothing else; once
+    # migrate_from is gone from the new PC (the admin's last step), the rule goes too.
+    assert host_exec(old, f"stat -c '%U %a' {SUDOERS}").stdout.strip() == "root 440"
+    rules = [line for line in host_exec(old, f"cat {SUDOERS}").stdout.splitlines() if not line.startswith("#")]
+    assert rules == [
+        'Defaults:labfleet-sync env_keep += "SSH_ORIGINAL_COMMAND"',
+        f"labfleet-sync ALL=(alice) NOPASSWD: {RRSYNC} -ro {WORKSPACE}, {RRSYNC} -ro {HOME}",
+    ]
+    done = run(lan)
+    assert_converged(done)
+    assert done.status(old, f"{STEP} | Remove the migration sudo rules") == "success"
+    assert host_exec(old, f"test -e {SUDOERS}", check=False).returncode != 0
+    assert _container_state(old) == "exited" and health(new, "alice") == "healthy"
+    assert_no_changes(run(lan))
