@@ -7,7 +7,7 @@ a key per user and directory made on the new PC, accepted by the old PC's sync a
 the new PC's address and only for a read-only rrsync of that one directory. The files never pass
 through the controller. The sync account cannot read a user's files, so the forced command runs
 rrsync as the files' owner through sudo, and /etc/sudoers.d/labfleet-migrate allows exactly
-those commands and nothing else.
+those commands and nothing else (labfleet.migrate_sudo).
 
 - Ownership is mapped by name: everything arrives owned by the user's account on the new PC
   (``--chown``), whatever the two UIDs are.
@@ -36,7 +36,6 @@ project back to the old PC.
 from __future__ import annotations
 
 import posixpath
-import re
 import shlex
 from dataclasses import dataclass
 
@@ -45,7 +44,7 @@ from pyinfra.api import operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from labfleet import apt, compose, datasets, image, planning, preflight, snapshot_files, updates
+from labfleet import apt, compose, datasets, image, migrate_sudo, planning, preflight, snapshot_files, updates
 from labfleet.facts.jupyter import ComposeService
 from labfleet.facts.migrate import MarkerFact, MigrationPending, PendingPull
 from labfleet.facts.system import PathState, PathStates, PublicKeyFile, path_is
@@ -61,13 +60,9 @@ KEY_DIR = f"{datasets.PULL_DIR}/migrate"
 KNOWN_HOSTS = f"{KEY_DIR}/known_hosts"
 # On the new PC, per user, once the final pass is done: the old PC's name.
 STATE_DIR = "/var/lib/labfleet/migrate"
-# On the old PC: the sync account may run rrsync -ro as each migrating user, for those paths only.
-SUDOERS = "/etc/sudoers.d/labfleet-migrate"
 KINDS = ("workspace", "home")
 # A server's per-process files (its URL and token): they describe the old PC's server.
 EXCLUDES = {"home": ("/.local/share/jupyter/runtime/",)}
-# What a sudoers rule and a forced command can hold without quoting.
-_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]+$")
 FORCE_HINT = updates.FORCE_HINT
 
 
@@ -178,27 +173,6 @@ def pull_command(pull: Pull, all_settings: dict[str, Settings]) -> str:
     return command.replace("rsync ", f'rsync --chown={user}:"$(id -gn {user})" ', 1)
 
 
-def sudoers_text(served_pulls: list[Pull]) -> str:
-    """The sudoers rules that let the sync account run exactly the forced commands, as each file owner."""
-    by_user: dict[str, list[str]] = {}
-    for pull in served_pulls:
-        command = f"{RRSYNC['path']} -ro {pull.source}"
-        if command not in by_user.setdefault(pull.user, []):
-            by_user[pull.user].append(command)
-    lines = [
-        "# Written by labfleet (labfleet/migrate.py): peers that migrate users' files read them as their owner,",
-        "# through a forced read-only rrsync of one directory each; this file goes once no host migrates from here.",
-        f'Defaults:{datasets.SYNC_USER} env_keep += "SSH_ORIGINAL_COMMAND"',
-    ]
-    for user, commands in by_user.items():
-        lines.append(f"{datasets.SYNC_USER} ALL=({user}) NOPASSWD: {', '.join(commands)}")
-    return "\n".join(lines) + "\n"
-
-
-def unplain_paths(served_pulls: list[Pull]) -> list[str]:
-    return sorted({pull.source for pull in served_pulls if not _PLAIN_PATH.match(pull.source)})
-
-
 # --- What the step reads --------------------------------------------------------------------
 
 
@@ -216,7 +190,7 @@ def reads(settings: Settings) -> dict[str, Read]:
     mine = pulls(settings, all_settings)
     serving = served(settings, all_settings)
     # The sudo rules are looked for everywhere: once no host migrates from here, they go.
-    paths = [SUDOERS]
+    paths = [migrate_sudo.SUDOERS]
     if mine:
         paths += [KNOWN_HOSTS, *(f"{pull.key}.pub" for pull in mine)]
         found["packages"] = datasets.reads(settings)["packages"]
@@ -229,7 +203,7 @@ def reads(settings: Settings) -> dict[str, Read]:
             )
     if serving:
         found["authorized"] = Read(FileContents, {"path": f"{datasets.SYNC_SSH_DIR}/authorized_keys"})
-    found["paths"] = Read(PathStates, {"paths": tuple(paths), "digests": (SUDOERS,)})
+    found["paths"] = Read(PathStates, {"paths": tuple(paths), "digests": (migrate_sudo.SUDOERS,)})
     return found
 
 
@@ -267,21 +241,6 @@ def moves(settings: Settings, markers: dict[str, str | None]) -> dict[str, str]:
 
 
 # --- Operations -------------------------------------------------------------------------------
-
-
-@operation(is_idempotent=True)
-def sudoers_file(path: str, text: str):
-    """Write a sudoers drop-in, checked by ``visudo -c`` before it replaces the old one.
-
-    + path: the file under /etc/sudoers.d
-    + text: its content
-
-    A drop-in with a syntax error would break sudo on the host, and with it every later run.
-    """
-    yield (
-        f'tmp=$(mktemp) && printf %s {shlex.quote(text)} > "$tmp" && visudo -cqf "$tmp" && '
-        f'install -m 0440 -o root -g root "$tmp" {shlex.quote(path)}; rc=$?; rm -f "$tmp"; exit $rc'
-    )
 
 
 def _failed(name: str) -> bool:
@@ -494,21 +453,14 @@ def wait_for_peers(phase: str):
     yield  # an operation is a generator, even one that yields nothing
 
 
-def unplain_problem(host_name: str, unplain: list[str]) -> str:
-    return (
-        f"host {host_name}: cannot serve migrations of {', '.join(unplain)}: a sudo rule cannot name such a "
-        "path; use workspace_dir / home_dir made of letters, digits and . _ - @ + /"
-    )
-
-
 @step("Migrate users' files from the old PC")
 def pull_user_files(settings: Settings):
     all_settings = _all_settings()
     state = _state(settings)
     mine = pulls(settings, all_settings)
     serving = served(settings, all_settings)
-    if not serving and SUDOERS in state.paths:
-        files.file(name="Remove the migration sudo rules", path=SUDOERS, present=False)
+    if not serving and migrate_sudo.SUDOERS in state.paths:
+        files.file(name="Remove the migration sudo rules", path=migrate_sudo.SUDOERS, present=False)
     if not (mine or serving):
         return
     old = all_settings[mine[0].old] if mine else None
@@ -540,16 +492,20 @@ def pull_user_files(settings: Settings):
             peers=[(old.host, old.lan_address, old.lan_ssh_port)],
         )
     if serving:
-        unplain = unplain_paths(serving)
+        unplain = migrate_sudo.unplain_paths(serving)
         preflight.require(
-            name="Check the paths peers migrate from", ok=not unplain, problem=unplain_problem(settings.host, unplain)
+            name="Check the paths peers migrate from",
+            ok=not unplain,
+            problem=migrate_sudo.unplain_problem(settings.host, unplain),
         )
-        text = sudoers_text(serving)
+        text = migrate_sudo.sudoers_text(serving)
         unless_current(
-            sudoers_file,
-            current=path_is(state.paths, SUDOERS, "file", "root", "root", "440", snapshot_files.text_sha1(text)),
+            migrate_sudo.sudoers_file,
+            current=path_is(
+                state.paths, migrate_sudo.SUDOERS, "file", "root", "root", "440", snapshot_files.text_sha1(text)
+            ),
             name="Let peers read migrating users' files, read-only",
-            path=SUDOERS,
+            path=migrate_sudo.SUDOERS,
             text=text,
         )
     notice(wait_for_peers, name="Wait for the other PC of the migration", phase="keys made, sudo rules written")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from labfleet import datasets, migrate
+from labfleet import datasets, migrate, migrate_sudo
 from labfleet.facts.jupyter import ComposeService
 from labfleet.facts.migrate import MarkerFact, MigrationPending, parse_markers, parse_pending
 from labfleet.facts.updates import ContainerBusy
@@ -129,7 +129,7 @@ def test_the_pull_maps_owners_by_name_keeps_newer_files_and_deletes_nothing(raw)
 def test_the_old_pc_lets_the_sync_account_read_as_the_owner_and_nothing_else(raw):
     fleet = _fleet(raw)
     served = migrate.served(fleet["pc03.lab"], fleet)
-    assert migrate.sudoers_text(served).splitlines()[2:] == [
+    assert migrate_sudo.sudoers_text(served).splitlines()[2:] == [
         'Defaults:labfleet-sync env_keep += "SSH_ORIGINAL_COMMAND"',
         "labfleet-sync ALL=(alice) NOPASSWD: /usr/bin/rrsync -ro /srv/workspace/alice, "
         "/usr/bin/rrsync -ro /srv/home/alice",
@@ -146,9 +146,9 @@ def test_the_old_pc_lets_the_sync_account_read_as_the_owner_and_nothing_else(raw
         "ssh-ed25519 K labfleet-pull:migrate/alice/home@pc09.lab"
     )
     odd = _fleet(raw, old={"workspace_dir": "/srv/work space/{user}"})
-    unplain = migrate.unplain_paths(migrate.served(odd["pc03.lab"], odd))
+    unplain = migrate_sudo.unplain_paths(migrate.served(odd["pc03.lab"], odd))
     assert unplain == ["/srv/work space/alice"]
-    assert migrate.unplain_problem("pc03.lab", unplain) == (
+    assert migrate_sudo.unplain_problem("pc03.lab", unplain) == (
         "host pc03.lab: cannot serve migrations of /srv/work space/alice: a sudo rule cannot name such a path; "
         "use workspace_dir / home_dir made of letters, digits and . _ - @ + /"
     )
@@ -346,7 +346,7 @@ def test_the_final_pass_pulls_only_after_the_old_pc_handed_over_then_stamps(fake
 
 
 def test_the_sudoers_drop_in_is_checked_before_it_replaces_the_old_one(tmp_path):
-    (command,) = list(migrate.sudoers_file._inner(path=str(tmp_path / "rules"), text="x\n"))
+    (command,) = list(migrate_sudo.sudoers_file._inner(path=str(tmp_path / "rules"), text="x\n"))
     assert "visudo -cqf" in command and command.index("visudo") < command.index("install -m 0440")
 
 
