@@ -13,7 +13,9 @@ Why these choices:
   under their final name, so the objects that differ are first fetched into a staging
   directory beside the dataset (``<datasets_root>/.labfleet-incoming/<name>``, root only, on
   the same file system), given the dataset's owner and modes there, and then renamed into
-  place. A killed run leaves its complete files in staging, where the next run keeps them.
+  place. Staging is synced to exactly the list of objects that differ, so a file a killed
+  run completed is kept (and not fetched twice), and one it left half-written, or one no
+  longer wanted, is replaced or removed before anything is renamed.
 - Nothing is deleted unless the dataset says ``prune: True``; then the files that the bucket
   no longer has are listed (``rclone check``) and exactly those are removed.
 """
@@ -39,6 +41,9 @@ CONFIG_DIR = "/etc/labfleet/dataset-s3"
 REMOTE = "bucket"
 # Beside the datasets, on their file system, so that moving a fetched file in is a rename.
 INCOMING = ".labfleet-incoming"
+# The path of each object that a dry run would copy, from rclone's log (as
+# labfleet.facts.datasets.parse_rclone_dry_run reads it, for sed on the host).
+SKIPPED_COPY_SED = r"s|^[0-9/]* [0-9:]* NOTICE: \(.*\): Skipped copy as --dry-run is set (size [^)]*)$|\1|p"
 
 
 def config_path(dataset: Dataset) -> str:
@@ -130,7 +135,7 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
         f"labfleet: host {host.name}: {label}: fetching {source} from {source.endpoint} failed (rclone exit"
     )
     retry = shlex.quote("; run again: what arrived whole is kept and not fetched twice")
-    q_dest, q_staging = shlex.quote(dest), shlex.quote(staging)
+    q_dest, q_staging, q_list = shlex.quote(dest), shlex.quote(staging), shlex.quote(f"{staging}.list")
     # Each rclone's log goes to a file, and only its last error line (never a key) to stderr.
     run = (
         'run() { "$@" >"$log" 2>&1 && return 0; rc=$?; '
@@ -144,11 +149,14 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
         run,
         f"rm -f {shlex.quote(stamp)}",
         f"install -d -m 0700 -o root -g root {shlex.quote(posixpath.dirname(staging))} {q_staging}",
-        # sync, not copy: a file left in staging by a killed run for an object since deleted goes.
-        "run " + rclone(config, "sync", bucket, staging, "--compare-dest", dest),
+        # Listed again, not taken from the fact: the list can be far too long for a command line.
+        "run " + rclone(config, "copy", bucket, dest, "--dry-run"),
+        f'sed -n {shlex.quote(SKIPPED_COPY_SED)} "$log" > {q_list}',
+        "run " + rclone(config, "sync", bucket, staging, "--files-from-raw", f"{staging}.list", "--delete-excluded"),
         f"find {q_staging} -type f -exec chown root:{shlex.quote(group)} {{}} + "
         f"-exec chmod {file_modes(dataset)} {{}} +",
         "run " + shlex.join(["rclone", "--config", config, "move", staging, dest, "--delete-empty-src-dirs"]),
+        f"rm -f {q_list}",
     ]
     if dataset.prune:
         listed = shlex.quote(f"{staging}.gone")

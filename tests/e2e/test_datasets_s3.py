@@ -96,7 +96,7 @@ STOP_THE_FETCH = r"""
 # until big.bin is partly written; print its pid, stopped.
 for i in $(seq 12000); do
   for p in $(pgrep -x rclone); do
-    if tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -q -- --compare-dest; then
+    if tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -q -- --files-from-raw; then
       kill -STOP $p
       for j in $(seq 2000); do
         if find {staging} -name big.bin -size +1M 2>/dev/null | grep -q .; then echo $p; exit 0; fi

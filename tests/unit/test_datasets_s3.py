@@ -180,6 +180,7 @@ def test_an_s3_dataset_needs_rclone_and_sits_under_the_read_only_root(raw, keys)
 # What rclone 1.60 prints for a dry run (copy and sync) and for a bucket it cannot read.
 DRY_RUN = """\
 2026/12/02 12:15:51 NOTICE: d0/f2.bin: Skipped copy as --dry-run is set (size 7)
+2026/12/02 12:15:51 NOTICE: big.bin: Skipped copy as --dry-run is set (size 64Mi)
 2026/12/02 12:15:51 NOTICE: new dir/n.bin: Skipped copy as --dry-run is set (size 3)
 2026/12/02 12:15:51 NOTICE: d0/f0.bin: Skipped update modification time as --dry-run is set (size 100)
 2026/12/02 12:15:51 NOTICE: d1/f1.bin: Skipped delete as --dry-run is set (size 101)
@@ -200,7 +201,7 @@ labfleet-rc=3
 def test_the_dry_run_lists_copies_and_deletes_but_not_a_time_to_set():
     assert parse_rclone_dry_run(DRY_RUN.splitlines()) == {
         "rc": 0,
-        "changes": ["d0/f2.bin", "new dir/n.bin", "d1/f1.bin"],
+        "changes": ["d0/f2.bin", "big.bin", "new dir/n.bin", "d1/f1.bin"],
         "error": "",
     }
     assert parse_rclone_dry_run(NO_BUCKET.splitlines()) == {
@@ -209,6 +210,13 @@ def test_the_dry_run_lists_copies_and_deletes_but_not_a_time_to_set():
         "error": "Failed to copy: directory not found",
     }
     assert RcloneDryRun().command("rclone copy a b").startswith("rclone copy a b --dry-run 2>&1;")
+
+
+def test_the_transfer_reads_the_same_copies_from_rclones_log_as_the_fact():
+    listed = subprocess.run(
+        ["sed", "-n", datasets_s3.SKIPPED_COPY_SED], input=DRY_RUN, capture_output=True, text=True, check=True
+    )
+    assert listed.stdout.splitlines() == ["d0/f2.bin", "big.bin", "new dir/n.bin"]
 
 
 def _sync(dataset, dest="/srv/datasets/imagenet"):
@@ -245,15 +253,17 @@ def test_the_transfer_fetches_into_staging_renames_into_place_and_deletes_only_w
     fake_host_in(datasets_s3, {RcloneDryRun: parse_rclone_dry_run(DRY_RUN.splitlines())})
     (command,) = _sync(_dataset(raw, keys))
     assert SECRET not in command and "AKIAIOSFODNN7EXAMPLE" not in command
-    assert command.count("--config /etc/labfleet/dataset-s3/imagenet.conf") == 2
+    assert command.count("--config /etc/labfleet/dataset-s3/imagenet.conf") == 3
+    assert "copy bucket:lab-data/imagenet/train /srv/datasets/imagenet --dry-run" in command
     assert (
         "sync bucket:lab-data/imagenet/train /srv/datasets/.labfleet-incoming/imagenet "
-        "--compare-dest /srv/datasets/imagenet" in command
+        "--files-from-raw /srv/datasets/.labfleet-incoming/imagenet.list --delete-excluded" in command
     )
     assert "chown root:labdata {} + -exec chmod u+rw,go+r,go-w {} +" in command
     assert "move /srv/datasets/.labfleet-incoming/imagenet /srv/datasets/imagenet --delete-empty-src-dirs" in command
     assert "rm -f /var/lib/labfleet/datasets/imagenet.verified" in command
-    assert "delete" not in command.replace("--delete-empty-src-dirs", "")
+    # Without prune, what is deleted is in staging only: files not listed, and emptied directories.
+    assert "delete" not in command.replace("--delete-empty-src-dirs", "").replace("--delete-excluded", "")
 
     (pruned,) = _sync(_dataset(raw, keys, prune=True, readonly=False))
     assert "chmod ug+rw,o+r,o-w" in pruned
