@@ -41,6 +41,8 @@ CONFIG_DIR = "/etc/labfleet/dataset-s3"
 REMOTE = "bucket"
 # Beside the datasets, on their file system, so that moving a fetched file in is a rename.
 INCOMING = ".labfleet-incoming"
+# Given dest, staging and staged files: rename each file that has a counterpart in dest over it.
+REPLACE_IN_PLACE = 'd=$1; s=$2; shift 2; for f; do t="$d${f#"$s"}"; if [ -e "$t" ]; then mv -f -- "$f" "$t"; fi; done'
 # The path of each object that a dry run would copy, from rclone's log (as
 # labfleet.facts.datasets.parse_rclone_dry_run reads it, for sed on the host).
 SKIPPED_COPY_SED = r"s|^[0-9/]* [0-9:]* NOTICE: \(.*\): Skipped copy as --dry-run is set (size [^)]*)$|\1|p"
@@ -155,6 +157,10 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
         "run " + rclone(config, "sync", bucket, staging, "--files-from-raw", f"{staging}.list", "--delete-excluded"),
         f"find {q_staging} -type f -exec chown root:{shlex.quote(group)} {{}} + "
         f"-exec chmod {file_modes(dataset)} {{}} +",
+        # A file that replaces one in place is renamed over it by mv (rename(2): readers see the
+        # old file or the new one); rclone's move would delete the old one first. The new ones,
+        # and the directories they need, are rclone's.
+        f"find {q_staging} -type f -exec sh -c {shlex.quote(REPLACE_IN_PLACE)} sh {q_dest} {q_staging} {{}} +",
         "run " + shlex.join(["rclone", "--config", config, "move", staging, dest, "--delete-empty-src-dirs"]),
         f"rm -f {q_list}",
     ]

@@ -304,3 +304,20 @@ def test_a_failed_transfer_fails_the_host_with_rclones_last_error(raw, keys, fak
         "run again: what arrived whole is kept and not fetched twice"
     ]
     assert list(dest.iterdir()) == [], "a failed fetch put something in place"
+
+
+def test_a_changed_file_is_renamed_over_the_old_one_and_new_files_are_left_to_rclone(tmp_path):
+    dest, staging = tmp_path / "imagenet", tmp_path / "incoming"
+    for root, text in ((dest, "old"), (staging, "new")):
+        (root / "a b").mkdir(parents=True)
+        (root / "a b" / "x.bin").write_text(text)
+    (staging / "new dir").mkdir()
+    (staging / "new dir" / "n.bin").write_text("n")
+    staged = (staging / "a b" / "x.bin").stat().st_ino
+    replace = datasets_s3.REPLACE_IN_PLACE
+    subprocess.run(
+        ["find", staging, "-type", "f", "-exec", "sh", "-c", replace, "sh", dest, staging, "{}", "+"], check=True
+    )
+    assert (dest / "a b" / "x.bin").read_text() == "new"
+    assert (dest / "a b" / "x.bin").stat().st_ino == staged, "copied, not renamed"
+    assert sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()) == ["new dir/n.bin"]
