@@ -8,6 +8,9 @@
   `docker load` it, and have the id verified. A failed or interrupted load never moves the
   tag, so the running container keeps its image.
 - registry: push once, every host pulls (labfleet/registry.py).
+
+Builds, saves, copies, loads, pulls and pushes print a progress line per host while they run
+(labfleet/progress.py).
 """
 
 from __future__ import annotations
