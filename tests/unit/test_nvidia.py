@@ -1,6 +1,7 @@
-"""The NVIDIA step: detection, driver floor and install plan, toolkit source, daemon.json, CDI and the
-GPU check, from recorded sysfs, /proc and command output and against fake facts."""
+"""labfleet/nvidia.py: detection, the one batch the NVIDIA steps read, the toolkit (source, key, pin, floor,
+hold) and the GPU check, from recorded sysfs, /proc and command output and against fake facts."""
 
+import functools
 import subprocess
 
 import pytest
@@ -8,8 +9,9 @@ from fakes import PlanningHost
 from pyinfra.facts.deb import DebArch, DebPackages
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution
+from test_gpu_architecture import TITAN_V_AND_ADA
 
-from labfleet import apt, docker, gpu_architecture, model, nvidia, nvidia_driver, nvidia_runtime, planning
+from labfleet import apt, docker, gpu_architecture, nvidia, nvidia_driver, nvidia_runtime, planning
 from labfleet.facts.apt import AptSourceEntries
 from labfleet.facts.docker import AppArmorEnabled, DaemonJson, DockerEngineStatus
 from labfleet.facts.nvidia import (
@@ -84,6 +86,15 @@ def test_toolkit_setting_decides_before_detection(settings, monkeypatch):
     assert nvidia.wants_toolkit(settings(nvidia_toolkit="auto", gpu=True)) is True
 
 
+# The runtime as NvidiaRuntimeState reads it on a converged host (labfleet.nvidia_runtime).
+RUNTIME_STATE = [
+    "spec",
+    "spec-for 570.86.15 1.17.8-1",
+    "hook-changed 1700000100",
+    "service-started 1700000200",
+]
+
+
 def host_facts(gpu=RTX_WORKSTATION, daemon_json=None) -> dict:
     """A converged stand-in toolkit host as every NVIDIA fact reads it."""
     return {
@@ -111,24 +122,25 @@ def host_facts(gpu=RTX_WORKSTATION, daemon_json=None) -> dict:
     }
 
 
+def make_planning_hosts(monkeypatch, **answers):
+    """{name: PlanningHost} for answers (name: facts), and use(name), which makes that host pyinfra's `host`
+    wherever the NVIDIA steps read it; test_nvidia_runtime.py plans with it too."""
+    hosts = {name: PlanningHost(facts) for name, facts in answers.items()}
+    for name, fake in hosts.items():
+        fake.name, fake.print_prefix = name, f"[{name}] "
+
+    def use(name):
+        for module in (planning, nvidia, nvidia_runtime, gpu_architecture):
+            monkeypatch.setattr(module, "host", hosts[name])
+        return hosts[name]
+
+    return hosts, use
+
+
 @pytest.fixture
 def planning_hosts(monkeypatch):
-    """planning_hosts(name: facts, ...) -> {name: PlanningHost}; use(name) makes that host pyinfra's `host`."""
-
-    def make(**answers):
-        hosts = {name: PlanningHost(facts) for name, facts in answers.items()}
-        for name, fake in hosts.items():
-            fake.name, fake.print_prefix = name, f"[{name}] "
-
-        def use(name):
-            monkeypatch.setattr(planning, "host", hosts[name])
-            for module in (nvidia, nvidia_runtime, gpu_architecture):
-                monkeypatch.setattr(module, "host", hosts[name])
-            return hosts[name]
-
-        return hosts, use
-
-    return make
+    """planning_hosts(name=facts, ...) -> (hosts, use): make_planning_hosts."""
+    return functools.partial(make_planning_hosts, monkeypatch)
 
 
 def test_every_nvidia_step_reads_one_batch_per_host(settings, planning_hosts):
@@ -252,177 +264,6 @@ def test_nvidias_guide_list_goes_and_mixed_files_are_reported(settings):
     )
 
 
-# --- daemon.json ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("current", "expected"),
-    [
-        (None, ["native.cgroupdriver=cgroupfs"]),
-        (["native.umask=normal"], ["native.umask=normal", "native.cgroupdriver=cgroupfs"]),
-        (
-            ["native.cgroupdriver=systemd", "native.umask=normal"],
-            ["native.umask=normal", "native.cgroupdriver=cgroupfs"],
-        ),
-        (
-            ["native.cgroupdriver=cgroupfs", "native.umask=normal"],
-            ["native.cgroupdriver=cgroupfs", "native.umask=normal"],
-        ),
-        ("native.cgroupdriver=systemd", ["native.cgroupdriver=cgroupfs"]),
-    ],
-)
-def test_cgroupfs_driver_keeps_other_exec_opts(current, expected):
-    assert nvidia_runtime.exec_opts_with_cgroupfs(current) == expected
-
-
-def test_daemon_keys_register_the_runtime_by_merge(settings, planning_hosts):
-    _, use = planning_hosts(pc01=host_facts(daemon_json={"exec-opts": ["native.umask=normal"]}))
-    use("pc01")
-    keys = nvidia_runtime.daemon_keys(settings(nvidia_toolkit=True))
-    assert keys == {
-        "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}},
-        "exec-opts": ["native.umask=normal", "native.cgroupdriver=cgroupfs"],
-    }
-    assert (
-        nvidia_runtime.daemon_keys(settings(nvidia_toolkit=True, nvidia_default_runtime=True))["default-runtime"]
-        == "nvidia"
-    )
-    assert nvidia_runtime.daemon_keys(settings(nvidia_toolkit=False)) == {}
-
-
-# What `nvidia-ctk runtime configure --runtime=docker` writes into an empty daemon.json: the
-# runtime entry and nothing else.
-BY_NVIDIA_CTK = {"runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}}}
-
-
-def test_a_host_configured_by_nvidia_ctk_keeps_its_runtime_and_gains_only_the_cgroupfs_driver(settings, planning_hosts):
-    _, use = planning_hosts(pc01=host_facts(daemon_json=BY_NVIDIA_CTK))
-    use("pc01")
-    s = settings(nvidia_toolkit=True)
-    wanted = docker.daemon_config(s, [nvidia_runtime.daemon_keys(s)])
-    merged = docker.merged_daemon_json(BY_NVIDIA_CTK, wanted)
-    # NVIDIA's entry is labfleet's own, so the merge changes only what nvidia-ctk does not write:
-    # one daemon.json write (and one dockerd restart) on the first deploy, none after.
-    assert merged == {**BY_NVIDIA_CTK, "exec-opts": ["native.cgroupdriver=cgroupfs"]}
-    assert merged["runtimes"] == BY_NVIDIA_CTK["runtimes"]
-    assert docker.merged_daemon_json(merged, wanted) == merged
-
-
-# --- CDI and dockerd --------------------------------------------------------------------------
-
-RUNTIME_STATE = [
-    "spec",
-    "spec-for 570.86.15 1.17.8-1",
-    "hook-changed 1700000100",
-    "service-started 1700000200",
-]
-
-
-def test_runtime_state_fact():
-    assert parse_nvidia_runtime_state([*RUNTIME_STATE, "refresh-spec", "default-runtime"]) == {
-        "spec": True,
-        "spec_for": "570.86.15 1.17.8-1",
-        "refresh_spec": True,
-        "default_runtime": True,
-        "hook_changed": 1700000100,
-        "service_started": 1700000200,
-    }
-    assert parse_nvidia_runtime_state(["spec-for "]) == NvidiaRuntimeState.default()
-
-
-ENABLED = {"systemd": True, "active": "active", "enabled": "enabled"}
-NO_UNIT = {"systemd": True, "active": "inactive", "enabled": "not-found"}
-# The path unit as the postinst leaves it, and the oneshot service, which stays "active
-# (exited)" after a run (RemainAfterExit=yes) and "inactive" when its conditions failed.
-DISABLED = {"systemd": True, "active": "inactive", "enabled": "disabled"}
-
-
-def cdi(driver, toolkit, lines, path_unit=NO_UNIT, service_unit=NO_UNIT):
-    return nvidia_runtime.cdi_commands(driver, toolkit, parse_nvidia_runtime_state(lines), path_unit, service_unit)
-
-
-@pytest.mark.parametrize(
-    ("driver", "toolkit", "lines", "current"),
-    [
-        (None, "1.17.8-1", [], True),  # no driver, nothing to describe
-        ("570.86.15", "1.17.8-1", RUNTIME_STATE, True),
-        ("580.65.06", "1.17.8-1", RUNTIME_STATE, False),  # the driver changed
-        ("570.86.15", "1.17.9-1", RUNTIME_STATE, False),  # the toolkit changed
-        ("570.86.15", "1.17.8-1", ["spec", "spec-for 570.86.15"], False),  # made by labfleet before the toolkit
-        ("570.86.15", "1.17.8-1", RUNTIME_STATE[1:], False),  # the spec was removed
-        ("570.86.15", "1.17.8-1", ["spec"], False),  # a spec labfleet did not generate
-    ],
-)
-def test_cdi_spec_before_1_18_is_regenerated_when_the_driver_or_the_toolkit_changed(driver, toolkit, lines, current):
-    commands = cdi(driver, toolkit, lines)
-    assert (commands == []) is current
-    if not current:
-        assert commands[0] == "install -d -m 755 /etc/cdi && nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
-        assert f"echo '{driver} {toolkit}' > /var/lib/labfleet/nvidia/cdi-driver-version.new" in commands[1]
-
-
-def test_toolkit_1_18_uses_nvidias_refresh_units_and_drops_the_spec_labfleet_wrote():
-    # Upgraded from 1.17.8 (labfleet's /etc/cdi spec), the postinst enabled the units and ran the service.
-    commands = cdi("570.86.15", "1.18.0-1", [*RUNTIME_STATE, "refresh-spec"], ENABLED, ENABLED)
-    assert commands[0] == "rm -f /etc/cdi/nvidia.yaml"
-    assert commands[1].startswith("systemctl restart nvidia-cdi-refresh.service && ")
-    assert "wrote no /var/run/cdi/nvidia.yaml for driver 570.86.15" in commands[1]
-    assert "echo 'refresh 570.86.15 1.18.0-1' > /var/lib/labfleet/nvidia/cdi-driver-version.new" in commands[2]
-    converged = ["spec-for refresh 570.86.15 1.18.0-1", "refresh-spec"]
-    assert cdi("570.86.15", "1.18.0-1", converged, ENABLED, ENABLED) == []
-    # A new driver: NVIDIA's service runs again (it stays "active (exited)", so a start would not).
-    assert cdi("580.65.06", "1.18.0-1", converged, ENABLED, ENABLED)[0].startswith(
-        "systemctl restart nvidia-cdi-refresh.service"
-    )
-    # The spec under /var/run is gone (a reboot whose refresh failed): run the service again.
-    assert cdi("570.86.15", "1.18.0-1", converged[:1], ENABLED, ENABLED) != []
-    # An admin disabled the units: both enabled again, the path unit started; no driver, no spec.
-    assert cdi(None, "1.18.0-1", [], DISABLED, DISABLED) == [
-        "systemctl enable nvidia-cdi-refresh.path nvidia-cdi-refresh.service",
-        "systemctl start nvidia-cdi-refresh.path",
-    ]
-    # A hand-made /etc/cdi spec (no marker of labfleet's) stays.
-    assert cdi(None, "1.18.0-1", ["spec"], ENABLED, DISABLED) == [
-        "systemctl enable nvidia-cdi-refresh.path nvidia-cdi-refresh.service"
-    ]
-
-
-def test_a_1_18_toolkit_without_the_units_keeps_labfleets_own_spec():
-    assert cdi("570.86.15", "1.18.0-1", ["spec", "spec-for 570.86.15 1.18.0-1"]) == []
-    assert nvidia_runtime.uses_cdi_refresh("1.17.8-1", ENABLED) is False
-    assert nvidia_runtime.uses_cdi_refresh("1.18.0~rc.1-1", ENABLED) is False
-    assert nvidia_runtime.uses_cdi_refresh("1.18.2-1", ENABLED) is True
-
-
-def test_keep_cdi_spec_current_plans_the_difference(fake_host):
-    fake = fake_host(
-        {
-            GpuHost: parse_gpu_host(RTX_WORKSTATION),
-            DebPackages: {name: ["1.17.8-1"] for name in nvidia.TOOLKIT_PACKAGES},
-            NvidiaRuntimeState: NvidiaRuntimeState.default(),
-            ServiceState: NO_UNIT,
-        }
-    )
-    commands = list(nvidia_runtime.keep_cdi_spec_current._inner())
-    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in commands[0] and len(commands) == 2
-    fake.facts[NvidiaRuntimeState] = parse_nvidia_runtime_state(RUNTIME_STATE)
-    assert list(nvidia_runtime.keep_cdi_spec_current._inner()) == []
-    assert fake.noops == ["the CDI spec is for driver 570.86.15 and toolkit 1.17.8-1"]
-
-
-@pytest.mark.parametrize(
-    ("lines", "predates"),
-    [
-        (["hook-changed 1700000100", "service-started 1700000050"], True),  # toolkit installed under a running dockerd
-        (["hook-changed 1700000100", "service-started 1700000100"], False),
-        (["hook-changed 1700000100"], False),  # dockerd not running
-        (["service-started 1700000050"], False),  # no toolkit
-    ],
-)
-def test_dockerd_restarts_only_when_it_started_before_the_hook(lines, predates):
-    assert nvidia_runtime.dockerd_predates_hook(parse_nvidia_runtime_state(lines)) is predates
-
-
 # --- Verify -----------------------------------------------------------------------------------
 
 SMOKE_OK = [
@@ -509,95 +350,6 @@ def test_the_toolkit_stops_on_an_unsupported_distribution_or_a_mixed_apt_file(se
     )
 
 
-# --- The GPUs' architectures against the image's torch ------------------------------------------
-
-# `nvidia-smi --query-gpu=index,name,compute_cap --format=csv,noheader` on a TITAN V and an RTX
-# 5880 Ada under driver 570.86.15: the two GPUs that triton-inference-server/server#8070 recorded
-# (with `--query-gpu=compute_cap,compute_mode,driver_version,name,index --format=csv`), in this
-# query's field order.
-TITAN_V_AND_ADA = ["0, NVIDIA TITAN V, 7.0", "1, NVIDIA RTX 5880 Ada Generation, 8.9"]
-# Pascal cards by their compute capability (NVIDIA's CUDA GPUs table): a P100 is 6.0, a GTX 1080 6.1.
-PASCAL = ["0, Tesla P100-PCIE-16GB, 6.0", "1, NVIDIA GeForce GTX 1080, 6.1"]
-# What nvidia-smi prints when the user-space driver is newer than the loaded module, as
-# intel/llvm#17614 recorded it: nothing to parse, so nothing is refused.
-NVML_MISMATCH = ["Failed to initialize NVML: Driver/library version mismatch", "NVML library version: 550.144"]
-
-
-def test_gpu_architectures_fact():
-    assert parse_gpu_architectures(TITAN_V_AND_ADA) == [
-        {"index": 0, "name": "NVIDIA TITAN V", "compute_cap": (7, 0)},
-        {"index": 1, "name": "NVIDIA RTX 5880 Ada Generation", "compute_cap": (8, 9)},
-    ]
-    assert parse_gpu_architectures(NVML_MISMATCH) == []
-    # A comma in a name: the index is the first field, the capability the last.
-    assert parse_gpu_architectures(["2, Lab GPU, rev 2, 7.5"])[0]["name"] == "Lab GPU, rev 2"
-
-
-def test_every_cuda_lock_has_its_torch_architectures():
-    """A relock that moves torch must say which GPUs the new wheel runs on (gpu_architecture.TORCH_ARCHS)."""
-    locks = sorted(model.REQUIREMENTS_DIR.glob("*-cu*.txt"))
-    assert locks
-    for lock in locks:
-        profile, _, line = lock.stem.rpartition("-cu")
-        cuda = f"{line[:-1]}.{line[-1]}"
-        torch = gpu_architecture.locked_torch(profile, cuda)
-        assert torch is None or (torch, cuda) in gpu_architecture.TORCH_ARCHS, (
-            f"{lock.name}: torch {torch} for CUDA {cuda}"
-        )
-
-
-@pytest.mark.parametrize(
-    ("cap", "archs", "runs"),
-    [
-        ((6, 1), gpu_architecture.TORCH_ARCHS[("2.7.1", "12.6")], True),  # sm_60 runs on 6.1
-        ((6, 1), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], False),
-        ((7, 0), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], True),
-        ((7, 0), gpu_architecture.TORCH_ARCHS[("2.11.0", "13.0")], False),
-        ((8, 9), gpu_architecture.TORCH_ARCHS[("2.11.0", "13.0")], True),  # sm_86 runs on 8.9
-        ((12, 1), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], True),
-        ((11, 0), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], False),  # no sm_11x, older than sm_120
-        ((13, 0), gpu_architecture.TORCH_ARCHS[("2.10.0", "12.8")], True),  # newer than every arch: not judged here
-        ((3, 7), gpu_architecture.TORCH_ARCHS[("2.7.1", "12.6")], False),
-    ],
-)
-def test_a_gpu_runs_the_kernels_of_its_major_at_or_below_its_minor(cap, archs, runs):
-    assert gpu_architecture.runs_on(cap, archs) is runs
-
-
-def test_pascal_and_volta_are_refused_with_the_cuda_line_that_runs_them():
-    pascal = parse_gpu_architectures(PASCAL)
-    problem = gpu_architecture.architecture_problem("pc03", "pytorch", "12.8", pascal)
-    assert problem == (
-        "host pc03: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0, GPU 1 (NVIDIA GeForce GTX 1080) has "
-        "compute capability 6.1, and the image's torch 2.10.0 for CUDA 12.8 is built for compute capability 7.0 "
-        'and newer (it would fail with "no kernel image is available"); set cuda = "12.6" for this host '
-        "(torch 2.7.1, built for 5.0 and newer), then run the deploy again"
-    )
-    assert gpu_architecture.architecture_problem("pc03", "pytorch", "12.6", pascal) is None
-    volta = parse_gpu_architectures(TITAN_V_AND_ADA)
-    assert gpu_architecture.architecture_problem("pc04", "pytorch", "12.8", volta) is None
-    on_13 = gpu_architecture.architecture_problem("pc04", "pytorch", "13.0", volta)
-    assert on_13 is not None and "GPU 0 (NVIDIA TITAN V) has compute capability 7.0," in on_13
-    assert "GPU 1" not in on_13 and 'set cuda = "12.8" for this host' in on_13
-    kepler = parse_gpu_architectures(["0, Tesla K80, 3.7"])
-    assert "no CUDA line labfleet locks has kernels for it" in gpu_architecture.architecture_problem(
-        "pc05", "pytorch", "12.8", kepler
-    )
-    # The jupyter profile has no torch, and nothing is known without a driver: nothing refused.
-    assert gpu_architecture.architecture_problem("pc03", "jupyter", "12.8", pascal) is None
-    assert gpu_architecture.architecture_problem("pc03", "pytorch", "12.8", []) is None
-
-
-def test_check_gpu_architectures_fails_the_host_with_its_line(fake_host):
-    fake = fake_host({GpuArchitectures: parse_gpu_architectures(PASCAL)})
-    (command,) = list(gpu_architecture.check_gpu_architectures._inner("pytorch", "12.8"))
-    assert "labfleet: host pc01: GPU 0 (Tesla P100-PCIE-16GB) has compute capability 6.0" in command
-    assert command.endswith("exit 1")
-    fake.facts[GpuArchitectures] = parse_gpu_architectures(TITAN_V_AND_ADA)
-    assert list(gpu_architecture.check_gpu_architectures._inner("pytorch", "12.8")) == []
-    assert fake.noops == ["2 GPU(s) run the image's torch"]
-
-
 # --- The toolkit floor and the hold -----------------------------------------------------------
 
 OLD_TOOLKIT = {name: ["1.17.7-1"] for name in nvidia.TOOLKIT_PACKAGES}
@@ -652,30 +404,6 @@ def test_the_version_setting_pins_and_no_version_holds(settings):
     assert nvidia.apt_source(settings(), "amd64").hold is True
     pinned = nvidia.apt_source(settings(nvidia_toolkit_version="1.17.8-1"), "amd64")
     assert pinned.hold is False and pinned.pin_version == "1.17.8-1"
-
-
-# --- The default runtime, switched off -----------------------------------------------------------
-
-
-def test_default_runtime_goes_only_where_labfleet_set_it(settings, planning_hosts):
-    marked = host_facts(daemon_json={"default-runtime": "nvidia"})
-    marked[NvidiaRuntimeState] = parse_nvidia_runtime_state([*RUNTIME_STATE, "default-runtime"])
-    _, use = planning_hosts(pc01=marked, pc02=host_facts(daemon_json={"default-runtime": "nvidia"}))
-    use("pc01")
-    off = settings(nvidia_toolkit=True)
-    assert nvidia_runtime.daemon_keys_to_drop(off) == {"default-runtime": "nvidia"}
-    assert nvidia_runtime.daemon_keys_to_drop(settings(nvidia_toolkit=True, nvidia_default_runtime=True)) == {}
-    use("pc02")  # set by hand (nvidia-ctk runtime configure --set-as-default): no marker, it stays
-    assert nvidia_runtime.daemon_keys_to_drop(off) == {}
-    current = {"default-runtime": "nvidia", "live-restore": True, "log-driver": "local"}
-    drop = {"default-runtime": "nvidia"}
-    assert docker.merged_daemon_json(current, {"live-restore": True}, drop) == {
-        "live-restore": True,
-        "log-driver": "local",
-    }
-    # A value changed by hand, or one docker_daemon asks for, is not labfleet's to remove.
-    assert docker.merged_daemon_json({"default-runtime": "runc"}, {}, drop) == {"default-runtime": "runc"}
-    assert docker.merged_daemon_json(current, {"default-runtime": "nvidia"}, drop) == current
 
 
 @pytest.mark.parametrize(("installed", "ok"), [("1.17.7-1", False), ("1.17.8~rc.1-1", False), ("1.17.8-1", True)])
