@@ -817,8 +817,8 @@ def _bring_in_from_peers(settings: Settings, datasets: list[Dataset]) -> None:
 
 
 def _bring_in_s3(settings: Settings, datasets: list[Dataset]) -> None:
+    datasets_s3.write_configs(datasets)
     for dataset in datasets:
-        datasets_s3.write_config(dataset)
         datasets_s3.sync_bucket(
             name=f"Fetch dataset {dataset.name} from {dataset.source}",
             dataset=dataset,

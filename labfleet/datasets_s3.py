@@ -103,7 +103,7 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
     + dataset: the dataset (its source names bucket, prefix and endpoint; prune deletes what the bucket lost)
     + dest: the dataset directory
     + staging: root-only directory on dest's file system that objects are fetched into first
-    + config: the rclone config file with the keys (written by bring_in_s3)
+    + config: the rclone config file with the keys (written by write_configs)
     + group: the datasets group, which owns every fetched file
     + stamp: file that is removed when anything moves, so the manifest is verified again
 
@@ -177,8 +177,10 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
     yield "; ".join(commands)
 
 
-def write_config(dataset: Dataset) -> None:
-    """Put a dataset's rclone config on the host, 0600 root; a change of keys or endpoint rewrites it."""
+def write_configs(datasets: list[Dataset]) -> None:
+    """Put each dataset's rclone config on the host, 0600 root; a change of keys or endpoint rewrites it."""
+    if not datasets:
+        return
     files.directory(
         name="Create the directory of the S3 dataset keys",
         path=CONFIG_DIR,
@@ -186,11 +188,12 @@ def write_config(dataset: Dataset) -> None:
         group="root",
         mode="700",
     )
-    files.put(
-        name=f"Write the S3 keys of dataset {dataset.name}",
-        src=StringIO(rclone_config(dataset.source)),
-        dest=config_path(dataset),
-        user="root",
-        group="root",
-        mode="600",
-    )
+    for dataset in datasets:
+        files.put(
+            name=f"Write the S3 keys of dataset {dataset.name}",
+            src=StringIO(rclone_config(dataset.source)),
+            dest=config_path(dataset),
+            user="root",
+            group="root",
+            mode="600",
+        )
