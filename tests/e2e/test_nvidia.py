@@ -1,4 +1,5 @@
-"""labfleet/nvidia.py end to end: the real pyinfra CLI over SSH against systemd test hosts.
+"""labfleet/nvidia.py, nvidia_runtime.py and gpu_architecture.py end to end: the real pyinfra CLI over SSH
+against systemd test hosts.
 
 No GPU and no NVIDIA package is reachable here. The toolkit path runs against STAND-IN
 packages under the four real names, from a GPG-signed local repository that the test host
