@@ -367,6 +367,13 @@ def gpus_flag(devices) -> str:
 def gpu_check_problem(result: Mapping) -> str | None:
     """What is wrong with a GpuInContainer result, or None when the GPU was visible and working."""
     output = result["output"]
+    if result["rc"] != 0 and any("could not select device driver" in line for line in output):
+        # dockerd registers its nvidia GPU driver only when it starts with NVIDIA's hook on its
+        # PATH; labfleet restarts it only for a hook its own run installed.
+        return (
+            "the GPU is not usable in the lab image: dockerd started before NVIDIA's hook was installed, so it "
+            "has no nvidia GPU driver; restart it (sudo systemctl restart docker), then run the deploy again"
+        )
     if result["rc"] != 0:
         return "the GPU is not usable in the lab image"
     if not any(line.startswith("GPU ") for line in output):

@@ -292,7 +292,14 @@ def test_gpus_flag_follows_gpu_devices(devices, flag):
     [
         (SMOKE_OK, None),
         (["Failed to initialize NVML: Unknown Error", "labfleet-rc=255"], "not usable"),
-        (["docker: Error response from daemon: could not select device driver", "labfleet-rc=125"], "not usable"),
+        (
+            [
+                'docker: Error response from daemon: could not select device driver "" with capabilities: [[gpu]].',
+                "labfleet-rc=125",
+            ],
+            "dockerd started before NVIDIA's hook was installed, so it has no nvidia GPU driver; restart it "
+            "(sudo systemctl restart docker)",
+        ),
         ([line for line in SMOKE_OK if not line.startswith("GPU ")], "listed no GPU"),
         ([line.replace("True", "False") for line in SMOKE_OK], "does not see CUDA"),
     ],
