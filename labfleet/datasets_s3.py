@@ -167,6 +167,8 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
     if dataset.prune:
         listed = shlex.quote(f"{staging}.gone")
         commands += [
+            # A list left by a killed run must not stand in for this one.
+            f"rm -f {listed}",
             # check exits 1 when it finds files missing: the list, not the exit code, says which.
             f"rclone --config {shlex.quote(config)} --use-server-modtime --fast-list check {q_dest} "
             f'{shlex.quote(bucket)} --one-way --size-only --missing-on-dst {listed} >"$log" 2>&1 || true',
