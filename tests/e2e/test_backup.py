@@ -35,6 +35,7 @@ WORKSPACE = "/srv/workspace/lab"
 HOME = "/srv/home/lab"
 RESTIC = "/opt/labfleet/backup/labfleet-restic"
 NEW_UID = 1077
+RESTORE_STEP = "Restore the workspaces and homes from the backup"
 
 # Relative path -> content; the 1 MiB file is made on the host.
 FILES = {
@@ -165,8 +166,10 @@ def test_backup_to_an_sftp_server_then_restore_onto_a_fresh_host(make_hosts, fle
     assert_converged(runs[-1])
     for host in (new, other):
         source = restores[host.name]["restore_from"]
-        assert runs[-1].status(host, f"Restore the workspace of lab from {source}") == "success"
-        assert runs[-1].status(host, f"Restore the home of lab from {source}") == "success"
+        for kind in ("workspace", "home"):
+            # In full: the two hosts' operations differ by name only, one pyinfra operation with both names.
+            name = f"{RESTORE_STEP} | Restore the {kind} of lab from {source}"
+            assert runs[-1].status(host, name) == "success", name
         assert health(host) == "healthy"
         after = {"workspace": _checksums(host, WORKSPACE), "home": _checksums(host, HOME)}
         for kind, files in before.items():
