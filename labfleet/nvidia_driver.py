@@ -30,6 +30,9 @@ On a GPU host (``gpu``, or detection: PCI vendor 10de or /proc/driver/nvidia), i
   default in R560; a host with no readable id gets the open default. Debian gets
   ``nvidia-driver`` with ``libcuda1`` and ``nvidia-smi`` (only recommended, so
   ``--no-install-recommends`` left torch without CUDA) and the DKMS module of the flavour.
+- **The next boot.** The newest installed kernel, which a reboot starts, without an NVIDIA
+  module (Ubuntu's signed modules for a new kernel need the archive's newer driver, which the
+  hold keeps out; or DKMS failed): the deploy warns before that reboot loses the GPU.
 - **Held.** The driver's packages (every installed binary of its source packages, and what
   labfleet installs) are held by an apt preferences pin, /etc/apt/preferences.d/labfleet-
   nvidia-driver, at ``nvidia_driver_version`` or else at the release installed. A pin at
@@ -67,6 +70,7 @@ from labfleet.facts.nvidia_driver import (
     DriverState,
     NvidiaDriver,
     installed_driver,
+    newest_kernel_without_module,
     upstream_version,
 )
 from labfleet.facts.updates import ContainerBusy
@@ -195,6 +199,26 @@ def reboot_line(host_name: str, module: str | None, installed: str) -> str:
     if module is None:
         return f"{host_name} has NVIDIA driver {installed} installed but no NVIDIA module loaded: reboot {host_name}"
     return f"{host_name} runs module {module} but {installed} is installed: reboot {host_name}"
+
+
+def kernel_line(settings: Settings, release: Mapping, kernel: str) -> str:
+    """The newest kernel, which a reboot boots, has no NVIDIA module: what follows, and what to do.
+
+    On Ubuntu, Canonical's signed modules for a new kernel require the driver release its
+    archive has then, which a held driver is not; on Debian, DKMS failed to build for it.
+    """
+    if "ubuntu" in (release.get("name") or "").lower():
+        fix = (
+            "Ubuntu's signed NVIDIA modules for it need the driver release its archive has now, newer than the "
+            "one held: set nvidia_driver_version to that release (apt-cache policy lists it) with "
+            "nvidia_driver_install = true, and deploy before rebooting"
+        )
+    else:
+        fix = f"DKMS did not build it: see sudo dkms status, then sudo dkms autoinstall -k {kernel} on {settings.host}"
+    return (
+        f"{settings.host}: kernel {kernel}, the newest installed and the one a reboot starts, has no NVIDIA "
+        f"module, so after the next reboot the GPU is gone; {fix}"
+    )
 
 
 def blackwell_problem(settings: Settings, devices: Sequence[int], module: str | None, flavour: str | None) -> str:
@@ -467,7 +491,8 @@ def refuse_reboot(reason: str):
 
 @step("Check the NVIDIA driver")
 def check_driver(settings: Settings):
-    """Secure Boot, a reboot still due, the floor, Blackwell; with nvidia_driver_install the driver itself; the hold."""
+    """Secure Boot, a reboot still due, the floor, Blackwell, a next kernel without a module; with
+    nvidia_driver_install the driver itself; the hold."""
     if not has_gpu(settings):
         if wants_toolkit(settings):
             host.noop("no NVIDIA GPU on this host: no driver to check; the toolkit is installed (nvidia_toolkit: true)")
@@ -515,6 +540,13 @@ def check_driver(settings: Settings):
             name=title, ok=False, problem=_below_floor(settings, state.gpu, state.release, driver["devices"], module)
         )
         return
+    kernel = newest_kernel_without_module(driver)
+    if kernel is not None:
+        planning.notice(
+            docker.warn,
+            name=f"Kernel {kernel} has no NVIDIA module",
+            message=kernel_line(settings, state.release, kernel),
+        )
     _plan_hold(settings, mine, ())
 
 

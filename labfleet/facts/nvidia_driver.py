@@ -84,6 +84,7 @@ class DriverState(TypedDict):
     libraries: list[str]  # versions of the NVML library on disk (one, unless a removal failed)
     packages: dict[str, str]  # installed binary packages of the driver's sources: name -> version
     secure_boot: bool | None  # mokutil --sb-state; None without mokutil or without EFI
+    kernels: dict[str, bool]  # each installed kernel (a /boot/vmlinuz-<release>) -> has an NVIDIA module
 
 
 class NvidiaDriver(FactBase[DriverState]):
@@ -104,6 +105,7 @@ class NvidiaDriver(FactBase[DriverState]):
             "libraries": [],
             "packages": {},
             "secure_boot": None,
+            "kernels": {},
         }
 
     def command(self) -> str:
@@ -118,7 +120,12 @@ class NvidiaDriver(FactBase[DriverState]):
             "dpkg-query -W -f '${db:Status-Abbrev} ${source:Package} ${Package} ${Version}\\n' 2>/dev/null "
             '| awk \'$1 == "ii" && $2 ~ /^nvidia-(graphics-drivers|open-gpu-kernel-modules)/ '
             '{ print "package", $3, $4 }\'; '
-            "command -v mokutil >/dev/null && mokutil --sb-state 2>&1 | sed 's/^/mokutil /'; true"
+            "command -v mokutil >/dev/null && mokutil --sb-state 2>&1 | sed 's/^/mokutil /'; "
+            # Each installed kernel, and whether it has an NVIDIA module to boot with: Ubuntu's
+            # signed nvidia.ko, a DKMS build (Debian names it nvidia-current.ko), the .run's.
+            "for d in /lib/modules/*/; do k=${d%/}; k=${k##*/}; [ -e /boot/vmlinuz-$k ] || continue; "
+            "if find \"$d\" \\( -name 'nvidia.ko*' -o -name 'nvidia-current.ko*' \\) -print 2>/dev/null | grep -q .; "
+            'then echo "kernel $k module"; else echo "kernel $k none"; fi; done; true'
         )
 
     def process(self, output):
@@ -148,6 +155,9 @@ def parse_driver_state(lines: Iterable[str]) -> DriverState:
             state["packages"][name] = version
         elif kind == "mokutil":
             mokutil.append(rest)
+        elif kind == "kernel" and len(rest.split()) == 2:
+            release, found = rest.split()
+            state["kernels"][release] = found == "module"
     module = parse_proc_version(proc)
     state["module"] = module["version"] or sys_version
     state["flavour"] = module["flavour"] if state["module"] else None
@@ -227,3 +237,17 @@ def reboot_needed(state: DriverState) -> tuple[str | None, str] | None:
     if installed is None or state["module"] == installed:
         return None
     return state["module"], installed
+
+
+def kernel_key(release: str) -> tuple[int, ...]:
+    """``"6.8.0-50-generic"`` -> ``(6, 8, 0, 50)``: kernel releases in the order they were built."""
+    return tuple(int(part) for part in re.findall(r"\d+", release))
+
+
+def newest_kernel_without_module(state: DriverState) -> str | None:
+    """The newest installed kernel, the one a reboot boots by default, when it has no NVIDIA module
+    and a driver is installed; None otherwise."""
+    if not state["kernels"] or installed_driver(state) is None:
+        return None
+    newest = max(state["kernels"], key=kernel_key)
+    return None if state["kernels"][newest] else newest

@@ -5,7 +5,8 @@ after an unattended upgrade with STAND-INs: /proc/driver/nvidia/version on a tmp
 565.57.01 module is loaded (nvidia_standin.simulate_driver), and STAND-IN packages under
 Debian's names and source put the 570.86.15 user space in place, from a local flat apt
 repository that also offers 580.95.05 (tests/e2e/nvidia_driver_standin.py). A stand-in
-mokutil reports Secure Boot. No kernel module and no GPU is involved.
+mokutil reports Secure Boot, and a STAND-IN kernel (an empty vmlinuz and module directory) plays
+an update that DKMS built no module for. No kernel module and no GPU is involved.
 
 Every deploy runs tests/e2e/deploys/nvidia_driver_step.py (preflight, the driver step, the
 image's GPU check) and is run again to show that the second run changes nothing.
@@ -67,6 +68,20 @@ def test_reboot_needed_hold_and_secure_boot_on_a_stand_in_host(make_hosts, pyinf
     assert sh(host, "dpkg-query -W -f '${Version}' libnvidia-ml1") == "570.86.15-1"
 
     assert_no_changes(pyinfra_run([host], deploy=DRIVER_STEP, data=DATA))
+
+    # A STAND-IN kernel update: a newer kernel image and its module directory, with no NVIDIA
+    # module in it (DKMS did not build one). The deploy warns before the reboot that would
+    # start it without the GPU, and changes nothing.
+    kernel = "6.12.99+deb13-amd64"
+    sh(host, f"mkdir -p /lib/modules/{kernel}/kernel && touch /boot/vmlinuz-{kernel}")
+    warned = pyinfra_run([host], deploy=DRIVER_STEP, data=DATA)
+    assert_no_changes(warned)
+    assert (
+        f"{host.name}: kernel {kernel}, the newest installed and the one a reboot starts, has no NVIDIA module, so "
+        f"after the next reboot the GPU is gone; DKMS did not build it: see sudo dkms status, then sudo dkms "
+        f"autoinstall -k {kernel} on {host.name}" in warned.stdout + warned.stderr
+    )
+    sh(host, f"rm -rf /lib/modules/{kernel} /boot/vmlinuz-{kernel}")
 
     # CUDA 13 needs 580.65.06: Debian 13's own driver (550.163.01; non-free is not even
     # enabled here, so apt has no candidate and the release's known driver decides) can

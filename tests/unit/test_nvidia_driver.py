@@ -3,6 +3,7 @@ per-distribution plan, the floor rule, and what the step plans against fake fact
 
 from __future__ import annotations
 
+import subprocess
 from datetime import date
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from labfleet.facts.nvidia_driver import (
     AptPolicy,
     NvidiaDriver,
     installed_driver,
+    newest_kernel_without_module,
     parse_apt_policy,
     parse_driver_state,
     parse_mokutil_sb_state,
@@ -171,6 +173,7 @@ def test_driver_state_of_a_host_that_needs_a_reboot():
         "libraries": ["570.86.15"],
         "packages": {"libcuda1": "570.86.15-1", "libnvidia-ml1": "570.86.15-1", "nvidia-kernel-dkms": "570.86.15-1"},
         "secure_boot": False,
+        "kernels": {},
     }
     assert reboot_needed(state) == ("565.57.01", "570.86.15")
     assert reboot_needed({**state, "module": "570.86.15"}) is None
@@ -634,6 +637,63 @@ def test_installed_but_not_loaded_says_reboot(settings, plan):
     (warned,) = [kwargs for name, kwargs in planned if name == "warn"]
     assert warned["message"].startswith(
         "pc01 has NVIDIA driver 570.86.15 installed but no NVIDIA module loaded: reboot pc01"
+    )
+
+
+# Ubuntu 24.04 after an unattended kernel update while the driver is held: the running kernel has
+# Canonical's signed module, the new one none (its linux-modules-nvidia-580-server-open-* needs
+# nvidia-kernel-common-580-server >= the archive's newer release, which the hold keeps out).
+NEW_KERNEL_WITHOUT_MODULE = [
+    "kernel 6.8.0-49-generic module",
+    "kernel 6.8.0-51-generic none",
+    "kernel 6.8.0-9-generic module",  # sorts by number, not by text
+]
+
+
+def test_the_newest_kernel_without_a_module_is_found_only_with_a_driver_installed():
+    converged = [*LOADED_570, "nvml 570.86.15", "package libcuda1 570.86.15-1"]
+    state = parse_driver_state([*converged, *NEW_KERNEL_WITHOUT_MODULE])
+    assert state["kernels"] == {"6.8.0-49-generic": True, "6.8.0-51-generic": False, "6.8.0-9-generic": True}
+    assert newest_kernel_without_module(state) == "6.8.0-51-generic"
+    assert newest_kernel_without_module(parse_driver_state([*converged, *NEW_KERNEL_WITHOUT_MODULE[:1]])) is None
+    assert newest_kernel_without_module(parse_driver_state(NEW_KERNEL_WITHOUT_MODULE)) is None  # no driver
+
+
+def test_the_fact_finds_each_kernels_module_where_each_packaging_puts_it(tmp_path):
+    """The fact's own shell, run against a made-up /boot and /lib/modules."""
+    modules, boot = tmp_path / "lib" / "modules", tmp_path / "boot"
+    layouts = {
+        "6.8.0-49-generic": "kernel/nvidia-580srv-open/nvidia.ko",  # Ubuntu's signed modules
+        "6.12.48+deb13-amd64": "updates/dkms/nvidia-current.ko.xz",  # Debian's DKMS build
+        "6.12.57+deb13-amd64": None,  # DKMS failed for it
+        "6.1.0-9-amd64": "kernel/fs/ext4/ext4.ko",  # removed kernel: modules left, no vmlinuz
+    }
+    for release, module in layouts.items():
+        (modules / release).mkdir(parents=True)
+        if module:
+            (modules / release / module).parent.mkdir(parents=True, exist_ok=True)
+            (modules / release / module).write_text("")
+        if not release.startswith("6.1.0"):
+            boot.mkdir(exist_ok=True)
+            (boot / f"vmlinuz-{release}").write_text("")
+    command = NvidiaDriver().command().replace("/lib/modules/", f"{modules}/").replace("/boot/", f"{boot}/")
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60, check=True)
+    kernels = parse_driver_state(done.stdout.splitlines())["kernels"]
+    assert kernels == {"6.8.0-49-generic": True, "6.12.48+deb13-amd64": True, "6.12.57+deb13-amd64": False}
+
+
+def test_a_next_kernel_without_a_module_is_said_before_the_reboot(settings, plan):
+    converged = [*LOADED_570, "nvml 570.86.15", "package libcuda1 570.86.15-1", *NEW_KERNEL_WITHOUT_MODULE]
+    (warned,) = [kwargs for name, kwargs in plan(settings(), facts(converged, release=UBUNTU_24)) if name == "warn"]
+    assert warned["message"] == (
+        "pc01: kernel 6.8.0-51-generic, the newest installed and the one a reboot starts, has no NVIDIA module, "
+        "so after the next reboot the GPU is gone; Ubuntu's signed NVIDIA modules for it need the driver release "
+        "its archive has now, newer than the one held: set nvidia_driver_version to that release (apt-cache "
+        "policy lists it) with nvidia_driver_install = true, and deploy before rebooting"
+    )
+    (warned,) = [kwargs for name, kwargs in plan(settings(), facts(converged)) if name == "warn"]
+    assert warned["message"].endswith(
+        "DKMS did not build it: see sudo dkms status, then sudo dkms autoinstall -k 6.8.0-51-generic on pc01"
     )
 
 
