@@ -80,8 +80,11 @@ def ship(settings: Settings, ref: str):
     copied = progress.ProgressReader(
         str(source), progress.Meter(f"Copy {ref}"), host.print_prefix, active=lambda: state.is_executing
     )
-    # files.put takes any object that reads like a binary file.
-    files.put(name=f"Copy {ref}", src=cast(IO[bytes], copied), dest=remote, mode="600")
+    # files.put takes any object that reads like a binary file. Without sudo, because with it
+    # pyinfra uploads to /tmp (RAM on Debian 13) and then copies: the disk written twice, and
+    # minutes without a progress line for a large image. /var/tmp lets the SSH user write, and
+    # the root that loads the archive reads and removes it.
+    files.put(name=f"Copy {ref}", src=cast(IO[bytes], copied), dest=remote, mode="600", _sudo=False)
     load_image(name=f"Load {ref}", archive=remote, ref=ref, image_id=archive.image_id)
 
 
