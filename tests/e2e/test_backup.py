@@ -121,7 +121,14 @@ def test_backup_to_an_sftp_server_then_restore_onto_a_fresh_host(make_hosts, fle
     assert timer.stdout.split() == ["enabled", "active"]
     calendar = host_exec(pc, "systemctl show -p TimersCalendar --value labfleet-backup.timer").stdout
     assert "OnCalendar=*-*-* 03:00:00" in calendar, calendar
-    assert host_exec(pc, "stat -c '%U %a' /etc/labfleet/backup/password").stdout.strip() == "root 600"
+    secrets_mode = host_exec(
+        pc, "stat -c '%n %U %a' /etc/labfleet/backup /etc/labfleet/backup/password /etc/labfleet/backup/ssh_key"
+    ).stdout.splitlines()
+    assert secrets_mode == [
+        "/etc/labfleet/backup root 700",
+        "/etc/labfleet/backup/password root 600",
+        "/etc/labfleet/backup/ssh_key root 600",
+    ]
     assert host_exec(nas, "test -f /srv/restic/lab/config && echo made").stdout.strip() == "made"
     runs.append(pyinfra_run([pc], data=data))
     assert_no_changes(runs[-1])
@@ -189,5 +196,7 @@ def test_backup_to_an_sftp_server_then_restore_onto_a_fresh_host(make_hosts, fle
     runs.append(pyinfra_run([new, other], data=data, host_data=restores))
     assert_no_changes(runs[-1])
 
-    # The password never shows in pyinfra's output.
+    # Neither the password nor the SSH key ever shows in pyinfra's output.
     assert not [i for i, run in enumerate(runs) if password in run.stdout + run.stderr]
+    key_body = key.read_text().splitlines()[1]
+    assert not [i for i, run in enumerate(runs) if key_body in run.stdout + run.stderr]
