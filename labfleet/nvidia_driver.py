@@ -13,7 +13,11 @@ On a GPU host (``gpu``, or detection: PCI vendor 10de or /proc/driver/nvidia), i
   (labfleet.nvidia.verify_gpu), and ``./run status`` shows "reboot needed". With
   ``nvidia_driver_install`` labfleet reboots the host itself, but only while no JupyterLab
   container is busy (the update step's busy check, labfleet-busy), and never the machine
-  that runs the deploy (``@local``): there it says to reboot by hand and run again.
+  that runs the deploy (``@local``): there it says to reboot by hand and run again. It
+  reboots once per installed release (the reboot's command writes the release to
+  /var/lib/labfleet/nvidia/rebooted-for): a module that still differs after that reboot (a
+  failed DKMS build, a module the kernel refuses) stops the host with what to look at, instead
+  of rebooting it on every scheduled deploy.
 - **The floor.** A driver older than ``nvidia_driver_min`` (by default the floor of the
   ``cuda`` line, one rule: NVIDIA's minor-version compatibility, labfleet.model) stops that
   host alone with what to install; Blackwell GPUs (PCI id 0x2900 and up) need 570 or newer
@@ -56,7 +60,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from pyinfra import host, logger
-from pyinfra.api import operation
+from pyinfra.api import StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
@@ -65,6 +69,7 @@ from pyinfra.operations import files, server
 from labfleet import apt, compose, docker, planning, platform
 from labfleet.facts.nvidia import GpuHost
 from labfleet.facts.nvidia_driver import (
+    REBOOT_MARKER,
     AptPolicy,
     AptVersions,
     DriverState,
@@ -199,6 +204,17 @@ def reboot_line(host_name: str, module: str | None, installed: str) -> str:
     if module is None:
         return f"{host_name} has NVIDIA driver {installed} installed but no NVIDIA module loaded: reboot {host_name}"
     return f"{host_name} runs module {module} but {installed} is installed: reboot {host_name}"
+
+
+def rebooted_problem(settings: Settings, module: str | None, installed: str) -> str:
+    """labfleet rebooted for this release already and the module still differs: another reboot will not help."""
+    name = settings.host
+    still = f"module {module} is still loaded" if module else "the NVIDIA module still does not load"
+    return (
+        f"host {name}: labfleet rebooted {name} for NVIDIA driver {installed} and {still}, so it does not reboot "
+        f"again: see sudo dkms status, sudo journalctl -k | grep -i nvidia and mokutil --sb-state on {name}; "
+        "fix the cause, reboot it by hand, and run the deploy again"
+    )
 
 
 def kernel_line(settings: Settings, release: Mapping, kernel: str) -> str:
@@ -418,17 +434,37 @@ def busy_work(containers: Sequence[str], idle_seconds: int) -> list[str]:
     return reasons
 
 
+def remember_reboot(reboot: StringCommand, release: str, marker: str = REBOOT_MARKER) -> StringCommand:
+    """pyinfra's reboot command, writing first which installed release it reboots for.
+
+    One command: the marker exists only if the reboot was started, and the reboot only once
+    the marker is written, so the next deploy knows that this release had its reboot.
+    """
+    directory = marker.rsplit("/", 1)[0]
+    write = (
+        f"mkdir -p {shlex.quote(directory)} && printf '%s\\n' {shlex.quote(release)} > {shlex.quote(marker + '.new')} "
+        f"&& mv {shlex.quote(marker + '.new')} {shlex.quote(marker)}"
+    )
+    return StringCommand(write, "&&", "(", reboot, ")")
+
+
 @operation(is_idempotent=False)
-def reboot_when_idle(reason: str, containers: Sequence[str], idle_seconds: int, reboot_timeout: int = 900):
+def reboot_when_idle(
+    reason: str, containers: Sequence[str], idle_seconds: int, reboot_timeout: int = 900, marker: str = REBOOT_MARKER
+):
     """Reboot the host into its installed NVIDIA driver, unless a JupyterLab container is busy.
 
     + reason: why the host needs the reboot, for the output
     + containers: the JupyterLab containers whose work a reboot would kill
     + idle_seconds: the idle window of the busy check (jupyter_update_idle)
     + reboot_timeout: how long to wait for the host to come back
+    + marker: the file that records the installed release rebooted for (read by NvidiaDriver)
 
     A busy container defers the reboot: the run says what keeps it busy, the host keeps
     running the old module (the GPU check is skipped there), and the next deploy tries again.
+    The release is read when the reboot runs (after this run's install, if any) and written to
+    marker in the reboot's command, so a module that never loads costs one reboot, not one per
+    deploy (check_driver stops that host instead).
 
     **Example:**
 
@@ -443,7 +479,12 @@ def reboot_when_idle(reason: str, containers: Sequence[str], idle_seconds: int, 
         logger.warning(f"{host.print_prefix}{line}")
         host.noop(line)
         return
-    yield from server.reboot._inner(delay=10, interval=1, reboot_timeout=reboot_timeout)
+    release = installed_driver(host.get_fact(NvidiaDriver))
+    for command in server.reboot._inner(delay=10, interval=1, reboot_timeout=reboot_timeout):
+        # pyinfra's one shell command is the reboot itself; the rest run on the controller.
+        if release is not None and isinstance(command, StringCommand):
+            command = remember_reboot(command, release, marker)
+        yield command
 
 
 def _containers(settings: Settings) -> list[str]:
@@ -525,7 +566,7 @@ def check_driver(settings: Settings):
         _install_driver(settings, state, mine, title, secure_boot)
         return
     if installed is not None and module != installed:
-        _reboot_needed(settings, state, mine.driver["devices"], module, installed, title)
+        _reboot_needed(settings, state, driver, module, installed, title)
     elif driver_meets(module, settings.nvidia_driver_min):
         require(name=title, ok=True, problem="")
         blackwell = platform.blackwell_devices(driver["devices"])
@@ -551,14 +592,21 @@ def check_driver(settings: Settings):
 
 
 def _reboot_needed(
-    settings: Settings, state: NvidiaHost, devices: Sequence[int], module: str | None, installed: str, title: str
+    settings: Settings, state: NvidiaHost, driver: DriverState, module: str | None, installed: str, title: str
 ) -> None:
     line = reboot_line(settings.host, module, installed)
     require(
         name=f"{title} (the installed {installed}, loaded after the reboot)",
         ok=driver_meets(installed, settings.nvidia_driver_min),
-        problem=_below_floor(settings, state.gpu, state.release, devices, f"{installed} (installed)"),
+        problem=_below_floor(settings, state.gpu, state.release, driver["devices"], f"{installed} (installed)"),
     )
+    if settings.nvidia_driver_install and driver["rebooted_for"] == installed:
+        require(
+            name=f"Check that the NVIDIA module {installed} loaded after labfleet's reboot",
+            ok=False,
+            problem=rebooted_problem(settings, module, installed),
+        )
+        return
     if settings.nvidia_driver_install:
         plan_reboot(settings, line)
         return

@@ -28,6 +28,10 @@ NVML_GLOBS = (
     "/usr/lib64/libnvidia-ml.so.*.*",
 )
 _VERSION = re.compile(r"\b(\d{2,4}\.\d{1,3}(?:\.\d{1,3})?)\b")
+# The installed release labfleet last rebooted a host for, written in the reboot's own command
+# (labfleet.nvidia_driver.reboot_when_idle): a module that still differs from that release after
+# the reboot will not load by rebooting again, so the next deploy stops instead.
+REBOOT_MARKER = "/var/lib/labfleet/nvidia/rebooted-for"
 
 
 class ModuleVersion(TypedDict):
@@ -85,6 +89,7 @@ class DriverState(TypedDict):
     packages: dict[str, str]  # installed binary packages of the driver's sources: name -> version
     secure_boot: bool | None  # mokutil --sb-state; None without mokutil or without EFI
     kernels: dict[str, bool]  # each installed kernel (a /boot/vmlinuz-<release>) -> has an NVIDIA module
+    rebooted_for: str | None  # the installed release labfleet last rebooted for (REBOOT_MARKER)
 
 
 class NvidiaDriver(FactBase[DriverState]):
@@ -92,7 +97,8 @@ class NvidiaDriver(FactBase[DriverState]):
 
     Returns ``{"devices": [0x2684, ...], "module": "570.86.15" | None, "flavour": "open" |
     "proprietary" | None, "libraries": ["570.86.15"], "packages": {"libcuda1": "570.86.15-1",
-    ...}, "secure_boot": True | False | None}``. The module comes from
+    ...}, "secure_boot": True | False | None, "kernels": {"6.8.0-51-generic": False, ...},
+    "rebooted_for": "570.86.15" | None}``. The module comes from
     /proc/driver/nvidia/version (which also says its flavour), else /sys/module/nvidia/version.
     """
 
@@ -106,6 +112,7 @@ class NvidiaDriver(FactBase[DriverState]):
             "packages": {},
             "secure_boot": None,
             "kernels": {},
+            "rebooted_for": None,
         }
 
     def command(self) -> str:
@@ -125,7 +132,8 @@ class NvidiaDriver(FactBase[DriverState]):
             # signed nvidia.ko, a DKMS build (Debian names it nvidia-current.ko), the .run's.
             "for d in /lib/modules/*/; do k=${d%/}; k=${k##*/}; [ -e /boot/vmlinuz-$k ] || continue; "
             "if find \"$d\" \\( -name 'nvidia.ko*' -o -name 'nvidia-current.ko*' \\) -print 2>/dev/null | grep -q .; "
-            'then echo "kernel $k module"; else echo "kernel $k none"; fi; done; true'
+            'then echo "kernel $k module"; else echo "kernel $k none"; fi; done; '
+            f"sed -n '1s/^/rebooted-for /p' {REBOOT_MARKER} 2>/dev/null; true"
         )
 
     def process(self, output):
@@ -158,6 +166,8 @@ def parse_driver_state(lines: Iterable[str]) -> DriverState:
         elif kind == "kernel" and len(rest.split()) == 2:
             release, found = rest.split()
             state["kernels"][release] = found == "module"
+        elif kind == "rebooted-for" and _VERSION.fullmatch(rest.strip()):
+            state["rebooted_for"] = rest.strip()
     module = parse_proc_version(proc)
     state["module"] = module["version"] or sys_version
     state["flavour"] = module["flavour"] if state["module"] else None

@@ -5,7 +5,8 @@ after an unattended upgrade with STAND-INs: /proc/driver/nvidia/version on a tmp
 565.57.01 module is loaded (nvidia_standin.simulate_driver), and STAND-IN packages under
 Debian's names and source put the 570.86.15 user space in place, from a local flat apt
 repository that also offers 580.95.05 (tests/e2e/nvidia_driver_standin.py). A stand-in
-mokutil reports Secure Boot, and a STAND-IN kernel (an empty vmlinuz and module directory) plays
+mokutil reports Secure Boot, a marker written by hand stands in for a reboot labfleet did (a
+test host cannot reboot), and a STAND-IN kernel (an empty vmlinuz and module directory) plays
 an update that DKMS built no module for. No kernel module and no GPU is involved.
 
 Every deploy runs tests/e2e/deploys/nvidia_driver_step.py (preflight, the driver step, the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import pytest
 
 from labfleet import nvidia_driver
+from labfleet.facts.nvidia_driver import REBOOT_MARKER
 
 from . import nvidia_driver_standin, nvidia_standin
 from .harness.hosts import TestHost, host_exec
@@ -68,6 +70,23 @@ def test_reboot_needed_hold_and_secure_boot_on_a_stand_in_host(make_hosts, pyinf
     assert sh(host, "dpkg-query -W -f '${Version}' libnvidia-ml1") == "570.86.15-1"
 
     assert_no_changes(pyinfra_run([host], deploy=DRIVER_STEP, data=DATA))
+
+    # labfleet already rebooted this host for 570.86.15 (the marker its reboot command writes,
+    # put there by hand: a test host cannot reboot) and 565.57.01 is still loaded: with
+    # nvidia_driver_install it does not reboot again but stops the host with what to look at.
+    sh(host, f"mkdir -p /var/lib/labfleet/nvidia && echo 570.86.15 > {REBOOT_MARKER}")
+    install = {**DATA, "nvidia_driver_install": True}
+    stopped = pyinfra_run([host], deploy=DRIVER_STEP, data=install, expect_fail=True)
+    assert (
+        f"host {host.name}: labfleet rebooted {host.name} for NVIDIA driver 570.86.15 and module 565.57.01 is still "
+        "loaded, so it does not reboot again: see sudo dkms status" in stopped.stdout + stopped.stderr
+    )
+    assert stopped.errors() == [
+        (host.name, "Check the NVIDIA driver | Check that the NVIDIA module 570.86.15 loaded after labfleet's reboot")
+    ]
+    assert "Starting operation: Check the NVIDIA driver | Reboot" not in stopped.stderr
+    assert sh(host, f"cat {REBOOT_MARKER}") == "570.86.15\n"
+    sh(host, f"rm {REBOOT_MARKER}")
 
     # A STAND-IN kernel update: a newer kernel image and its module directory, with no NVIDIA
     # module in it (DKMS did not build one). The deploy warns before the reboot that would

@@ -4,6 +4,7 @@ per-distribution plan, the floor rule, and what the step plans against fake fact
 from __future__ import annotations
 
 import subprocess
+import time
 from datetime import date
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from pyinfra.facts.server import LinuxDistribution
 from labfleet import apt, compose, model, nvidia, nvidia_driver, planning, platform
 from labfleet.facts.nvidia import GpuHost, parse_gpu_host
 from labfleet.facts.nvidia_driver import (
+    REBOOT_MARKER,
     AptPolicy,
     NvidiaDriver,
     installed_driver,
@@ -174,6 +176,7 @@ def test_driver_state_of_a_host_that_needs_a_reboot():
         "packages": {"libcuda1": "570.86.15-1", "libnvidia-ml1": "570.86.15-1", "nvidia-kernel-dkms": "570.86.15-1"},
         "secure_boot": False,
         "kernels": {},
+        "rebooted_for": None,
     }
     assert reboot_needed(state) == ("565.57.01", "570.86.15")
     assert reboot_needed({**state, "module": "570.86.15"}) is None
@@ -539,7 +542,7 @@ def test_hold_pins_every_driver_package_at_the_release(fake_host_in, monkeypatch
 
 def test_reboot_waits_while_a_container_is_busy(fake_host_in):
     busy = {"checked": True, "busy": True, "reasons": ["kernel 1a2b3c4d (python3) is busy"], "notes": []}
-    fake = fake_host_in(nvidia_driver, {ContainerBusy: busy})
+    fake = fake_host_in(nvidia_driver, {ContainerBusy: busy, NvidiaDriver: parse_driver_state(MISMATCHED)})
     commands = list(nvidia_driver.reboot_when_idle._inner("pc01 runs module 565.57.01 ...", ["c1"], 1800))
     assert commands == []
     assert fake.noops == [
@@ -550,6 +553,86 @@ def test_reboot_waits_while_a_container_is_busy(fake_host_in):
     commands = list(nvidia_driver.reboot_when_idle._inner("...", ["c1"], 1800))
     assert any(isinstance(c, StringCommand) and "reboot" in str(c) for c in commands)
     assert isinstance(commands[-1], FunctionCommand)
+
+
+def test_the_reboot_writes_the_release_it_reboots_for_in_its_own_command(fake_host_in, tmp_path):
+    """Run against a made-up marker path with a stand-in reboot (and sleep) on PATH: the marker
+    is in place before reboot runs; a deferred reboot writes nothing."""
+    idle = {"checked": True, "busy": False, "reasons": [], "notes": []}
+    fake_host_in(nvidia_driver, {ContainerBusy: idle, NvidiaDriver: parse_driver_state(MISMATCHED)})
+    marker, seen = tmp_path / "state" / "rebooted-for", tmp_path / "seen-by-reboot"
+    commands = list(nvidia_driver.reboot_when_idle._inner("...", ["c1"], 1800, marker=str(marker)))
+    (shell,) = [c for c in commands if isinstance(c, StringCommand)]  # one command: the marker, then the reboot
+    assert isinstance(commands[-1], FunctionCommand)  # pyinfra's wait for the host to come back
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "reboot").write_text(f"#!/bin/sh\ncat {marker} > {seen}.tmp && mv {seen}.tmp {seen}\n")
+    (bin_dir / "sleep").write_text("#!/bin/sh\n")
+    for stand_in in bin_dir.iterdir():
+        stand_in.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["sh", "-c", shell.get_raw_value()], env=env, timeout=60, check=True)
+    for _ in range(600):  # the reboot is detached from the command (pyinfra's "( ... ) &")
+        if seen.exists():
+            break
+        time.sleep(0.05)
+    assert seen.read_text() == "570.86.15\n" == marker.read_text()
+    assert parse_driver_state([f"rebooted-for {marker.read_text().strip()}"])["rebooted_for"] == "570.86.15"
+
+    # Deferred by busy work: no command, so no marker either.
+    busy = {"checked": True, "busy": True, "reasons": ["kernel 1a2b3c4d (python3) is busy"], "notes": []}
+    fake_host_in(nvidia_driver, {ContainerBusy: busy, NvidiaDriver: parse_driver_state(MISMATCHED)})
+    assert list(nvidia_driver.reboot_when_idle._inner("...", ["c1"], 1800, marker=str(tmp_path / "other"))) == []
+
+
+def test_the_fact_reads_the_reboot_marker(tmp_path):
+    """The fact's own shell, with the marker at a made-up path; a file that holds no release is ignored."""
+    marker = tmp_path / "rebooted-for"
+    command = NvidiaDriver().command().replace(REBOOT_MARKER, str(marker))
+    assert REBOOT_MARKER in NvidiaDriver().command()
+
+    def read() -> str | None:
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60, check=True)
+        return parse_driver_state(done.stdout.splitlines())["rebooted_for"]
+
+    assert read() is None
+    marker.write_text("570.86.15\n")
+    assert read() == "570.86.15"
+    marker.write_text("garbage\n")
+    assert read() is None
+
+
+def test_a_module_that_stays_wrong_after_labfleets_reboot_is_not_rebooted_again(raw, settings, plan):
+    install = settings(nvidia_driver_install=True)
+    # No marker: the reboot is planned (and the marker is written when it runs).
+    assert "reboot_when_idle" in [name for name, _ in plan(install, facts(MISMATCHED))]
+    # A marker for an older release: the driver moved since, so it gets its one reboot.
+    moved = plan(install, facts([*MISMATCHED, "rebooted-for 565.57.01"]))
+    assert "reboot_when_idle" in [name for name, _ in moved] and problems(moved) == []
+    # Rebooted for this release already and the module still differs: stop, say what to look at.
+    again = plan(install, facts([*MISMATCHED, "rebooted-for 570.86.15"]))
+    assert problems(again) == [
+        "host pc01: labfleet rebooted pc01 for NVIDIA driver 570.86.15 and module 565.57.01 is still loaded, so it "
+        "does not reboot again: see sudo dkms status, sudo journalctl -k | grep -i nvidia and mokutil --sb-state "
+        "on pc01; fix the cause, reboot it by hand, and run the deploy again"
+    ]
+    assert [kwargs["name"] for name, kwargs in again if name == "require"] == [
+        "Check that the NVIDIA module 570.86.15 loaded after labfleet's reboot"
+    ]
+    assert not {"reboot_when_idle", "refuse_reboot"} & {name for name, _ in again}
+    # No module at all (a failed DKMS build, Secure Boot off or unknown).
+    unloaded = ["device 0x2684", "nvml 570.86.15", "package libcuda1 570.86.15-1", "rebooted-for 570.86.15"]
+    assert problems(plan(install, facts(unloaded))) == [
+        "host pc01: labfleet rebooted pc01 for NVIDIA driver 570.86.15 and the NVIDIA module still does not load, "
+        "so it does not reboot again: see sudo dkms status, sudo journalctl -k | grep -i nvidia and mokutil "
+        "--sb-state on pc01; fix the cause, reboot it by hand, and run the deploy again"
+    ]
+    # Rebooted by hand and the module loads: nothing to say, whatever the marker holds.
+    loaded = [*LOADED_570, "nvml 570.86.15", "package libcuda1 570.86.15-1", "rebooted-for 570.86.15"]
+    assert problems(plan(install, facts(loaded))) == []
+    # Without nvidia_driver_install labfleet never reboots: the plain reboot-needed line.
+    (warned,) = [kw for name, kw in plan(settings(), facts([*MISMATCHED, "rebooted-for 570.86.15"])) if name == "warn"]
+    assert warned["message"].startswith("pc01 runs module 565.57.01 but 570.86.15 is installed: reboot pc01")
 
 
 def test_loaded_driver_is_checked_again_after_the_reboot(fake_host_in):
