@@ -10,7 +10,9 @@ Sources (``Dataset.source.kind``; each is one entry of ``SOURCE_KINDS`` and its 
 
 - ``manual``: the directory only.
 - ``local:<path>``: pushed from the controller with rsync, over the SSH settings pyinfra
-  uses for that host. A dry run decides; only what differs moves.
+  uses for that host. The host's record of its last verified sync, against one walk of the
+  source per run, decides whether to sync at all (labfleet.dataset_records); then a dry run
+  decides what; only what differs moves.
 - ``host:<peer>:<path>``: pulled by this host from a peer, so a large dataset crosses the
   controller's link once. The trust is narrow: each puller has its own key per dataset,
   made on the puller (the private key never leaves it), and the peer accepts that key only
@@ -46,8 +48,15 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
-from labfleet import apt, datasets_s3, planning, preflight
-from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
+from labfleet import apt, dataset_records, datasets_s3, planning, preflight
+from labfleet.facts.datasets import (
+    DatasetRecords,
+    DefaultAcls,
+    ManifestState,
+    RecordState,
+    RsyncDryRun,
+    parse_rsync_itemized,
+)
 from labfleet.facts.system import Account, GroupMembers, PathState, PathStates, PublicKeyFile, SshHostKey, path_is
 from labfleet.planning import Read, step, unless_current
 from labfleet.platform import RRSYNC
@@ -149,6 +158,7 @@ class DatasetsState:
     paths: dict[str, PathState]
     acls: dict[str, tuple[str, ...]]
     accounts: dict[str, Account]
+    records: dict[str, RecordState]  # DatasetRecords, of the local: datasets
 
 
 def reads(settings: Settings) -> dict[str, Read]:
@@ -165,6 +175,16 @@ def reads(settings: Settings) -> dict[str, Read]:
         "paths": Read(PathStates, {"paths": tuple(paths)}),
         "acls": Read(DefaultAcls, {"paths": (settings.datasets_root, *owned)}),
         "accounts": preflight.reads(settings)["accounts"],
+        "records": Read(
+            DatasetRecords,
+            {
+                "entries": tuple(
+                    (d.name, dataset_records.record_path(STATE_DIR, d.name), stamp_path(d))
+                    for d in settings.datasets
+                    if d.source.kind == "local"
+                )
+            },
+        ),
     }
 
 
@@ -311,17 +331,36 @@ def _logger():
     return logger
 
 
+def push_dry_run(data, host_name: str, src: str, dest: str, flags: list[str], sudo: bool) -> dict:
+    """What a push would change, by rsync --dry-run on the controller: ``{"rc", "changes", "errors"}``.
+
+    The deploy's push and ``./run status --verify`` (with ``--checksum`` in flags) ask the same way.
+    """
+    argv = push_command(data, host_name, src, dest, flags, sudo)
+    dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, check=False)
+    return {**parse_rsync_itemized(dry.stdout.splitlines()), "rc": dry.returncode, "errors": dry.stderr.splitlines()}
+
+
+def host_sudo(data, arguments=None) -> bool:
+    """Whether the controller's rsync runs as root on the host: the operation's _sudo, else the host's."""
+    return bool(arguments["_sudo"] if arguments and "_sudo" in arguments else data.get("_sudo"))
+
+
 @operation(is_idempotent=True)
-def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
+def push_dataset(src: str, dest: str, flags: list[str], stamp: str, record: str | None = None):
     """Copy a directory from the controller into a directory of this host with rsync, if they differ.
 
     + src: directory on the controller; its contents are copied
     + dest: directory on the host
     + flags: rsync options, including --itemize-changes
     + stamp: file that is removed when anything moves, so the manifest is verified again
+    + record: the record of the last verified sync (labfleet.dataset_records), removed with
+      the stamp: a sync that fails half-way leaves no record that could match its source
 
     A dry run (rsync --dry-run --itemize-changes, on the controller) decides; only when it
-    lists something does the real transfer run, so a re-run reports no change.
+    lists something does the real transfer run, so a re-run reports no change. The step
+    plans this operation only when the host's record differs from the source (see
+    labfleet.dataset_records), so a run with nothing to do walks neither tree.
 
     **Example:**
 
@@ -330,22 +369,20 @@ def push_dataset(src: str, dest: str, flags: list[str], stamp: str):
         push_dataset(name="Push mnist", src="/data/mnist", dest="/srv/datasets/mnist",
                      flags=rsync_flags(dataset, "labdata"), stamp="/var/lib/labfleet/datasets/mnist.verified")
     """
-    arguments = host.current_op_global_arguments
-    sudo = bool(arguments["_sudo"] if arguments and "_sudo" in arguments else host.data.get("_sudo"))
-    argv = push_command(host.data, host.name, src, dest, flags, sudo)
-    dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, check=False)
-    pending = parse_rsync_itemized(dry.stdout.splitlines())
-    if dry.returncode != 0:
+    sudo = host_sudo(host.data, host.current_op_global_arguments)
+    pending = push_dry_run(host.data, host.name, src, dest, flags, sudo)
+    if pending["rc"] != 0:
         yield preflight.failing_command(
-            f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {dry.returncode}): "
-            f"{one_line(dry.stderr.splitlines())}; check that rsync is installed on both sides and that "
+            f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {pending['rc']}): "
+            f"{one_line(pending['errors'])}; check that rsync is installed on both sides and that "
             "the SSH settings of this host work"
         )
         return
     if not pending["changes"]:
         host.noop(f"{dest} already matches {src}")
         return
-    yield f"rm -f {shlex.quote(stamp)}"
+    yield "rm -f " + " ".join(shlex.quote(path) for path in (stamp, record) if path)
+    argv = push_command(host.data, host.name, src, dest, flags, sudo)
     yield FunctionCommand(_run_rsync, (argv, f"push {src} -> {dest}"), {})
 
 
@@ -789,15 +826,45 @@ def _bring_in_manual(settings: Settings, datasets: list[Dataset]) -> None:
 
 
 def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
+    # The planning batch already holds these readings: this reads nothing from the host.
+    state = planning.snapshot(DatasetsState, reads(settings)) if datasets else None
     for dataset in datasets:
-        push_dataset(
-            name=f"Push dataset {dataset.name} from the controller",
-            src=str(dataset.source.path),
-            dest=dataset_dir(settings, dataset),
-            flags=rsync_flags(dataset, settings.datasets_group),
-            stamp=stamp_path(dataset),
+        assert state is not None
+        src, dest = str(dataset.source.path), dataset_dir(settings, dataset)
+        flags = rsync_flags(dataset, settings.datasets_group)
+        record = dataset_records.record_path(STATE_DIR, dataset.name)
+        wanted = dataset_records.wanted_record(src, dest, flags, dataset.manifest)
+        current = dataset_records.is_current(
+            state.records.get(dataset.name), wanted, path_is(state.paths, dest, "directory")
         )
-        _verify(settings, dataset)
+        unless_current(
+            push_dataset,
+            current=current,
+            name=f"Push dataset {dataset.name} from the controller",
+            src=src,
+            dest=dest,
+            flags=flags,
+            stamp=stamp_path(dataset),
+            record=record,
+        )
+        if dataset.manifest:
+            unless_current(
+                verify_manifest,
+                current=current,
+                name=f"Verify dataset {dataset.name} against {dataset.manifest}",
+                directory=dest,
+                manifest=dataset.manifest,
+                stamp=stamp_path(dataset),
+                label=f"dataset {dataset.name}",
+            )
+        if wanted is not None:
+            unless_current(
+                dataset_records.record_sync,
+                current=current,
+                name=f"Record the verified sync of dataset {dataset.name}",
+                path=record,
+                record=wanted,
+            )
 
 
 def _bring_in_from_peers(settings: Settings, datasets: list[Dataset]) -> None:

@@ -1,9 +1,10 @@
-"""Facts about datasets: default ACLs, rsync and rclone dry runs, manifests (labfleet.datasets, .datasets_s3)."""
+"""Facts about datasets: default ACLs, rsync and rclone dry runs, manifests, sync records (labfleet.datasets)."""
 
 from __future__ import annotations
 
 import re
 import shlex
+from typing import TypedDict
 
 from pyinfra.api import FactBase
 
@@ -143,3 +144,95 @@ def parse_rclone_dry_run(lines) -> dict:
 _RCLONE_SKIPPED = re.compile(r"NOTICE: (?P<path>.+): Skipped (?P<action>[a-z ]+?) as --dry-run is set")
 _RCLONE_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Failed to ")
 _RCLONE_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
+
+
+# --- What a host's last verified sync of a local: dataset installed (labfleet.dataset_records) ---
+
+RECORD_HEADER = "labfleet-dataset-record 1"
+RECORD_KEYS = ("source", "settings", "manifest")
+
+
+class SyncRecord(TypedDict):
+    """What one verified sync installed: the source tree's digest, the digest of the settings
+    that shaped the sync, and the sha256 of the manifest that passed ("-" without one)."""
+
+    source: str
+    settings: str
+    manifest: str
+
+
+class RecordState(TypedDict):
+    record: SyncRecord | None
+    stamp: str | None
+
+
+def render_record(record: SyncRecord) -> str:
+    """The record file's text: a header, one ``key value`` line per field, and ``end``."""
+    fields = {"source": record["source"], "settings": record["settings"], "manifest": record["manifest"]}
+    return "".join([f"{RECORD_HEADER}\n", *(f"{key} {fields[key]}\n" for key in RECORD_KEYS), "end\n"])
+
+
+def parse_record(lines) -> SyncRecord | None:
+    """A record file's lines as a SyncRecord; None for anything but a whole record of this version.
+
+    A record cut short (no ``end``), of another version, with a field missing, repeated or
+    malformed counts as no record: the sync then runs, as it does where none was ever written.
+    """
+    lines = [line.strip() for line in lines if line.strip()]
+    if not lines or lines[0] != RECORD_HEADER or lines[-1] != "end":
+        return None
+    fields = {}
+    for line in lines[1:-1]:
+        key, _, value = line.partition(" ")
+        if key not in RECORD_KEYS or key in fields or not value or " " in value:
+            return None
+        fields[key] = value
+    if set(fields) != set(RECORD_KEYS):
+        return None
+    return SyncRecord(source=fields["source"], settings=fields["settings"], manifest=fields["manifest"])
+
+
+class DatasetRecords(FactBase):
+    """Per dataset, the record of its last verified sync and its manifest stamp: one ``cat`` each.
+
+    + entries: ``(name, record path, stamp path)`` per dataset
+
+    Returns ``{name: {"record": SyncRecord | None, "stamp": sha256 | None}}`` for every entry.
+    """
+
+    MARK = "labfleet-record-of "
+    STAMP = "labfleet-stamp-of "
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, entries) -> str:
+        parts = []
+        for name, record, stamp in entries:
+            parts.append(
+                f"echo {shlex.quote(self.MARK + name)}; cat {shlex.quote(record)} 2>/dev/null; echo; "
+                f"echo {shlex.quote(self.STAMP + name)}; cat {shlex.quote(stamp)} 2>/dev/null; echo"
+            )
+        return "; ".join([*parts, "true"])
+
+    def process(self, output):
+        sections: dict[tuple[str, str], list[str]] = {}
+        current: list[str] | None = None
+        for line in output:
+            for kind, mark in (("record", self.MARK), ("stamp", self.STAMP)):
+                if line.startswith(mark):
+                    current = sections.setdefault((kind, line[len(mark) :].strip()), [])
+                    break
+            else:
+                if current is not None:
+                    current.append(line)
+        names = dict.fromkeys(name for _, name in sections)
+        found: dict[str, RecordState] = {}
+        for name in names:
+            stamp = [line.strip() for line in sections.get(("stamp", name), []) if line.strip()]
+            found[name] = RecordState(
+                record=parse_record(sections.get(("record", name), [])),
+                stamp=stamp[0] if len(stamp) == 1 and " " not in stamp[0] else None,
+            )
+        return found
