@@ -3,6 +3,7 @@
     ./run status                                                   # the same as the next line
     pyinfra inventory.py status.py                                 # a table, drift marked with !
     ./run status --json                                            # the same as JSON, for scripts
+    ./run status --verify       # also compare every synced dataset with its source, byte for byte
     LABFLEET_STATUS_FORMAT=json pyinfra inventory.py status.py
 
 One row per host: OS, Docker, toolkit and driver versions, GPUs, the image and whether it

@@ -16,7 +16,8 @@ What counts as drift, per host:
   another build of the tag than the whole fleet is a note, not drift;
 - a jupyter container that is absent, unhealthy, runs another image than its tag names,
   or was started with other settings than the current ones (deploy not run since);
-- a dataset that is missing, not mounted, or does not match its manifest;
+- a dataset that is missing, not mounted, or does not match its manifest; with
+  ``--verify`` (``LABFLEET_STATUS_VERIFY=1``), one that differs from its source;
 - an unreachable host.
 """
 
@@ -35,6 +36,7 @@ from labfleet import (
     archives,
     backup,
     compose,
+    dataset_verify,
     datasets,
     gpu_usage,
     image,
@@ -120,6 +122,8 @@ def reads(settings: Settings) -> dict[str, Read]:
         **{f"update {user.name}": _pending_read(settings, user.name) for user in settings.jupyter_users},
         # Projects handed over to a new PC at a cut-over (labfleet.migrate).
         "migrated": migrate.marker_read(settings),
+        # With --verify: each host: dataset compared in full with its peer's copy.
+        **dataset_verify.reads(settings),
         # What the backup service left after its last run; the repository itself is never reached.
         **({"backup": Read(BackupSummary)} if settings.backup_repository else {}),
     }
@@ -180,6 +184,8 @@ def host_row(settings: Settings) -> dict:
         "image": image_id,
         "users": users,
         "datasets": {dataset.name: found["datasets"].get(dataset.name, "missing") for dataset in settings.datasets},
+        # With --verify: per dataset that differs from its source, why (labfleet/dataset_verify.py).
+        "dataset_drift": dataset_verify.differences(settings, found),
         "backup": backup.status_row(settings, found["backup"]) if "backup" in found else None,
         "free_datasets": found["free_datasets"],
         "free_docker": found["free_docker"],
@@ -294,6 +300,8 @@ def drift(rows: list[dict], image_ids: Mapping[str, str | None] | None = None) -
                 )
             elif not user["config_current"]:
                 reasons[row["host"]].append(f"{user['user']}: container runs other settings; run the deploy")
+        for name, why in row.get("dataset_drift", {}).items():
+            reasons[row["host"]].append(f"dataset {name}: {why}")
         for name, dataset_state in row["datasets"].items():
             if dataset_state not in DATASET_OK:
                 reasons[row["host"]].append(f"dataset {name} {dataset_state}")
@@ -373,7 +381,10 @@ def table(
     lines: list[tuple[str, ...]] = [HEADER]
     for row in rows:
         jupyter_cell = ", ".join(_jupyter_cell(u) for u in row["users"]) or "-"
-        datasets_cell = ", ".join(f"{name}:{s}" for name, s in row["datasets"].items()) or "-"
+        differ = row.get("dataset_drift", {})
+        datasets_cell = (
+            ", ".join(f"{name}:{'differs' if name in differ else s}" for name, s in row["datasets"].items()) or "-"
+        )
         home_cell = ", ".join(f"{u['user']}:{_home_cell(u)}" for u in row["users"]) or "-"
         lines.append(
             (

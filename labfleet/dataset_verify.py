@@ -1,0 +1,108 @@
+"""``./run status --verify``: every synced dataset compared in full with its source, on demand.
+
+A deploy skips a local: dataset whose record matches its source (labfleet.dataset_records),
+so it does not see a file changed by hand on a host, nor a source file rewritten with the
+same size and time. This comparison sees both: it is the rsync dry run a deploy would make,
+with ``--checksum``, so both sides read every byte. That is why it is not part of every
+deploy: on an ImageNet-sized dataset it takes as long as reading the dataset.
+
+local: datasets are compared from the controller (its rsync against the host's, as a push);
+host: datasets on the puller (its rsync against the peer's read-only rrsync, as a pull, read
+in the status's batch). Files a lab member added are not drift unless the dataset says
+``prune: True``; then they show as what the next sync would delete. s3:, nfs: and manual
+datasets keep the status they have without --verify.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pyinfra import host
+
+from labfleet import dataset_records, datasets
+from labfleet.facts.datasets import RsyncDryRun
+from labfleet.planning import Read
+from labfleet.settings import Dataset, Settings
+
+VERIFY_ENV = "LABFLEET_STATUS_VERIFY"
+# How many differing paths a drift line names.
+SHOWN = 5
+
+
+def wanted() -> bool:
+    return os.environ.get(VERIFY_ENV) == "1"
+
+
+def _flags(settings: Settings, dataset: Dataset) -> list[str]:
+    return [*datasets.rsync_flags(dataset, settings.datasets_group), "--checksum"]
+
+
+def reads(settings: Settings) -> dict[str, Read]:
+    """The host's side of the comparison: a checksum dry run of each host: pull, by ``verify <name>``."""
+    if not wanted():
+        return {}
+    all_settings = datasets._all_settings()
+    out = {}
+    for dataset in settings.datasets:
+        if dataset.source.kind != "host":
+            continue
+        peer, path = datasets.pulled_from(dataset)
+        command = datasets.pull_command(
+            all_settings[peer],
+            path,
+            datasets.dataset_dir(settings, dataset),
+            datasets.pull_key_path(dataset),
+            datasets.KNOWN_HOSTS,
+            _flags(settings, dataset),
+        )
+        out[f"verify {dataset.name}"] = Read(RsyncDryRun, {"command": command})
+    return out
+
+
+def describe(source: str, dry_run: Mapping) -> str | None:
+    """One drift line from a dry run's result, or None when the copy matches its source."""
+    if dry_run["rc"] != 0:
+        return (
+            f"could not be compared with {source} (rsync exit {dry_run['rc']}): "
+            f"{datasets.one_line(list(dry_run['errors']), 300)}"
+        )
+    changes = dry_run["changes"]
+    if not changes:
+        return None
+    paths = [line[12:].strip() for line in changes]
+    shown = ", ".join(paths[:SHOWN]) + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
+    return f"{len(paths)} item(s) differ from {source}: {shown}"
+
+
+def differences(settings: Settings, found: Mapping) -> dict[str, str]:
+    """Per compared dataset that differs from its source (or could not be compared), why.
+
+    + found: the status's readings, with ``reads``'s ``verify <name>`` among them
+    """
+    if not wanted():
+        return {}
+    out = {}
+    for dataset in settings.datasets:
+        dest = datasets.dataset_dir(settings, dataset)
+        if dataset.source.kind == "local":
+            dry_run = datasets.push_dry_run(
+                host.data,
+                host.name,
+                str(dataset.source.path),
+                dest,
+                _flags(settings, dataset),
+                datasets.host_sudo(host.data),
+            )
+        elif dataset.source.kind == "host":
+            dry_run = found[f"verify {dataset.name}"]
+        else:
+            continue
+        why = describe(str(dataset.source), dry_run)
+        if why is None:
+            continue
+        if dataset.source.kind == "local" and dry_run["rc"] == 0:
+            record = dataset_records.record_path(datasets.STATE_DIR, dataset.name)
+            why += f"; a deploy does not redo a sync it recorded: remove {record} on {settings.host}, then deploy"
+        out[dataset.name] = why
+    return out

@@ -1,0 +1,100 @@
+"""labfleet/dataset_verify.py: what `./run status --verify` compares, and how a difference reads."""
+
+from __future__ import annotations
+
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+from test_report import fleet, row
+
+from labfleet import dataset_verify, datasets, report
+from labfleet.facts.datasets import RsyncDryRun
+
+
+def test_a_dry_run_reads_as_one_drift_line():
+    describe = dataset_verify.describe
+    assert describe("local:/data/train", {"rc": 0, "changes": [], "errors": []}) is None
+    changes = [f">fcst...... d0/f{index}.bin" for index in range(6)] + ["*deleting   extra.txt"]
+    assert describe("local:/data/train", {"rc": 0, "changes": changes, "errors": []}) == (
+        "7 item(s) differ from local:/data/train: d0/f0.bin, d0/f1.bin, d0/f2.bin, d0/f3.bin, d0/f4.bin and 2 more"
+    )
+    failed = {"rc": 255, "changes": [], "errors": ["ssh: connect to host 10.0.0.2 port 22: Connection refused"]}
+    assert describe("host:pc02:/srv/datasets/ref", failed) == (
+        "could not be compared with host:pc02:/srv/datasets/ref (rsync exit 255): "
+        "ssh: connect to host 10.0.0.2 port 22: Connection refused"
+    )
+
+
+@pytest.fixture
+def two_hosts(raw, tmp_path, monkeypatch):
+    from labfleet.settings import build
+
+    source = tmp_path / "train"
+    source.mkdir()
+    pc01 = build("pc01", {**raw, "datasets": {"train": f"local:{source}", "notes": "manual"}})
+    pc02 = build(
+        "pc02",
+        {**raw, "lan_address": "10.0.0.2", "datasets": {"train": {"source": f"local:{source}", "prune": True}}},
+    )
+    pc03 = build("pc03", {**raw, "datasets": {"ref": "host:pc02:/srv/datasets/train"}})
+    monkeypatch.setattr(datasets, "_all_settings", lambda: {"pc01": pc01, "pc02": pc02, "pc03": pc03})
+    return pc01, pc02, pc03
+
+
+def test_without_verify_nothing_is_read_or_compared(two_hosts, monkeypatch):
+    monkeypatch.delenv(dataset_verify.VERIFY_ENV, raising=False)
+    pc01, _, pc03 = two_hosts
+    assert dataset_verify.reads(pc03) == {}
+    assert dataset_verify.differences(pc01, {}) == {}
+
+
+def test_a_pull_is_compared_by_checksum_on_the_puller_in_the_batch(two_hosts, monkeypatch):
+    monkeypatch.setenv(dataset_verify.VERIFY_ENV, "1")
+    pc01, _, pc03 = two_hosts
+    assert dataset_verify.reads(pc01) == {}, "local: datasets are compared from the controller"
+    (read,) = dataset_verify.reads(pc03).values()
+    assert read.fact is RsyncDryRun
+    command = read.kwargs["command"]
+    assert "--checksum" in command.split() and "--delete" not in command.split()
+    assert " labfleet-sync@10.0.0.2:./ /srv/datasets/ref/" in command
+    found = {"verify ref": {"rc": 0, "changes": [">fcs....... a.bin"], "errors": []}}
+    assert dataset_verify.differences(pc03, found) == {
+        "ref": "1 item(s) differ from host:pc02:/srv/datasets/train: a.bin"
+    }
+
+
+def test_a_push_is_compared_by_checksum_from_the_controller(two_hosts, monkeypatch):
+    monkeypatch.setenv(dataset_verify.VERIFY_ENV, "1")
+    pc01, pc02, _ = two_hosts
+    ran = []
+
+    def rsync(argv, **kwargs):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0, ">fc........ d0/f1.bin\n*deleting   mine.txt\n", "")
+
+    monkeypatch.setattr(datasets.subprocess, "run", rsync)
+    monkeypatch.setattr(dataset_verify, "host", SimpleNamespace(name="pc02", data={"_sudo": True}))
+    assert dataset_verify.differences(pc02, {}) == {
+        "train": f"2 item(s) differ from local:{pc02.datasets[0].source.path}: d0/f1.bin, mine.txt; a deploy does "
+        "not redo a sync it recorded: remove /var/lib/labfleet/datasets/train.record on pc02, then deploy"
+    }
+    (argv,) = ran
+    assert {"--checksum", "--dry-run", "--delete"} <= set(argv), "prune: what the next sync would delete is drift"
+    assert argv[argv.index("--rsync-path") + 1] == "sudo -n rsync"
+
+    ran.clear()
+    monkeypatch.setattr(dataset_verify, "host", SimpleNamespace(name="pc01", data={}))
+    assert list(dataset_verify.differences(pc01, {})) == ["train"], "manual datasets are not compared"
+    (argv,) = ran
+    assert "--delete" not in argv, "without prune, files a member added are not drift"
+    assert "--rsync-path" not in argv
+
+
+def test_a_dataset_that_differs_is_drift_and_shows_in_its_cell():
+    why = "1 item(s) differ from local:/data/train: a.bin"
+    rows = fleet(row("pc01"), row("pc02", datasets={"imagenet": "present"}, dataset_drift={"imagenet": why}))
+    reasons = report.drift(rows)
+    assert reasons == {"pc01": [], "pc02": [f"dataset imagenet: {why}"]}
+    table = report.table(rows, reasons)
+    assert "imagenet:differs" in table and "imagenet:present" in table
