@@ -826,10 +826,11 @@ def _bring_in_manual(settings: Settings, datasets: list[Dataset]) -> None:
 
 
 def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
+    if not datasets:
+        return
     # The planning batch already holds these readings: this reads nothing from the host.
-    state = planning.snapshot(DatasetsState, reads(settings)) if datasets else None
+    state = planning.snapshot(DatasetsState, reads(settings))
     for dataset in datasets:
-        assert state is not None
         src, dest = str(dataset.source.path), dataset_dir(settings, dataset)
         flags = rsync_flags(dataset, settings.datasets_group)
         record = dataset_records.record_path(STATE_DIR, dataset.name)

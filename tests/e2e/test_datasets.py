@@ -9,6 +9,7 @@ export here, whichever server serves it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -107,7 +108,36 @@ def stat(host, path: str) -> tuple[str, str, str]:
     return owner, group, mode
 
 
+# Every rsync the host runs, logged: the controller's push runs "sudo -n rsync --server" there.
+RSYNC_LOG = "/var/log/labfleet-test-rsync.log"
+LOG_RSYNC = (
+    "mv /usr/bin/rsync /usr/bin/rsync.real && printf '%s\\n' '#!/bin/sh' "
+    f"'echo \"$*\" >> {RSYNC_LOG}' 'exec /usr/bin/rsync.real \"$@\"' > /usr/bin/rsync "
+    f"&& chmod 755 /usr/bin/rsync && : > {RSYNC_LOG}"
+)
+
+
+def rsync_calls(host) -> list[str]:
+    """The rsync command lines the host ran since the last call (the log is emptied)."""
+    return host_exec(host, f"cat {RSYNC_LOG}; : > {RSYNC_LOG}").stdout.splitlines()
+
+
+def verify_status(hosts, data, pyinfra_run) -> dict[str, dict]:
+    """`./run status --verify` as JSON: host name -> its dataset drift (these hosts have no
+    Docker, so the status always drifts and exits non-zero)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LABFLEET_STATUS_FORMAT", "json")
+        patch.setenv("LABFLEET_STATUS_VERIFY", "1")
+        result = pyinfra_run(hosts, deploy="status.py", data=data, expect_fail=True)
+    assert "Traceback" not in result.stderr, result.stderr_tail()
+    document, _ = json.JSONDecoder().raw_decode(result.stdout.lstrip())
+    return {entry["host"]: entry["dataset_drift"] for entry in document["hosts"]}
+
+
 def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, deploy, tmp_path):
+    """Also: a no-change run runs no rsync on any host (the host's record of its last verified
+    sync decides, against one walk of the source), a touched source file syncs again, and a
+    file changed by hand on a host is not fixed by a deploy but is reported by status --verify."""
     source = make_dataset(tmp_path / "train")
     data = {"datasets": {"train": {"source": f"local:{source}", "manifest": "SHA256SUMS"}}}
     hosts = make_hosts(3)
@@ -126,13 +156,32 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
         acl = host_exec(host, f"getfacl --omit-header --default {ROOT}/train").stdout.split()
         assert acl == ["user::rwx", "group::r-x", "other::r-x"], f"{host.name}: {acl}"
         assert "labdata" in host_exec(host, "id -nG lab").stdout.split(), f"{host.name}: lab is not in labdata"
+        record = host_exec(host, "cat /var/lib/labfleet/datasets/train.record").stdout.splitlines()
+        assert record[0] == "labfleet-dataset-record 1" and record[-1] == "end", f"{host.name}: {record}"
+        host_exec(host, LOG_RSYNC)
     before = {host.name: inodes(host, f"{ROOT}/train") for host in hosts}
 
-    # Nothing changed: nothing moves, no file is rewritten, and the manifest is not hashed again.
+    # Nothing changed: nothing moves, no file is rewritten, the manifest is not hashed again,
+    # and no rsync runs on any host: the host's tree is not walked.
     second = pyinfra_run(hosts, deploy=deploy, data=data)
     assert_no_changes(second)
+    assert not [op["name"] for op in second.ops if "dataset train" in op["name"]], "the push was planned"
     for host in hosts:
         assert inodes(host, f"{ROOT}/train") == before[host.name], f"{host.name}: files were rewritten"
+        assert rsync_calls(host) == [], f"{host.name}: a no-change run ran rsync"
+
+    # A touched source file (its time only) syncs again: rsync runs and sets the time.
+    touched = source / "d05" / "s5" / "f0005.bin"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    retimed = pyinfra_run(hosts, deploy=deploy, data=data)
+    assert_converged(retimed)
+    for host in hosts:
+        assert retimed.status(host, "Push dataset train from the controller") == "success"
+        assert any("--server" in call for call in rsync_calls(host)), f"{host.name}: the touched file did not sync"
+        mtime = host_exec(host, f"stat -c %Y {ROOT}/train/d05/s5/f0005.bin").stdout.strip()
+        assert int(mtime) == int(touched.stat().st_mtime), f"{host.name}: the time was not synced"
+    assert_no_changes(pyinfra_run(hosts, deploy=deploy, data=data))
+    before = {host.name: inodes(host, f"{ROOT}/train") for host in hosts}
 
     # One file changes: only it (and the manifest that lists it) moves.
     changed = "d03/s3/f0003.bin"
@@ -147,6 +196,46 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
         rewritten = sorted(path for path in after if after[path] != before[host.name].get(path))
         assert rewritten == sorted([changed, "SHA256SUMS"]), f"{host.name}: rewritten {rewritten}"
         assert host_digests(host, f"{ROOT}/train") == expected
+    assert_no_changes(pyinfra_run(hosts, deploy=deploy, data=data))
+
+    # Files changed by hand: on one host with the same size and time (rsync's quick check
+    # cannot see it, so --verify must compare checksums), on another with a plain edit (which
+    # a dry run would see). A deploy fixes neither; status --verify names both, and no more.
+    same_size, edited = hosts[0], hosts[1]
+    quiet, loud = "d02/s2/f0002.bin", "d04/s4/f0004.bin"
+    other_byte = (source / quiet).read_bytes()[0] ^ 0xFF
+    host_exec(
+        same_size,
+        f"cd {ROOT}/train && t=$(stat -c %y {quiet}) && printf '\\{other_byte:03o}' "
+        f'| dd of={quiet} conv=notrunc status=none && touch -d "$t" {quiet}',
+    )
+    host_exec(edited, f"echo edited by hand >> {ROOT}/train/{loud}")
+    for host in hosts:
+        rsync_calls(host)
+    assert_no_changes(pyinfra_run(hosts, deploy=deploy, data=data))
+    assert [call for host in hosts for call in rsync_calls(host)] == [], "a no-change run ran rsync"
+    assert host_digests(same_size, f"{ROOT}/train")[quiet] != expected[quiet]
+    assert host_digests(edited, f"{ROOT}/train")[loud] != expected[loud], "the deploy fixed a hand edit"
+    drift = verify_status(hosts, data, pyinfra_run)
+
+    def told(path: str, host) -> str:
+        return (
+            f"1 item(s) differ from local:{source}: {path}; a deploy does not redo a sync it recorded: remove "
+            f"those files and /var/lib/labfleet/datasets/train.record on {host.name}, then deploy"
+        )
+
+    assert drift == {same_size.name: {"train": told(quiet, same_size)}, edited.name: {"train": told(loud, edited)},
+                     hosts[2].name: {}}  # fmt: skip
+
+    # What the drift line says to do makes the next deploy sync those hosts, and only them.
+    host_exec(same_size, f"rm {ROOT}/train/{quiet} /var/lib/labfleet/datasets/train.record")
+    host_exec(edited, f"rm {ROOT}/train/{loud} /var/lib/labfleet/datasets/train.record")
+    repaired = pyinfra_run(hosts, deploy=deploy, data=data)
+    assert_converged(repaired)
+    pushed = [h.name for h in hosts if repaired.status(h, "Push dataset train from the controller") == "success"]
+    assert pushed == [same_size.name, edited.name]
+    for host in hosts:
+        assert host_digests(host, f"{ROOT}/train") == expected, f"{host.name}: not repaired"
     assert_no_changes(pyinfra_run(hosts, deploy=deploy, data=data))
 
 
