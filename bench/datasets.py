@@ -13,18 +13,31 @@ generates a dataset on the controller, and times, in the same run:
 
 Prints medians and the ratios; goals are at most 1.2x (cold) and 1.5x (no change). It
 asserts nothing about time.
+
+    ./run bench datasets --noop-files 20000 [--skip-push]
+
+adds the issue 19 comparison, on the same 3 hosts: a no-change run of the same deploy with a
+dataset of that many small files declared (pushed once, untimed) against that deploy with
+no dataset, alternating, in the same rounds; the goal is at most 1.5x. The deploy is the
+preflight and datasets steps (the other steps add the same cost to both sides, so the ratio
+of the whole deploy.py would be smaller). The round trips per host of each come from an
+extra --debug run. ``--skip-push`` leaves out the cold push rows above. The figures are
+written to bench/DATASETS.md (the printed lines, with the machine and the date).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from labfleet.datasets import push_command
+from bench.run import BENCH, count_round_trips, machine, run_deploy
+from labfleet.datasets import push_command, rsync_flags
+from labfleet.model import datasets as parse_datasets
 from tests.e2e.harness.engine import ensure_engine
 from tests.e2e.harness.hosts import Fleet, generate_keypair, host_exec
 from tests.e2e.harness.runner import assert_converged, assert_no_changes, run_pyinfra, write_inventory
@@ -40,8 +53,10 @@ def _timed(action) -> float:
     return time.perf_counter() - start
 
 
-def _floor_rsync(hosts, inventory_dir: Path, source: Path) -> None:
-    """Plain rsync -a to every host at once, over the SSH options pyinfra uses for it."""
+def _floor_rsync(
+    hosts, inventory_dir: Path, source: Path, dest: str = FLOOR_DIR, flags: tuple[str, ...] = ("-a",)
+) -> None:
+    """Plain rsync -a (or flags) to every host at once, over the SSH options pyinfra uses for it."""
     processes = []
     for host in hosts:
         data = {
@@ -52,7 +67,7 @@ def _floor_rsync(hosts, inventory_dir: Path, source: Path) -> None:
             "ssh_known_hosts_file": str(inventory_dir / "known_hosts"),
             "ssh_strict_host_key_checking": "off",
         }
-        argv = push_command(data, host.name, str(source), FLOOR_DIR, ["-a"], sudo=True)
+        argv = push_command(data, host.name, str(source), dest, list(flags), sudo=True)
         processes.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for process in processes:
         _, stderr = process.communicate(timeout=600)
@@ -60,67 +75,151 @@ def _floor_rsync(hosts, inventory_dir: Path, source: Path) -> None:
             raise SystemExit(f"floor rsync failed: {stderr}")
 
 
+def noop_with_a_dataset(hosts, deploy: Path, scratch: Path, files: int, repeat: int) -> list[str]:
+    """No-change runs with a dataset of files small files declared against none, alternating; report lines."""
+    source = make_dataset(scratch / "many", files=files, big_mb=0, seed=19)
+    base: dict = {"extra_ca_certificates": []}
+    declared = {**base, "datasets": {"many": {"source": f"local:{source}", "manifest": "SHA256SUMS"}}}
+    undeclared = {**base, "datasets": {}}
+    started = time.perf_counter()
+    assert_converged(run_pyinfra(hosts, deploy=deploy, data=declared))
+    first_sync = time.perf_counter() - started
+    # The record written, the next run changes nothing; the other side is converged too.
+    assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=declared))
+    assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=undeclared))
+    inventory_dir = scratch / "inventory-many"
+    inventory_dir.mkdir()
+    write_inventory(inventory_dir, hosts, declared)
+    # What a no-change deploy ran before the records: labfleet's rsync dry run to each host.
+    (dataset,) = parse_datasets(declared["datasets"])
+    dry_run = (*rsync_flags(dataset, "labdata"), "--dry-run")
+    times: dict[str, list[float]] = {"with": [], "without": [], "dry run": []}
+    for _ in range(repeat):
+        for side, data in (("with", declared), ("without", undeclared)):
+            run = run_deploy(hosts, deploy, data)
+            assert_no_changes(run.result)
+            times[side].append(run.seconds)
+        times["dry run"].append(
+            _timed(lambda: _floor_rsync(hosts, inventory_dir, source, "/srv/datasets/many", dry_run))
+        )
+    trips = {}
+    for side, data in (("with", declared), ("without", undeclared)):
+        debug = run_deploy(hosts, deploy, data, debug=True)
+        assert_no_changes(debug.result)
+        trips[side] = count_round_trips(debug.result.stderr, hosts)[0]
+    with_s, without_s = statistics.median(times["with"]), statistics.median(times["without"])
+    dry_s = statistics.median(times["dry run"])
+    ratio = with_s / without_s
+    goal = GOALS["no-change"]
+    return [
+        f"no-change with {files} small files declared ({_size(source) / 1e6:.1f} MB; first sync {first_sync:.1f} s,"
+        f" untimed), 3 hosts, {repeat} alternating rounds:",
+        f"  with the dataset    median {with_s:6.2f} s   ({', '.join(f'{v:.2f}' for v in times['with'])}),"
+        f" {trips['with']:.0f} round trip(s) per host",
+        f"  without a dataset   median {without_s:6.2f} s   ({', '.join(f'{v:.2f}' for v in times['without'])}),"
+        f" {trips['without']:.0f} round trip(s) per host",
+        f"  rsync dry run alone median {dry_s:6.2f} s   ({', '.join(f'{v:.2f}' for v in times['dry run'])}),"
+        " to the 3 hosts at once: what a no-change deploy ran before the records, on top of the deploy",
+        f"  no-change with a dataset: {ratio:.2f}x the same deploy without one"
+        f" ({'meets' if ratio <= goal else 'misses'} the goal of {goal}x);"
+        f" before the records, at least {(without_s + dry_s) / without_s:.2f}x (the deploy plus the dry run)",
+    ]
+
+
+def _size(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
+def _write_results(lines: list[str]) -> None:
+    info = machine()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        "# Datasets benchmark (written by `./run bench datasets`)",
+        "",
+        f"Measured {when} on {info['cores']} cores, {info['memory_gib']} GiB, Docker {info['docker']}"
+        " (controller and test hosts on one machine): ratios in the same run are what to compare.",
+        "",
+        "```",
+    ]
+    (BENCH / "DATASETS.md").write_text("\n".join([*header, *lines, "```", ""]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--big-mb", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--noop-files", type=int, default=0, help="small files of the no-change comparison (0: none)")
+    parser.add_argument("--skip-push", action="store_true", help="leave out the cold push and its no-change rows")
     args = parser.parse_args()
 
     ensure_engine()
+    lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         fleet = Fleet(generate_keypair(scratch / "ssh"))
         try:
             hosts = fleet.start_hosts(3)
-            source = make_dataset(scratch / "bench", files=args.files, big_mb=args.big_mb)
-            size = sum(path.stat().st_size for path in source.rglob("*") if path.is_file())
             deploy = scratch / "datasets_deploy.py"
             deploy.write_text(DEPLOY.replace("preflight.check_host(settings)\n", ""))
-            data = {"datasets": {"bench": f"local:{source}"}, "extra_ca_certificates": []}
-            inventory_dir = scratch / "inventory"
-            inventory_dir.mkdir()
-            write_inventory(inventory_dir, hosts, data)
-
-            # Untimed: packages (rsync, acl), group, layout, so both sides start from the same host state.
-            empty = scratch / "empty"
-            empty.mkdir()
-            assert_converged(run_pyinfra(hosts, deploy=deploy, data={**data, "datasets": {"bench": f"local:{empty}"}}))
-
-            def empty_targets() -> None:
-                for host in hosts:
-                    host_exec(host, f"rm -rf {FLOOR_DIR} /srv/datasets/bench/* && mkdir -p {FLOOR_DIR}")
-
-            # pyinfra's own fixed cost (start, connect, disconnect), for reading the no-change ratio.
-            empty_deploy = scratch / "empty_deploy.py"
-            empty_deploy.write_text('"""No operations."""\n')
-            names = ("labfleet cold", "floor cold", "labfleet noop", "floor noop", "pyinfra, no ops")
-            times: dict[str, list[float]] = {name: [] for name in names}
-            for _ in range(args.repeat):
-                empty_targets()
-                times["labfleet cold"].append(
-                    _timed(lambda: assert_converged(run_pyinfra(hosts, deploy=deploy, data=data)))
-                )
-                times["floor cold"].append(_timed(lambda: _floor_rsync(hosts, inventory_dir, source)))
-                times["labfleet noop"].append(
-                    _timed(lambda: assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data)))
-                )
-                times["floor noop"].append(_timed(lambda: _floor_rsync(hosts, inventory_dir, source)))
-                times["pyinfra, no ops"].append(_timed(lambda: run_pyinfra(hosts, deploy=empty_deploy, data=data)))
+            if not args.skip_push:
+                lines += push_against_rsync(hosts, deploy, scratch, args.files, args.big_mb, args.repeat)
+            if args.noop_files:
+                lines += noop_with_a_dataset(hosts, deploy, scratch, args.noop_files, args.repeat)
         finally:
             fleet.remove_all()
+    print("\n".join(lines))
+    _write_results(lines)
+
+
+def push_against_rsync(hosts, deploy: Path, scratch: Path, files: int, big_mb: int, repeat: int) -> list[str]:
+    """Cold pushes and no-change runs against plain rsync of the same tree; report lines."""
+    source = make_dataset(scratch / "bench", files=files, big_mb=big_mb)
+    size = _size(source)
+    data = {"datasets": {"bench": f"local:{source}"}, "extra_ca_certificates": []}
+    inventory_dir = scratch / "inventory"
+    inventory_dir.mkdir()
+    write_inventory(inventory_dir, hosts, data)
+
+    # Untimed: packages (rsync, acl), group, layout, so both sides start from the same host state.
+    empty = scratch / "empty"
+    empty.mkdir()
+    assert_converged(run_pyinfra(hosts, deploy=deploy, data={**data, "datasets": {"bench": f"local:{empty}"}}))
+
+    def empty_targets() -> None:
+        # The record goes too: without it the host's copy is not known to match, so the push runs.
+        for host in hosts:
+            host_exec(
+                host,
+                f"rm -rf {FLOOR_DIR} /srv/datasets/bench/* /var/lib/labfleet/datasets/bench.record"
+                f" && mkdir -p {FLOOR_DIR}",
+            )
+
+    # pyinfra's own fixed cost (start, connect, disconnect), for reading the no-change ratio.
+    empty_deploy = scratch / "empty_deploy.py"
+    empty_deploy.write_text('"""No operations."""\n')
+    names = ("labfleet cold", "floor cold", "labfleet noop", "floor noop", "pyinfra, no ops")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeat):
+        empty_targets()
+        times["labfleet cold"].append(_timed(lambda: assert_converged(run_pyinfra(hosts, deploy=deploy, data=data))))
+        times["floor cold"].append(_timed(lambda: _floor_rsync(hosts, inventory_dir, source)))
+        times["labfleet noop"].append(_timed(lambda: assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data))))
+        times["floor noop"].append(_timed(lambda: _floor_rsync(hosts, inventory_dir, source)))
+        times["pyinfra, no ops"].append(_timed(lambda: run_pyinfra(hosts, deploy=empty_deploy, data=data)))
 
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"dataset: {args.files} files + one of {args.big_mb} MB ({size / 1e6:.1f} MB), 3 hosts, {args.repeat} runs")
+    lines = [f"dataset: {files} files + one of {big_mb} MB ({size / 1e6:.1f} MB), 3 hosts, {repeat} runs"]
     for name, values in times.items():
-        print(f"  {name:16s} median {median[name]:6.2f} s   ({', '.join(f'{v:.2f}' for v in values)})")
+        lines.append(f"  {name:16s} median {median[name]:6.2f} s   ({', '.join(f'{v:.2f}' for v in values)})")
     for label, ours, floor in (
         ("cold push", "labfleet cold", "floor cold"),
         ("no-change", "labfleet noop", "floor noop"),
     ):
         ratio = median[ours] / median[floor]
         verdict = "meets" if ratio <= GOALS[label] else "misses"
-        print(f"  {label}: {ratio:.2f}x the floor ({verdict} the goal of {GOALS[label]}x)")
+        lines.append(f"  {label}: {ratio:.2f}x the floor ({verdict} the goal of {GOALS[label]}x)")
+    return lines
 
 
 if __name__ == "__main__":

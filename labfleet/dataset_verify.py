@@ -103,6 +103,9 @@ def differences(settings: Settings, found: Mapping) -> dict[str, str]:
             continue
         if dataset.source.kind == "local" and dry_run["rc"] == 0:
             record = dataset_records.record_path(datasets.STATE_DIR, dataset.name)
-            why += f"; a deploy does not redo a sync it recorded: remove {record} on {settings.host}, then deploy"
+            why += (
+                f"; a deploy does not redo a sync it recorded: remove those files and {record} on {settings.host}, "
+                "then deploy"
+            )
         out[dataset.name] = why
     return out

@@ -77,7 +77,8 @@ def test_a_push_is_compared_by_checksum_from_the_controller(two_hosts, monkeypat
     monkeypatch.setattr(dataset_verify, "host", SimpleNamespace(name="pc02", data={"_sudo": True}))
     assert dataset_verify.differences(pc02, {}) == {
         "train": f"2 item(s) differ from local:{pc02.datasets[0].source.path}: d0/f1.bin, mine.txt; a deploy does "
-        "not redo a sync it recorded: remove /var/lib/labfleet/datasets/train.record on pc02, then deploy"
+        "not redo a sync it recorded: remove those files and /var/lib/labfleet/datasets/train.record on pc02, "
+        "then deploy"
     }
     (argv,) = ran
     assert {"--checksum", "--dry-run", "--delete"} <= set(argv), "prune: what the next sync would delete is drift"
