@@ -36,6 +36,7 @@ import posixpath
 import shlex
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -75,6 +76,9 @@ SYNC_USER = "labfleet-sync"
 SYNC_HOME = "/var/lib/labfleet-sync"
 SYNC_SSH_DIR = f"{SYNC_HOME}/.ssh"
 KEY_TAG = "labfleet-pull"
+# How many local: datasets one host receives at once (their dry runs and transfers overlap);
+# hosts are pushed to in parallel anyway.
+PARALLEL_PUSHES = 4
 # Longest chain of pulls (pc03 <- pc02 <- pc01 is 2) one run can order; see lay_out_datasets.
 MAX_PULL_DEPTH = 3
 
@@ -346,44 +350,63 @@ def host_sudo(data, arguments=None) -> bool:
     return bool(arguments["_sudo"] if arguments and "_sudo" in arguments else data.get("_sudo"))
 
 
+def _run_rsyncs(state, host, jobs: list[tuple[list[str], str]]) -> bool:
+    """Run several pushes to one host at once, at most PARALLEL_PUSHES at a time; each says how it ended."""
+    with ThreadPoolExecutor(max_workers=PARALLEL_PUSHES) as pool:
+        ended = list(pool.map(lambda job: _run_rsync(state, host, *job), jobs))
+    return all(ended)
+
+
 @operation(is_idempotent=True)
-def push_dataset(src: str, dest: str, flags: list[str], stamp: str, record: str | None = None):
-    """Copy a directory from the controller into a directory of this host with rsync, if they differ.
+def push_datasets(pushes: list[tuple[str, str, list[str], str, str]]):
+    """Copy directories from the controller into this host with rsync, those that differ, several at once.
 
-    + src: directory on the controller; its contents are copied
-    + dest: directory on the host
-    + flags: rsync options, including --itemize-changes
-    + stamp: file that is removed when anything moves, so the manifest is verified again
-    + record: the record of the last verified sync (labfleet.dataset_records), removed with
-      the stamp: a sync that fails half-way leaves no record that could match its source
+    + pushes: (directory on the controller, whose contents are copied; directory on the host;
+      rsync options, including --itemize-changes; the manifest stamp and the sync record,
+      removed before anything moves, so the manifest is verified again and a sync that
+      fails half-way leaves no record that could match its source) per dataset
 
-    A dry run (rsync --dry-run --itemize-changes, on the controller) decides; only when it
-    lists something does the real transfer run, so a re-run reports no change. The step
-    plans this operation only when the host's record differs from the source (see
+    A dry run per dataset (rsync --dry-run --itemize-changes, on the controller) decides;
+    only the datasets where it lists something are transferred, so a re-run reports no
+    change. Dry runs and transfers of several datasets overlap, at most PARALLEL_PUSHES at a
+    time: one host's pushes wait on the network and the host's disk, not on each other. The
+    step lists only the datasets whose record differs from their source (see
     labfleet.dataset_records), so a run with nothing to do walks neither tree.
 
     **Example:**
 
     .. code:: python
 
-        push_dataset(name="Push mnist", src="/data/mnist", dest="/srv/datasets/mnist",
-                     flags=rsync_flags(dataset, "labdata"), stamp="/var/lib/labfleet/datasets/mnist.verified")
+        push_datasets(name="Push datasets", pushes=[("/data/mnist", "/srv/datasets/mnist",
+                      rsync_flags(dataset, "labdata"), "/var/lib/labfleet/datasets/mnist.verified",
+                      "/var/lib/labfleet/datasets/mnist.record")])
     """
-    sudo = host_sudo(host.data, host.current_op_global_arguments)
-    pending = push_dry_run(host.data, host.name, src, dest, flags, sudo)
-    if pending["rc"] != 0:
-        yield preflight.failing_command(
-            f"host {host.name}: cannot rsync {src} to {dest} (rsync exit {pending['rc']}): "
-            f"{one_line(pending['errors'])}; check that rsync is installed on both sides and that "
-            "the SSH settings of this host work"
-        )
+    if not pushes:
+        host.noop("no dataset to push")
         return
-    if not pending["changes"]:
-        host.noop(f"{dest} already matches {src}")
+    data, name = host.data, host.name
+    sudo = host_sudo(data, host.current_op_global_arguments)
+    with ThreadPoolExecutor(max_workers=PARALLEL_PUSHES) as pool:
+        dry_runs = list(pool.map(lambda push: push_dry_run(data, name, push[0], push[1], push[2], sudo), pushes))
+    for (src, dest, *_), pending in zip(pushes, dry_runs, strict=True):
+        if pending["rc"] != 0:
+            yield preflight.failing_command(
+                f"host {name}: cannot rsync {src} to {dest} (rsync exit {pending['rc']}): "
+                f"{one_line(pending['errors'])}; check that rsync is installed on both sides and that "
+                "the SSH settings of this host work"
+            )
+            return
+    moving = [push for push, pending in zip(pushes, dry_runs, strict=True) if pending["changes"]]
+    for src, dest, *_ in pushes:
+        if not any(push[1] == dest for push in moving):
+            host.noop(f"{dest} already matches {src}")
+    if not moving:
         return
-    yield "rm -f " + " ".join(shlex.quote(path) for path in (stamp, record) if path)
-    argv = push_command(host.data, host.name, src, dest, flags, sudo)
-    yield FunctionCommand(_run_rsync, (argv, f"push {src} -> {dest}"), {})
+    yield "rm -f " + " ".join(shlex.quote(path) for push in moving for path in push[3:])
+    jobs = [
+        (push_command(data, name, src, dest, flags, sudo), f"push {src} -> {dest}") for src, dest, flags, *_ in moving
+    ]
+    yield FunctionCommand(_run_rsyncs, (jobs,), {})
 
 
 # --- host: pulls from a peer -----------------------------------------------------------------
@@ -830,6 +853,7 @@ def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
         return
     # The planning batch already holds these readings: this reads nothing from the host.
     state = planning.snapshot(DatasetsState, reads(settings))
+    planned = []
     for dataset in datasets:
         src, dest = str(dataset.source.path), dataset_dir(settings, dataset)
         flags = rsync_flags(dataset, settings.datasets_group)
@@ -838,16 +862,10 @@ def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
         current = dataset_records.is_current(
             state.records.get(dataset.name), wanted, path_is(state.paths, dest, "directory")
         )
-        unless_current(
-            push_dataset,
-            current=current,
-            name=f"Push dataset {dataset.name} from the controller",
-            src=src,
-            dest=dest,
-            flags=flags,
-            stamp=stamp_path(dataset),
-            record=record,
-        )
+        planned.append((dataset, (src, dest, flags, stamp_path(dataset), record), wanted, current))
+    pushes = [push for _, push, _, current in planned if not current]
+    unless_current(push_datasets, current=not pushes, name="Push datasets from the controller", pushes=pushes)
+    for dataset, (_, dest, _, stamp, record), wanted, current in planned:
         if dataset.manifest:
             unless_current(
                 verify_manifest,
@@ -855,7 +873,7 @@ def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
                 name=f"Verify dataset {dataset.name} against {dataset.manifest}",
                 directory=dest,
                 manifest=dataset.manifest,
-                stamp=stamp_path(dataset),
+                stamp=stamp,
                 label=f"dataset {dataset.name}",
             )
         if wanted is not None:

@@ -139,16 +139,25 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     sync decides, against one walk of the source), a touched source file syncs again, and a
     file changed by hand on a host is not fixed by a deploy but is reported by status --verify."""
     source = make_dataset(tmp_path / "train")
-    data = {"datasets": {"train": {"source": f"local:{source}", "manifest": "SHA256SUMS"}}}
+    # A second local: dataset: the two pushes to each host run at once (PARALLEL_PUSHES).
+    labels = make_dataset(tmp_path / "labels", files=30, big_mb=0, seed=3)
+    data = {
+        "datasets": {
+            "train": {"source": f"local:{source}", "manifest": "SHA256SUMS"},
+            "labels": {"source": f"local:{labels}", "manifest": "SHA256SUMS"},
+        }
+    }
     hosts = make_hosts(3)
 
     first = pyinfra_run(hosts, deploy=deploy, data=data)
     assert_converged(first)
     expected = local_digests(source)
     for host in hosts:
-        assert first.status(host, "Push dataset train from the controller") == "success"
+        assert first.status(host, "Push datasets from the controller") == "success"
         assert first.status(host, "Verify dataset train against SHA256SUMS") == "success"
         assert host_digests(host, f"{ROOT}/train") == expected, f"{host.name}: the copy differs from the source"
+        assert host_digests(host, f"{ROOT}/labels") == local_digests(labels), f"{host.name}: labels differ"
+        assert first.status(host, "Verify dataset labels against SHA256SUMS") == "success"
         assert stat(host, ROOT) == ("root", "labdata", "2755")
         assert stat(host, f"{ROOT}/train") == ("root", "labdata", "2755")
         assert stat(host, f"{ROOT}/train/d01/s1") == ("root", "labdata", "2755")
@@ -165,7 +174,7 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     # and no rsync runs on any host: the host's tree is not walked.
     second = pyinfra_run(hosts, deploy=deploy, data=data)
     assert_no_changes(second)
-    assert not [op["name"] for op in second.ops if "dataset train" in op["name"]], "the push was planned"
+    assert not [op["name"] for op in second.ops if "dataset" in op["name"]], "a dataset operation was planned"
     for host in hosts:
         assert inodes(host, f"{ROOT}/train") == before[host.name], f"{host.name}: files were rewritten"
         assert rsync_calls(host) == [], f"{host.name}: a no-change run ran rsync"
@@ -176,7 +185,7 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     retimed = pyinfra_run(hosts, deploy=deploy, data=data)
     assert_converged(retimed)
     for host in hosts:
-        assert retimed.status(host, "Push dataset train from the controller") == "success"
+        assert retimed.status(host, "Push datasets from the controller") == "success"
         assert any("--server" in call for call in rsync_calls(host)), f"{host.name}: the touched file did not sync"
         mtime = host_exec(host, f"stat -c %Y {ROOT}/train/d05/s5/f0005.bin").stdout.strip()
         assert int(mtime) == int(touched.stat().st_mtime), f"{host.name}: the time was not synced"
@@ -232,7 +241,7 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     host_exec(edited, f"rm {ROOT}/train/{loud} /var/lib/labfleet/datasets/train.record")
     repaired = pyinfra_run(hosts, deploy=deploy, data=data)
     assert_converged(repaired)
-    pushed = [h.name for h in hosts if repaired.status(h, "Push dataset train from the controller") == "success"]
+    pushed = [h.name for h in hosts if repaired.status(h, "Push datasets from the controller") == "success"]
     assert pushed == [same_size.name, edited.name]
     for host in hosts:
         assert host_digests(host, f"{ROOT}/train") == expected, f"{host.name}: not repaired"

@@ -221,7 +221,7 @@ def _plan_local(planning_host, monkeypatch, settings, records, paths):
         planned.append(kwargs["name"])
 
     monkeypatch.setattr(datasets, "serves_peers", lambda name: False)
-    for module, name in ((datasets, "push_dataset"), (datasets, "verify_manifest"), (dataset_records, "record_sync")):
+    for module, name in ((datasets, "push_datasets"), (datasets, "verify_manifest"), (dataset_records, "record_sync")):
         monkeypatch.setattr(module, name, operation)
     datasets._bring_in_local(settings, [d for d in settings.datasets if d.source.kind == "local"])
     return planned, fake
@@ -244,7 +244,7 @@ def test_the_step_plans_no_push_for_a_dataset_whose_record_matches(tmp_path, set
     assert fake.reads == [planning.FactBatch], "the records come with the planning batch"
 
     names = [
-        "Push dataset train from the controller",
+        "Push datasets from the controller",
         "Verify dataset train against SHA256SUMS",
         "Record the verified sync of dataset train",
     ]

@@ -251,7 +251,8 @@ def test_a_failed_dry_run_of_a_push_fails_the_host(fake_host_in, monkeypatch):
     monkeypatch.setattr(
         datasets.subprocess, "run", lambda argv, **kwargs: closed if argv[0] == "rsync" else real_run(argv, **kwargs)
     )
-    line = _fails_with(list(datasets.push_dataset._inner(src="/data/m", dest="/srv/datasets/m", flags=[], stamp="/s")))
+    pushes = [("/data/m", "/srv/datasets/m", [], "/s", "/r")]
+    line = _fails_with(list(datasets.push_datasets._inner(pushes=pushes)))
     assert line == (
         "host pc01: cannot rsync /data/m to /srv/datasets/m (rsync exit 12): sudo: rsync: command not found "
         "rsync: connection unexpectedly closed; check that rsync is installed on both sides and that the SSH "
@@ -305,3 +306,38 @@ def test_a_missing_manifest_fails_the_host(fake_host_in):
         _fails_with(commands)
         == "host pc01: dataset m has no manifest SHA256SUMS; add it to the source or drop manifest"
     )
+
+
+class _Logs:
+    """A host as _run_rsync sees it: a name and where its log lines go."""
+
+    name = "pc01"
+
+    def __init__(self):
+        self.lines = []
+
+    def log_styled(self, message, **kwargs):
+        self.lines.append(message)
+
+
+def test_pushes_to_one_host_overlap_up_to_the_bound(tmp_path, monkeypatch):
+    """Stand-in rsyncs (sh) that each wait, a bounded number of times, until two are running:
+    with one at a time they would each give up alone."""
+    monkeypatch.setattr(datasets, "PARALLEL_PUSHES", 2)
+    running, seen = tmp_path / "running", tmp_path / "seen"
+    running.mkdir()
+    seen.mkdir()
+    script = (
+        'touch "$R/$1"; for i in $(seq 50); do [ "$(ls "$R" | wc -l)" -ge 2 ] && break; sleep 0.02; done; '
+        'ls "$R" | wc -l > "$S/$1"; sleep 0.1; rm "$R/$1"; echo ">f+++++++++ $1"'
+    )
+    jobs = [(["env", f"R={running}", f"S={seen}", "sh", "-c", script, "sh", f"job{n}"], f"push {n}") for n in range(4)]
+    logs = _Logs()
+    assert datasets._run_rsyncs(None, logs, jobs) is True
+    counts = [int((seen / f"job{n}").read_text()) for n in range(4)]
+    assert max(counts) == 2, counts
+    assert sorted(logs.lines) == [f"push {n}: 1 item(s) synced" for n in range(4)]
+
+    failing = [*jobs[:1], (["sh", "-c", "echo 'rsync: connection closed' >&2; exit 12"], "push broken")]
+    assert datasets._run_rsyncs(None, logs, failing) is False
+    assert any("push broken failed (rsync exit 12): rsync: connection closed" in line for line in logs.lines)
