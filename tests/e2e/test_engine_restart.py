@@ -5,7 +5,7 @@ One engine host carries the whole story, so that JupyterLab is shipped and broug
 1. its daemon.json sets "live-restore": false by hand; the deploy keeps it and warns, on
    every run, in one line that names the host;
 2. the admin deletes the key, as the warning says, and a kernel is started through the
-   Jupyter REST API and kept busy in a loop; a deploy with a log-opts change (restart-only) reloads dockerd to turn
+   server's websocket and kept busy in a loop; a deploy with a log-opts change (restart-only) reloads dockerd to turn
    live-restore on, then restarts it: dockerd's PID changes, the container, its kernel and
    the workspace do not;
 3. a deploy that adds daemon labels (reloadable) reloads dockerd without restarting it,
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 
 from .harness.hosts import TestHost, host_exec
 from .harness.runner import Result, assert_converged, assert_no_changes
 from .harness.snapshots import checksum_snapshot
+from .probes import run_cell
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CONTAINER = "labfleet-lab-jupyterlab-1"
@@ -46,35 +46,6 @@ def kernel_process(host: TestHost, kernel_id: str) -> str:
     """The PID of the kernel's process (its command line names its connection file), seen from the host."""
     # "[k]" keeps pgrep from matching the shell that runs it, whose command line holds the pattern.
     return sh(host, f"pgrep -f {shlex.quote('[k]ernel-' + kernel_id)}")
-
-
-# Run by the kernel's own interpreter in the container: a loop that keeps the kernel busy, sent
-# through jupyter_client (what the server itself uses), returning once the kernel says "busy".
-KEEP_BUSY = """
-import sys
-from jupyter_client import BlockingKernelClient
-client = BlockingKernelClient(connection_file=sys.argv[1])
-client.load_connection_file()
-client.start_channels()
-client.execute("import time\\nwhile True:\\n    time.sleep(0.5)")
-while True:
-    message = client.get_iopub_msg(timeout=60)
-    if message["msg_type"] == "status" and message["content"]["execution_state"] == "busy":
-        break
-client.stop_channels()
-"""
-
-
-def keep_kernel_busy(host: TestHost, kernel_id: str) -> None:
-    """Make the kernel run an endless loop, and wait until the server reports it busy."""
-    args = sh(host, f"ps -o args= -p {kernel_process(host, kernel_id)}").split()
-    python, connection_file = args[0], args[args.index("-f") + 1]
-    host_exec(host, f"docker exec -i -u lab {CONTAINER} {python} - {connection_file}", input=KEEP_BUSY, timeout=120)
-    for _ in range(120):
-        if kernel_state(host, kernel_id) == "busy":
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{host.name}: kernel {kernel_id} never showed busy")
 
 
 def kernel_state(host: TestHost, kernel_id: str) -> str:
@@ -114,11 +85,12 @@ def test_dockerd_restarts_and_reloads_under_a_live_kernel(make_hosts, pyinfra_ru
 
     # The admin follows the warning: the key goes, while the engine keeps running without it.
     host_exec(host, f"echo '{{}}' > {DAEMON_JSON}")
-    kernel = jupyter_api(host, "POST", "/kernels")
-    assert isinstance(kernel, dict)
+    # Through the server's own websocket, so the server sees the kernel busy (a kernel made busy
+    # behind its back can stay "starting" there when its status came before the server listened).
+    kernel = {"id": run_cell(host, CONTAINER, "import time\nwhile True:\n    time.sleep(0.5)", until="busy")}
     pid = kernel_process(host, kernel["id"])
     assert pid, f"{host.name}: no process for kernel {kernel['id']}"
-    keep_kernel_busy(host, kernel["id"])
+    assert kernel_state(host, kernel["id"]) == "busy", f"{host.name}: the server does not see the kernel busy"
     host_exec(host, "head -c 1M /dev/urandom > /srv/workspace/lab/model.bin; chown lab: /srv/workspace/lab/model.bin")
     workspace = checksum_snapshot(host, ["/srv/workspace"])
     before = engine(host)
