@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Re-lock one requirement profile: requirements/<profile>.in -> a hash-locked .txt beside it.
+# Re-lock one requirement profile: requirements/<profile>.in -> a hash-locked .txt beside it,
+# and its layer slices in <lock>.layers/ (layer_locks.py).
 #
 #   container/relock.sh jupyter                           -> requirements/jupyter.txt
 #   container/relock.sh cpu                               -> requirements/cpu.txt
@@ -112,3 +113,6 @@ else
   mv "$out.new" "$out"
 fi
 echo "relock: wrote container/requirements/$out" >&2
+# The image installs the lock in slices, one layer each; cut them from this one resolution.
+python3 ../layer_locks.py "$out"
+echo "relock: wrote container/requirements/${out%.txt}.layers/" >&2

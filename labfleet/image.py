@@ -20,6 +20,7 @@ from pathlib import Path
 
 from labfleet import progress
 from labfleet.certs import host_file_name
+from labfleet.model import lock_file
 from labfleet.settings import REPO_ROOT, Settings, build
 
 CONTEXT_DIR = REPO_ROOT / "container"
@@ -30,6 +31,7 @@ TAG_LABEL = "org.labfleet.image.tag"
 BUILD_TIMEOUT_S = 3600
 LOG_TAIL_LINES = 30
 WHEELS_ENV = "LABFLEET_BUILD_WHEELS"
+SOURCE_DATE_EPOCH = 1767225600  # the Dockerfile's: the one time of every file in the image
 
 
 class ImageBuildError(RuntimeError):
@@ -59,7 +61,15 @@ def controller_settings(**overrides) -> Settings:
 
 
 def build_args(settings: Settings) -> dict[str, str]:
-    return {"BASE_IMAGE": settings.base_image, "PROFILE": settings.image_profile, "CUDA": settings.cuda}
+    """The Dockerfile's arguments. The lock stands for the CUDA line: profiles locked once
+    (jupyter) give one image, and one tag, for every line."""
+    lock = lock_file(settings.image_profile, settings.cuda)
+    if lock is None:  # checks.py refuses this before any build; a bench or a test may not
+        raise ImageBuildError(
+            f"profile {settings.image_profile} has no lock for CUDA {settings.cuda}: create it with "
+            f"container/relock.sh {settings.image_profile} --cuda {settings.cuda}"
+        )
+    return {"BASE_IMAGE": settings.base_image, "PROFILE": settings.image_profile, "LOCK": lock.stem}
 
 
 def _context_files(root: Path) -> list[Path]:
@@ -116,8 +126,8 @@ def image_tag(settings: Settings, context: Path = CONTEXT_DIR, repository: str =
 def assemble_context(settings: Settings, destination: Path, context: Path = CONTEXT_DIR) -> Path:
     """Copy the build context (container/ plus certs/) into an empty directory; return it.
 
-    Modes are normalised to 755/644, so the engine's layer cache does not depend on the
-    controller's umask.
+    Modes are normalised to 755/644 and times to SOURCE_DATE_EPOCH, so neither the engine's
+    layer cache nor a layer's digest depends on the controller's umask or clock.
     """
     destination.mkdir(parents=True, exist_ok=True)
     if any(destination.iterdir()):
@@ -127,6 +137,8 @@ def assemble_context(settings: Settings, destination: Path, context: Path = CONT
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         target.chmod(0o755 if _is_executable(source) else 0o644)
+        # COPY keeps a file's time, and a layer's digest covers it.
+        os.utime(target, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
     return destination
 
 

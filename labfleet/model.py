@@ -856,8 +856,8 @@ def profiles() -> tuple[str, ...]:
 def lock_file(profile: str, cuda: str) -> Path | None:
     """The lock the image build installs for this profile and CUDA line, or None when there is none.
 
-    The same rule as container/install-profile.sh: <profile>-cu<NNN>.txt for a profile locked
-    per CUDA line, else <profile>.txt for one whose lock serves every line.
+    <profile>-cu<NNN>.txt for a profile locked per CUDA line, else <profile>.txt for one whose
+    lock serves every line. Its stem is the Dockerfile's LOCK (image.build_args).
     """
     for name in (f"{profile}-cu{cuda.replace('.', '')}.txt", f"{profile}.txt"):
         if (REQUIREMENTS_DIR / name).is_file():

@@ -101,9 +101,20 @@ def test_tag_covers_the_extra_ca_files(raw, context, tmp_path):
     assert image.image_tag(_settings(raw, extra_ca_certificates=[ca]), context) not in (plain, with_ca)
 
 
-def test_build_args_are_the_three_settings(raw):
+def test_build_args_name_the_base_the_profile_and_its_lock(raw):
     s = _settings(raw, image_profile="jupyter", cuda="13.0")
-    assert image.build_args(s) == {"BASE_IMAGE": s.base_image, "PROFILE": "jupyter", "CUDA": "13.0"}
+    assert image.build_args(s) == {"BASE_IMAGE": s.base_image, "PROFILE": "jupyter", "LOCK": "jupyter"}
+    # One lock serves every CUDA line: the same image, under the same tag.
+    assert image.image_tag(_settings(raw, image_profile="jupyter", cuda="12.8")) == image.image_tag(s)
+    assert image.build_args(_settings(raw, image_profile="pytorch", cuda="12.6"))["LOCK"] == "pytorch-cu126"
+
+
+def test_a_profile_without_a_lock_is_refused_naming_the_relock_command(raw):
+    # checks.py refuses it in a deploy; a bench or a test that builds directly gets the same advice.
+    s = _settings(raw, image_profile="pytorch", cuda="12.8")
+    object.__setattr__(s, "cuda", "12.4")
+    with pytest.raises(image.ImageBuildError, match=r"container/relock\.sh pytorch --cuda 12\.4"):
+        image.build_args(s)
 
 
 def test_context_is_container_plus_certs(raw, context, tmp_path):
@@ -184,7 +195,7 @@ def test_a_wheel_cache_replaces_the_index_and_keeps_the_tag(raw, context, engine
 def test_the_wheel_cache_arguments_are_declared_without_a_value_before_the_install():
     # Unset, they leave the product image and its layer cache as they were; set, pip reads them.
     text = (CONTAINER / "Dockerfile").read_text()
-    install = text.index('install-profile.sh "$PROFILE"')
+    install = text.index("RUN sh /labfleet-install-layer.sh")
     for name in ("PIP_FIND_LINKS", "PIP_NO_INDEX"):
         assert re.search(rf"^ARG {name}$", text[:install], re.M), f"container/Dockerfile lacks a bare ARG {name}"
 
@@ -235,7 +246,7 @@ def _dockerfile_arg(name: str) -> str:
 def test_dockerfile_defaults_are_group_data_defaults():
     assert _dockerfile_arg("BASE_IMAGE") == DEFAULTS.base_image
     assert _dockerfile_arg("PROFILE") == DEFAULTS.image_profile
-    assert _dockerfile_arg("CUDA") == DEFAULTS.cuda
+    assert _dockerfile_arg("LOCK") == image.build_args(DEFAULTS)["LOCK"]
 
 
 def test_dockerfile_keeps_secrets_and_cuda_bases_out():
@@ -266,7 +277,7 @@ def test_the_default_profile_and_the_test_profile_are_locked():
 
 def test_scripts_are_executable_for_people():
     # The image sets its own modes; these bits are for running them from a checkout.
-    for path in [*(CONTAINER / "scripts").iterdir(), CONTAINER / "install-profile.sh", CONTAINER / "relock.sh"]:
+    for path in [*(CONTAINER / "scripts").iterdir(), CONTAINER / "install-layer.sh", CONTAINER / "relock.sh"]:
         assert os.access(path, os.X_OK), f"{path.relative_to(REPO)} should be executable"
 
 
@@ -344,11 +355,3 @@ def test_relock_refuses_bad_requests_before_touching_the_network(args, message):
     result = subprocess.run([str(CONTAINER / "relock.sh"), *args], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert message in result.stderr
-
-
-def test_a_missing_lock_names_the_relock_command(tmp_path):
-    script = tmp_path / "install-profile.sh"
-    script.write_bytes((CONTAINER / "install-profile.sh").read_bytes())
-    result = subprocess.run(["sh", str(script), "cpu", "12.8"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
-    assert "container/relock.sh cpu --cuda 12.8" in result.stderr
