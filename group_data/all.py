@@ -73,6 +73,9 @@ datasets_root = "/srv/datasets"
 datasets = {}
 # Group that owns datasets_root; jupyter users join it and may write in readonly: False datasets.
 datasets_group = "labdata"
+# How many hosts pull a host: dataset from this one at once; the rest pull from hosts that got
+# it already (a tree, not a star). None: every puller at once from the declared peer.
+dataset_fanout = 2
 # How the other hosts reach this one for host: dataset pulls (IP or DNS name); None = its ssh_hostname.
 lan_address = None
 # SSH port the other hosts use to reach this one; None = its ssh_port when lan_address is None, else 22.

@@ -49,7 +49,7 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
-from labfleet import apt, dataset_records, datasets_s3, planning, preflight
+from labfleet import apt, dataset_fanout, dataset_records, datasets_s3, planning, preflight
 from labfleet.facts.datasets import (
     DatasetRecords,
     DefaultAcls,
@@ -163,6 +163,7 @@ class DatasetsState:
     acls: dict[str, tuple[str, ...]]
     accounts: dict[str, Account]
     records: dict[str, RecordState]  # DatasetRecords, of the local: datasets
+    pulled: dict[str, RecordState]  # DatasetRecords of the host: datasets' pulls (labfleet.dataset_fanout)
 
 
 def reads(settings: Settings) -> dict[str, Read]:
@@ -189,6 +190,7 @@ def reads(settings: Settings) -> dict[str, Read]:
                 )
             },
         ),
+        **dataset_fanout.reads(settings),
     }
 
 
@@ -428,7 +430,12 @@ def _pullers_of(peer: str) -> list[tuple[Settings, Dataset]]:
 
 def serves_peers(peer: str) -> bool:
     """Whether some host pulls from peer: a host: dataset, or a user's files (labfleet.migrate)."""
-    return bool(_pullers_of(peer)) or any(other.migrate_from == peer for other in _all_settings().values())
+    all_settings = _all_settings()
+    return (
+        bool(_pullers_of(peer))
+        or any(other.migrate_from == peer for other in all_settings.values())
+        or bool(dataset_fanout.children_of(all_settings, peer))
+    )
 
 
 def pull_depth(all_settings: dict[str, Settings], host_name: str, dataset: Dataset, seen=()) -> int:
@@ -607,18 +614,18 @@ def pull_command(peer: Settings, remote_path: str, dest: str, key: str, known_ho
 
 
 @operation(is_idempotent=True)
-def pull_datasets(pulls: list[tuple[str, str, str, str, str]]):
+def pull_datasets(pulls: list[tuple[str, ...]]):
     """Pull datasets from peer hosts with rsync, each only if this host's copy differs.
 
     + pulls: (peer, path on the peer, rsync command line from pull_command, directory here,
-      verification stamp removed when anything moves) of each dataset
+      and the verification stamp and any other files removed when anything moves) of each dataset
 
     A dry run on this host (a fact) decides; the real rsync runs only for what differs.
     """
     if not pulls:
         host.noop("nothing to pull in this round")
         return
-    for peer, remote_path, command, dest, stamp in pulls:
+    for peer, remote_path, command, dest, *stamps in pulls:
         if host.inventory.get_host(peer) in host.state.failed_hosts:
             yield preflight.failing_command(
                 f"host {host.name}: the peer {peer} failed earlier in this run, so {dest} was not pulled; "
@@ -636,7 +643,7 @@ def pull_datasets(pulls: list[tuple[str, str, str, str, str]]):
         if not pending["changes"]:
             host.noop(f"{dest} already matches {peer}:{remote_path}")
             continue
-        yield f"rm -f {shlex.quote(stamp)}"
+        yield "rm -f " + " ".join(shlex.quote(stamp) for stamp in stamps)
         yield command
 
 
@@ -819,28 +826,28 @@ def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> Non
         path=KNOWN_HOSTS,
         peers=[
             (peer, all_settings[peer].lan_address, all_settings[peer].lan_ssh_port)
-            for peer in sorted({pulled_from(d)[0] for d in mine})
+            for peer in sorted(
+                {pulled_from(d)[0] for d in mine} | set(dataset_fanout.parents_of(all_settings, settings.host))
+            )
         ],
     )
+    # In a tree (labfleet.dataset_fanout) the other pullers of a source may pull from this one.
+    children = dataset_fanout.children_of(all_settings, settings.host)
     authorize_pullers(
         name="Let peers pull datasets from this host, read-only",
         path=f"{SYNC_SSH_DIR}/authorized_keys",
-        pullers=[(p.host, pull_key_path(d), pulled_from(d)[1], _source_address(p)) for p, d in served],
+        pullers=[(p.host, pull_key_path(d), pulled_from(d)[1], _source_address(p)) for p, d in served]
+        + [(p.host, pull_key_path(d), here, _source_address(p)) for p, d, here in children],
     )
 
 
 def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: int) -> None:
-    pulls = []
     mine = [d for d in settings.datasets if pull_depth(all_settings, settings.host, d) == depth]
-    for dataset in mine:
-        peer, path = pulled_from(dataset)
-        dest = dataset_dir(settings, dataset)
-        flags = rsync_flags(dataset, settings.datasets_group)
-        command = pull_command(all_settings[peer], path, dest, pull_key_path(dataset), KNOWN_HOSTS, flags)
-        pulls.append((peer, path, command, dest, stamp_path(dataset)))
-    pull_datasets(name="Pull datasets from peers" + (f", hop {depth}" if depth > 1 else ""), pulls=pulls)
+    # In waves: hosts that pulled a source in an earlier wave serve the later pullers.
+    dataset_fanout.pull_in_waves(settings, all_settings, depth, mine)
     for dataset in mine:
         _verify(settings, dataset)
+        dataset_fanout.record_pull(settings, all_settings, dataset)
 
 
 def _bring_in_manual(settings: Settings, datasets: list[Dataset]) -> None:

@@ -128,6 +128,12 @@ def port(value):
     return value
 
 
+def fanout(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise Invalid("")
+    return value
+
+
 def username(value):
     if not isinstance(value, str) or not _USERNAME.match(value):
         raise Invalid("")
@@ -959,6 +965,10 @@ class Settings:
         )
     )
     datasets_group: str = field(metadata=setting(username, "a group name like labdata"))
+    # How many peers pull a host: dataset from this host at once; None: every puller at once.
+    dataset_fanout: int | None = field(
+        metadata=setting(optional(fanout), "null (no bound: every puller at once) or an integer 1-64")
+    )
     # None means the inventory's ssh_hostname (or the host's name).
     lan_address: str = field(metadata=setting(optional(host_address), "null, an IP address or a DNS name"))
     # None means the inventory's ssh_port while lan_address is None, else 22.
