@@ -73,18 +73,19 @@ def plan_tree(
     + max_waves: the waves planned; pullers left over for the last one pull from the origin
 
     Deterministic: pullers are taken by name, and in each wave the serving hosts take one
-    puller each in turn (the origin first, then the others by name) until their bounds are
-    used up, so that the load spreads across the servers.
+    puller each in turn (the hosts that pulled first, by name, the origin last: it served every
+    wave before) until their bounds are used up, so that the load spreads across the servers.
     """
     by_name = {puller.name: puller for puller in pullers}
     order = sorted(by_name)
     plan = {name: (1, origin) for name in order if name in holders}
     remaining = [name for name in order if name not in holders]
-    servers = [origin]
+    peers: list[str] = []
     bounds = {origin: origin_bound, **{name: puller.bound for name, puller in by_name.items()}}
     wave = 1
     while remaining:
         last = max_waves is not None and wave >= max_waves
+        servers = [*peers, origin]
         used = dict.fromkeys(servers, 0)
         while remaining:
             free = [s for s in servers if (last and s == origin) or used[s] < (bounds[s] or len(order) + 1)]
@@ -96,7 +97,7 @@ def plan_tree(
                 plan[remaining.pop(0)] = (wave, server)
                 used[server] += 1
         served = sorted(name for name, (at, _) in plan.items() if at == wave and by_name[name].serves)
-        servers += [name for name in served if name not in servers]
+        peers += [name for name in served if name not in peers]
         wave += 1
     return plan
 

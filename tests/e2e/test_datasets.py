@@ -285,6 +285,38 @@ def test_peers_pull_in_a_chain_with_keys_that_can_only_read(make_hosts, pyinfra_
     assert re.search(rf'^restrict,from="{re.escape(host_data[second_host.name]["lan_address"])}",command="', keys, re.M)
     assert "sudo" not in host_exec(first_host, "id -nG labfleet-sync").stdout
 
+    # Fan-out (labfleet/dataset_fanout.py): both pull the first host's copy, which lets one host
+    # pull at once (dataset_fanout: 1), so the first by name pulls from it and the other pulls
+    # from that one in wave 2. A new file shows who sent it: every rsync on the hosts is logged.
+    host_data[first_host.name]["dataset_fanout"] = 1
+    for puller in (second_host, third_host):
+        host_data[puller.name]["datasets"] = {
+            "ref": {"source": f"host:{first_host.name}:{ROOT}/ref", "manifest": "SHA256SUMS"}
+        }
+    early, late = sorted((second_host, third_host), key=lambda h: h.name)
+    (source / "added.bin").write_bytes(os.urandom(300_000))
+    write_manifest(source)
+    for host in hosts:
+        # The serving rsync runs as the sync account: it must be able to log too.
+        host_exec(host, f"{LOG_RSYNC} && chmod 666 {RSYNC_LOG}")
+    fanned = pyinfra_run(hosts, deploy=deploy, host_data=host_data)
+    assert_converged(fanned)
+    expected = local_digests(source)
+    for host in hosts:
+        assert host_digests(host, f"{ROOT}/ref") == expected, f"{host.name}: the copy differs from the source"
+    assert fanned.status(early, f"{STEP} | Pull datasets from peers") == "success"
+    assert fanned.status(late, f"{STEP} | Pull datasets from peers, wave 2") == "success"
+    assert f"wave 2: pulling {early.name}:{ROOT}/ref" in fanned.stderr, fanned.stderr_tail()
+    senders = {host.name: [c for c in rsync_calls(host) if "--server" in c and "--sender" in c] for host in hosts}
+    assert senders[early.name], f"{early.name} did not serve {late.name}: {senders}"
+    assert senders[late.name] == [], f"{late.name} served: {senders}"
+    late_ip = re.escape(host_data[late.name]["lan_address"])
+    served = host_exec(early, "cat /var/lib/labfleet-sync/.ssh/authorized_keys").stdout
+    assert re.search(rf'^restrict,from="{late_ip}",command="\S*rrsync -ro {ROOT}/ref" ', served, re.M), served
+    # Both recorded a verified pull: the next run refreshes both from the first host in wave 1,
+    # where nothing differs.
+    assert_no_changes(pyinfra_run(hosts, deploy=deploy, host_data=host_data))
+
 
 def test_extra_files_stay_unless_prune_is_on(make_hosts, pyinfra_run, deploy, tmp_path):
     source = make_dataset(tmp_path / "val", files=40, big_mb=0)

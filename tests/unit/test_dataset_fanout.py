@@ -39,10 +39,10 @@ def test_six_pullers_with_a_bound_of_two_make_a_tree_of_two_waves():
     assert plan == {
         "pc01": (1, ORIGIN),
         "pc02": (1, ORIGIN),
-        "pc03": (2, ORIGIN),
-        "pc04": (2, "pc01"),
-        "pc05": (2, "pc02"),
-        "pc06": (2, ORIGIN),
+        "pc03": (2, "pc01"),
+        "pc04": (2, "pc02"),
+        "pc05": (2, ORIGIN),
+        "pc06": (2, "pc01"),
     }
     _check_bounds(plan, {ORIGIN: 2, **{p.name: 2 for p in _pullers(6)}})
     assert dataset_fanout.waves(plan) == 2
@@ -70,19 +70,20 @@ def test_the_plan_does_not_depend_on_the_order_pullers_are_listed():
 def test_holders_refresh_from_the_origin_first_and_serve_the_rest():
     holders = {"pc04", "pc05", "pc06"}
     plan = plan_tree(ORIGIN, 2, _pullers(6), holders)
-    # The holders do not use the origin's bound: two new hosts still pull from it in wave 1.
+    # The holders do not use the origin's bound: two new hosts still pull from it in wave 1,
+    # and the last one from a host that pulled in wave 1 (those serve before the origin).
     assert plan == {
         "pc01": (1, ORIGIN),
         "pc02": (1, ORIGIN),
-        "pc03": (2, ORIGIN),
+        "pc03": (2, "pc01"),
         "pc04": (1, ORIGIN),
         "pc05": (1, ORIGIN),
         "pc06": (1, ORIGIN),
     }
     many = plan_tree(ORIGIN, 1, _pullers(8), {"pc01", "pc02", "pc03"})
     _check_bounds(many, {ORIGIN: 1, **{p.name: 1 for p in _pullers(8)}}, holders={"pc01", "pc02", "pc03"})
-    # Wave 2: the origin and the three holders (pc04 pulled in wave 1) take the other four.
-    assert sorted(parent for wave, parent in many.values() if wave == 2) == [ORIGIN, "pc01", "pc02", "pc03"]
+    # Wave 2: the three holders and pc04 (pulled in wave 1) take the other four; the origin rests.
+    assert sorted(parent for wave, parent in many.values() if wave == 2) == ["pc01", "pc02", "pc03", "pc04"]
 
 
 def test_a_writable_copy_is_never_passed_on():
@@ -100,8 +101,9 @@ def test_no_bound_on_the_origin_is_the_star():
 def test_pullers_left_over_for_the_last_planned_wave_pull_from_the_origin():
     plan = plan_tree(ORIGIN, 1, _pullers(6, bound=1), set(), max_waves=2)
     assert dataset_fanout.waves(plan) == 2
+    assert plan["pc02"] == (2, "pc01")
     assert [name for name, (wave, parent) in plan.items() if wave == 2 and parent == ORIGIN] == [
-        "pc02",
+        "pc03",
         "pc04",
         "pc05",
         "pc06",
