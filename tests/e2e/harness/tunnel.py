@@ -34,7 +34,8 @@ def forward_to_host(host: TestHost, port: int, probe_path: str = "/"):
     try:
         for _ in range(100):
             if tunnel.poll() is not None:
-                raise AssertionError(f"{host.name}: the SSH forward of port {port} ended: {tunnel.stderr.read()}")
+                said = tunnel.stderr.read().decode(errors="replace") if tunnel.stderr else ""
+                raise AssertionError(f"{host.name}: the SSH forward of port {port} ended: {said}")
             probe = f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}{probe_path}"
             if host_exec(host, probe, check=False).stdout.strip() not in ("", "000"):
                 break
