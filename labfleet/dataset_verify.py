@@ -1,16 +1,19 @@
 """``./run status --verify``: every synced dataset compared in full with its source, on demand.
 
-A deploy skips a local: dataset whose record matches its source (labfleet.dataset_records),
-so it does not see a file changed by hand on a host, nor a source file rewritten with the
-same size and time. This comparison sees both: it is the rsync dry run a deploy would make,
-with ``--checksum``, so both sides read every byte. That is why it is not part of every
+A deploy skips a local:, host: or s3: dataset whose record matches its source
+(labfleet.dataset_records, labfleet.dataset_upstream), so it does not see a file changed by
+hand on a host, nor a source file rewritten with the same size and time. This comparison
+sees both: it is the rsync dry run a sync would make, with ``--checksum``, so both sides
+read every byte. That is why it is not part of every
 deploy: on an ImageNet-sized dataset it takes as long as reading the dataset.
 
 local: datasets are compared from the controller (its rsync against the host's, as a push);
 host: datasets on the puller (its rsync against the peer's read-only rrsync, as a pull, read
 in the status's batch). Files a lab member added are not drift unless the dataset says
-``prune: True``; then they show as what the next sync would delete. s3:, nfs: and manual
-datasets keep the status they have without --verify.
+``prune: True``; then they show as what the next sync would delete. s3: datasets are
+compared on the host by ``rclone check`` (sizes and MD5s: the ETag of an object uploaded in
+one part; one uploaded in parts is compared by size). nfs: and manual datasets keep the
+status they have without --verify.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from collections.abc import Mapping
 
 from pyinfra import host
 
-from labfleet import dataset_records, datasets
-from labfleet.facts.datasets import RsyncDryRun
+from labfleet import dataset_records, datasets, datasets_s3
+from labfleet.facts.datasets import RcloneCheck, RsyncDryRun
 from labfleet.planning import Read
 from labfleet.settings import Dataset, Settings
 
@@ -45,6 +48,8 @@ def reads(settings: Settings) -> dict[str, Read]:
     all_settings = datasets._all_settings()
     out = {}
     for dataset in settings.datasets:
+        if dataset.source.kind == "s3":
+            out[f"verify {dataset.name}"] = _s3_check(settings, dataset)
         if dataset.source.kind != "host":
             continue
         peer, path = datasets.pulled_from(dataset)
@@ -60,17 +65,25 @@ def reads(settings: Settings) -> dict[str, Read]:
     return out
 
 
+def _s3_check(settings: Settings, dataset: Dataset) -> Read:
+    """rclone check of the bucket against the host's copy, on the host: sizes and MD5s (every local byte)."""
+    dest = datasets.dataset_dir(settings, dataset)
+    args = ["check", datasets_s3.remote(dataset.source), dest]
+    if not dataset.prune:
+        args.append("--one-way")
+    return Read(RcloneCheck, {"command": datasets_s3.rclone(datasets_s3.config_path(dataset), *args)})
+
+
 def describe(source: str, dry_run: Mapping) -> str | None:
     """One drift line from a dry run's result, or None when the copy matches its source."""
     if dry_run["rc"] != 0:
         return (
-            f"could not be compared with {source} (rsync exit {dry_run['rc']}): "
+            f"could not be compared with {source} ({dry_run.get('tool', 'rsync')} exit {dry_run['rc']}): "
             f"{datasets.one_line(list(dry_run['errors']), 300)}"
         )
-    changes = dry_run["changes"]
-    if not changes:
+    paths = dry_run.get("paths") or [line[12:].strip() for line in dry_run["changes"]]
+    if not paths:
         return None
-    paths = [line[12:].strip() for line in changes]
     shown = ", ".join(paths[:SHOWN]) + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
     return f"{len(paths)} item(s) differ from {source}: {shown}"
 
@@ -96,12 +109,16 @@ def differences(settings: Settings, found: Mapping) -> dict[str, str]:
             )
         elif dataset.source.kind == "host":
             dry_run = found[f"verify {dataset.name}"]
+        elif dataset.source.kind == "s3":
+            checked = found[f"verify {dataset.name}"]
+            dry_run = {**checked, "paths": checked["paths"] + (checked["extra"] if dataset.prune else [])}
         else:
             continue
         why = describe(str(dataset.source), dry_run)
         if why is None:
             continue
-        if dataset.source.kind == "local" and dry_run["rc"] == 0:
+        # Every compared kind skips a sync whose record matches its source (labfleet.dataset_upstream).
+        if dry_run["rc"] == 0:
             record = dataset_records.record_path(datasets.STATE_DIR, dataset.name)
             why += (
                 f"; a deploy does not redo a sync it recorded: remove those files and {record} on {settings.host}, "

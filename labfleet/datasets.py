@@ -11,8 +11,8 @@ Sources (``Dataset.source.kind``; each is one entry of ``SOURCE_KINDS`` and its 
 - ``manual``: the directory only.
 - ``local:<path>``: pushed from the controller with rsync, over the SSH settings pyinfra
   uses for that host. The host's record of its last verified sync, against one walk of the
-  source per run, decides whether to sync at all (labfleet.dataset_records); then a dry run
-  decides what; only what differs moves.
+  source per run, decides whether to sync at all (labfleet.dataset_records); then rsync
+  moves only what differs.
 - ``host:<peer>:<path>``: pulled by this host from a peer, so a large dataset crosses the
   controller's link once. The trust is narrow: each puller has its own key per dataset,
   made on the puller (the private key never leaves it), and the peer accepts that key only
@@ -49,7 +49,7 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
-from labfleet import apt, dataset_fanout, dataset_records, datasets_s3, planning, preflight
+from labfleet import apt, dataset_fanout, dataset_records, dataset_upstream, datasets_s3, planning, preflight
 from labfleet.facts.datasets import (
     DatasetRecords,
     DefaultAcls,
@@ -76,6 +76,8 @@ SYNC_USER = "labfleet-sync"
 SYNC_HOME = "/var/lib/labfleet-sync"
 SYNC_SSH_DIR = f"{SYNC_HOME}/.ssh"
 KEY_TAG = "labfleet-pull"
+# The kinds whose hosts keep a record of their last verified sync (labfleet.dataset_records).
+RECORDED = ("local", "s3", "host")
 # How many local: datasets one host receives at once (their dry runs and transfers overlap);
 # hosts are pushed to in parallel anyway.
 PARALLEL_PUSHES = 4
@@ -162,7 +164,7 @@ class DatasetsState:
     paths: dict[str, PathState]
     acls: dict[str, tuple[str, ...]]
     accounts: dict[str, Account]
-    records: dict[str, RecordState]  # DatasetRecords, of the local: datasets
+    records: dict[str, RecordState]  # DatasetRecords, of the local:, s3: and host: datasets
     pulled: dict[str, RecordState]  # DatasetRecords of the host: datasets' pulls (labfleet.dataset_fanout)
 
 
@@ -174,10 +176,11 @@ def reads(settings: Settings) -> dict[str, Read]:
     if serves_peers(settings.host):
         users.add(SYNC_USER)
         paths.append(SYNC_SSH_DIR)
+    keys = datasets_s3.config_paths([d for d in settings.datasets if d.source.kind == "s3"])
     return {
         "packages": Read(DebPackages),
         "group": Read(GroupMembers, {"group": settings.datasets_group, "users": tuple(sorted(users))}),
-        "paths": Read(PathStates, {"paths": tuple(paths)}),
+        "paths": Read(PathStates, {"paths": (*paths, *keys), "digests": tuple(keys[1:])}),
         "acls": Read(DefaultAcls, {"paths": (settings.datasets_root, *owned)}),
         "accounts": preflight.reads(settings)["accounts"],
         "records": Read(
@@ -186,7 +189,7 @@ def reads(settings: Settings) -> dict[str, Read]:
                 "entries": tuple(
                     (d.name, dataset_records.record_path(STATE_DIR, d.name), stamp_path(d))
                     for d in settings.datasets
-                    if d.source.kind == "local"
+                    if d.source.kind in RECORDED
                 )
             },
         ),
@@ -323,12 +326,22 @@ def _run_rsync(state, host, argv: list[str], what: str) -> bool:
         )
         host.log_styled(
             f"labfleet: host {host.name}: {what} failed ({ended}): "
-            f"{one_line(completed.stderr.splitlines())}; run again: what arrived is whole and is not sent twice",
+            f"{one_line(completed.stderr.splitlines())}; {_advice(completed.returncode)}",
             fg="red",
             log_func=_logger().error,
         )
         return False
     return True
+
+
+def _advice(returncode: int) -> str:
+    # rsync's exit 12 (protocol stream) and 255 (ssh) before anything moved: no rsync there, or no way in.
+    if returncode in (12, 255):
+        return (
+            "check that rsync is installed on both sides and that the SSH settings of this host work, "
+            "then run again: what arrived is whole and is not sent twice"
+        )
+    return "run again: what arrived is whole and is not sent twice"
 
 
 def _logger():
@@ -340,7 +353,8 @@ def _logger():
 def push_dry_run(data, host_name: str, src: str, dest: str, flags: list[str], sudo: bool) -> dict:
     """What a push would change, by rsync --dry-run on the controller: ``{"rc", "changes", "errors"}``.
 
-    The deploy's push and ``./run status --verify`` (with ``--checksum`` in flags) ask the same way.
+    ``./run status --verify`` asks this way (with ``--checksum`` in flags); a deploy's push
+    runs rsync at once, for the datasets whose record differs.
     """
     argv = push_command(data, host_name, src, dest, flags, sudo)
     dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, check=False)
@@ -368,12 +382,14 @@ def push_datasets(pushes: list[tuple[str, str, list[str], str, str]]):
       removed before anything moves, so the manifest is verified again and a sync that
       fails half-way leaves no record that could match its source) per dataset
 
-    A dry run per dataset (rsync --dry-run --itemize-changes, on the controller) decides;
-    only the datasets where it lists something are transferred, so a re-run reports no
-    change. Dry runs and transfers of several datasets overlap, at most PARALLEL_PUSHES at a
-    time: one host's pushes wait on the network and the host's disk, not on each other. The
-    step lists only the datasets whose record differs from their source (see
-    labfleet.dataset_records), so a run with nothing to do walks neither tree.
+    The step lists only the datasets whose record differs from their source (see
+    labfleet.dataset_records), so a run with nothing to do walks neither tree and plans no
+    push; a listed dataset is transferred at once, without a dry run first (a dry run
+    walks both trees and opens a connection only to find what the transfer finds again;
+    it decided whether to report a change, when every deploy pushed). A dataset whose
+    record was missing but whose copy is whole moves nothing and is reported changed, with
+    its new record. Transfers of several datasets overlap, at most PARALLEL_PUSHES at a
+    time: one host's pushes wait on the network and the host's disk, not on each other.
 
     **Example:**
 
@@ -388,25 +404,9 @@ def push_datasets(pushes: list[tuple[str, str, list[str], str, str]]):
         return
     data, name = host.data, host.name
     sudo = host_sudo(data, host.current_op_global_arguments)
-    with ThreadPoolExecutor(max_workers=PARALLEL_PUSHES) as pool:
-        dry_runs = list(pool.map(lambda push: push_dry_run(data, name, push[0], push[1], push[2], sudo), pushes))
-    for (src, dest, *_), pending in zip(pushes, dry_runs, strict=True):
-        if pending["rc"] != 0:
-            yield preflight.failing_command(
-                f"host {name}: cannot rsync {src} to {dest} (rsync exit {pending['rc']}): "
-                f"{one_line(pending['errors'])}; check that rsync is installed on both sides and that "
-                "the SSH settings of this host work"
-            )
-            return
-    moving = [push for push, pending in zip(pushes, dry_runs, strict=True) if pending["changes"]]
-    for src, dest, *_ in pushes:
-        if not any(push[1] == dest for push in moving):
-            host.noop(f"{dest} already matches {src}")
-    if not moving:
-        return
-    yield "rm -f " + " ".join(shlex.quote(path) for push in moving for path in push[3:])
+    yield "rm -f " + " ".join(shlex.quote(path) for push in pushes for path in push[3:])
     jobs = [
-        (push_command(data, name, src, dest, flags, sudo), f"push {src} -> {dest}") for src, dest, flags, *_ in moving
+        (push_command(data, name, src, dest, flags, sudo), f"push {src} -> {dest}") for src, dest, flags, *_ in pushes
     ]
     yield FunctionCommand(_run_rsyncs, (jobs,), {})
 
@@ -843,10 +843,13 @@ def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> Non
 
 def _pull_round(settings: Settings, all_settings: dict[str, Settings], depth: int) -> None:
     mine = [d for d in settings.datasets if pull_depth(all_settings, settings.host, d) == depth]
+    # A pull whose record equals the peer's copy is not planned (labfleet.dataset_upstream).
+    current = {d.name: dataset_upstream.is_current(settings, all_settings, d) for d in mine}
+    dataset_upstream.forget_records(settings, [d for d in mine if not current[d.name]])
     # In waves: hosts that pulled a source in an earlier wave serve the later pullers.
-    dataset_fanout.pull_in_waves(settings, all_settings, depth, mine)
+    dataset_fanout.pull_in_waves(settings, all_settings, depth, [d for d in mine if not current[d.name]])
     for dataset in mine:
-        _verify(settings, dataset)
+        dataset_upstream.verify_and_record(settings, all_settings, dataset, current[dataset.name])
         dataset_fanout.record_pull(settings, all_settings, dataset)
 
 
@@ -910,9 +913,17 @@ def _bring_in_from_peers(settings: Settings, datasets: list[Dataset]) -> None:
 
 
 def _bring_in_s3(settings: Settings, datasets: list[Dataset]) -> None:
-    datasets_s3.write_configs(datasets)
+    if not datasets:
+        return
+    state = planning.snapshot(DatasetsState, reads(settings))
+    datasets_s3.write_configs(datasets, state.paths)
+    all_settings = _all_settings()
     for dataset in datasets:
-        datasets_s3.sync_bucket(
+        # An equal record of the bucket's listing: nothing is planned (labfleet.dataset_upstream).
+        current = dataset_upstream.is_current(settings, all_settings, dataset)
+        unless_current(
+            datasets_s3.sync_bucket,
+            current=current,
             name=f"Fetch dataset {dataset.name} from {dataset.source}",
             dataset=dataset,
             dest=dataset_dir(settings, dataset),
@@ -920,8 +931,10 @@ def _bring_in_s3(settings: Settings, datasets: list[Dataset]) -> None:
             config=datasets_s3.config_path(dataset),
             group=settings.datasets_group,
             stamp=stamp_path(dataset),
+            record=dataset_records.record_path(STATE_DIR, dataset.name),
+            take_listing=dataset_upstream.later(all_settings, settings.host, dataset),
         )
-        _verify(settings, dataset)
+        dataset_upstream.verify_and_record(settings, all_settings, dataset, current)
 
 
 def _bring_in_nfs(settings: Settings, datasets: list[Dataset]) -> None:

@@ -22,8 +22,10 @@ Why these choices:
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import shlex
+from collections.abc import Callable
 from io import StringIO
 from urllib.parse import urlparse
 
@@ -33,7 +35,9 @@ from pyinfra.operations import files
 
 from labfleet import preflight
 from labfleet.facts.datasets import RcloneDryRun
+from labfleet.facts.system import PathState, path_is
 from labfleet.model import Dataset, Source, s3_credentials
+from labfleet.planning import unless_current
 
 # One rclone config per dataset, root only: it holds that dataset's keys.
 CONFIG_DIR = "/etc/labfleet/dataset-s3"
@@ -91,13 +95,42 @@ def rclone(config: str, *args: str) -> str:
     return shlex.join(["rclone", "--config", config, "--use-server-modtime", "--fast-list", *args])
 
 
+def listing_command(config: str, source: Source) -> str:
+    """The rclone command line that lists every object under an s3: source: path, size, LastModified.
+
+    What a sync compares (``--use-server-modtime``: no request per object). Not the ETag:
+    rclone reads the MD5 of an object uploaded in parts with one more request per object.
+    """
+    return rclone(config, "lsf", "--recursive", "--files-only", "--format", "pst", remote(source))
+
+
+def sync_shape(dataset: Dataset, dest: str, group: str) -> list[str]:
+    """What shapes an s3: sync besides the bucket's objects, for the record's settings digest."""
+    return [f"endpoint={dataset.source.endpoint}", f"prune={dataset.prune}", f"modes={file_modes(dataset)}",
+            f"group={group}", f"dest={dest}"]  # fmt: skip
+
+
+def config_sha1(source: Source) -> str:
+    """The sha1 of the host's rclone config for source (what PathStates reads back)."""
+    return hashlib.sha1(rclone_config(source).encode()).hexdigest()
+
+
 def file_modes(dataset: Dataset) -> str:
     """chmod's modes for fetched files: what rsync_flags gives pushed and pulled files."""
     return "u+rw,go+r,go-w" if dataset.readonly else "ug+rw,o+r,o-w"
 
 
 @operation(is_idempotent=True)
-def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: str, stamp: str):
+def sync_bucket(
+    dataset: Dataset,
+    dest: str,
+    staging: str,
+    config: str,
+    group: str,
+    stamp: str,
+    record: str | None = None,
+    take_listing: Callable[[], object] | None = None,
+):
     """Copy an s3: dataset's objects into its directory on this host, only those that differ.
 
     + dataset: the dataset (its source names bucket, prefix and endpoint; prune deletes what the bucket lost)
@@ -106,6 +139,9 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
     + config: the rclone config file with the keys (written by write_configs)
     + group: the datasets group, which owns every fetched file
     + stamp: file that is removed when anything moves, so the manifest is verified again
+    + record: the record of the last verified sync (labfleet.dataset_records), removed with the stamp
+    + take_listing: called first, so that the bucket's listing the record will name (when the
+      run could not list it while planning) is older than anything this sync fetches
 
     A dry run (``rclone copy --dry-run``, or ``sync`` with prune) on this host decides; only
     when it lists something does the transfer run, so a re-run reports no change.
@@ -119,6 +155,8 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
                     config="/etc/labfleet/dataset-s3/imagenet.conf", group="labdata",
                     stamp="/var/lib/labfleet/datasets/imagenet.verified")
     """
+    if take_listing is not None:
+        take_listing()
     source = dataset.source
     bucket = remote(source)
     label = f"dataset {dataset.name}"
@@ -149,7 +187,7 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
         "log=$(mktemp)",
         "trap 'rm -f \"$log\"' EXIT",
         run,
-        f"rm -f {shlex.quote(stamp)}",
+        "rm -f " + " ".join(shlex.quote(path) for path in (stamp, record) if path),
         f"install -d -m 0700 -o root -g root {shlex.quote(posixpath.dirname(staging))} {q_staging}",
         # Listed again, not taken from the fact: the list can be far too long for a command line.
         "run " + rclone(config, "copy", bucket, dest, "--dry-run"),
@@ -179,11 +217,21 @@ def sync_bucket(dataset: Dataset, dest: str, staging: str, config: str, group: s
     yield "; ".join(commands)
 
 
-def write_configs(datasets: list[Dataset]) -> None:
-    """Put each dataset's rclone config on the host, 0600 root; a change of keys or endpoint rewrites it."""
+def config_paths(datasets: list[Dataset]) -> list[str]:
+    """What write_configs writes, for the datasets step's planning read (PathStates, with sha1 for the files)."""
+    return [CONFIG_DIR, *(config_path(d) for d in datasets)] if datasets else []
+
+
+def write_configs(datasets: list[Dataset], paths: dict[str, PathState]) -> None:
+    """Put each dataset's rclone config on the host, 0600 root; a change of keys or endpoint rewrites it.
+
+    + paths: the planning batch's PathStates of config_paths(datasets), which show them current
+    """
     if not datasets:
         return
-    files.directory(
+    unless_current(
+        files.directory,
+        current=path_is(paths, CONFIG_DIR, "directory", "root", "root", "700"),
         name="Create the directory of the S3 dataset keys",
         path=CONFIG_DIR,
         user="root",
@@ -191,7 +239,10 @@ def write_configs(datasets: list[Dataset]) -> None:
         mode="700",
     )
     for dataset in datasets:
-        files.put(
+        path = config_path(dataset)
+        unless_current(
+            files.put,
+            current=path_is(paths, path, "file", "root", "root", "600", config_sha1(dataset.source)),
             name=f"Write the S3 keys of dataset {dataset.name}",
             src=StringIO(rclone_config(dataset.source)),
             dest=config_path(dataset),

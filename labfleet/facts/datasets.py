@@ -146,6 +146,90 @@ _RCLONE_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Failed to ")
 _RCLONE_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
 
 
+class RcloneCheck(FactBase):
+    """What differs between a bucket and a host's copy: runs the given ``rclone check`` with ``--combined -``.
+
+    + command: an rclone check command line (bucket first, then the directory)
+
+    Returns ``{"rc": int, "changes": [], "paths": [paths that differ], "extra": [paths only on the
+    host], "errors": [last error line], "tool": "rclone"}``, the shape of RsyncDryRun's result:
+    rc 0 when the check ran, whatever it found.
+    """
+
+    def command(self, command: str) -> str:
+        return (
+            f'e=$(mktemp) && {{ {command} --combined - 2>"$e"; echo "labfleet-rc=$?"; '
+            'grep -E "ERROR|CRITICAL|Failed" "$e" | grep -v -E ": (sizes|md5) differ|not in |differences found" '
+            '| tail -n 1; rm -f "$e"; }'
+        )
+
+    def process(self, output):
+        return parse_rclone_check(list(output))
+
+
+def parse_rclone_check(lines) -> dict:
+    """rclone check's combined list: ``-`` missing here, ``*`` differs, ``!`` unreadable (paths);
+    ``+`` only here (extra: what a sync with prune deletes)."""
+    rc, paths, extra, errors, listed = 0, [], [], [], False
+    for line in lines:
+        if line.startswith("labfleet-rc="):
+            rc = int(line.partition("=")[2] or 1)
+        elif len(line) > 2 and line[0] in "=-+*!" and line[1] == " ":
+            listed = True
+            if line[0] in "-*!":
+                paths.append(line[2:])
+            elif line[0] == "+":
+                extra.append(line[2:])
+        elif line.strip():
+            errors.append(_RCLONE_PREFIX.sub("", line.strip()))
+    # check exits 1 when it finds a difference: that is a result, not a failure.
+    if rc == 1 and listed and not errors:
+        rc = 0
+    return {"rc": rc, "changes": [], "paths": paths, "extra": extra, "errors": errors, "tool": "rclone"}
+
+
+class BucketListing(FactBase):
+    """One digest of a bucket's listing: rclone's path, size and time of every object, sorted, hashed on the host.
+
+    + command: an rclone ``lsf`` command line (labfleet.datasets_s3.listing_command)
+
+    Returns ``{"rc": int, "digest": "sha256:..." | None, "error": str}``: only the digest
+    crosses the link, however many objects the bucket holds. The command never fails the
+    fact: a host without the keys or the tool yet is the caller's to pass over.
+    """
+
+    @staticmethod
+    def default():
+        return {"rc": -1, "digest": None, "error": ""}
+
+    def command(self, command: str) -> str:
+        # dash has no pipefail: the listing's own exit status goes to a file beside its log.
+        return (
+            f'e=$(mktemp) && d=$( {{ {command} 2>"$e"; echo $? > "$e.rc"; }} | LC_ALL=C sort | sha256sum '
+            '| cut -d" " -f1 ); echo "rc $(cat "$e.rc")"; echo "digest $d"; '
+            'echo "error $(grep -E "ERROR|CRITICAL|Failed" "$e" | tail -n 1 | cut -c1-300)"; rm -f "$e" "$e.rc"'
+        )
+
+    def process(self, output):
+        return parse_bucket_listing(list(output))
+
+
+def parse_bucket_listing(lines) -> dict:
+    """BucketListing's output (``rc N``, ``digest HEX``, ``error LINE``) as its result."""
+    found = {"rc": -1, "digest": None, "error": ""}
+    for line in lines:
+        key, _, value = line.strip().partition(" ")
+        if key == "rc" and value.strip().lstrip("-").isdigit():
+            found["rc"] = int(value)
+        elif key == "digest" and re.fullmatch(r"[0-9a-f]{64}", value.strip()):
+            found["digest"] = "sha256:" + value.strip()
+        elif key == "error":
+            found["error"] = _RCLONE_PREFIX.sub("", value.strip())
+    if found["rc"] != 0:
+        found["digest"] = None
+    return found
+
+
 # --- What a host's last verified sync of a local: dataset installed (labfleet.dataset_records) ---
 
 RECORD_HEADER = "labfleet-dataset-record 1"

@@ -110,10 +110,11 @@ def stat(host, path: str) -> tuple[str, str, str]:
 
 # Every rsync the host runs, logged: the controller's push runs "sudo -n rsync --server" there.
 RSYNC_LOG = "/var/log/labfleet-test-rsync.log"
+# Installed once however often it runs (a second mv would make the wrapper exec itself).
 LOG_RSYNC = (
-    "mv /usr/bin/rsync /usr/bin/rsync.real && printf '%s\\n' '#!/bin/sh' "
+    "{ test -e /usr/bin/rsync.real || { mv /usr/bin/rsync /usr/bin/rsync.real && printf '%s\\n' '#!/bin/sh' "
     f"'echo \"$*\" >> {RSYNC_LOG}' 'exec /usr/bin/rsync.real \"$@\"' > /usr/bin/rsync "
-    f"&& chmod 755 /usr/bin/rsync && : > {RSYNC_LOG}"
+    f"&& chmod 755 /usr/bin/rsync; }}; }} && : > {RSYNC_LOG}"
 )
 
 
@@ -266,6 +267,41 @@ def test_peers_pull_in_a_chain_with_keys_that_can_only_read(make_hosts, pyinfra_
         assert host_digests(host, f"{ROOT}/ref") == expected, f"{host.name}: the copy differs from the source"
     assert first.status(second_host, f"{STEP} | Pull datasets from peers") == "success"
     assert first.status(third_host, f"{STEP} | Pull datasets from peers, hop 2") == "success"
+    for host in hosts:
+        host_exec(host, LOG_RSYNC)
+
+    # Nothing changed: each puller's record equals its peer's copy (labfleet.dataset_upstream),
+    # so no host runs rsync, not even a dry run.
+    quiet = pyinfra_run(hosts, deploy=deploy, host_data=host_data)
+    assert_no_changes(quiet)
+    assert [call for host in hosts for call in rsync_calls(host)] == [], "a no-change run ran rsync"
+
+    # A changed source file changes the peer's copy: it is pushed to pc1 and pulled by pc2,
+    # then by pc3, in the same run; then nothing again.
+    changed = "d03/s3/f0003.bin"
+    (source / changed).write_bytes(b"a new version of this file\n")
+    write_manifest(source)
+    again = pyinfra_run(hosts, deploy=deploy, host_data=host_data)
+    assert_converged(again)
+    expected = local_digests(source)
+    for host in hosts:
+        assert host_digests(host, f"{ROOT}/ref") == expected, f"{host.name}: the change did not arrive"
+        assert rsync_calls(host), f"{host.name}: ran no rsync"
+    assert_no_changes(pyinfra_run(hosts, deploy=deploy, host_data=host_data))
+
+    # A puller's copy removed by hand, and another's record removed: both pull again (the
+    # removed copy whole, the other moving nothing), the peer and the others are left alone.
+    host_exec(third_host, f"rm -rf {ROOT}/ref")
+    host_exec(second_host, "rm /var/lib/labfleet/datasets/ref.record")
+    for host in hosts:
+        rsync_calls(host)
+    repaired = pyinfra_run(hosts, deploy=deploy, host_data=host_data)
+    assert_converged(repaired)
+    assert host_digests(third_host, f"{ROOT}/ref") == expected
+    assert rsync_calls(second_host) and rsync_calls(third_host), "a puller did not pull"
+    assert host_exec(second_host, "head -n 1 /var/lib/labfleet/datasets/ref.record").stdout.startswith(
+        "labfleet-dataset-record 1"
+    ), f"{second_host.name}: the record was not written back"
     assert_no_changes(pyinfra_run(hosts, deploy=deploy, host_data=host_data))
 
     # The peer accepts the puller's key for a read-only rsync of that one path, and nothing else.
@@ -484,8 +520,8 @@ def test_what_only_the_hosts_know_fails_one_host_with_one_line(make_hosts, pyinf
         f"pulled; fix what stopped {peer.name} (its error is above) and run again"
     ) in second.stderr
     assert re.search(
-        rf"labfleet: host {third.name}: cannot rsync {re.escape(str(own))} to {ROOT}/own \(rsync exit [1-9]\d*\): .+; "
-        "check that rsync is installed on both sides and that the SSH settings of this host work",
+        rf"labfleet: host {third.name}: push {re.escape(str(own))} -> {ROOT}/own failed \(rsync exit [1-9]\d*\): .+; "
+        "check that rsync is installed on both sides and that the SSH settings of this host work, then run again",
         second.stderr,
     ), second.stderr_tail()
     for line in second.stderr.splitlines():

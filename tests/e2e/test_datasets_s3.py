@@ -27,7 +27,7 @@ from moto.server import ThreadedMotoServer
 from .harness.hosts import host_exec
 from .harness.runner import REPO_ROOT, assert_converged, assert_no_changes, write_inventory
 from .harness.tunnel import forward_to_host
-from .test_datasets import DEPLOY, host_digests, inodes, stat
+from .test_datasets import DEPLOY, host_digests, inodes, stat, verify_status
 
 ROOT = "/srv/datasets"
 BUCKET = "lab-data"
@@ -89,6 +89,20 @@ def put_all(client, objects: dict[str, bytes], only: tuple[str, ...] | None = No
 def digests(objects: dict[str, bytes]) -> dict[str, str]:
     manifest = "".join(f"{hashlib.sha256(body).hexdigest()}  {key}\n" for key, body in sorted(objects.items()))
     return {key: hashlib.sha256(body).hexdigest() for key, body in {**objects, "SHA256SUMS": manifest.encode()}.items()}
+
+
+# Every rclone the host runs, logged.
+RCLONE_LOG = "/var/log/labfleet-test-rclone.log"
+LOG_RCLONE = (
+    "mv /usr/bin/rclone /usr/bin/rclone.real && printf '%s\\n' '#!/bin/sh' "
+    f"'echo \" $*\" >> {RCLONE_LOG}' 'exec /usr/bin/rclone.real \"$@\"' > /usr/bin/rclone "
+    f"&& chmod 755 /usr/bin/rclone && : > {RCLONE_LOG}"
+)
+
+
+def rclone_calls(host) -> list[str]:
+    """The rclone command lines the host ran since the last call (the log is emptied)."""
+    return host_exec(host, f"cat {RCLONE_LOG}; : > {RCLONE_LOG}").stdout.splitlines()
 
 
 STOP_THE_FETCH = r"""
@@ -188,29 +202,71 @@ def test_a_bucket_arrives_byte_exact_only_changes_move_and_nothing_is_deleted_wi
         for said in (first_out, first_err, rerun.stdout, rerun.stderr):
             assert SECRET not in said and KEY_ID not in said, "a key is in pyinfra's output"
 
+        # Nothing changed: the bucket's listing, taken once, equals the host's record
+        # (labfleet.dataset_upstream): no fetch, no dry run, no dataset operation planned.
+        host_exec(host, LOG_RCLONE)
         second = pyinfra_run([host], deploy=deploy, data=data)
         assert_no_changes(second)
+        calls = rclone_calls(host)
+        assert len(calls) == 1 and " lsf " in calls[0], f"{host.name}: a no-change run ran {calls}"
+        assert not [op["name"] for op in second.ops if "dataset" in op["name"]], "a dataset operation was planned"
         before = inodes(host, dest)
 
-        # One object changes (same size), one is deleted from the bucket: only the changed
-        # one (and the manifest) is rewritten, and the deleted one stays on the host.
-        changed, deleted = "d2/s1/f010.bin", "d3/s2/f011.bin"
+        # One object changes (same size), one is new, one is deleted from the bucket: only
+        # the changed and the new one (and the manifest) are written, the deleted one stays.
+        changed, added, deleted = "d2/s1/f010.bin", "d0/new.bin", "d3/s2/f011.bin"
         objects[changed] = os.urandom(len(objects[changed]))
+        objects[added] = os.urandom(300)
         gone = objects.pop(deleted)
         client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{deleted}")
-        put_all(client, objects, only=(changed,))
+        put_all(client, objects, only=(changed, added))
         third = pyinfra_run([host], deploy=deploy, data=data)
         assert_converged(third)
         assert third.status(host, FETCH) == "success"
         after = inodes(host, dest)
         rewritten = sorted(path for path in after if after[path] != before.get(path))
-        assert rewritten == sorted([changed, "SHA256SUMS"]), f"{host.name}: rewritten {rewritten}"
+        assert rewritten == sorted([changed, added, "SHA256SUMS"]), f"{host.name}: rewritten {rewritten}"
         assert host_digests(host, dest) == {**digests(objects), deleted: hashlib.sha256(gone).hexdigest()}
         assert_no_changes(pyinfra_run([host], deploy=deploy, data=data))
 
+        # The record removed by hand: the fetch is planned again, moves nothing, and the
+        # record is written back; the dataset directory removed: it is fetched whole.
+        host_exec(host, "rm /var/lib/labfleet/datasets/train.record")
+        before = inodes(host, dest)
+        rerecorded = pyinfra_run([host], deploy=deploy, data=data)
+        assert_converged(rerecorded)
+        assert rerecorded.status(host, "Record the verified sync of dataset train") == "success"
+        assert inodes(host, dest) == before, "files were rewritten"
+        host_exec(host, f"rm -rf {dest}")
+        assert_converged(pyinfra_run([host], deploy=deploy, data=data))
+        assert host_digests(host, dest) == digests(objects)
+        assert_no_changes(pyinfra_run([host], deploy=deploy, data=data))
+
+        # A file changed by hand with its size and time kept: a deploy does not see it,
+        # status --verify does (rclone check: sizes and MD5s), and its advice repairs it.
+        quiet = "d1/s1/f001.bin"
+        host_exec(
+            host,
+            f"cd {dest} && t=$(stat -c %y {quiet}) && printf 'X' | dd of={quiet} conv=notrunc status=none "
+            f'&& touch -d "$t" {quiet}',
+        )
+        assert_no_changes(pyinfra_run([host], deploy=deploy, data=data))
+        record = "/var/lib/labfleet/datasets/train.record"
+        assert verify_status([host], data, pyinfra_run) == {
+            host.name: {
+                "train": f"1 item(s) differ from s3:{BUCKET}/{PREFIX}: {quiet}; a deploy does not redo a sync it "
+                f"recorded: remove those files and {record} on {host.name}, then deploy"
+            }
+        }
+        host_exec(host, f"rm {dest}/{quiet} {record}")
+        assert_converged(pyinfra_run([host], deploy=deploy, data=data))
+        assert host_digests(host, dest) == digests(objects)
+        assert verify_status([host], data, pyinfra_run) == {host.name: {}}
+
         pruned = {"datasets": {"train": {**spec, "prune": True}}}
+        host_exec(host, f"echo mine > {dest}/extra.txt")
         assert_converged(pyinfra_run([host], deploy=deploy, data=pruned))
-        assert host_digests(host, dest) == digests(objects), "prune left the deleted object"
+        assert host_digests(host, dest) == digests(objects), "prune left a file the bucket does not have"
         assert_no_changes(pyinfra_run([host], deploy=deploy, data=pruned))
 
         # A bucket that is not there fails the host with rclone's own error on one line.

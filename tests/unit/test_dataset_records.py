@@ -94,6 +94,25 @@ def test_the_digest_ignores_what_rsync_does_not_send_and_directory_times(tmp_pat
     assert dataset_records.tree_digest(str(root)) == before
 
 
+def test_find_and_the_python_walk_give_the_same_digest(tmp_path, monkeypatch):
+    """GNU find lists the tree where it can; a controller without it walks in Python, to the same digest."""
+    root = _tree(tmp_path / "src", [*NAMES, "odd/new\nline.bin", "odd/sp ace/x.bin"])
+    (root / "link").symlink_to("d1/b.bin")
+    os.mkfifo(root / "pipe")
+    (root / "d2").chmod(0o2755)
+    os.utime(root / "a.bin", ns=(TIME, 1_700_000_000_000_000_007))
+    found = dataset_records.tree_digest(str(root))
+    assert dataset_records._found(str(root)) is not None, "find did not list the tree here"
+
+    def no_find(*args, **kwargs):
+        raise FileNotFoundError("find")
+
+    monkeypatch.setattr(dataset_records.subprocess, "run", no_find)
+    assert dataset_records.tree_digest(str(root)) == found
+    with pytest.raises(OSError):
+        dataset_records.tree_digest(str(tmp_path / "gone"))
+
+
 def test_an_unreadable_source_has_no_record_so_the_sync_runs_and_rsync_reports(tmp_path, planning_host):
     planning_host({})
     missing = str(tmp_path / "gone")

@@ -9,7 +9,7 @@ import pytest
 from test_report import fleet, row
 
 from labfleet import dataset_verify, datasets, report
-from labfleet.facts.datasets import RsyncDryRun
+from labfleet.facts.datasets import RcloneCheck, RsyncDryRun, parse_rclone_check
 
 
 def test_a_dry_run_reads_as_one_drift_line():
@@ -60,7 +60,8 @@ def test_a_pull_is_compared_by_checksum_on_the_puller_in_the_batch(two_hosts, mo
     assert " labfleet-sync@10.0.0.2:./ /srv/datasets/ref/" in command
     found = {"verify ref": {"rc": 0, "changes": [">fcs....... a.bin"], "errors": []}}
     assert dataset_verify.differences(pc03, found) == {
-        "ref": "1 item(s) differ from host:pc02:/srv/datasets/train: a.bin"
+        "ref": "1 item(s) differ from host:pc02:/srv/datasets/train: a.bin; a deploy does not redo a sync it "
+        "recorded: remove those files and /var/lib/labfleet/datasets/ref.record on pc03, then deploy"
     }
 
 
@@ -99,3 +100,48 @@ def test_a_dataset_that_differs_is_drift_and_shows_in_its_cell():
     assert reasons == {"pc01": [], "pc02": [f"dataset imagenet: {why}"]}
     table = report.table(rows, reasons)
     assert "imagenet:differs" in table and "imagenet:present" in table
+
+
+def test_an_s3_copy_is_checked_against_its_bucket_on_the_host(raw, tmp_path, monkeypatch):
+    from labfleet.settings import build
+
+    keys = tmp_path / "keys.ini"
+    keys.write_text("[default]\naws_access_key_id = AKIAX\naws_secret_access_key = secret\n")
+    spec = {"source": "s3:lab-data/train", "s3_endpoint": "https://s3.lab:9000", "s3_credentials_file": str(keys)}
+    pc01 = build("pc01", {**raw, "datasets": {"train": spec}})
+    pruned = build("pc01", {**raw, "datasets": {"train": {**spec, "prune": True}}})
+    monkeypatch.setattr(datasets, "_all_settings", lambda: {"pc01": pc01})
+    monkeypatch.setenv(dataset_verify.VERIFY_ENV, "1")
+    (read,) = dataset_verify.reads(pc01).values()
+    assert read.fact is RcloneCheck
+    assert read.kwargs["command"].endswith(" check bucket:lab-data/train /srv/datasets/train --one-way")
+    assert "--one-way" not in dataset_verify.reads(pruned)["verify train"].kwargs["command"]
+
+    # A stand-in rclone prints check's combined list and exits 1, as rclone does on a difference.
+    fake = tmp_path / "rclone"
+    fake.write_text(
+        "#!/bin/sh\nprintf '= a.bin\\n- gone.bin\\n* d/changed.bin\\n+ extra.txt\\n'\n"
+        "echo '2026/12/02 12:00:00 ERROR : d/changed.bin: sizes differ' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    command = RcloneCheck().command(read.kwargs["command"].replace("rclone", str(fake), 1))
+    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
+    found = {"verify train": RcloneCheck().process(output)}
+    record = "/var/lib/labfleet/datasets/train.record"
+    assert dataset_verify.differences(pc01, found) == {
+        "train": "2 item(s) differ from s3:lab-data/train: gone.bin, d/changed.bin; a deploy does not redo a sync "
+        f"it recorded: remove those files and {record} on pc01, then deploy"
+    }
+    # With prune, a file only on the host is what the next sync deletes.
+    monkeypatch.setattr(datasets, "_all_settings", lambda: {"pc01": pruned})
+    assert dataset_verify.differences(pruned, found)["train"].startswith(
+        "3 item(s) differ from s3:lab-data/train: gone.bin, d/changed.bin, extra.txt;"
+    )
+    assert parse_rclone_check(["= a.bin", "labfleet-rc=0"])["paths"] == []
+
+    fake.write_text("#!/bin/sh\necho '2026/12/02 12:00:00 ERROR : : error reading source root directory' >&2\nexit 3\n")
+    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert dataset_verify.differences(pc01, {"verify train": RcloneCheck().process(output)}) == {
+        "train": "could not be compared with s3:lab-data/train (rclone exit 3): "
+        "ERROR : : error reading source root directory"
+    }

@@ -241,22 +241,30 @@ def _peers(fake, keys=None, failed=()):
     return fake
 
 
-def test_a_failed_dry_run_of_a_push_fails_the_host(fake_host_in, monkeypatch):
+def test_a_push_runs_rsync_at_once_and_a_host_without_rsync_fails_with_what_to_check(fake_host_in, monkeypatch):
+    """The step plans a push only for a dataset whose record differs: no dry run comes first."""
     fake = fake_host_in(datasets)
     fake.data, fake.current_op_global_arguments = {"ssh_hostname": "127.0.0.1"}, {"_sudo": True}
+    called = []
+    monkeypatch.setattr(datasets.subprocess, "run", lambda argv, **kwargs: called.append(argv))
+    pushes = [("/data/m", "/srv/datasets/m", ["--itemize-changes"], "/s", "/r")]
+    remove, transfer = list(datasets.push_datasets._inner(pushes=pushes))
+    assert remove == "rm -f /s /r" and called == [], "something ran while planning"
+    (jobs,) = transfer.args
+    ((argv, what),) = jobs
+    assert "--dry-run" not in argv and argv[-2:] == ["/data/m/", "127.0.0.1:/srv/datasets/m/"]
+    assert what == "push /data/m -> /srv/datasets/m"
+
     closed = subprocess.CompletedProcess(
         [], 12, "", "sudo: rsync: command not found\nrsync: connection unexpectedly closed"
     )
-    real_run = subprocess.run
-    monkeypatch.setattr(
-        datasets.subprocess, "run", lambda argv, **kwargs: closed if argv[0] == "rsync" else real_run(argv, **kwargs)
-    )
-    pushes = [("/data/m", "/srv/datasets/m", [], "/s", "/r")]
-    line = _fails_with(list(datasets.push_datasets._inner(pushes=pushes)))
-    assert line == (
-        "host pc01: cannot rsync /data/m to /srv/datasets/m (rsync exit 12): sudo: rsync: command not found "
+    monkeypatch.setattr(datasets.subprocess, "run", lambda argv, **kwargs: closed)
+    logs = _Logs()
+    assert datasets._run_rsync(None, logs, argv, what) is False
+    assert logs.lines[-1] == (
+        "labfleet: host pc01: push /data/m -> /srv/datasets/m failed (rsync exit 12): sudo: rsync: command not found "
         "rsync: connection unexpectedly closed; check that rsync is installed on both sides and that the SSH "
-        "settings of this host work"
+        "settings of this host work, then run again: what arrived is whole and is not sent twice"
     )
 
 
