@@ -191,10 +191,13 @@ def s3_against_rclone(hosts, deploy: Path, scratch: Path, mb: int, repeat: int) 
         floor = "/srv/bench-s3-floor"
         by_hand = f"rclone --config /etc/labfleet/dataset-s3/s3set.conf sync bucket:{BUCKET}/{PREFIX} {floor}"
         expected = {key: hashlib.sha256(body).hexdigest() for key, body in objects.items()}
-        times: dict[str, list[float]] = {"labfleet": [], "rclone": []}
+        times: dict[str, list[float]] = {"labfleet": [], "rclone": [], "no-change": []}
 
         def labfleet() -> None:
             assert_converged(run_pyinfra(hosts, deploy=deploy, data=data, timeout=900))
+
+        def no_change() -> None:
+            assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data))
 
         for round_ in range(repeat):
             _on_all(
@@ -208,6 +211,7 @@ def s3_against_rclone(hosts, deploy: Path, scratch: Path, mb: int, repeat: int) 
             for host in hosts:
                 assert host_digests(host, f"{ROOT}/s3set") == expected, f"{host.name}: s3set differs"
                 assert host_digests(host, floor) == expected, f"{host.name}: rclone's copy differs"
+            times["no-change"].append(_timed(no_change))
             log(f"s3 round {round_ + 1}: labfleet {times['labfleet'][-1]:.2f} s, rclone {times['rclone'][-1]:.2f} s")
         ratio = statistics.median(times["labfleet"]) / statistics.median(times["rclone"])
         lines += [
@@ -215,6 +219,7 @@ def s3_against_rclone(hosts, deploy: Path, scratch: Path, mb: int, repeat: int) 
             f" controller's loopback, reached through SSH forwards) to {len(hosts)} hosts, {repeat} alternating rounds",
             f"  labfleet (s3: dataset, whole deploy) {_median(times['labfleet'])}",
             f"  rclone sync by hand, hosts at once  {_median(times['rclone'])}",
+            f"  labfleet, nothing to do             {_median(times['no-change'])}  (the deploy's own cost)",
             f"  s3: first sync: {ratio:.2f}x rclone sync by hand"
             f" ({'meets' if ratio <= GOALS['s3'] else 'misses'} the goal of {GOALS['s3']}x)",
         ]

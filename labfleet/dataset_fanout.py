@@ -247,6 +247,10 @@ def current_plan(tree: Tree) -> dict[str, tuple[int, str]]:
                 holders.add(member.settings.host)
         return plan_tree(tree.origin, tree.origin_bound, active, holders, tree.planned_waves())
 
+    if not host.state.is_executing:
+        # pyinfra without -y runs each operation once while planning, to show what would
+        # change: not every host is read yet, so that preview's tree is not the run's.
+        return make()
     return planning.current_run().once(f"dataset tree {tree.key}", make)
 
 
