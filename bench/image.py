@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import runpy
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,7 @@ FLOOR_GOAL = 1.05
 REBUILD_GOAL = 0.10
 HEALTH_TIMEOUT_S = 180
 COLD_TIMEOUT_S = 7200
+BUMP_ROUNDS = 3
 
 # Published sizes of comparable images, each with where it was published. All are the
 # uncompressed size an engine reports for the pulled or built image (`docker images`), the
@@ -230,8 +232,12 @@ def remove_if_dangling(identifier: str | None) -> None:
         docker("rmi", identifier, check=False)
 
 
-def rebuild(lock: str, base: str, url: str) -> dict:
-    """Cold build, unchanged rebuild and one-package bump of lock; the figures of the rebuild goal."""
+def rebuild(lock: str, base: str, url: str, rounds: int = BUMP_ROUNDS) -> dict:
+    """Cold build, unchanged rebuild and one-package bump of lock; the figures of the rebuild goal.
+
+    The bump is rebuilt `rounds` times against the one cold build, its image removed between
+    rounds (which removes its own layers, so each round rebuilds them); the median counts.
+    """
     settings = settings_for(lock, base)
     tag = image.image_tag(settings, repository=REPOSITORY)
     before = image_id(tag)
@@ -241,14 +247,20 @@ def rebuild(lock: str, base: str, url: str) -> dict:
     print(f"{lock}: cold {cold_figures['seconds']} s; unchanged rebuild ...", flush=True)
     _, unchanged = timed_build(settings, url, force=True, cache_from=[cold.tag])
     cold_layers = image_layers(cold.tag)
+    figures = []
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-bump-") as workdir:
         bump = bumped_context(DEFAULT_PACKAGE, DEFAULT_VERSION, Path(workdir), wheel_dir=wheels.cache_dir(), lock=lock)
-        bumped_settings = settings  # the same settings; the context differs, and with it the tag
-        print(
-            f"{lock}: rebuild with {bump.package} {bump.old_version} -> {bump.new_version} (layer {bump.slot}) ...",
-            flush=True,
-        )
-        bumped, bumped_figures = timed_build(bumped_settings, url, context=bump.context, cache_from=[cold.tag])
+        for number in range(1, rounds + 1):
+            print(
+                f"{lock}: rebuild {number}/{rounds} with {bump.package} {bump.old_version} -> {bump.new_version} "
+                f"(layer {bump.slot}) ...",
+                flush=True,
+            )
+            # The same settings: the context differs, and with it the tag.
+            bumped, round_figures = timed_build(settings, url, context=bump.context, cache_from=[cold.tag])
+            figures.append(round_figures)
+            if number < rounds:
+                docker("rmi", bumped.tag)
     installed = docker(
         "run", "--rm", "--network", "none", "--entrypoint", "/opt/venv/bin/python", bumped.tag, "-c",
         f"import importlib.metadata as m; print(m.version({bump.package!r}))",
@@ -257,17 +269,19 @@ def rebuild(lock: str, base: str, url: str) -> dict:
         raise SystemExit(f"the bumped image has {bump.package} {installed}, not {bump.new_version}")
     difference = image_sizes.compare(cold_layers, image_layers(bumped.tag))
     docker("rmi", bumped.tag, check=False)
+    seconds = statistics.median(round_figures["seconds"] for round_figures in figures)
     return {
         "lock": lock,
         "cold": cold_figures,
         "unchanged": unchanged,
         "bump": {
-            **bumped_figures,
+            "seconds": seconds,
+            "rounds": figures,
             "package": bump.package,
             "from": bump.old_version,
             "to": bump.new_version,
             "slot": bump.slot,
-            "ratio_to_cold": round(bumped_figures["seconds"] / cold_figures["seconds"], 4),
+            "ratio_to_cold": round(seconds / cold_figures["seconds"], 4),
             "layers_changed": len(difference.changed),
             "layers_total": difference.total,
             "bytes_changed": difference.changed_bytes,
@@ -317,6 +331,7 @@ def main() -> int:
     parser.add_argument(
         "--rebuild", action="store_true", help="also the cold build and a one-package bump of the first pytorch lock"
     )
+    parser.add_argument("--bump-rounds", type=int, default=BUMP_ROUNDS, help="rebuilds of the bump (median)")
     parser.add_argument("--up", action="store_true", help="also time each image to healthy and run its smoke test")
     parser.add_argument("--keep", action="store_true", help="keep the built images")
     parser.add_argument("--report", action="store_true", help="only write IMAGE.md from image.json")
@@ -332,7 +347,7 @@ def main() -> int:
         with wheel_cache(locks, base) as url:
             if args.rebuild:
                 target = next((lock for lock in locks if lock.startswith("pytorch")), locks[0])
-                results["rebuild"] = {**rebuild(target, base, url), **machine}
+                results["rebuild"] = {**rebuild(target, base, url, args.bump_rounds), **machine}
                 save_results(results)
             for lock in locks:
                 results["locks"][lock] = {**bench_lock(lock, base, url, args.up), **machine}

@@ -10,6 +10,9 @@ FLOOR_GOAL = 1.05
 REBUILD_GOAL = 0.10
 # Packages of a slice listed by name in the layer table; the per-package table has them all.
 LAYER_NAMES = 12
+# The findings written by hand after a run sit between these; the bench keeps them when it rewrites the file.
+NOTES_START = "<!-- notes: written by hand, kept by the bench -->"
+NOTES_END = "<!-- end of notes -->"
 
 
 def gb(value: float) -> str:
@@ -68,6 +71,14 @@ def anchors_table(locks: dict, anchors: list[dict]) -> list[str]:
     return lines
 
 
+def _rounds(bump: dict) -> str:
+    rounds = bump.get("rounds") or [bump]
+    if len(rounds) == 1:
+        return "one round"
+    seconds = ", ".join(f"{r['seconds']:.1f}" for r in rounds)
+    return f"median of {len(rounds)} rounds ({seconds} s)"
+
+
 def rebuild_section(rebuild: dict | None) -> list[str]:
     if not rebuild:
         return ["Not measured yet: `./run bench image --rebuild`."]
@@ -86,8 +97,8 @@ def rebuild_section(rebuild: dict | None) -> list[str]:
         f"| cold (`--no-cache`) | {cold['seconds']:.1f} | 1.000 |",
         f"| unchanged (every layer from the cache) | {unchanged['seconds']:.1f} "
         f"| {unchanged['seconds'] / cold['seconds']:.3f} |",
-        f"| one-package bump: {bump['package']} {bump['from']} -> {bump['to']} (layer {bump['slot']:02d}) "
-        f"| {bump['seconds']:.1f} | **{bump['ratio_to_cold']:.3f}** |",
+        f"| one-package bump: {bump['package']} {bump['from']} -> {bump['to']} (layer {bump['slot']:02d}), "
+        f"{_rounds(bump)} | {bump['seconds']:.1f} | **{bump['ratio_to_cold']:.3f}** |",
         "",
         f"Goal: a rebuild after such a bump at most {REBUILD_GOAL:.0%} of the cold build: "
         f"{bump['ratio_to_cold']:.1%}, {_verdict(bump['ratio_to_cold'], REBUILD_GOAL)}.",
@@ -127,7 +138,7 @@ def packages_table(result: dict) -> list[str]:
     return lines
 
 
-def render(results: dict, anchors: list[dict]) -> str:
+def render(results: dict, anchors: list[dict], notes: str = "") -> str:
     locks = results["locks"]
     out = [
         "# The lab image: size against its floor, layers, and the cost of a rebuild",
@@ -171,6 +182,10 @@ def render(results: dict, anchors: list[dict]) -> str:
         "",
         *rebuild_section(results.get("rebuild")),
         "",
+        NOTES_START,
+        notes.strip("\n"),
+        NOTES_END,
+        "",
     ]
     for lock, r in locks.items():
         out += [f"## Layers of {lock}", "", f"`{r['tag']}` on `{r['base']}`.", "", *layers_table(r), ""]
@@ -179,5 +194,13 @@ def render(results: dict, anchors: list[dict]) -> str:
     return "\n".join(out)
 
 
+def kept_notes(text: str) -> str:
+    """What was written by hand between the markers of an earlier IMAGE.md."""
+    if NOTES_START not in text or NOTES_END not in text:
+        return ""
+    return text.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0]
+
+
 def write_report(results: dict, path: Path, anchors: list[dict]) -> None:
-    path.write_text(render(results, anchors))
+    notes = kept_notes(path.read_text()) if path.exists() else ""
+    path.write_text(render(results, anchors, notes))

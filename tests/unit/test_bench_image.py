@@ -3,7 +3,7 @@
 import pytest
 
 from bench import image_sizes
-from bench.image_report import render
+from bench.image_report import NOTES_END, _rounds, kept_notes, render, write_report
 
 BASE = 256_000_000
 # `docker history --format '{{.Size}}\t{{.CreatedBy}}'` of a small image, newest first, as the
@@ -136,3 +136,17 @@ def test_the_report_states_each_goal_with_its_figures():
 
 def test_the_report_says_what_is_not_measured_yet():
     assert "Not measured yet: `./run bench image --rebuild`." in render({"locks": {}, "rebuild": None}, [])
+
+
+def test_the_report_gives_each_round_of_the_bump_and_their_median():
+    bump = {"seconds": 21.0, "rounds": [{"seconds": 24.6}, {"seconds": 21.0}, {"seconds": 19.5}]}
+    assert _rounds(bump) == "median of 3 rounds (24.6, 21.0, 19.5 s)"
+    assert _rounds({"seconds": 24.6}) == "one round"
+
+
+def test_notes_written_by_hand_survive_a_rewrite(tmp_path):
+    report = tmp_path / "IMAGE.md"
+    write_report({"locks": {}, "rebuild": None}, report, [])
+    report.write_text(report.read_text().replace(NOTES_END, "The bytecode is the excess.\n" + NOTES_END))
+    write_report({"locks": {}, "rebuild": None}, report, [])
+    assert kept_notes(report.read_text()).strip() == "The bytecode is the excess."
