@@ -1,15 +1,25 @@
-"""`docker save` archives on the controller, whole or without the layers a host already has.
+"""`docker save` archives on the controller, whole or with only the layers a host lacks.
 
-A new tag usually changes only the top layers (a script, one requirement), so a host that
-still has the previous image needs only those. The engine's classic loader (the overlay2
-image store) looks each layer up by its chain id before reading its file from the archive,
-so an archive without the layers the host has loads into the same image id. The
-containerd image store resolves every layer from the archive itself, so hosts on it get
+A new tag usually changes a few layers (a script, one requirement slice), and a host that
+still has the previous image has every other layer already. Docker names a layer in its
+engine by its chain id, which covers every layer below it, so after a change in slice k the
+slices above it are new chains with old contents. Two ways keep their bytes off the wire:
+
+- the bottom layers whose chain ids the host has are left out of the archive: the engine's
+  classic loader (the overlay2 image store) looks a layer up by chain id before it reads the
+  layer's file, so such an archive loads into the same image id;
+- a layer above those whose diff id the host holds in any image is left out too, and the host
+  copies its file from its own engine before loading (labfleet.shipping): `docker save`
+  rebuilds a layer's tar byte for byte (from its tar-split), and Docker 25 and later write it
+  as blobs/sha256/<diff id>, so the host finds it by the name the controller gives.
+
+The containerd image store resolves every layer from the archive itself, so hosts on it get
 the whole archive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -18,10 +28,13 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, cast
 
 from labfleet import progress
+from labfleet.facts.image import EngineLayers
 from labfleet.planning import current_run
 from labfleet.settings import REPO_ROOT
 
@@ -29,6 +42,50 @@ CACHE_DIR = REPO_ROOT / "build" / "images"
 # Room for the archive, the unpacked layers and some slack, relative to the image size.
 DISK_FACTOR = 1.2
 COMPRESSLEVEL = 1  # the copy, not the CPU, is what a delivery waits on; level 1 is most of gzip's gain
+# Docker 25 saves an image as an OCI layout, each layer under blobs/sha256/<diff id>.
+FILL_MIN_ENGINE = 25
+# A host copies layers out of `docker save` of a whole image, read from its own disk at several
+# times a LAN's rate: worth it for layers of at least this part of that image; smaller ones travel.
+FILL_WORTH = 0.1
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How archives are compressed on the controller and read on a host.
+
+    + name: as LABFLEET_SHIP_CODEC names it
+    + suffix: the archive's file name ending
+    + compress: the controller's filter (stdin to stdout); empty: Python's gzip at COMPRESSLEVEL
+    + decompress: the controller's filter back (empty: Python's gzip)
+    + host_decompress: the host's filter, in order of preference (a missing program is skipped;
+      none: `docker load` reads the archive itself)
+    + host_package: the distribution's package that the ship step installs on a host for it
+    """
+
+    name: str
+    suffix: str
+    compress: tuple[str, ...] = ()
+    decompress: tuple[str, ...] = ()
+    host_decompress: tuple[str, ...] = ()
+    host_package: str | None = None
+
+
+CODECS = {
+    codec.name: codec
+    for codec in (
+        Codec("gzip", ".tar.gz"),
+        Codec("pigz", ".tar.gz", ("pigz", "-1"), ("pigz", "-dc"), ("pigz -dc",), "pigz"),
+        Codec("zstd", ".tar.zst", ("zstd", "-3", "-T0", "-q"), ("zstd", "-dc", "-q"), ("zstd -dcq",), "zstd"),
+    )
+}
+CODEC_ENV = "LABFLEET_SHIP_CODEC"  # an internal knob for the delivery bench, not a setting
+DEFAULT_CODEC = "gzip"
+
+
+def codec() -> Codec:
+    """The codec of this run's archives (LABFLEET_SHIP_CODEC, else DEFAULT_CODEC)."""
+    return CODECS.get(os.environ.get(CODEC_ENV, ""), CODECS[DEFAULT_CODEC])
+
 
 # Hosts are prepared concurrently, and a cache file is written by one of them (the process's
 # own files; what one run has learned lives in ControllerImages).
@@ -50,9 +107,48 @@ class Archive:
         return int((self.image_bytes + self.path.stat().st_size) * DISK_FACTOR)
 
 
-def archive_path(image_id: str, root: Path = REPO_ROOT) -> Path:
+def archive_path(image_id: str, root: Path = REPO_ROOT, compressed: Codec | None = None) -> Path:
     """Where the checkout at root keeps the whole archive of image_id (partial ones sit beside it)."""
-    return root / CACHE_DIR.relative_to(REPO_ROOT) / f"{image_id.removeprefix('sha256:')[:16]}.tar.gz"
+    chosen = compressed or codec()
+    name = image_id.removeprefix("sha256:")[:16] + ("" if chosen.name == DEFAULT_CODEC else f"-{chosen.name}")
+    return root / CACHE_DIR.relative_to(REPO_ROOT) / f"{name}{chosen.suffix}"
+
+
+def archive_codec(path: Path) -> Codec:
+    """The codec an archive was written with, from its name (see archive_path and for_host)."""
+    parts = path.name.split(".", 1)[0].split("-")
+    if len(parts) > 1 and parts[1] in CODECS:
+        return CODECS[parts[1]]
+    return CODECS["zstd"] if path.name.endswith(".tar.zst") else CODECS["gzip"]
+
+
+@contextlib.contextmanager
+def open_compressed(path: Path, mode: str = "rb", compressed: Codec | None = None) -> Iterator[IO[bytes]]:
+    """The archive at path as a plain binary stream, read ("rb") or written ("wb") through its codec."""
+    chosen = compressed or archive_codec(path)
+    reading = mode == "rb"
+    argv = chosen.decompress if reading else chosen.compress
+    if not argv:
+        with gzip.open(path, mode, compresslevel=COMPRESSLEVEL) as plain:
+            yield plain  # type: ignore[misc]  # a GzipFile reads and writes bytes
+        return
+    with open(path, mode) as file:
+        if reading:
+            process = subprocess.Popen(argv, stdin=file, stdout=subprocess.PIPE)
+            stream = process.stdout
+        else:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=file)
+            stream = process.stdin
+        assert stream is not None  # a PIPE
+        try:
+            yield stream
+        finally:
+            if reading and process.poll() is None:
+                process.kill()  # a reader may stop before the end (the manifest found)
+            stream.close()
+            returncode = process.wait()
+        if returncode != 0 and not reading:
+            raise RuntimeError(f"{' '.join(argv)} failed with exit {returncode} writing {path}")
 
 
 class ControllerImages:
@@ -108,22 +204,42 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
         partial = _partial_beside(path)
         # The tar that `docker save` writes is about the image's size: the lines count against that.
         meter = progress.Meter(f"Save {ref}")
-        total, saved = int(info.get("Size") or 0), 0
-        with (
-            subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
-            gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out,
-        ):
-            assert save.stdout is not None  # stdout=PIPE
-            while chunk := save.stdout.read(1 << 20):
-                out.write(chunk)
-                saved += len(chunk)
-                if meter.due():
-                    progress.report(progress.controller_prefix(), meter.line(progress.Reading(saved, total)))
-        if save.returncode != 0:
+        total = int(info.get("Size") or 0)
+        try:
+            with (
+                subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
+                open_compressed(partial, "wb", archive_codec(path)) as out,
+            ):
+                assert save.stdout is not None  # stdout=PIPE
+                passing = _Tee(save.stdout, out, meter, total)
+                # The tar is read as it passes, so the index costs no second read of the archive.
+                index = _read_index(cast(IO[bytes], passing))
+                while passing.read(1 << 20):
+                    pass
+            if save.returncode != 0:
+                raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
+        except BaseException:
             partial.unlink(missing_ok=True)
-            raise RuntimeError(f"docker save {ref} failed with exit {save.returncode}")
+            raise
+        _write_index(path, index)
         partial.replace(path)
     return Archive(ref, image_id, path, int(info["Size"]), tuple(info["RootFS"]["Layers"]))
+
+
+class _Tee:
+    """A stream that writes what is read from it to out, printing the save's progress lines."""
+
+    def __init__(self, source: IO[bytes], out: IO[bytes], meter: progress.Meter, total: int) -> None:
+        self.source, self.out, self.meter, self.total = source, out, meter, total
+        self.done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.out.write(data)
+        self.done += len(data)
+        if data and self.meter.due():
+            progress.report(progress.controller_prefix(), self.meter.line(progress.Reading(self.done, self.total)))
+        return data
 
 
 def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
@@ -138,76 +254,221 @@ def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
 
 def layers_present(archive: Archive, host_chains: set[str] | None) -> int:
     """How many of the image's bottom layers the host has already (0 when it cannot tell)."""
-    if not host_chains:
+    return layers_present_in(archive.diff_ids, host_chains)
+
+
+def host_chains(engine: EngineLayers | None) -> set[str] | None:
+    """Every chain id in the host's engine; None where it loads whole archives only."""
+    if engine is None or engine["store"] != "classic":
+        return None
+    return {chain for image in engine["images"] for chain in chain_ids(image["layers"])}
+
+
+def fills(engine: EngineLayers) -> bool:
+    """Whether the host can copy layers from its own images into an archive before loading it."""
+    major = engine["version"].split(".", 1)[0]
+    return (
+        engine["store"] == "classic" and major.isdigit() and int(major) >= FILL_MIN_ENGINE and not engine["fill_failed"]
+    )
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Layers the host copies from one of its own images: `docker save` of image, these diff ids."""
+
+    image: str
+    diff_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which of an image's layers reach a host, and how (indexes into its diff ids, bottom first).
+
+    + skip: the bottom layers whose chain ids the host has: not in the archive, the loader finds them
+    + send: the layers whose files travel in the archive
+    + fills: the layers the host copies from its own images, image by image
+    """
+
+    skip: int
+    send: tuple[int, ...]
+    fills: tuple[Fill, ...] = field(default=())
+
+    @property
+    def whole(self) -> bool:
+        return self.skip == 0 and not self.fills
+
+
+def plan_layers(
+    diff_ids: tuple[str, ...], engine: EngineLayers | None, layer_bytes: tuple[int, ...] | None = None
+) -> LayerPlan:
+    """What to send to a host whose engine holds engine (None: it could not tell; send everything).
+
+    Above the layers it has by chain, a layer whose diff id any of the host's images holds is
+    copied there, from as few images as cover them all (the most layers first, then the smaller
+    image), where they come to FILL_WORTH of the image saved (layer_bytes: each layer's size;
+    None: always).
+    """
+    skip = layers_present_in(diff_ids, host_chains(engine))
+    above = range(skip, len(diff_ids))
+    if engine is None or not fills(engine):
+        return LayerPlan(skip, tuple(above))
+    sizes = dict(zip(diff_ids, layer_bytes, strict=True)) if layer_bytes is not None else None
+    wanted = {diff_ids[i] for i in above}
+    chosen: list[Fill] = []
+    images = sorted(engine["images"], key=lambda image: (image["size"], image["id"]))
+    while images:
+        best = max(images, key=lambda image: len(wanted.intersection(image["layers"])))
+        covered = wanted.intersection(best["layers"])
+        if not covered:
+            break
+        images.remove(best)
+        if sizes is None or sum(sizes[diff_id] for diff_id in covered) >= FILL_WORTH * best["size"]:
+            chosen.append(Fill(best["id"], tuple(sorted(covered))))
+            wanted -= covered
+    return LayerPlan(skip, tuple(i for i in above if diff_ids[i] in wanted), tuple(chosen))
+
+
+def layers_present_in(diff_ids: tuple[str, ...], chains: set[str] | None) -> int:
+    """How many of diff_ids' bottom layers chains holds, as chains (0 when it cannot tell)."""
+    if not chains:
         return 0
     present = 0
-    for chain in chain_ids(archive.diff_ids):
-        if chain not in host_chains:
+    for chain in chain_ids(diff_ids):
+        if chain not in chains:
             break
         present += 1
     return present
 
 
-def for_host(archive: Archive, host_chains: set[str] | None) -> Path:
-    """The archive to copy to a host whose engine has host_chains (None: send everything)."""
-    skip = layers_present(archive, host_chains)
-    if skip == 0:
-        return archive.path
+@dataclass(frozen=True)
+class Shipment:
+    """What travels to one host: the archive to copy, and the layers the host fills in itself.
+
+    + path: the archive on the controller
+    + plan: the layers' plan it was written for (plan.whole: the whole archive)
+    + layer_files: each layer's file in the archive, in diff-id order (manifest.json)
+    + unpacked_bytes: the size of the layer files the host unpacks and fills in before loading
+    """
+
+    path: Path
+    plan: LayerPlan
+    layer_files: tuple[str, ...]
+    unpacked_bytes: int
+
+    def needed_bytes(self, archive: Archive) -> int:
+        """Disk the host needs: for a filled load, the archive, the unpacked layers, the engine's
+        own unpacked copy of them (docker load's temporary directory) and the layers loaded."""
+        if not self.plan.fills:
+            return archive.needed_bytes
+        return int((self.path.stat().st_size + 3 * self.unpacked_bytes) * DISK_FACTOR)
+
+    def fill_files(self, diff_ids: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """Each filled diff id and the archive paths its file goes to (two layers may share one)."""
+        filled = {diff_id for fill in self.plan.fills for diff_id in fill.diff_ids}
+        paths: dict[str, list[str]] = {}
+        for index in range(self.plan.skip, len(diff_ids)):
+            if diff_ids[index] in filled and self.layer_files[index] not in paths.get(diff_ids[index], []):
+                paths.setdefault(diff_ids[index], []).append(self.layer_files[index])
+        return {diff_id: tuple(found) for diff_id, found in paths.items()}
+
+
+def for_host(archive: Archive, engine: EngineLayers | None) -> Shipment:
+    """The archive to copy to a host whose engine holds engine (None: send everything)."""
+    if plan_layers(archive.diff_ids, engine).whole:
+        return Shipment(archive.path, LayerPlan(0, tuple(range(len(archive.diff_ids)))), (), 0)
+    index = _index(archive)
+    files: list[str] = index["layers"]
+    sizes: dict[str, int] = index["sizes"]
+    plan = plan_layers(archive.diff_ids, engine, tuple(sizes[path] for path in files))
+    kept = [files[i] for i in plan.send]
+    dropped = [files[i] for i in range(len(files)) if i not in plan.send]
+    unpacked = sum(sizes[path] for path in set(files[plan.skip :]))
+    if not plan.fills:
+        name = f"-above-{plan.skip}"
+    else:
+        name = "-layers-" + hashlib.sha256(" ".join(map(str, plan.send)).encode()).hexdigest()[:12]
+    suffix = archive_codec(archive.path).suffix
+    path = archive.path.with_name(archive.path.name.removesuffix(suffix) + name + suffix)
     with _writing:
-        path = archive.path.with_name(archive.path.name.replace(".tar.gz", f"-above-{skip}.tar.gz"))
         if not path.exists():
-            layers = _layer_files(archive)
             try:
-                _write_without(archive.path, layers[:skip], layers[skip:], path)
+                _write_without(archive.path, dropped, kept, path)
             except _LinksIntoDropped:
-                return archive.path
-        return path
+                return Shipment(archive.path, LayerPlan(0, tuple(range(len(files)))), (), 0)
+    return Shipment(path, plan, tuple(files), unpacked)
 
 
-def _layer_files(archive: Archive) -> list[str]:
-    """The archive's layer files in diff-id order (its manifest.json), read once and kept beside it."""
-    index = archive.path.with_name(archive.path.name.replace(".tar.gz", ".layers.json"))
+def _index_path(archive: Path) -> Path:
+    return archive.with_name(archive.name.split(".", 1)[0] + ".index.json")
+
+
+def _index(archive: Archive) -> dict:
+    """The archive's layer files in diff-id order (its manifest.json) and their sizes: written
+    by the save, or read from an archive saved without it."""
+    index = _index_path(archive.path)
     if not index.exists():
-        with gzip.open(archive.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if member.name == "manifest.json":
-                    manifest = tar.extractfile(member)
-                    if manifest is None:
-                        raise RuntimeError(f"{archive.path}: manifest.json is not a file")
-                    (entry,) = json.load(manifest)
-                    partial = _partial_beside(index)
-                    partial.write_text(json.dumps(entry["Layers"]))
-                    partial.replace(index)
-                    break
-            else:
-                raise RuntimeError(f"{archive.path} has no manifest.json")
+        with open_compressed(archive.path) as raw:
+            _write_index(archive.path, _read_index(raw))
     return json.loads(index.read_text())
+
+
+def _read_index(stream: IO[bytes]) -> dict:
+    """Layer files and sizes from a `docker save` tar, read to its end-of-archive."""
+    sizes: dict[str, int] = {}
+    links: dict[str, str] = {}
+    layers = None
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:
+        for member in tar:
+            sizes[member.name] = member.size
+            if member.issym():
+                links[member.name] = _resolve(member.name, member.linkname)
+            elif member.name == "manifest.json":
+                manifest = tar.extractfile(member)
+                if manifest is None:
+                    raise RuntimeError("manifest.json is not a file")
+                (entry,) = json.load(manifest)
+                layers = entry["Layers"]
+    if layers is None:
+        raise RuntimeError("the archive has no manifest.json")
+    # A layer saved as a link to another's file (Docker 20.10) has that file's size.
+    sizes.update({path: sizes.get(target, 0) for path, target in links.items()})
+    return {"layers": layers, "sizes": {path: sizes.get(path, 0) for path in layers}}
+
+
+def _write_index(archive: Path, index: dict) -> None:
+    partial = _partial_beside(_index_path(archive))
+    partial.write_text(json.dumps(index))
+    partial.replace(_index_path(archive))
 
 
 def _write_without(source: Path, dropped: list[str], kept: list[str], destination: Path) -> None:
     """Copy source to destination without the dropped layers' files.
 
-    A file some kept layer also names (two layers with the same content) is kept, and so is
-    anything a link points at, so the result always holds every file the kept layers need.
+    A file some kept layer also names (two layers with the same content) is kept; a kept link
+    into a dropped file (Docker 20.10 saves a second layer of the same content so) means the
+    whole archive instead, so the result always holds every file the kept layers need.
     """
     drop = {path for path in dropped if path not in kept}
     drop_dirs = {path.rsplit("/", 1)[0] for path in drop if path.endswith("/layer.tar")}
     partial = _partial_beside(destination)
-    with (
-        gzip.open(source) as raw,
-        tarfile.open(fileobj=raw, mode="r|") as tar,
-        gzip.open(partial, "wb", compresslevel=COMPRESSLEVEL) as out_raw,
-        tarfile.open(fileobj=out_raw, mode="w|", format=tarfile.PAX_FORMAT) as out,
-    ):
-        for member in tar:
-            if member.issym() or member.islnk():
-                target = member.linkname if member.islnk() else _resolve(member.name, member.linkname)
-                if target in drop or target.split("/", 1)[0] in drop_dirs:
-                    partial.unlink()
-                    raise _LinksIntoDropped(member.name)
-            if member.name in drop or member.name.split("/", 1)[0] in drop_dirs:
-                continue
-            out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    try:
+        with (
+            open_compressed(source) as raw,
+            tarfile.open(fileobj=raw, mode="r|") as tar,
+            open_compressed(partial, "wb", archive_codec(destination)) as out_raw,
+            tarfile.open(fileobj=out_raw, mode="w|", format=tarfile.PAX_FORMAT) as out,
+        ):
+            for member in tar:
+                if member.name in drop or member.name.split("/", 1)[0] in drop_dirs:
+                    continue
+                if member.issym() or member.islnk():
+                    target = member.linkname if member.islnk() else _resolve(member.name, member.linkname)
+                    if target in drop or target.split("/", 1)[0] in drop_dirs:
+                        raise _LinksIntoDropped(member.name)
+                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(destination)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import TypedDict
 
 from pyinfra.api import FactBase
 
@@ -21,34 +22,62 @@ class ImageId(FactBase):
         return output[0].strip() if output and output[0].startswith("sha256:") else None
 
 
-class LayerChains(FactBase):
-    """The chain ids of every layer the host's engine has, or None on the containerd image store.
+FILL_FAILED_MARKER = "/var/lib/labfleet/ship-fill-failed"
 
-    Only the classic image store loads an archive that leaves out layers the engine has
-    (labfleet.archives); with None, hosts get whole archives.
+
+class ImageLayers(TypedDict):
+    """One image of a host's engine: its id, its size and its layers' diff ids, bottom first."""
+
+    id: str
+    size: int
+    layers: list[str]
+
+
+class EngineLayers(TypedDict):
+    """What a host's engine holds, as `ship` decides what to send (labfleet.archives.plan_layers).
+
+    store: "classic" or "containerd" (the containerd image store, which loads only whole
+    archives); version: the engine's; fill_failed: an earlier copy of layers from the host's
+    own images failed there (FILL_FAILED_MARKER), so it gets every layer it lacks by chain.
     """
+
+    store: str
+    version: str
+    fill_failed: bool
+    images: list[ImageLayers]
+
+
+class HostEngineLayers(FactBase):
+    """The diff ids of every image in the host's engine, and what its engine can do with them."""
 
     def requires_command(self, *args, **kwargs) -> str:
         return "docker"
 
     def command(self) -> str:
         return (
-            "if docker info --format '{{json .DriverStatus}}' | grep -q io.containerd.snapshotter; "
-            "then echo containerd; else docker image ls --all --quiet --no-trunc | sort -u "
-            "| xargs -r docker image inspect --format '{{json .RootFS.Layers}}'; fi"
+            "info=$(docker info --format '{{.ServerVersion}} {{json .DriverStatus}}'); "
+            'echo "version ${info%% *}"; '
+            'case "$info" in *io.containerd.snapshotter*) echo containerd;; esac; '
+            f"[ -e {FILL_FAILED_MARKER} ] && echo fill-failed; "
+            "docker image ls --all --quiet --no-trunc | sort -u "
+            "| xargs -r docker image inspect --format '{{.Id}} {{.Size}} {{json .RootFS.Layers}}'"
         )
 
-    def process(self, output):
-        return parse_layer_chains(output)
+    def process(self, output) -> EngineLayers:
+        return parse_engine_layers(output)
 
 
-def parse_layer_chains(lines) -> set[str] | None:
-    from labfleet.archives import chain_ids
-
-    if any(line.strip() == "containerd" for line in lines):
-        return None
-    chains: set[str] = set()
+def parse_engine_layers(lines) -> EngineLayers:
+    found = EngineLayers(store="classic", version="", fill_failed=False, images=[])
     for line in lines:
-        if line.startswith("["):
-            chains.update(chain_ids(json.loads(line)))
-    return chains
+        line = line.strip()
+        if line.startswith("version "):
+            found["version"] = line.removeprefix("version ").strip()
+        elif line == "containerd":
+            found["store"] = "containerd"
+        elif line == "fill-failed":
+            found["fill_failed"] = True
+        elif line.startswith("sha256:"):
+            image, size, layers = line.split(" ", 2)
+            found["images"].append(ImageLayers(id=image, size=int(size), layers=json.loads(layers)))
+    return found

@@ -7,17 +7,24 @@ and the bring-up does not depend on torch.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 from labfleet import archives, progress
+from labfleet.image import CONTEXT_DIR
 
+from .harness import wheels
 from .harness.checkout import repo_copy
 from .harness.engine import docker
 from .harness.hosts import host_exec
 from .harness.runner import assert_converged, assert_no_changes
-from .probes import api_status, bridge_ip, env_tag, health, image_id, rx_bytes
+from .probes import api_status, env_tag, health, image_id, rx_bytes
 
 MIB = 2**20
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -90,51 +97,78 @@ def test_a_new_layer_ships_only_the_layers_the_host_lacks(make_hosts, pyinfra_ru
     assert image_id(host, tag) == controller_id
     assert health(host) == "healthy"
     assert host_exec(host, "ls /var/tmp | grep -c labfleet-", check=False).stdout.strip() == "0", "archive left"
-    whole = archives.archive_path(controller_id, repo).stat().st_size
-    assert 4 * MIB <= received < 4 * MIB + whole // 10, f"{received} bytes moved for a 4 MiB layer ({whole} in all)"
+    assert received >= 4 * MIB
+    _assert_only_the_lacking_layers_travelled(repo, old_tag, tag, received)
+    assert_no_changes(pyinfra_run([host], data=data, cwd=repo))
+
+    # A one-package change in a middle slice of the lock (filelock added to slice 14 of 20):
+    # slices 15..20 keep their diff ids but get new chain ids, so the host fills them in from
+    # its own engine, and only the changed slice and the small top layers travel.
+    bumped_lock = _add_to_lock(repo, "filelock", base_image=data["base_image"])
+    assert bumped_lock == 14
+    before = rx_bytes(host)
+    bumped = pyinfra_run([host], data=data, cwd=repo)
+    received = rx_bytes(host) - before
+    assert_converged(bumped)
+    new_tag = env_tag(host)
+    assert new_tag != tag
+    new_id = docker("image", "inspect", "--format", "{{.Id}}", new_tag).stdout.strip()
+    assert image_id(host, new_tag) == new_id and health(host) == "healthy"
+    shipped, held_above = _assert_only_the_lacking_layers_travelled(repo, tag, new_tag, received)
+    assert held_above and "-layers-" in shipped.name, "the layers above the bump that the host has were not filled in"
+    assert "Load " + new_tag in " ".join(bumped.changed(host))
+    assert host_exec(host, "ls /var/tmp | grep -c labfleet-", check=False).stdout.strip() == "0", "archive left"
     assert_no_changes(pyinfra_run([host], data=data, cwd=repo))
 
 
-def test_registry_pushes_once_and_every_host_pulls_the_same_id(make_hosts, pyinfra_run, lab_data, monkeypatch):
-    hosts = make_hosts(3, engine=True)
-    registry_host = hosts[0]
-    data = {**lab_data, "image_delivery": "registry", "image_registry": f"{bridge_ip(registry_host)}:5000"}
-    groups = {"registry": [registry_host]}
-    monkeypatch.setenv(progress.INTERVAL_ENV, "1")
-    first = pyinfra_run(hosts, data=data, groups=groups)
-    assert_converged(first)
-    for host in hosts[1:]:
-        assert progress_lines(first, host, "Pull", LAYERS), f"no progress line of the pull on {host.name}"
-    assert first.status(registry_host, "Push the image to the lab registry") == "success"
-    tag = env_tag(hosts[0])
-    controller_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
-    for host in hosts:
-        assert image_id(host, tag) == controller_id, f"{host.name} runs another image"
-        assert health(host) == "healthy"
-    for host in hosts[1:]:
-        assert first.status(host, "Pull the image from the lab registry") == "success"
-        assert "Copy labfleet/" not in " ".join(first.changed(host)), f"{host.name} got a copy, not a pull"
-
-    second = pyinfra_run(hosts, data=data, groups=groups)
-    assert_no_changes(second)
-    assert " so far" not in second.stderr, "a no-change run printed progress"
+def _add_to_lock(repo: Path, package: str, base_image: str) -> int:
+    """Add package's entry from the pytorch lock to the copy's jupyter lock and cut its slices
+    again, as relock.sh would; return its slot. Its wheel joins the test wheel cache."""
+    source = (CONTEXT_DIR / "requirements" / "pytorch-cu128.txt").read_text()
+    entry = re.search(rf"^{package}==.*?(?=^\S)", source, re.S | re.M)
+    assert entry, f"{package} is not in the pytorch lock"
+    requirement = "".join(
+        line for line in entry.group(0).splitlines(keepends=True) if not line.lstrip().startswith("#")
+    )
+    one = repo / "build" / f"{package}.txt"
+    one.parent.mkdir(parents=True, exist_ok=True)
+    one.write_text(requirement)
+    wheels.fill([one], base_image)
+    lock = repo / "container" / "requirements" / "jupyter.txt"
+    lock.write_text(lock.read_text() + requirement)
+    subprocess.run(
+        [sys.executable, str(repo / "container" / "layer_locks.py"), str(lock)], check=True, capture_output=True
+    )
+    slices = sorted((repo / "container" / "requirements" / "jupyter.layers").glob("*.txt"))
+    return next(int(path.stem) for path in slices if f"{package}==" in path.read_text())
 
 
-def test_build_gives_every_host_the_same_tag_and_ships_the_base_first(make_hosts, pyinfra_run, lab_data, monkeypatch):
-    data = {**lab_data, "image_delivery": "build"}
-    hosts = make_hosts(3, engine=True)
-    monkeypatch.setenv(progress.INTERVAL_ENV, "1")
-    first = pyinfra_run(hosts, data=data, timeout=1800)
-    assert_converged(first)
-    for host in hosts:
-        assert progress_lines(first, host, "Build", STEP), f"no progress line of the build on {host.name}"
-    tags = {env_tag(host) for host in hosts}
-    assert len(tags) == 1, f"hosts disagree on the tag: {tags}"
-    (tag,) = tags
-    for host in hosts:
-        assert first.status(host, f"Build {tag}") == "success", f"{host.name} did not build"
-        assert image_id(host, data["base_image"]).startswith("sha256:"), f"{host.name} lacks the shipped base"
-        assert health(host) == "healthy"
-    second = pyinfra_run(hosts, data=data)
-    assert_no_changes(second)
-    assert " so far" not in second.stderr, "a no-change run printed progress"
+def _assert_only_the_lacking_layers_travelled(repo: Path, old_tag: str, new_tag: str, received: int):
+    """The archive copied for new_tag held exactly the layers whose diff ids old_tag lacks, and
+    the host received its size (plus SSH's own bytes). Returns it, and the layers above the first
+    lacking one that the host had (what chain ids alone would have sent again)."""
+    new_id = docker("image", "inspect", "--format", "{{.Id}}", new_tag).stdout.strip()
+    old_layers = set(json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", old_tag).stdout))
+    new_layers = json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", new_tag).stdout)
+    lacked = {i for i, diff_id in enumerate(new_layers) if diff_id not in old_layers}
+    held_above = [i for i in range(min(lacked), len(new_layers)) if i not in lacked]
+    whole = archives.archive_path(new_id, repo)
+    stem = whole.name.split(".")[0]
+    (shipped,) = (
+        path for path in whole.parent.glob(f"{stem}-*") if re.search(r"-(above|layers)-[^.]+\.tar\.", path.name)
+    )
+    manifest, names = _manifest_and_names(shipped)
+    assert {i for i, path in enumerate(manifest) if path in names} == lacked, f"{shipped.name}: other layers travelled"
+    assert shipped.stat().st_size <= received < shipped.stat().st_size + MIB, f"{received} bytes for {shipped.name}"
+    return shipped, held_above
+
+
+def _manifest_and_names(archive: Path) -> tuple[list[str], set[str]]:
+    """A saved archive's layer files in diff-id order (manifest.json), and the files it holds."""
+    with archives.open_compressed(archive) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        names, manifest = set(), []
+        for member in tar:
+            names.add(member.name)
+            if member.name == "manifest.json":
+                manifest = json.load(tar.extractfile(member))[0]["Layers"]
+    return manifest, names

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from labfleet import archives
-from labfleet.facts.image import parse_layer_chains
+from labfleet.facts.image import EngineLayers, parse_engine_layers
 
 # An image's diff ids and the chain ids Docker 20.10 keeps for them in its layer database
 # (image/overlay2/layerdb/sha256/<chain id>), read off a real engine.
@@ -44,11 +44,73 @@ def test_a_layer_counts_as_present_only_on_top_of_the_same_layers():
     assert archives.layers_present(archive, {ENGINE_CHAIN_IDS[0], ENGINE_CHAIN_IDS[2]}) == 1
 
 
-def test_the_fact_gives_every_images_chains_or_none_on_the_containerd_store():
-    lines = [json.dumps(DIFF_IDS[:1]), json.dumps(DIFF_IDS)]
-    assert parse_layer_chains(lines) == set(ENGINE_CHAIN_IDS)
-    assert parse_layer_chains([]) == set()
-    assert parse_layer_chains(["containerd"]) is None
+def _engine(*images: list[str], version: str = "26.1.5+dfsg1", sizes: list[int] | None = None) -> EngineLayers:
+    return {
+        "store": "classic",
+        "version": version,
+        "fill_failed": False,
+        "images": [
+            {"id": f"sha256:img{n}", "size": (sizes or [1000] * len(images))[n], "layers": list(layers)}
+            for n, layers in enumerate(images)
+        ],
+    }
+
+
+def test_the_fact_gives_every_images_layers_the_engine_and_its_store():
+    lines = [
+        "version 26.1.5+dfsg1",
+        f"sha256:aaa 123 {json.dumps(DIFF_IDS[:1])}",
+        f"sha256:bbb 456 {json.dumps(DIFF_IDS)}",
+    ]
+    engine = parse_engine_layers(lines)
+    assert engine["store"] == "classic" and engine["version"] == "26.1.5+dfsg1" and not engine["fill_failed"]
+    assert engine["images"][1] == {"id": "sha256:bbb", "size": 456, "layers": DIFF_IDS}
+    assert archives.host_chains(engine) == set(ENGINE_CHAIN_IDS)
+    assert archives.host_chains(parse_engine_layers(["version 26.1", "containerd"])) is None
+    assert parse_engine_layers(["version 26.1", "fill-failed"])["fill_failed"]
+
+
+D = [f"sha256:{n}" * 1 for n in "abcdefgh"]  # an image of eight layers, bottom first
+
+
+def test_a_bump_in_a_middle_layer_sends_that_layer_and_fills_the_ones_above_from_the_host():
+    old = D[:8]
+    new = (*D[:3], "sha256:new", *D[4:])  # slice 4 bumped: 5..8 keep their diff ids, not their chains
+    plan = archives.plan_layers(new, _engine(old))
+    assert plan.skip == 3
+    assert plan.send == (3,)
+    assert plan.fills == (archives.Fill("sha256:img0", tuple(sorted(D[4:]))),)
+    # The chains alone (an engine before Docker 25, or a failed fill) would send 4..8.
+    assert archives.plan_layers(new, _engine(old, version="24.0.7")).send == (3, 4, 5, 6, 7)
+    failed = {**_engine(old), "fill_failed": True}
+    assert archives.plan_layers(new, failed) == archives.LayerPlan(3, (3, 4, 5, 6, 7))  # type: ignore[arg-type]
+
+
+def test_the_whole_image_where_the_host_cannot_tell_or_holds_nothing():
+    assert archives.plan_layers(tuple(D), None).whole
+    assert archives.plan_layers(tuple(D), {**_engine(D), "store": "containerd"}).whole  # type: ignore[arg-type]
+    plan = archives.plan_layers(tuple(D), _engine())
+    assert plan.whole and plan.send == tuple(range(8))
+
+
+def test_filled_layers_come_from_as_few_images_as_hold_them():
+    new = ("sha256:x", *D[1:])
+    small, large = D[:4], D  # the larger image holds every layer: one save is enough
+    plan = archives.plan_layers(new, _engine(small, large, sizes=[10, 20]))
+    assert plan.send == (0,) and [fill.image for fill in plan.fills] == ["sha256:img1"]
+    # Two images that each hold half: both are saved, the one holding more first.
+    plan = archives.plan_layers(new, _engine(D[1:3], D[3:], sizes=[10, 20]))
+    assert [fill.image for fill in plan.fills] == ["sha256:img1", "sha256:img0"]
+    assert sorted(d for fill in plan.fills for d in fill.diff_ids) == sorted(D[1:])
+
+
+def test_layers_too_small_to_be_worth_a_save_of_the_hosts_image_travel():
+    new = (*D[:6], "sha256:new", D[7])
+    sizes = (100, 100, 100, 100, 100, 100, 5, 5)
+    # Only layer 8 is above the bump: 5 bytes are not worth saving a 1000-byte image.
+    plan = archives.plan_layers(new, _engine(D, sizes=[1000]), sizes)
+    assert plan.send == (6, 7) and plan.fills == ()
+    assert archives.plan_layers(new, _engine(D, sizes=[40]), sizes).fills != ()
 
 
 def _saved(path, layers: dict[str, bytes], links: dict[str, str] | None = None, oci: bool = False):
@@ -83,27 +145,42 @@ def _members(path) -> dict[str, bytes | None]:
 @pytest.mark.parametrize("oci", [False, True], ids=["docker-save", "oci-layout"])
 def test_the_host_gets_only_the_layers_above_those_it_has(tmp_path, oci):
     archive = _saved(tmp_path / "a.tar.gz", {"base": b"B" * 1000, "pip": b"P" * 500, "top": b"T"}, oci=oci)
-    chains = archives.chain_ids(archive.diff_ids)
+    before_docker_25 = "24.0.7"  # no filling: the chains alone decide
 
-    assert archives.for_host(archive, None) == archive.path
-    assert archives.for_host(archive, {"sha256:unrelated"}) == archive.path
+    assert archives.for_host(archive, None).path == archive.path
+    assert archives.for_host(archive, _engine(["sha256:unrelated"], version=before_docker_25)).path == archive.path
 
-    partial = archives.for_host(archive, set(chains[:2]))
-    assert partial != archive.path
+    shipment = archives.for_host(archive, _engine(archive.diff_ids[:2], version=before_docker_25))
+    partial = shipment.path
+    assert partial != archive.path and not shipment.plan.fills
     members = _members(partial)
     top = "blobs/sha256/top" if oci else "top/layer.tar"
     assert members[top] == b"T"
     assert not [name for name in members if "base" in name or "pip" in name], members
     assert json.loads(members["manifest.json"])[0]["Layers"][-1] == top
     # Written once per number of layers left out, then reused.
-    assert archives.for_host(archive, set(chains[:2])) == partial
+    assert archives.for_host(archive, _engine(archive.diff_ids[:2], version=before_docker_25)).path == partial
+
+
+@pytest.mark.parametrize("oci", [False, True], ids=["docker-save", "oci-layout"])
+def test_layers_the_host_holds_above_a_changed_one_stay_home_and_are_named_for_the_fill(tmp_path, oci):
+    archive = _saved(tmp_path / "a.tar.gz", {"base": b"B" * 100, "bumped": b"N" * 50, "top": b"T" * 400}, oci=oci)
+    base, _, top = archive.diff_ids
+    shipment = archives.for_host(archive, _engine([base, "sha256:old", top]))
+    assert shipment.plan == archives.LayerPlan(1, (1,), (archives.Fill("sha256:img0", (top,)),))
+    members = _members(shipment.path)
+    assert members["blobs/sha256/bumped" if oci else "bumped/layer.tar"] == b"N" * 50
+    assert not [name for name in members if "base" in name or "top" in name], members
+    top_file = "blobs/sha256/top" if oci else "top/layer.tar"
+    assert shipment.fill_files(archive.diff_ids) == {top: (top_file,)}
+    assert shipment.unpacked_bytes == 450  # the sent and the filled layer files, unpacked
 
 
 def test_a_layer_that_links_to_a_left_out_one_gets_the_whole_archive(tmp_path):
     # Docker 20.10 saves a second layer of the same content as a link to the first's file.
     archive = _saved(tmp_path / "a.tar.gz", {"base": b"B" * 100, "top": b"T"}, links={"again": "base"})
-    chains = archives.chain_ids(archive.diff_ids)
-    assert archives.for_host(archive, set(chains[:1])) == archive.path
+    shipment = archives.for_host(archive, _engine(archive.diff_ids[:1], version="24.0.7"))
+    assert shipment.path == archive.path and shipment.plan.whole
     assert not list(tmp_path.glob("*.partial")), "a half-written archive was left behind"
 
 

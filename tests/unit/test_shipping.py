@@ -1,0 +1,91 @@
+"""The host's side of a filled load, run here against a stand-in `docker` (no engine needed)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+from labfleet import shipping
+
+IMAGE_ID = "sha256:" + "1" * 64
+SENT, KEPT = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+# `docker save` prints the file named by $SAVED; `docker load` keeps its stdin in $LOADED;
+# `docker image inspect` names $IMAGE_ID.
+STAND_IN_DOCKER = """#!/bin/sh
+case "$1" in
+  save) cat "$SAVED";;
+  load) cat >"$LOADED";;
+  image) echo "$IMAGE_ID";;
+esac
+"""
+
+
+def _tar(path: Path, files: dict[str, bytes], compress: bool) -> None:
+    opened = gzip.open(path, "wb") if compress else open(path, "wb")  # noqa: SIM115
+    with opened as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _run(tmp_path: Path, saved: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(STAND_IN_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    archive = tmp_path / "labfleet-x.tar.gz"
+    manifest = [{"Config": "c.json", "Layers": ["v1a/layer.tar", "v1b/layer.tar", "v1c/layer.tar"]}]
+    _tar(archive, {"manifest.json": json.dumps(manifest).encode(), "c.json": b"{}", "v1a/layer.tar": b"A"}, True)
+    _tar(tmp_path / "saved.tar", saved, False)
+    script = shipping.fill_and_load_script(
+        str(archive),
+        "lab:1",
+        IMAGE_ID,
+        [("sha256:old", {KEPT: ("v1b/layer.tar", "v1c/layer.tar")})],
+        "gzip",
+        marker=str(tmp_path / "state" / "fill-failed"),
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SAVED": str(tmp_path / "saved.tar"),
+        "LOADED": str(tmp_path / "loaded.tar"),
+        "IMAGE_ID": IMAGE_ID,
+    }
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True), archive
+
+
+def test_the_host_fills_in_its_own_layers_under_the_archives_names_and_loads_the_whole(tmp_path):
+    saved = {f"blobs/sha256/{KEPT[7:]}": b"B" * 700, f"blobs/sha256/{'c' * 64}": b"other", "index.json": b"{}"}
+    done, archive = _run(tmp_path, saved)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "loaded.tar") as tar:
+        loaded = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile() or m.islnk()}
+        assert tar.extractfile(loaded["v1a/layer.tar"]).read() == b"A"
+        assert tar.extractfile(loaded["v1b/layer.tar"]).read() == b"B" * 700
+        assert set(loaded) == {"manifest.json", "c.json", "v1a/layer.tar", "v1b/layer.tar", "v1c/layer.tar"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "loaded.tar", "saved.tar"], "left behind"
+    assert not archive.exists()
+
+
+def test_a_fill_that_finds_no_layer_fails_loads_nothing_and_is_marked_for_the_next_deploy(tmp_path):
+    done, _ = _run(tmp_path, {"index.json": b"{}"})
+    assert done.returncode == 1
+    assert "could not be copied from its own images; the next deploy sends them" in done.stderr
+    assert (tmp_path / "state" / "fill-failed").exists()
+    assert not (tmp_path / "loaded.tar").exists(), "a load ran after a failed fill"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "saved.tar", "state"], "left behind"
+
+
+def test_the_progress_answer_names_the_phase():
+    answer = shipping.fill_answer(1000)
+    reading = answer("fill\n400\n")
+    assert (reading.done, reading.total) == (400, 1000) and "own images" in reading.detail
+    assert answer("").done is None
