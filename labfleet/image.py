@@ -26,7 +26,9 @@ from labfleet.settings import REPO_ROOT, Settings, build
 CONTEXT_DIR = REPO_ROOT / "container"
 REPOSITORY = "labfleet/jupyterlab"
 IGNORED = {"__pycache__", ".pytest_cache"}
-CERTS_DIR = "certs"
+# The CA files' place in the context mirrors their place in the image: the Dockerfile copies
+# certs/ to /, which leaves no directory with the time of the build (a layer's digest covers it).
+CERTS_DIR = "certs/usr/local/share/ca-certificates/labfleet"
 TAG_LABEL = "org.labfleet.image.tag"
 BUILD_TIMEOUT_S = 3600
 LOG_TAIL_LINES = 30
@@ -139,6 +141,8 @@ def assemble_context(settings: Settings, destination: Path, context: Path = CONT
         target.chmod(0o755 if _is_executable(source) else 0o644)
         # COPY keeps a file's time, and a layer's digest covers it.
         os.utime(target, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
+    for directory, _, _ in os.walk(destination):
+        os.utime(directory, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
     return destination
 
 

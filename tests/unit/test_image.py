@@ -122,13 +122,18 @@ def test_context_is_container_plus_certs(raw, context, tmp_path):
     s = _settings(raw, extra_ca_certificates=[ca])
     files = image.context_files(s, context)
     certs = [name for name in files if name.startswith("certs/") and name.endswith(".crt")]
-    assert len(certs) == 1 and re.fullmatch(r"certs/proxy-[0-9a-f]{8}\.crt", certs[0])
+    # Where update-ca-certificates reads them in the image: the Dockerfile copies certs/ to /.
+    where = "certs/usr/local/share/ca-certificates/labfleet"
+    assert len(certs) == 1 and re.fullmatch(rf"{where}/proxy-[0-9a-f]{{8}}\.crt", certs[0])
     assert {"Dockerfile", "scripts/start.sh", "certs/README"} <= set(files)
 
     out = image.assemble_context(s, tmp_path / "ctx", context)
     assert (out / certs[0]).read_text() == PEM
     assert stat.S_IMODE((out / "scripts" / "start.sh").stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "Dockerfile").stat().st_mode) == 0o644
+    # One time for every file and directory: COPY keeps them, and a layer's digest covers them.
+    times = {path.stat().st_mtime for path in [out, *out.rglob("*")]}
+    assert times == {image.SOURCE_DATE_EPOCH}
     with pytest.raises(ValueError, match="must be empty"):
         image.assemble_context(s, out, context)
 
