@@ -1,7 +1,7 @@
 """Issue 19's fan-out and S3 goals: 6 hosts pulling one host: dataset (star against tree), and an
 s3: first sync against rclone sync by hand.
 
-    .venv/bin/python -m bench.dataset_fanout [--mb 48] [--rate-mbit 200] [--repeat 2] [--s3-mb 48]
+    .venv/bin/python -m bench.dataset_fanout [--mb 64] [--rate-mbit 200] [--repeat 3] [--s3-mb 48,256]
 
 (the test requirements' venv: the S3 part runs moto's server, as tests/e2e/test_datasets_s3.py.)
 
@@ -24,10 +24,11 @@ shaping is printed too.
 
 The S3 part starts moto's S3 server on the controller's loopback and fills a bucket;
 3 of the hosts reach it on their own loopback through an SSH remote forward
-(tests/e2e/harness/tunnel.py). Each round empties the copies and times a labfleet run that
-fetches the bucket as an ``s3:`` dataset against ``rclone sync`` of the same bucket to the
-same hosts at once, by hand with the same rclone config (the distribution's rclone, which
-the untimed first run installs). The goal is at most 1.3x.
+(tests/e2e/harness/tunnel.py). For each size, each round empties the copies and times a
+labfleet run that fetches the bucket as an ``s3:`` dataset against ``rclone sync`` of the
+same bucket to the same hosts at once, by hand with the same rclone config (the
+distribution's rclone, which the untimed first run installs), and a labfleet run with
+nothing to do (the deploy's own cost). The goal is at most 1.3x.
 
 Writes the printed lines to bench/DATASETS.md, in its fan-out section (other sections kept).
 """
@@ -159,7 +160,7 @@ def s3_server():
         server.stop()
 
 
-def s3_against_rclone(hosts, deploy: Path, scratch: Path, mb: int, repeat: int) -> list[str]:
+def s3_against_rclone(hosts, deploy: Path, scratch: Path, sizes: list[int], repeat: int) -> list[str]:
     import boto3
 
     from tests.e2e.harness.tunnel import forward_to_host
@@ -174,56 +175,62 @@ def s3_against_rclone(hosts, deploy: Path, scratch: Path, mb: int, repeat: int) 
             region_name="us-east-1",
         )
         client.create_bucket(Bucket=BUCKET)
-        objects = {f"d{i % 4}/s{i % 3}/f{i:03d}.bin": os.urandom(200 + 37 * i) for i in range(200)}
-        objects["big.bin"] = os.urandom(mb * 1024 * 1024)
-        for key, body in objects.items():
-            client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}", Body=body)
-        size = sum(len(body) for body in objects.values())
         for host in hosts:
             endpoint = tunnels.enter_context(forward_to_host(host, port))
         keys = scratch / "bench-s3.ini"
         keys.write_text(f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
-        spec = {"source": f"s3:{BUCKET}/{PREFIX}", "s3_endpoint": endpoint, "s3_credentials_file": str(keys)}
-        data = {"extra_ca_certificates": [], "datasets": {"s3set": spec}}
-        log("s3: first run (untimed): rclone installed, the keys written, the bucket fetched")
-        assert_converged(run_pyinfra(hosts, deploy=deploy, data=data, timeout=900))
-        assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data))
-        floor = "/srv/bench-s3-floor"
-        by_hand = f"rclone --config /etc/labfleet/dataset-s3/s3set.conf sync bucket:{BUCKET}/{PREFIX} {floor}"
-        expected = {key: hashlib.sha256(body).hexdigest() for key, body in objects.items()}
-        times: dict[str, list[float]] = {"labfleet": [], "rclone": [], "no-change": []}
-
-        def labfleet() -> None:
-            assert_converged(run_pyinfra(hosts, deploy=deploy, data=data, timeout=900))
-
-        def no_change() -> None:
-            assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data))
-
-        for round_ in range(repeat):
-            _on_all(
-                hosts,
-                f"find {ROOT}/s3set -mindepth 1 -delete && rm -rf {ROOT}/.labfleet-incoming/s3set* {floor}"
-                f" && rm -f {STATE}/s3set.*"
-                f" && mkdir -p {floor}",
-            )
-            for side in ("labfleet", "rclone") if round_ % 2 == 0 else ("rclone", "labfleet"):
-                times[side].append(_timed(labfleet if side == "labfleet" else lambda: _on_all(hosts, by_hand)))
-            for host in hosts:
-                assert host_digests(host, f"{ROOT}/s3set") == expected, f"{host.name}: s3set differs"
-                assert host_digests(host, floor) == expected, f"{host.name}: rclone's copy differs"
-            times["no-change"].append(_timed(no_change))
-            log(f"s3 round {round_ + 1}: labfleet {times['labfleet'][-1]:.2f} s, rclone {times['rclone'][-1]:.2f} s")
-        ratio = statistics.median(times["labfleet"]) / statistics.median(times["rclone"])
-        lines += [
-            f"s3: first sync of a bucket ({size / 1e6:.1f} MB: 200 small objects and one of {mb} MB; moto on the"
-            f" controller's loopback, reached through SSH forwards) to {len(hosts)} hosts, {repeat} alternating rounds",
-            f"  labfleet (s3: dataset, whole deploy) {_median(times['labfleet'])}",
-            f"  rclone sync by hand, hosts at once  {_median(times['rclone'])}",
-            f"  labfleet, nothing to do             {_median(times['no-change'])}  (the deploy's own cost)",
-            f"  s3: first sync: {ratio:.2f}x rclone sync by hand"
-            f" ({'meets' if ratio <= GOALS['s3'] else 'misses'} the goal of {GOALS['s3']}x)",
-        ]
+        for mb in sizes:
+            lines += _s3_rounds(hosts, deploy, client, endpoint, keys, mb, repeat)
     return lines
+
+
+def _s3_rounds(hosts, deploy: Path, client, endpoint: str, keys: Path, mb: int, repeat: int) -> list[str]:
+    """One bucket prefix of 200 small objects and one of mb MB: labfleet cold against rclone by hand."""
+    prefix = f"{PREFIX}-{mb}"
+    objects = {f"d{i % 4}/s{i % 3}/f{i:03d}.bin": os.urandom(200 + 37 * i) for i in range(200)}
+    objects["big.bin"] = os.urandom(mb * 1024 * 1024)
+    for key, body in objects.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{key}", Body=body)
+    size = sum(len(body) for body in objects.values())
+    spec = {"source": f"s3:{BUCKET}/{prefix}", "s3_endpoint": endpoint, "s3_credentials_file": str(keys)}
+    data = {"extra_ca_certificates": [], "datasets": {"s3set": spec}}
+    log(f"s3, {mb} MB: first run (untimed): rclone installed, the keys written, the bucket fetched")
+    assert_converged(run_pyinfra(hosts, deploy=deploy, data=data, timeout=900))
+    assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data))
+    floor = "/srv/bench-s3-floor"
+    by_hand = f"rclone --config /etc/labfleet/dataset-s3/s3set.conf sync bucket:{BUCKET}/{prefix} {floor}"
+    expected = {key: hashlib.sha256(body).hexdigest() for key, body in objects.items()}
+    times: dict[str, list[float]] = {"labfleet": [], "rclone": [], "no-change": []}
+
+    def labfleet() -> None:
+        assert_converged(run_pyinfra(hosts, deploy=deploy, data=data, timeout=900))
+
+    def no_change() -> None:
+        assert_no_changes(run_pyinfra(hosts, deploy=deploy, data=data))
+
+    for round_ in range(repeat):
+        _on_all(
+            hosts,
+            f"find {ROOT}/s3set -mindepth 1 -delete && rm -rf {ROOT}/.labfleet-incoming/s3set* {floor}"
+            f" && rm -f {STATE}/s3set.* && mkdir -p {floor}",
+        )
+        for side in ("labfleet", "rclone") if round_ % 2 == 0 else ("rclone", "labfleet"):
+            times[side].append(_timed(labfleet if side == "labfleet" else lambda: _on_all(hosts, by_hand)))
+        for host in hosts:
+            assert host_digests(host, f"{ROOT}/s3set") == expected, f"{host.name}: s3set differs"
+            assert host_digests(host, floor) == expected, f"{host.name}: rclone's copy differs"
+        times["no-change"].append(_timed(no_change))
+        log(f"s3 round {round_ + 1}: labfleet {times['labfleet'][-1]:.2f} s, rclone {times['rclone'][-1]:.2f} s")
+    ratio = statistics.median(times["labfleet"]) / statistics.median(times["rclone"])
+    return [
+        f"s3: first sync of a bucket prefix ({size / 1e6:.1f} MB: 200 small objects and one of {mb} MB; moto on the"
+        f" controller's loopback, reached through SSH forwards) to {len(hosts)} hosts, {repeat} alternating rounds",
+        f"  labfleet (s3: dataset, whole deploy) {_median(times['labfleet'])}",
+        f"  rclone sync by hand, hosts at once  {_median(times['rclone'])}",
+        f"  labfleet, nothing to do             {_median(times['no-change'])}  (the deploy's own cost)",
+        f"  s3: first sync: {ratio:.2f}x rclone sync by hand"
+        f" ({'meets' if ratio <= GOALS['s3'] else 'misses'} the goal of {GOALS['s3']}x)",
+    ]
 
 
 def write_section(lines: list[str]) -> None:
@@ -253,10 +260,10 @@ def write_section(lines: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=48, help="the fan-out dataset's big file")
+    parser.add_argument("--mb", type=int, default=64, help="the fan-out dataset's big file")
     parser.add_argument("--rate-mbit", type=int, default=200, help="each host's shaped uplink")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--s3-mb", type=int, default=48, help="the bucket's big object")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--s3-mb", default="48,256", help="the bucket's big object, one comparison per size")
     parser.add_argument("--skip-fanout", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
     args = parser.parse_args()
@@ -274,7 +281,8 @@ def main() -> None:
                 lines += star_against_tree(hosts, deploy, scratch, args.mb, args.rate_mbit, args.repeat)
             if not args.skip_s3:
                 _on_all(hosts, "tc qdisc del dev eth0 root 2>/dev/null; true")
-                lines += s3_against_rclone(hosts[:3], deploy, scratch, args.s3_mb, args.repeat)
+                sizes = [int(mb) for mb in args.s3_mb.split(",")]
+                lines += s3_against_rclone(hosts[:3], deploy, scratch, sizes, args.repeat)
         finally:
             fleet.remove_all()
     print("\n".join(lines))

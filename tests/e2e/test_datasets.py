@@ -349,8 +349,7 @@ def test_peers_pull_in_a_chain_with_keys_that_can_only_read(make_hosts, pyinfra_
     late_ip = re.escape(host_data[late.name]["lan_address"])
     served = host_exec(early, "cat /var/lib/labfleet-sync/.ssh/authorized_keys").stdout
     assert re.search(rf'^restrict,from="{late_ip}",command="\S*rrsync -ro {ROOT}/ref" ', served, re.M), served
-    # Both recorded a verified pull: the next run refreshes both from the first host in wave 1,
-    # where nothing differs.
+    # Both recorded their verified pull: the next run changes nothing.
     assert_no_changes(pyinfra_run(hosts, deploy=deploy, host_data=host_data))
 
 
