@@ -34,7 +34,7 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.facts.files import FileContents
 
-from labfleet import planning
+from labfleet import dataset_changes, planning
 from labfleet.facts.datasets import RecordState, SyncRecord, parse_record, render_record
 
 NO_MANIFEST = "-"
@@ -57,12 +57,17 @@ def tree_digest(root: str) -> str:
     200,000 files, and the other hosts' planning goes on meanwhile); where it is missing or
     fails, Python walks it, and both give the same digest.
     """
+    return "sha256:" + hashlib.sha256(tree_listing(root)).hexdigest()
+
+
+def tree_listing(root: str) -> bytes:
+    """What tree_digest hashes: each entry's path and what the digest takes of it, NUL-ended, sorted."""
     entries = _found(root)
     if entries is None:
         entries = []
         _walk(os.fsencode(root), b"", entries)
     entries.sort()
-    return "sha256:" + hashlib.sha256(b"".join(b"%s\0%s\0" % entry for entry in entries)).hexdigest()
+    return b"".join(b"%s\0%s\0" % entry for entry in entries)
 
 
 # What find prints per entry: the path, NUL, what the digest takes of it, NUL (%T@ is
@@ -135,9 +140,12 @@ def wanted_record(src: str, dest: str, flags: list[str], manifest: str | None) -
 
     def make() -> tuple[str, str] | None:
         try:
-            tree = tree_digest(src)
+            listing = tree_listing(src)
         except OSError:
             return None
+        tree = "sha256:" + hashlib.sha256(listing).hexdigest()
+        # Kept for the next run, whose push then sends only what changed (labfleet.dataset_changes).
+        dataset_changes.remember(src, tree, listing)
         listed = file_sha256(posixpath.join(src, manifest)) if manifest else NO_MANIFEST
         return tree, listed or NO_MANIFEST
 

@@ -49,13 +49,23 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
-from labfleet import apt, dataset_fanout, dataset_records, dataset_upstream, datasets_s3, planning, preflight
+from labfleet import (
+    apt,
+    dataset_changes,
+    dataset_fanout,
+    dataset_records,
+    dataset_upstream,
+    datasets_s3,
+    planning,
+    preflight,
+)
 from labfleet.facts.datasets import (
     DatasetRecords,
     DefaultAcls,
     ManifestState,
     RecordState,
     RsyncDryRun,
+    SyncRecord,
     parse_rsync_itemized,
 )
 from labfleet.facts.system import Account, GroupMembers, PathState, PathStates, PublicKeyFile, SshHostKey, path_is
@@ -313,9 +323,15 @@ def push_command(data, host_name: str, src: str, dest: str, flags: list[str], su
     return [*argv, src.rstrip("/") + "/", _remote(data.get("ssh_user"), address, dest.rstrip("/") + "/")]
 
 
-def _run_rsync(state, host, argv: list[str], what: str) -> bool:
+def _run_rsync(state, host, argv: list[str], what: str, files: bytes | None = None) -> bool:
     # A FunctionCommand: pyinfra passes the state and the host it runs for.
-    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if files == b"":
+        host.log_styled(f"{what}: nothing changed since the last verified sync", log_func=_logger().info)
+        return True
+    ran = subprocess.run(argv, input=files, capture_output=True, check=False)
+    completed = subprocess.CompletedProcess(
+        argv, ran.returncode, ran.stdout.decode(errors="replace"), ran.stderr.decode(errors="replace")
+    )
     moved = [line for line in completed.stdout.splitlines() if parse_rsync_itemized([line])["changes"]]
     host.log_styled(f"{what}: {len(moved)} item(s) synced", log_func=_logger().info)
     if completed.returncode != 0:
@@ -366,7 +382,18 @@ def host_sudo(data, arguments=None) -> bool:
     return bool(arguments["_sudo"] if arguments and "_sudo" in arguments else data.get("_sudo"))
 
 
-def _run_rsyncs(state, host, jobs: list[tuple[list[str], str]]) -> bool:
+def only_listed(flags: list[str], files: bytes | None) -> list[str]:
+    """rsync options that send only the paths given on its input (NUL-ended), when files is not None.
+
+    ``--dirs`` instead of ``--recursive``: a listed directory comes without its contents;
+    the directories above a listed path are sent too (``--files-from`` implies ``--relative``).
+    """
+    if files is None:
+        return flags
+    return [*("--dirs" if flag == "--recursive" else flag for flag in flags), "--files-from=-", "--from0"]
+
+
+def _run_rsyncs(state, host, jobs: list[tuple[list[str], str, bytes | None]]) -> bool:
     """Run several pushes to one host at once, at most PARALLEL_PUSHES at a time; each says how it ended."""
     with ThreadPoolExecutor(max_workers=PARALLEL_PUSHES) as pool:
         ended = list(pool.map(lambda job: _run_rsync(state, host, *job), jobs))
@@ -374,13 +401,15 @@ def _run_rsyncs(state, host, jobs: list[tuple[list[str], str]]) -> bool:
 
 
 @operation(is_idempotent=True)
-def push_datasets(pushes: list[tuple[str, str, list[str], str, str]]):
+def push_datasets(pushes: list[tuple[str, str, list[str], str, str, bytes | None]]):
     """Copy directories from the controller into this host with rsync, those that differ, several at once.
 
     + pushes: (directory on the controller, whose contents are copied; directory on the host;
       rsync options, including --itemize-changes; the manifest stamp and the sync record,
       removed before anything moves, so the manifest is verified again and a sync that
-      fails half-way leaves no record that could match its source) per dataset
+      fails half-way leaves no record that could match its source; the paths to send,
+      NUL-ended, when only they changed since the host's record (labfleet.dataset_changes),
+      else None: the whole tree) per dataset
 
     The step lists only the datasets whose record differs from their source (see
     labfleet.dataset_records), so a run with nothing to do walks neither tree and plans no
@@ -404,9 +433,10 @@ def push_datasets(pushes: list[tuple[str, str, list[str], str, str]]):
         return
     data, name = host.data, host.name
     sudo = host_sudo(data, host.current_op_global_arguments)
-    yield "rm -f " + " ".join(shlex.quote(path) for push in pushes for path in push[3:])
+    yield "rm -f " + " ".join(shlex.quote(path) for push in pushes for path in push[3:5])
     jobs = [
-        (push_command(data, name, src, dest, flags, sudo), f"push {src} -> {dest}") for src, dest, flags, *_ in pushes
+        (push_command(data, name, src, dest, only_listed(flags, files), sudo), f"push {src} -> {dest}", files)
+        for src, dest, flags, _, _, files in pushes
     ]
     yield FunctionCommand(_run_rsyncs, (jobs,), {})
 
@@ -858,6 +888,18 @@ def _bring_in_manual(settings: Settings, datasets: list[Dataset]) -> None:
         _verify(settings, dataset)
 
 
+def _changed_since(src: str, found: RecordState | None, wanted: SyncRecord | None, prune: bool) -> bytes | None:
+    """The paths a push needs to send since the host's record, once per run per pair of
+    listings (labfleet.dataset_changes); None: the whole tree."""
+    old = found["record"] if found else None
+    if old is None or wanted is None or old["settings"] != wanted["settings"]:
+        return None
+    return planning.current_run().once(
+        f"dataset changes {src} {old['source']} {wanted['source']} {prune}",
+        lambda: dataset_changes.changed(src, old["source"], wanted["source"], prune),
+    )
+
+
 def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
     if not datasets:
         return
@@ -869,13 +911,14 @@ def _bring_in_local(settings: Settings, datasets: list[Dataset]) -> None:
         flags = rsync_flags(dataset, settings.datasets_group)
         record = dataset_records.record_path(STATE_DIR, dataset.name)
         wanted = dataset_records.wanted_record(src, dest, flags, dataset.manifest)
-        current = dataset_records.is_current(
-            state.records.get(dataset.name), wanted, path_is(state.paths, dest, "directory")
-        )
-        planned.append((dataset, (src, dest, flags, stamp_path(dataset), record), wanted, current))
+        found = state.records.get(dataset.name)
+        present = path_is(state.paths, dest, "directory")
+        current = dataset_records.is_current(found, wanted, present)
+        files = None if current or not present else _changed_since(src, found, wanted, dataset.prune)
+        planned.append((dataset, (src, dest, flags, stamp_path(dataset), record, files), wanted, current))
     pushes = [push for _, push, _, current in planned if not current]
     unless_current(push_datasets, current=not pushes, name="Push datasets from the controller", pushes=pushes)
-    for dataset, (_, dest, _, stamp, record), wanted, current in planned:
+    for dataset, (_, dest, _, stamp, record, _), wanted, current in planned:
         if dataset.manifest:
             unless_current(
                 verify_manifest,

@@ -201,6 +201,11 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     assert_converged(third)
     expected = local_digests(source)
     for host in hosts:
+        # Only those two paths were given to rsync (labfleet.dataset_changes): the host's rsync
+        # ran with --relative (R) and without recursing (d, not r).
+        (call,) = [c for c in rsync_calls(host) if "--server" in c and "/srv/datasets/train/" in c]
+        options = call.split()[1].split(".")[0]
+        assert "R" in options and "r" not in options, f"{host.name}: {call}"
         assert third.status(host, "Verify dataset train against SHA256SUMS") == "success"
         after = inodes(host, f"{ROOT}/train")
         rewritten = sorted(path for path in after if after[path] != before[host.name].get(path))

@@ -124,8 +124,9 @@ def test_each_source_is_walked_once_per_run_whatever_the_number_of_hosts(tmp_pat
     root = _tree(tmp_path / "src", [*NAMES, "SHA256SUMS"])
     planning_host({})
     walks = []
-    real = dataset_records.tree_digest
-    monkeypatch.setattr(dataset_records, "tree_digest", lambda path: walks.append(path) or real(path))
+    real = dataset_records.tree_listing
+    monkeypatch.setattr(dataset_records, "tree_listing", lambda path: walks.append(path) or real(path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     records = [
         dataset_records.wanted_record(str(root), f"/srv/datasets/{name}", ["--recursive"], "SHA256SUMS")
         for name in ("x", "x", "y")
@@ -272,3 +273,46 @@ def test_the_step_plans_no_push_for_a_dataset_whose_record_matches(tmp_path, set
     assert _plan_local(planning_host, monkeypatch, host_settings, unverified, present)[0] == names
     os.utime(source / "a.bin", ns=(TIME + 10**9, TIME + 10**9))
     assert _plan_local(planning_host, monkeypatch, host_settings, current, present)[0] == names
+
+
+def test_a_push_after_a_recorded_sync_sends_only_what_changed(tmp_path, settings, planning_host, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = _tree(tmp_path / "train", NAMES)
+    host_settings = settings(datasets={"train": f"local:{source}"})
+    (dataset,) = host_settings.datasets
+    dest = datasets.dataset_dir(host_settings, dataset)
+    flags = datasets.rsync_flags(dataset, host_settings.datasets_group)
+    planning_host({})
+    recorded = dataset_records.wanted_record(str(source), dest, flags, None)
+    assert recorded is not None
+    os.utime(source / "d1" / "b.bin", ns=(TIME + 10**9, TIME + 10**9))
+    present = {dest: {"kind": "directory", "user": "root", "group": "labdata", "mode": "2755", "sha1": None}}
+    pushed = []
+
+    def plan(records, paths):
+        answers = {
+            DebPackages: {},
+            GroupMembers: {"exists": True, "members": [], "accounts": []},
+            PathStates: paths,
+            DefaultAcls: {},
+            Accounts: {},
+            DatasetRecords: records,
+        }
+        fake = planning_host(answers)
+
+        def operation(**kwargs):
+            fake.meta.ops += 1
+            pushed.extend(kwargs.get("pushes", []))
+
+        monkeypatch.setattr(datasets, "serves_peers", lambda name: False)
+        monkeypatch.setattr(datasets, "push_datasets", operation)
+        monkeypatch.setattr(dataset_records, "record_sync", operation)
+        datasets._bring_in_local(host_settings, list(host_settings.datasets))
+        return pushed.pop()[-1]
+
+    assert plan({"train": {"record": recorded, "stamp": None}}, present) == b"d1/b.bin\0"
+    # Another record's settings, no record, no directory: the whole tree.
+    other = {**recorded, "settings": "sha256:" + "9" * 64}
+    assert plan({"train": {"record": other, "stamp": None}}, present) is None
+    assert plan({"train": {"record": None, "stamp": None}}, present) is None
+    assert plan({"train": {"record": recorded, "stamp": None}}, {}) is None

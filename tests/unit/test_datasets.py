@@ -247,16 +247,16 @@ def test_a_push_runs_rsync_at_once_and_a_host_without_rsync_fails_with_what_to_c
     fake.data, fake.current_op_global_arguments = {"ssh_hostname": "127.0.0.1"}, {"_sudo": True}
     called = []
     monkeypatch.setattr(datasets.subprocess, "run", lambda argv, **kwargs: called.append(argv))
-    pushes = [("/data/m", "/srv/datasets/m", ["--itemize-changes"], "/s", "/r")]
+    pushes = [("/data/m", "/srv/datasets/m", ["--recursive", "--itemize-changes"], "/s", "/r", None)]
     remove, transfer = list(datasets.push_datasets._inner(pushes=pushes))
     assert remove == "rm -f /s /r" and called == [], "something ran while planning"
     (jobs,) = transfer.args
-    ((argv, what),) = jobs
+    ((argv, what, files),) = jobs
     assert "--dry-run" not in argv and argv[-2:] == ["/data/m/", "127.0.0.1:/srv/datasets/m/"]
-    assert what == "push /data/m -> /srv/datasets/m"
+    assert what == "push /data/m -> /srv/datasets/m" and files is None and "--recursive" in argv
 
     closed = subprocess.CompletedProcess(
-        [], 12, "", "sudo: rsync: command not found\nrsync: connection unexpectedly closed"
+        [], 12, b"", b"sudo: rsync: command not found\nrsync: connection unexpectedly closed"
     )
     monkeypatch.setattr(datasets.subprocess, "run", lambda argv, **kwargs: closed)
     logs = _Logs()
@@ -326,6 +326,27 @@ class _Logs:
 
     def log_styled(self, message, **kwargs):
         self.lines.append(message)
+
+
+def test_a_push_of_what_changed_gives_rsync_only_those_paths(tmp_path, fake_host_in):
+    """With the paths that changed since the host's record, rsync is given them on its input,
+    and no directory recursion; with none, it does not run."""
+    fake = fake_host_in(datasets)
+    fake.data, fake.current_op_global_arguments = {"ssh_hostname": "127.0.0.1"}, {"_sudo": True}
+    listed = b"d1/new line.bin\0d2/b.bin\0"
+    pushes = [("/data/m", "/srv/datasets/m", ["--recursive", "--links", "--itemize-changes"], "/s", "/r", listed)]
+    _, transfer = list(datasets.push_datasets._inner(pushes=pushes))
+    ((argv, what, files),) = transfer.args[0]
+    assert files == listed and "--recursive" not in argv
+    assert argv[:5] == ["rsync", "--dirs", "--links", "--itemize-changes", "--files-from=-"] and "--from0" in argv
+
+    # A stand-in rsync that prints what it was given, as itemized lines: both paths arrive whole.
+    stand_in = ["sh", "-c", "tr '\\0' '\\n' | sed 's/^/>f+++++++++ /'"]
+    logs = _Logs()
+    assert datasets._run_rsync(None, logs, stand_in, what, files) is True
+    assert logs.lines == [f"{what}: 2 item(s) synced"]
+    assert datasets._run_rsync(None, logs, ["false"], what, b"") is True
+    assert logs.lines[-1] == f"{what}: nothing changed since the last verified sync"
 
 
 def test_pushes_to_one_host_overlap_up_to_the_bound(tmp_path, monkeypatch):
