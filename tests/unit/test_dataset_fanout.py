@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from labfleet import dataset_fanout, datasets
+from labfleet import dataset_fanout, datasets, planning
 from labfleet.dataset_fanout import Puller, plan_tree
 from labfleet.facts.datasets import RsyncDryRun
 from labfleet.settings import build
@@ -213,3 +213,30 @@ def test_a_parent_that_failed_earlier_is_replaced_by_the_origin(raw, fake_host_i
     commands = list(dataset_fanout.pull_wave._inner(wave=2, pulls=[pull]))
     assert commands[1] == pull.commands["pc00"]
     assert fake.logs[0] == "ref: pc02 failed earlier in this run; pulling from pc00 instead"
+
+
+def test_the_runs_tree_comes_from_every_hosts_batch_once_and_a_preview_is_not_kept(raw, fake_host_in, monkeypatch):
+    fleet = _fleet(raw, 3)
+    (tree,) = dataset_fanout.trees(fleet)
+    run = planning.Run()
+    monkeypatch.setattr(dataset_fanout.planning, "current_run", lambda: run)
+    fake = fake_host_in(dataset_fanout, executing=False)
+
+    def read(name: str, holds: bool) -> None:
+        member = tree.member(name)
+        record = dataset_fanout.wanted_record(member.settings, member.dataset) if holds else None
+        key = dataset_fanout.reads(member.settings)["pulled"].key
+        run.for_host(name).readings[key] = {"ref": {"record": record, "stamp": None}}
+
+    # Previewing while planning (pyinfra without -y), pc01 is the only host read so far.
+    read("pc01", holds=False)
+    assert dataset_fanout.current_plan(tree) == {"pc01": (1, "pc00")}
+    # Every host read, pc03 with a record of a verified pull: it refreshes in wave 1 and serves.
+    read("pc02", holds=False)
+    read("pc03", holds=True)
+    fake.state.is_executing = True
+    plan = dataset_fanout.current_plan(tree)
+    assert plan == {"pc01": (1, "pc00"), "pc02": (1, "pc00"), "pc03": (1, "pc00")}
+    # The same plan for every host of the run, whatever is read later.
+    read("pc03", holds=False)
+    assert dataset_fanout.current_plan(tree) is plan
