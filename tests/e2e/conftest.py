@@ -28,12 +28,17 @@ _kept_hosts: list[TestHost] = []
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: end-to-end test against real systemd test hosts (needs Docker, root)")
+    config.addinivalue_line("markers", "long: a test of many minutes, collected first (see below)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if E2E_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+    # Tests marked long first (the order is otherwise kept): they start with the suite, and the
+    # other workers share the rest (./run test steals work between workers), instead of one of
+    # them being left to run alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
