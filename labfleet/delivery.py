@@ -3,8 +3,9 @@
 - build: the build context is synced to /opt/labfleet/image (changed files only) and the
   host builds it, unless it already has the tag. A base image that only the controller
   has (offline labs, the tests) is shipped first.
-- ship: the controller builds once and saves once (gzip); only hosts whose engine lacks
-  that image id get the archive, less the layers they already have (labfleet/archives.py),
+- ship: the controller builds once and saves once (zstd; gzip where it lacks zstd); only
+  hosts whose engine lacks that image id get the archive, less the layers they already have
+  in any image (labfleet/archives.py, labfleet/shipping.py),
   `docker load` it, and have the id verified. A failed or interrupted load never moves the
   tag, so the running container keeps its image.
 - registry: push once, every host pulls (labfleet/registry.py).

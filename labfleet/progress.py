@@ -289,14 +289,16 @@ def run_on_controller(
 # --- What the hosts answer -------------------------------------------------------------
 
 
-def read_offset_question(archive: str, pid_file: str) -> str:
-    """How far the process whose pid is in pid_file has read its stdin, and the archive's size.
+def read_offset_question(archive: str, pid_file: str, size: int | None = None) -> str:
+    """How far the process whose pid is in pid_file has read its stdin, and the archive's size
+    (size, where the archive is removed once open).
 
     `docker load` closes its stdin once it has sent the whole archive and then waits for the
     engine to load the layers: a live process without its stdin has read everything.
     """
+    measured = f"{size}" if size is not None else f"$(stat -c %s {archive} 2>/dev/null)"
     return (
-        f"size=$(stat -c %s {archive} 2>/dev/null); pid=$(cat {pid_file} 2>/dev/null); "
+        f"size={measured}; pid=$(cat {pid_file} 2>/dev/null); "
         "pos=$(sed -n 's/^pos:[[:space:]]*//p' /proc/$pid/fdinfo/0 2>/dev/null); "
         'if [ -n "$pos" ]; then echo "$pos $size"; elif [ -n "$pid" ] && [ -d /proc/$pid ]; then echo "all $size"; fi; '
         "true"

@@ -48,32 +48,46 @@ def decompress_filter(codec: archives.Codec) -> str:
     )
 
 
+def load_command(archive: str, ref: str, image_id: str, codec: str) -> str:
+    """The host's shell for load_image: load the archive (removed once open), check the id."""
+    quoted = shlex.quote(archive)
+    pid_file = shlex.quote(f"{archive}.pid")
+    check = f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}"
+    # The reader removes the archive once it has it open (the shell's redirection is the
+    # reader's own): the engine unpacks all of it before it registers the layers, so the host
+    # never holds the archive, the unpacked copy and the layers at once. The reader's offset
+    # is how far the load got; the engine reads gzip itself.
+    return (
+        decompress_filter(archives.CODECS[codec])
+        + f'if [ -n "$unpack" ]; then sh -c \'echo $$ >"$0"; rm -f "$2"; exec $1\' {pid_file} "$unpack" {quoted} '
+        f"<{quoted} | docker load >/dev/null; "
+        f'else sh -c \'echo $$ >"$0"; rm -f "$1"; exec docker load\' {pid_file} {quoted} <{quoted} >/dev/null; fi; '
+        f"loaded=$?; rm -f {quoted} {pid_file}; "
+        f'[ $loaded -eq 0 ] && [ "$({check})" = {shlex.quote(image_id)} ] || '
+        f"{{ echo {shlex.quote(f'labfleet: loading {ref} did not give image {image_id}')} >&2; exit 1; }}"
+    )
+
+
 @operation(is_idempotent=True)
-def load_image(archive: str, ref: str, image_id: str, codec: str = archives.DEFAULT_CODEC):
+def load_image(archive: str, ref: str, image_id: str, codec: str = archives.DEFAULT_CODEC, archive_bytes: int = 0):
     """Load a saved image on the host and check that ref now names image_id.
 
     + archive: the archive's path on the host, removed afterwards whatever happens
     + ref: the tag the archive carries
     + image_id: the id the tag must name afterwards
     + codec: the archive's compression (labfleet.archives.CODECS)
+    + archive_bytes: the archive's size, for the progress lines
     """
     if host.get_fact(ImageId, ref=ref) == image_id:
         host.noop(f"{ref} is already {image_id[:19]}")
         return
-    quoted = shlex.quote(archive)
-    pid_file = shlex.quote(f"{archive}.pid")
-    check = f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}"
-    # The archive is read as the loader's (or the decompressor's) stdin, so its read offset is how
-    # far the load got; the engine reads gzip itself, a faster decompressor is used where present.
     yield progress.WatchedCommand(
-        decompress_filter(archives.CODECS[codec])
-        + f'sh -c \'echo $$ >"$0"; exec ${{1:-cat}}\' {pid_file} "$unpack" <{quoted} | docker load >/dev/null; '
-        f"loaded=$?; rm -f {quoted} {pid_file}; "
-        f'[ $loaded -eq 0 ] && [ "$({check})" = {shlex.quote(image_id)} ] || '
-        f"{{ echo {shlex.quote(f'labfleet: loading {ref} did not give image {image_id}')} >&2; exit 1; }}",
+        load_command(archive, ref, image_id, codec),
         what=f"Load {ref}",
         unit="bytes",
-        question=progress.read_offset_question(quoted, pid_file),
+        question=progress.read_offset_question(
+            shlex.quote(archive), shlex.quote(f"{archive}.pid"), size=archive_bytes or None
+        ),
         answer=progress.read_offset_answer,
     )
 
@@ -231,7 +245,14 @@ def ship(settings: Settings, ref: str):
             codec=codec.name,
         )
     else:
-        load_image(name=f"Load {ref}", archive=remote, ref=ref, image_id=archive.image_id, codec=codec.name)
+        load_image(
+            name=f"Load {ref}",
+            archive=remote,
+            ref=ref,
+            image_id=archive.image_id,
+            codec=codec.name,
+            archive_bytes=source.stat().st_size,
+        )
 
 
 def _gib(value: int | None) -> str:

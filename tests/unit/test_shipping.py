@@ -89,3 +89,38 @@ def test_the_progress_answer_names_the_phase():
     reading = answer("fill\n400\n")
     assert (reading.done, reading.total) == (400, 1000) and "own images" in reading.detail
     assert answer("").done is None
+
+
+def _stand_in(tmp_path: Path, load: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(STAND_IN_DOCKER.replace('load) cat >"$LOADED";;', f"load) {load};;"))
+    (bin_dir / "docker").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOADED": str(tmp_path / "loaded")}
+
+
+def test_a_load_removes_the_archive_before_the_engine_unpacks_it(tmp_path):
+    # The engine unpacks the whole archive before it registers the layers: by then the host
+    # must no longer hold the archive too.
+    archive = tmp_path / "labfleet-x.tar.gz"
+    archive.write_bytes(gzip.compress(b"the image"))
+    env = _stand_in(tmp_path, f'cat >"$LOADED"; ls {archive} >"$LOADED.seen" 2>&1; true')
+    env["IMAGE_ID"] = IMAGE_ID
+    command = shipping.load_command(str(archive), "lab:1", IMAGE_ID, "gzip")
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert gzip.decompress((tmp_path / "loaded").read_bytes()) == b"the image", "the engine reads gzip itself"
+    assert "No such file" in (tmp_path / "loaded.seen").read_text(), "the archive was still there during the load"
+    assert not archive.exists() and not Path(f"{archive}.pid").exists()
+
+
+def test_a_load_that_gives_another_image_fails_and_says_so(tmp_path):
+    archive = tmp_path / "labfleet-x.tar.zst"
+    archive.write_bytes(b"not zstd")
+    env = _stand_in(tmp_path, 'cat >"$LOADED"')
+    env["IMAGE_ID"] = "sha256:other"
+    done = subprocess.run(
+        ["sh", "-c", shipping.load_command(str(archive), "lab:1", IMAGE_ID, "zstd")], env=env, capture_output=True
+    )
+    assert done.returncode == 1 and b"loading lab:1 did not give image" in done.stderr
+    assert not archive.exists()
