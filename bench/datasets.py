@@ -208,6 +208,8 @@ def main() -> None:
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
+        # The controller's listings of the bench's sources (labfleet.dataset_changes) go with it.
+        os.environ["XDG_CACHE_HOME"] = str(scratch / "cache")
         fleet = Fleet(generate_keypair(scratch / "ssh"))
         try:
             hosts = fleet.start_hosts(3)

@@ -21,10 +21,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 # How many listings of one source the controller keeps (each about 10 MB per 200,000 files).
 KEPT = 4
+# A source none of whose listings was written or used for this long is forgotten.
+FORGOTTEN_AFTER_S = 30 * 24 * 3600
 
 
 def cache_root() -> Path:
@@ -54,8 +57,19 @@ def remember(src: str, digest: str, listing: bytes) -> None:
         kept = sorted(path.parent.glob("*.list"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in kept[KEPT:]:
             old.unlink(missing_ok=True)
+        _forget_old_sources(path.parent)
     except OSError:
         return
+
+
+def _forget_old_sources(current: Path) -> None:
+    """Remove the listings of sources not listed for FORGOTTEN_AFTER_S (moved, renamed, temporary)."""
+    now = time.time()
+    for folder in cache_root().iterdir():
+        listings = list(folder.glob("*.list")) if folder.is_dir() and folder != current else []
+        if listings and all(now - p.stat().st_mtime > FORGOTTEN_AFTER_S for p in listings):
+            for listing in listings:
+                listing.unlink(missing_ok=True)
 
 
 def _entries(src: str, digest: str) -> dict[bytes, bytes] | None:

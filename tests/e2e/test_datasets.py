@@ -40,6 +40,15 @@ datasets.lay_out_datasets(settings)
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def listings_cache(tmp_path_factory):
+    """The controller's listings of the sources these tests make (labfleet.dataset_changes) stay
+    in the test's temporary directory, not in the cache of the user who runs the tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("deploy") / "datasets_deploy.py"

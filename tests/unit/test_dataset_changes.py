@@ -71,3 +71,16 @@ def test_the_cache_keeps_the_last_listings_of_each_source(tmp_path, cache):
     kept = {p.stem for p in cache.rglob("*.list")}
     assert len(kept) == dataset_changes.KEPT
     assert digests[-1].removeprefix("sha256:") in kept and digests[0].removeprefix("sha256:") not in kept
+
+
+def test_the_listings_of_a_source_unused_for_a_month_are_forgotten(tmp_path, cache):
+    old_src, new_src = tmp_path / "old", tmp_path / "new"
+    _write(old_src, "a.bin", b"a")
+    _write(new_src, "b.bin", b"b")
+    _listed(old_src)
+    (stale,) = list(cache.rglob("*.list"))
+    long_ago = TIME / 10**9  # November 2023
+    os.utime(stale, (long_ago, long_ago))
+    _listed(new_src)
+    assert not stale.exists()
+    assert len(list(cache.rglob("*.list"))) == 1
