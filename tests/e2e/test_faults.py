@@ -267,7 +267,7 @@ def next_image(lab_data, tmp_path):
     yield data, tag, image_id
     docker("rmi", tag, check=False, timeout=120)
     whole = archives.archive_path(image_id)
-    for archive in whole.parent.glob(whole.name.removesuffix(".tar.gz") + "*"):
+    for archive in whole.parent.glob(whole.name.split(".")[0] + "*"):
         archive.unlink(missing_ok=True)
 
 
