@@ -294,13 +294,14 @@ def read_offset_question(archive: str, pid_file: str, size: int | None = None) -
     (size, where the archive is removed once open).
 
     `docker load` closes its stdin once it has sent the whole archive and then waits for the
-    engine to load the layers: a live process without its stdin has read everything.
+    engine to load the layers: a live process without its stdin has read everything, and so
+    has a decompressor that has ended while the load goes on (the pid file lasts as long as it).
     """
     measured = f"{size}" if size is not None else f"$(stat -c %s {archive} 2>/dev/null)"
     return (
         f"size={measured}; pid=$(cat {pid_file} 2>/dev/null); "
         "pos=$(sed -n 's/^pos:[[:space:]]*//p' /proc/$pid/fdinfo/0 2>/dev/null); "
-        'if [ -n "$pos" ]; then echo "$pos $size"; elif [ -n "$pid" ] && [ -d /proc/$pid ]; then echo "all $size"; fi; '
+        'if [ -n "$pos" ]; then echo "$pos $size"; elif [ -n "$pid" ]; then echo "all $size"; fi; '
         "true"
     )
 

@@ -321,3 +321,12 @@ def test_work_on_the_controller_past_its_timeout_is_killed(monkeypatch):
     monkeypatch.setenv(progress.INTERVAL_ENV, "30")
     with pytest.raises(subprocess.TimeoutExpired):
         progress.run_on_controller(["sleep", "30"], "Push img", "layers", progress.layers_answer, timeout=0.05)
+
+
+def test_the_offset_question_knows_a_decompressor_that_ended_has_read_it_all(tmp_path):
+    # A zstd archive is read by the decompressor, which ends before the engine has loaded it.
+    pid_file = tmp_path / "archive.tar.zst.pid"
+    pid_file.write_text("999999999\n")  # no such process any more
+    question = progress.read_offset_question(str(tmp_path / "gone.tar.zst"), str(pid_file), size=20000)
+    answer = subprocess.run(["sh", "-c", question], capture_output=True, text=True, check=True).stdout
+    assert progress.read_offset_answer(answer) == Reading(20000, 20000, progress.LOADING)
