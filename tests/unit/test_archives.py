@@ -194,3 +194,107 @@ def test_deploys_writing_the_same_archive_at_once_all_get_it_whole(tmp_path):
             future.result()
     assert _members(destination)["top/layer.tar"] == _members(archive.path)["top/layer.tar"]
     assert not list(tmp_path.glob("*partial*")), "a partial file was left behind"
+
+
+def _cache_file(directory, name: str, age: float, now: float) -> None:
+    path = directory / name
+    path.write_bytes(b"x")
+    os.utime(path, (now - age, now - age))
+
+
+def test_old_archives_are_pruned_after_a_new_one_is_written_but_not_ones_in_use(tmp_path):
+    now, hour = 1_000_000_000.0, 3600.0
+    ids = [f"{n:x}" * 16 for n in range(1, 9)]  # eight images, 1 the newest used, 8 the oldest
+    for n, key in enumerate(ids, start=1):
+        _cache_file(tmp_path, f"{key}.tar.zst", n * 3 * hour, now)
+        _cache_file(tmp_path, f"{key}.index.json", n * 3 * hour, now)
+        _cache_file(tmp_path, f"{key}-above-3.tar.zst", n * 3 * hour, now)
+    gone_from_engine = "a" * 16
+    _cache_file(tmp_path, f"{gone_from_engine}-gzip.tar.gz", 3 * hour, now)
+    # Another deploy writing the archive of an image that is not among the kept ones, right now.
+    writing = "b" * 16
+    _cache_file(tmp_path, f".{writing}.tar.zst.k2j3.partial", 60, now)
+    dead_partial = f".{ids[0]}-above-2.tar.zst.x8f1.partial"  # a killed deploy's, hours old
+    _cache_file(tmp_path, dead_partial, 5 * hour, now)
+    _cache_file(tmp_path, "README", 100 * hour, now)  # not the cache's: left alone
+    new = tmp_path / ("c" * 16 + ".tar.zst")
+    _cache_file(tmp_path, new.name, 0, now)
+    engine = {"sha256:" + key + "0" * 48 for key in [*ids, "c" * 16]}
+
+    removed = archives.prune(tmp_path, engine, keep=new, now=now)
+
+    left = sorted(path.name for path in tmp_path.iterdir())
+    # The new one and the 4 most recently used images the engine has, each with index and partials.
+    assert new.name in left
+    for key in ids[: archives.KEEP_ARCHIVES - 1]:
+        assert f"{key}.tar.zst" in left and f"{key}.index.json" in left and f"{key}-above-3.tar.zst" in left
+    for key in ids[archives.KEEP_ARCHIVES - 1 :]:
+        assert not [name for name in left if name.startswith(key)], left
+    assert f"{gone_from_engine}-gzip.tar.gz" not in left
+    assert f".{writing}.tar.zst.k2j3.partial" in left, "a partial another deploy is writing was removed"
+    assert dead_partial not in left and "README" in left
+    assert len(removed) == 3 * (len(ids) - archives.KEEP_ARCHIVES + 1) + 2
+    # Where the engine cannot be asked nothing goes.
+    assert archives.prune(tmp_path, None, keep=new, now=now + 100 * hour) == []
+
+
+def test_an_archive_used_within_the_grace_stays_even_beyond_the_count(tmp_path):
+    now = 1_000_000_000.0
+    ids = [f"{n:x}" * 16 for n in range(1, 8)]
+    for n, key in enumerate(ids):
+        _cache_file(tmp_path, f"{key}.tar.zst", n, now)  # all used in the last seconds
+    new = tmp_path / f"{ids[0]}.tar.zst"
+    assert archives.prune(tmp_path, {f"sha256:{key}" for key in ids}, keep=new, now=now) == []
+
+
+def test_a_failed_docker_save_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A stand-in docker whose save fails at once (an image removed meanwhile, a full disk)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text("#!/bin/sh\necho 'Error response from daemon: no such image' >&2\nexit 1\n")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cache = tmp_path / "images"
+    monkeypatch.setattr(archives, "archive_path", lambda image_id: cache / "0123456789abcdef.tar.gz")
+    with pytest.raises(RuntimeError, match="docker save x:1 failed with exit 1"):
+        archives._save("x:1", "sha256:0123456789abcdef", {"Size": 10})
+    assert list(cache.iterdir()) == []
+
+
+def test_an_image_the_controllers_engine_lacks_is_named(monkeypatch):
+    images = archives.ControllerImages()
+    monkeypatch.setattr(images, "inspect", lambda ref: None)
+    with pytest.raises(RuntimeError, match="image lab:gone is not in the controller's engine"):
+        images.image_id("lab:gone")
+
+
+def test_a_compressor_that_fails_is_named_with_the_archive(tmp_path):
+    broken = archives.Codec("broken", ".tar.x", ("sh", "-c", "cat >/dev/null; exit 3"), ("cat",))
+    path = tmp_path / "a.tar.x"
+    with (
+        pytest.raises(RuntimeError, match=f"sh -c .* failed with exit 3 writing {path}"),
+        archives.open_compressed(path, "wb", broken) as out,
+    ):
+        out.write(b"data")
+
+
+def _tar(members: dict[str, bytes | None]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_tar_without_a_manifest_is_refused():
+    with pytest.raises(RuntimeError, match=r"the archive has no manifest\.json"):
+        archives._read_index(_tar({"abc/layer.tar": b"x"}))
+    with pytest.raises(RuntimeError, match=r"manifest\.json is not a file"):
+        archives._read_index(_tar({"manifest.json": None}))
