@@ -233,6 +233,18 @@ def test_build_image_failure_names_the_tag_and_the_cause(raw, context, engine, m
     assert image.image_tag(s, context) in message and "exit 3" in message and "boom" in message
 
 
+def test_a_build_past_its_timeout_says_what_to_check(raw, context, engine, monkeypatch):
+    engine_cmd, _ = engine
+
+    def too_slow(argv, *args, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs["timeout"])
+
+    monkeypatch.setattr(image.progress, "run_on_controller", too_slow)
+    s = _settings(raw, image_profile="jupyter")
+    with pytest.raises(image.ImageBuildError, match=r"did not finish within 5 s; check the network"):
+        image.build_image(s, engine_cmd, context=context, timeout=5)
+
+
 def test_controller_settings_are_the_defaults_plus_overrides():
     s = image.controller_settings(image_profile="jupyter")
     assert s.image_profile == "jupyter"
@@ -360,3 +372,14 @@ def test_relock_refuses_bad_requests_before_touching_the_network(args, message):
     result = subprocess.run([str(CONTAINER / "relock.sh"), *args], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_relock_refuses_a_profile_with_an_unknown_torch_index(tmp_path):
+    (tmp_path / "requirements").mkdir()
+    (tmp_path / "requirements" / "rocm.in").write_text("# torch-index: rocm\n-r jupyter.in\ntorch\n")
+    relock = tmp_path / "relock.sh"
+    relock.write_bytes((CONTAINER / "relock.sh").read_bytes())
+    relock.chmod(0o755)
+    result = subprocess.run([str(relock), "rocm"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "relock: rocm.in says torch-index: rocm; expected cuda or cpu" in result.stderr
