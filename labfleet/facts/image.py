@@ -60,7 +60,10 @@ class HostEngineLayers(FactBase):
             'case "$info" in *io.containerd.snapshotter*) echo containerd;; esac; '
             f"[ -e {FILL_FAILED_MARKER} ] && echo fill-failed; "
             "docker image ls --all --quiet --no-trunc | sort -u "
-            "| xargs -r docker image inspect --format '{{.Id}} {{.Size}} {{json .RootFS.Layers}}'"
+            "| xargs -r docker image inspect --format '{{.Id}} {{.Size}} {{json .RootFS.Layers}}' 2>/dev/null; "
+            # An image removed between the listing and its inspection is one the host no longer
+            # has: the others are still printed, and the fact must not fail the host for it.
+            "true"
         )
 
     def process(self, output) -> EngineLayers:

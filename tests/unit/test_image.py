@@ -374,6 +374,17 @@ def test_relock_refuses_bad_requests_before_touching_the_network(args, message):
     assert message in result.stderr
 
 
+def test_install_layer_refuses_to_run_without_the_dockerfiles_fixed_time(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("")
+    env = {key: value for key, value in os.environ.items() if key != "SOURCE_DATE_EPOCH"}
+    result = subprocess.run(
+        ["sh", str(CONTAINER / "install-layer.sh"), str(lock)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "SOURCE_DATE_EPOCH must be set by the Dockerfile" in result.stderr
+
+
 def test_relock_refuses_a_profile_with_an_unknown_torch_index(tmp_path):
     (tmp_path / "requirements").mkdir()
     (tmp_path / "requirements" / "rocm.in").write_text("# torch-index: rocm\n-r jupyter.in\ntorch\n")

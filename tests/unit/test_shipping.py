@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 from labfleet import shipping
+from labfleet.facts.image import HostEngineLayers, parse_engine_layers
 
 IMAGE_ID = "sha256:" + "1" * 64
 SENT, KEPT = "sha256:" + "a" * 64, "sha256:" + "b" * 64
@@ -124,3 +125,24 @@ def test_a_load_that_gives_another_image_fails_and_says_so(tmp_path):
     )
     assert done.returncode == 1 and b"loading lab:1 did not give image" in done.stderr
     assert not archive.exists()
+
+
+def test_the_engine_fact_survives_an_image_removed_while_it_reads(tmp_path):
+    """A stand-in docker whose listing names an image that is gone by the time it is inspected."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(
+        "#!/bin/sh\n"
+        'case "$1 $2" in\n'
+        "  info*) echo '26.1.5 []';;\n"
+        f"  'image ls') printf '%s\\n' {KEPT} {SENT};;\n"
+        f"  'image inspect') echo '{KEPT} 12 [\"{SENT}\"]'; echo 'Error: No such image: {SENT}' >&2; exit 1;;\n"
+        "esac\n"
+    )
+    (bin_dir / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["sh", "-c", HostEngineLayers().command()], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    engine = parse_engine_layers(result.stdout.splitlines())
+    assert engine["version"] == "26.1.5"
+    assert engine["images"] == [{"id": KEPT, "size": 12, "layers": [SENT]}]
