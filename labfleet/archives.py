@@ -429,10 +429,14 @@ class Shipment:
     unpacked_bytes: int
 
     def needed_bytes(self, archive: Archive) -> int:
-        """Disk the host needs: for a filled load, the archive, the unpacked layers, the engine's
-        own unpacked copy of them (docker load's temporary directory) and the layers loaded."""
-        if not self.plan.fills:
+        """Disk the host needs for what it loads, not for the whole image: a 30 MB bump of an 8 GB
+        image must not ask for 20 GB free. A plain load: the copy, or the engine's unpacked copy of
+        the layers sent and the layers loaded (the copy is removed once the loader has it open).
+        A filled load: the archive, the unpacked layers, the engine's copy of them and the layers."""
+        if self.plan.whole:
             return archive.needed_bytes
+        if not self.plan.fills:
+            return int(max(self.path.stat().st_size, 2 * self.unpacked_bytes) * DISK_FACTOR)
         return int((self.path.stat().st_size + 3 * self.unpacked_bytes) * DISK_FACTOR)
 
     def fill_files(self, diff_ids: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -468,6 +472,9 @@ def for_host(archive: Archive, engine: EngineLayers | None) -> Shipment:
                 _write_without(archive.path, dropped, kept, path)
             except _LinksIntoDropped:
                 return Shipment(archive.path, LayerPlan(0, tuple(range(len(files)))), (), 0)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used: another deploy's prune leaves it until this one has copied it
     return Shipment(path, plan, tuple(files), unpacked)
 
 

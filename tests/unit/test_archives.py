@@ -298,3 +298,27 @@ def test_a_tar_without_a_manifest_is_refused():
         archives._read_index(_tar({"abc/layer.tar": b"x"}))
     with pytest.raises(RuntimeError, match=r"manifest\.json is not a file"):
         archives._read_index(_tar({"manifest.json": None}))
+
+
+def test_the_disk_a_host_needs_is_for_what_it_loads_not_the_whole_image(tmp_path):
+    # A 30 MB bump of an 8 GB image must not ask a host for 20 GB free.
+    archive_file = tmp_path / "a.tar.zst"
+    archive_file.write_bytes(b"x" * 1000)
+    partial = tmp_path / "a-above-3.tar.zst"
+    partial.write_bytes(b"x" * 100)
+    archive = archives.Archive("x:1", "sha256:x", archive_file, 8_000_000, tuple(DIFF_IDS))
+    whole = archives.Shipment(archive_file, archives.LayerPlan(0, (0, 1, 2, 3)), (), 0)
+    assert whole.needed_bytes(archive) == archive.needed_bytes == int(2 * 8_000_000 * archives.DISK_FACTOR)
+    above = archives.Shipment(partial, archives.LayerPlan(3, (3,)), (), 30_000)
+    assert above.needed_bytes(archive) == int(2 * 30_000 * archives.DISK_FACTOR)
+    filled = archives.Shipment(partial, archives.LayerPlan(1, (1,), (archives.Fill("sha256:img", ("x",)),)), (), 30_000)
+    assert filled.needed_bytes(archive) == int((100 + 3 * 30_000) * archives.DISK_FACTOR)
+
+
+def test_a_reused_partial_archive_counts_as_used_for_the_pruning(tmp_path):
+    archive = _saved(tmp_path / "a.tar.gz", {"base": b"B" * 100, "top": b"T"})
+    engine = _engine(archive.diff_ids[:1], version="24.0.7")
+    partial = archives.for_host(archive, engine).path
+    os.utime(partial, (1_000_000, 1_000_000))
+    assert archives.for_host(archive, engine).path == partial
+    assert partial.stat().st_mtime > 1_000_000
