@@ -36,6 +36,7 @@ FIND_CONTAINER = "docker ps -q --filter label=com.docker.compose.project=labflee
 FIND_CONTAINER_ID = f"$({FIND_CONTAINER})"
 # Polls that must catch a short-lived process (a kill trigger) run this often.
 POLL_S = 0.2
+NEXT_LAYER_MIB = 256  # random, so no codec shrinks it: a copy of some seconds over loopback SSH
 
 
 def wait_for(what: str, probe, timeout: float = 300, interval: float = 1.0):
@@ -52,12 +53,22 @@ def wait_for(what: str, probe, timeout: float = 300, interval: float = 1.0):
 def wait_for_process(host: TestHost, pattern: str, controller: Controller, what: str, timeout: float = 600) -> None:
     """Wait until a process matching pattern (pgrep -f) runs on host, while the controller runs.
 
-    The host polls itself, POLL_S apart, in rounds of about 10 s, so that a short-lived
-    process is caught without a `docker exec` per probe. Write the pattern so that it does
-    not match itself ("[d]ocker load"): the polling shell's command line holds it.
+    Write the pattern so that it does not match itself ("[d]ocker load"): the polling shell's
+    command line holds it.
     """
+    _wait_on_host(host, f"pgrep -f {shlex.quote(pattern)} >/dev/null", controller, what, timeout)
+
+
+def wait_for_file(host: TestHost, glob: str, controller: Controller, what: str, timeout: float = 600) -> None:
+    """Wait until a file matching glob exists on host, while the controller runs."""
+    _wait_on_host(host, f"ls {glob} >/dev/null 2>&1", controller, what, timeout)
+
+
+def _wait_on_host(host: TestHost, check: str, controller: Controller, what: str, timeout: float) -> None:
+    """The host polls check itself, POLL_S apart, in rounds of about 10 s, so that a short-lived
+    state is caught without a `docker exec` per probe."""
     deadline = time.monotonic() + timeout
-    probe = f"for i in $(seq 50); do pgrep -f {shlex.quote(pattern)} >/dev/null && exit 0; sleep {POLL_S}; done; exit 1"
+    probe = f"for i in $(seq 50); do {check} && exit 0; sleep {POLL_S}; done; exit 1"
     while time.monotonic() < deadline:
         assert controller.running(), f"the deploy ended before {what}:\n{controller.output()[-3000:]}"
         if host_exec(host, probe, check=False, timeout=60).returncode == 0:
@@ -255,13 +266,19 @@ def _df(host: TestHost, field: str) -> int:
 @pytest.fixture
 def next_image(lab_data, tmp_path):
     """Settings whose image tag differs from lab_data's (one more CA), and that tag built on the
-    controller as a one-label child of the current image: a distinct image id, made in seconds."""
+    controller as a child of the current image with one new layer of NEXT_LAYER_MIB random bytes:
+    a distinct image id, made in seconds, whose copy takes long enough to be caught in flight.
+    (A label-only child would ship no layer at all: a host holding the current image has them all.)"""
     cas = [*controller_ca_certificates(), self_signed_ca(tmp_path, "labfleet next image")]
     data = {**lab_data, "extra_ca_certificates": cas}
     current = image.image_tag(image.controller_settings(**{**lab_data, "extra_ca_certificates": cas[:-1]}))
     tag = image.image_tag(image.controller_settings(**data))
     assert tag != current
-    docker("build", "-q", "-t", tag, "-", input=f"FROM {current}\nLABEL org.labfleet.test.next=1\n",
+    recipe = (
+        f"FROM {current}\nLABEL org.labfleet.test.next=1\n"
+        f"RUN head -c {NEXT_LAYER_MIB}M /dev/urandom >/opt/labfleet-test-next.bin\n"
+    )
+    docker("build", "-q", "-t", tag, "-", input=recipe,
            env={**os.environ, "DOCKER_BUILDKIT": "0"}, timeout=300)  # fmt: skip
     image_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
     yield data, tag, image_id
@@ -295,13 +312,15 @@ def test_a_disk_too_small_for_the_next_image_keeps_the_running_one(make_hosts, p
     assert host_exec(host, "ls /var/tmp/labfleet-* 2>/dev/null; true").stdout.strip() == ""
     assert _healthy(host)["image"] == running["image"]
 
-    # 2. Room enough for the check, but the disk fills while `docker load` runs: the load
-    # fails, the tag does not move, the archive goes, and the old container keeps running.
+    # 2. Room enough for the check, but the disk fills while the new layer is on its way: the
+    # load fails, the tag does not move, the archive goes, and the old container keeps running.
+    # The disk is filled once the copy has begun (the archive appears in /var/tmp), so the load
+    # that follows it always meets a full disk, however fast it would have been.
     host_exec(host, "mount -o remount,size=3g /var/lib/docker")
     with tempfile.TemporaryDirectory(prefix="labfleet-fault-") as workdir:
         controller = Controller([host], data, Path(workdir))
         try:
-            wait_for_process(host, "[d]ocker load", controller, "docker load of the next image")
+            wait_for_file(host, "/var/tmp/labfleet-*", controller, "the copy of the next image")
             host_exec(host, "fallocate -l $(( $(df -B1 --output=avail /var/lib/docker | tail -n 1) - 4096 )) "
                             "/var/lib/docker/labfleet-test-filler || true")  # fmt: skip
             controller.wait(timeout=600)
