@@ -247,7 +247,14 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
             raise
         _write_index(path, index)
         partial.replace(path)
-        prune(path.parent, _engine_image_ids(), keep=path)
+        removed = prune(path.parent, _engine_image_ids(), keep=path)
+        if removed:
+            progress.report(
+                progress.controller_prefix(),
+                f"removed {len(removed)} file(s) of older image archives from build/images/ (kept: the "
+                f"{KEEP_ARCHIVES} most recently used images', and anything used in the last "
+                f"{PRUNE_GRACE // 3600} hours)",
+            )
     else:
         with contextlib.suppress(OSError):
             os.utime(path)  # used: the most recently used archives are the ones kept
@@ -289,7 +296,7 @@ def prune(directory: Path, engine_ids: set[str] | None, keep: Path, now: float |
     used = {key: max(mtime for _, mtime in entries) for key, entries in files.items()}
     kept = {_image_key(keep.name)}
     kept.update(sorted((key for key in used if key in present), key=lambda key: used[key])[-KEEP_ARCHIVES:])
-    removed = []
+    removed: list[Path] = []
     for key, entries in files.items():
         for path, mtime in entries:
             # A partial file that old is a dead deploy's: no save writes for that long.

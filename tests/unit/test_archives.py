@@ -6,6 +6,7 @@ import concurrent.futures
 import gzip
 import io
 import json
+import logging
 import os
 import tarfile
 
@@ -322,3 +323,34 @@ def test_a_reused_partial_archive_counts_as_used_for_the_pruning(tmp_path):
     os.utime(partial, (1_000_000, 1_000_000))
     assert archives.for_host(archive, engine).path == partial
     assert partial.stat().st_mtime > 1_000_000
+
+
+def test_a_new_archive_is_saved_then_the_cache_pruned_and_the_removal_reported(tmp_path, monkeypatch, caplog):
+    """A stand-in docker: `save` prints a small docker-save tar, `image ls` the engine's ids."""
+    layer_tar = tmp_path / "saved.tar"
+    with tarfile.open(layer_tar, "w") as tar:
+        for name, data in {"l1/layer.tar": b"L" * 100, "manifest.json": b'[{"Layers": ["l1/layer.tar"]}]'}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    new_id = "sha256:" + "1" * 64
+    (bin_dir / "docker").write_text(
+        f'#!/bin/sh\ncase "$1" in\n  save) cat {layer_tar};;\n  image) echo {new_id};;\nesac\n'
+    )
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cache = tmp_path / "images"
+    cache.mkdir()
+    gone = cache / ("2" * 16 + ".tar.gz")  # the archive of an image the engine no longer has
+    gone.write_bytes(b"old")
+    os.utime(gone, (1_000_000, 1_000_000))
+    monkeypatch.setattr(archives, "archive_path", lambda image_id: cache / (image_id[7:23] + ".tar.gz"))
+
+    with caplog.at_level(logging.INFO, logger="pyinfra"):
+        archive = archives._save("lab:1", new_id, {"Size": 100, "RootFS": {"Layers": ["sha256:l1"]}})
+
+    assert archive.path.exists() and not gone.exists()
+    assert archives._index(archive)["layers"] == ["l1/layer.tar"]
+    assert "removed 1 file(s) of older image archives from build/images/" in caplog.text
