@@ -247,7 +247,11 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
             raise
         _write_index(path, index)
         partial.replace(path)
-        removed = prune(path.parent, _engine_image_ids(), keep=path)
+        try:
+            removed = prune(path.parent, _engine_image_ids(), keep=path)
+        except OSError as error:  # a file of another user, say: the deploy has what it needs
+            progress.report(progress.controller_prefix(), f"could not remove older image archives: {error}")
+            removed = []
         if removed:
             progress.report(
                 progress.controller_prefix(),

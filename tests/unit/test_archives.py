@@ -325,8 +325,9 @@ def test_a_reused_partial_archive_counts_as_used_for_the_pruning(tmp_path):
     assert partial.stat().st_mtime > 1_000_000
 
 
-def test_a_new_archive_is_saved_then_the_cache_pruned_and_the_removal_reported(tmp_path, monkeypatch, caplog):
-    """A stand-in docker: `save` prints a small docker-save tar, `image ls` the engine's ids."""
+def _stand_in_save(tmp_path, monkeypatch):
+    """A stand-in docker: `save` prints a small docker-save tar, `image ls` the engine's one id;
+    the cache holds an old archive of an image the engine no longer has."""
     layer_tar = tmp_path / "saved.tar"
     with tarfile.open(layer_tar, "w") as tar:
         for name, data in {"l1/layer.tar": b"L" * 100, "manifest.json": b'[{"Layers": ["l1/layer.tar"]}]'}.items():
@@ -343,14 +344,30 @@ def test_a_new_archive_is_saved_then_the_cache_pruned_and_the_removal_reported(t
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cache = tmp_path / "images"
     cache.mkdir()
-    gone = cache / ("2" * 16 + ".tar.gz")  # the archive of an image the engine no longer has
+    gone = cache / ("2" * 16 + ".tar.gz")
     gone.write_bytes(b"old")
     os.utime(gone, (1_000_000, 1_000_000))
     monkeypatch.setattr(archives, "archive_path", lambda image_id: cache / (image_id[7:23] + ".tar.gz"))
+    return new_id, gone
 
+
+def test_a_new_archive_is_saved_then_the_cache_pruned_and_the_removal_reported(tmp_path, monkeypatch, caplog):
+    new_id, gone = _stand_in_save(tmp_path, monkeypatch)
     with caplog.at_level(logging.INFO, logger="pyinfra"):
         archive = archives._save("lab:1", new_id, {"Size": 100, "RootFS": {"Layers": ["sha256:l1"]}})
-
     assert archive.path.exists() and not gone.exists()
     assert archives._index(archive)["layers"] == ["l1/layer.tar"]
     assert "removed 1 file(s) of older image archives from build/images/" in caplog.text
+
+
+def test_a_prune_that_fails_does_not_fail_the_save(tmp_path, monkeypatch, caplog):
+    new_id, gone = _stand_in_save(tmp_path, monkeypatch)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(gone))
+
+    monkeypatch.setattr(archives, "prune", denied)
+    with caplog.at_level(logging.INFO, logger="pyinfra"):
+        archive = archives._save("lab:1", new_id, {"Size": 100, "RootFS": {"Layers": ["sha256:l1"]}})
+    assert archive.path.exists() and gone.exists()
+    assert f"could not remove older image archives: [Errno 13] Permission denied: '{gone}'" in caplog.text
