@@ -29,13 +29,12 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
 
-from labfleet import progress
+from labfleet import archive_cache, progress
 from labfleet.facts.image import EngineLayers
 from labfleet.planning import current_run
 from labfleet.settings import REPO_ROOT
@@ -51,12 +50,6 @@ FILL_MIN_ENGINE = 25
 # for layers of at least this part of that image (170 MB of the 8.4 GB pytorch image, seconds
 # on a LAN); smaller ones travel. Keeps a bump of any slice above torch's under 5% of the image.
 FILL_WORTH = 0.02
-# Each change under container/ is a new image and a new archive (4-5 GB for pytorch): after a
-# new whole archive is written, the cache keeps those of the KEEP_ARCHIVES most recently used
-# images the controller's engine still has, and whatever was written or used in the last
-# PRUNE_GRACE seconds (another deploy may be writing or copying it right now).
-KEEP_ARCHIVES = 4
-PRUNE_GRACE = 2 * 3600
 
 
 @dataclass(frozen=True)
@@ -248,7 +241,7 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
         _write_index(path, index)
         partial.replace(path)
         try:
-            removed = prune(path.parent, _engine_image_ids(), keep=path)
+            removed = archive_cache.prune(path.parent, archive_cache.engine_image_ids(), keep=path)
         except OSError as error:  # a file of another user, say: the deploy has what it needs
             progress.report(progress.controller_prefix(), f"could not remove older image archives: {error}")
             removed = []
@@ -256,58 +249,13 @@ def _save(ref: str, image_id: str, info: dict) -> Archive:
             progress.report(
                 progress.controller_prefix(),
                 f"removed {len(removed)} file(s) of older image archives from build/images/ (kept: the "
-                f"{KEEP_ARCHIVES} most recently used images', and anything used in the last "
-                f"{PRUNE_GRACE // 3600} hours)",
+                f"{archive_cache.KEEP_ARCHIVES} most recently used images', and anything used in the last "
+                f"{archive_cache.PRUNE_GRACE // 3600} hours)",
             )
     else:
         with contextlib.suppress(OSError):
             os.utime(path)  # used: the most recently used archives are the ones kept
     return Archive(ref, image_id, path, int(info["Size"]), tuple(info["RootFS"]["Layers"]))
-
-
-def _engine_image_ids() -> set[str] | None:
-    """Every image id in the controller's engine; None where the engine cannot be asked."""
-    result = subprocess.run(
-        ["docker", "image", "ls", "--all", "--quiet", "--no-trunc"], capture_output=True, text=True, check=False
-    )
-    return set(result.stdout.split()) if result.returncode == 0 else None
-
-
-def _image_key(name: str) -> str | None:
-    """The image id prefix a cache file belongs to (archive_path's 16 hex digits), None for a
-    file of another kind; a partial file (".<name>.<random>.partial") belongs to its target's."""
-    if name.startswith(".") and name.endswith(".partial"):
-        name = name[1:]
-    key = name.split(".", 1)[0].split("-", 1)[0]
-    return key if len(key) == 16 and all(c in "0123456789abcdef" for c in key) else None
-
-
-def prune(directory: Path, engine_ids: set[str] | None, keep: Path, now: float | None = None) -> list[Path]:
-    """Remove the cache files (whole and partial archives, indexes, leftover partial files) of
-    images the engine no longer has or that are not among the KEEP_ARCHIVES most recently used,
-    never keep's image nor a file touched in the last PRUNE_GRACE seconds. engine_ids None: the
-    engine could not be asked, nothing is removed. Returns what was removed."""
-    if engine_ids is None:
-        return []
-    now = time.time() if now is None else now
-    present = {image_id.removeprefix("sha256:")[:16] for image_id in engine_ids}
-    files: dict[str, list[tuple[Path, float]]] = {}
-    for path in directory.iterdir():
-        key = _image_key(path.name)
-        with contextlib.suppress(OSError):  # another deploy may remove or rename it meanwhile
-            if key is not None and path.is_file():
-                files.setdefault(key, []).append((path, path.stat().st_mtime))
-    used = {key: max(mtime for _, mtime in entries) for key, entries in files.items()}
-    kept = {_image_key(keep.name)}
-    kept.update(sorted((key for key in used if key in present), key=lambda key: used[key])[-KEEP_ARCHIVES:])
-    removed: list[Path] = []
-    for key, entries in files.items():
-        for path, mtime in entries:
-            # A partial file that old is a dead deploy's: no save writes for that long.
-            if now - mtime >= PRUNE_GRACE and (key not in kept or path.name.endswith(".partial")):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
 
 
 class _Tee:

@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from labfleet import archives
+from labfleet import archive_cache, archives
 from labfleet.facts.image import EngineLayers, parse_engine_layers
 
 # An image's diff ids and the chain ids Docker 20.10 keeps for them in its layer database
@@ -197,57 +197,6 @@ def test_deploys_writing_the_same_archive_at_once_all_get_it_whole(tmp_path):
     assert not list(tmp_path.glob("*partial*")), "a partial file was left behind"
 
 
-def _cache_file(directory, name: str, age: float, now: float) -> None:
-    path = directory / name
-    path.write_bytes(b"x")
-    os.utime(path, (now - age, now - age))
-
-
-def test_old_archives_are_pruned_after_a_new_one_is_written_but_not_ones_in_use(tmp_path):
-    now, hour = 1_000_000_000.0, 3600.0
-    ids = [f"{n:x}" * 16 for n in range(1, 9)]  # eight images, 1 the newest used, 8 the oldest
-    for n, key in enumerate(ids, start=1):
-        _cache_file(tmp_path, f"{key}.tar.zst", n * 3 * hour, now)
-        _cache_file(tmp_path, f"{key}.index.json", n * 3 * hour, now)
-        _cache_file(tmp_path, f"{key}-above-3.tar.zst", n * 3 * hour, now)
-    gone_from_engine = "a" * 16
-    _cache_file(tmp_path, f"{gone_from_engine}-gzip.tar.gz", 3 * hour, now)
-    # Another deploy writing the archive of an image that is not among the kept ones, right now.
-    writing = "b" * 16
-    _cache_file(tmp_path, f".{writing}.tar.zst.k2j3.partial", 60, now)
-    dead_partial = f".{ids[0]}-above-2.tar.zst.x8f1.partial"  # a killed deploy's, hours old
-    _cache_file(tmp_path, dead_partial, 5 * hour, now)
-    _cache_file(tmp_path, "README", 100 * hour, now)  # not the cache's: left alone
-    new = tmp_path / ("c" * 16 + ".tar.zst")
-    _cache_file(tmp_path, new.name, 0, now)
-    engine = {"sha256:" + key + "0" * 48 for key in [*ids, "c" * 16]}
-
-    removed = archives.prune(tmp_path, engine, keep=new, now=now)
-
-    left = sorted(path.name for path in tmp_path.iterdir())
-    # The new one and the 4 most recently used images the engine has, each with index and partials.
-    assert new.name in left
-    for key in ids[: archives.KEEP_ARCHIVES - 1]:
-        assert f"{key}.tar.zst" in left and f"{key}.index.json" in left and f"{key}-above-3.tar.zst" in left
-    for key in ids[archives.KEEP_ARCHIVES - 1 :]:
-        assert not [name for name in left if name.startswith(key)], left
-    assert f"{gone_from_engine}-gzip.tar.gz" not in left
-    assert f".{writing}.tar.zst.k2j3.partial" in left, "a partial another deploy is writing was removed"
-    assert dead_partial not in left and "README" in left
-    assert len(removed) == 3 * (len(ids) - archives.KEEP_ARCHIVES + 1) + 2
-    # Where the engine cannot be asked nothing goes.
-    assert archives.prune(tmp_path, None, keep=new, now=now + 100 * hour) == []
-
-
-def test_an_archive_used_within_the_grace_stays_even_beyond_the_count(tmp_path):
-    now = 1_000_000_000.0
-    ids = [f"{n:x}" * 16 for n in range(1, 8)]
-    for n, key in enumerate(ids):
-        _cache_file(tmp_path, f"{key}.tar.zst", n, now)  # all used in the last seconds
-    new = tmp_path / f"{ids[0]}.tar.zst"
-    assert archives.prune(tmp_path, {f"sha256:{key}" for key in ids}, keep=new, now=now) == []
-
-
 def test_a_failed_docker_save_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
     """A stand-in docker whose save fails at once (an image removed meanwhile, a full disk)."""
     bin_dir = tmp_path / "bin"
@@ -366,7 +315,7 @@ def test_a_prune_that_fails_does_not_fail_the_save(tmp_path, monkeypatch, caplog
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(gone))
 
-    monkeypatch.setattr(archives, "prune", denied)
+    monkeypatch.setattr(archive_cache, "prune", denied)
     with caplog.at_level(logging.INFO, logger="pyinfra"):
         archive = archives._save("lab:1", new_id, {"Size": 100, "RootFS": {"Layers": ["sha256:l1"]}})
     assert archive.path.exists() and gone.exists()
