@@ -45,8 +45,15 @@ CONFIG_DIR = "/etc/labfleet/dataset-s3"
 REMOTE = "bucket"
 # Beside the datasets, on their file system, so that moving a fetched file in is a rename.
 INCOMING = ".labfleet-incoming"
-# Given dest, staging and staged files: rename each file that has a counterpart in dest over it.
-REPLACE_IN_PLACE = 'd=$1; s=$2; shift 2; for f; do t="$d${f#"$s"}"; if [ -e "$t" ]; then mv -f -- "$f" "$t"; fi; done'
+# Given dest and staging, and staging's directories one per line on its input: each directory
+# made in dest, and the files staged in it renamed there by mv (rename(2): a file that replaces
+# one is renamed over it, so readers see the old file or the new one), one mv per directory.
+MOVE_INTO_PLACE = (
+    'set -e; d=$1; s=$2; while IFS= read -r x; do t="$d${x#"$s"}"; mkdir -p -- "$t"; '
+    'find "$x" -maxdepth 1 -type f -exec mv -f -t "$t" -- {} +; done'
+)
+# The most bytes of paths the fetch's list is written with from the command line (else listed again).
+INLINE_LIST_BYTES = 64 * 1024
 # The path of each object that a dry run would copy, from rclone's log (as
 # labfleet.facts.datasets.parse_rclone_dry_run reads it, for sed on the host).
 SKIPPED_COPY_SED = r"s|^[0-9/]* [0-9:]* NOTICE: \(.*\): Skipped copy as --dry-run is set (size [^)]*)$|\1|p"
@@ -189,17 +196,15 @@ def sync_bucket(
         run,
         "rm -f " + " ".join(shlex.quote(path) for path in (stamp, record) if path),
         f"install -d -m 0700 -o root -g root {shlex.quote(posixpath.dirname(staging))} {q_staging}",
-        # Listed again, not taken from the fact: the list can be far too long for a command line.
-        "run " + rclone(config, "copy", bucket, dest, "--dry-run"),
-        f'sed -n {shlex.quote(SKIPPED_COPY_SED)} "$log" > {q_list}',
+        *_copy_list(pending.get("copies"), config, bucket, dest, q_list),
         "run " + rclone(config, "sync", bucket, staging, "--files-from-raw", f"{staging}.list", "--delete-excluded"),
         f"find {q_staging} -type f -exec chown root:{shlex.quote(group)} {{}} + "
         f"-exec chmod {file_modes(dataset)} {{}} +",
-        # A file that replaces one in place is renamed over it by mv (rename(2): readers see the
-        # old file or the new one); rclone's move would delete the old one first. The new ones,
-        # and the directories they need, are rclone's.
-        f"find {q_staging} -type f -exec sh -c {shlex.quote(REPLACE_IN_PLACE)} sh {q_dest} {q_staging} {{}} +",
-        "run " + shlex.join(["rclone", "--config", config, "move", staging, dest, "--delete-empty-src-dirs"]),
+        # Renamed into place by mv, not `rclone move` (which would delete a replaced file before
+        # moving the new one, and costs an rclone start and a walk of both trees). A killed move
+        # leaves the rest staged: the next run's dry run lists them, and the staging fetch keeps them.
+        f"find {q_staging} -type d | sh -c {shlex.quote(MOVE_INTO_PLACE)} sh {q_dest} {q_staging}",
+        f"find {q_staging} -mindepth 1 -depth -type d -empty -delete",
         f"rm -f {q_list}",
     ]
     if dataset.prune:
@@ -215,6 +220,22 @@ def sync_bucket(
             f"rm -f {listed}",
         ]
     yield "; ".join(commands)
+
+
+def _copy_list(copies: list[str] | None, config: str, bucket: str, dest: str, q_list: str) -> list[str]:
+    """Commands that write the staging fetch's list: the dry run's copies, or a dry run again.
+
+    The fact's list is written out when it fits in a command line comfortably (the common
+    case: a few changed objects); a longer one is listed again on the host.
+    """
+    if copies is not None and sum(len(path) + 3 for path in copies) <= INLINE_LIST_BYTES:
+        if not copies:
+            return [f": > {q_list}"]
+        return [f"printf '%s\\n' {' '.join(shlex.quote(path) for path in copies)} > {q_list}"]
+    return [
+        "run " + rclone(config, "copy", bucket, dest, "--dry-run"),
+        f'sed -n {shlex.quote(SKIPPED_COPY_SED)} "$log" > {q_list}',
+    ]
 
 
 def config_paths(datasets: list[Dataset]) -> list[str]:

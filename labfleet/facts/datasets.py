@@ -109,9 +109,9 @@ class RcloneDryRun(FactBase):
 
     + command: an rclone copy or sync command line, without --dry-run
 
-    Returns ``{"rc": int, "changes": [paths to copy or delete], "error": str}``, error being
-    rclone's last error line ("" when none). The command never fails the fact: a bucket that
-    cannot be read is the caller's to report.
+    Returns ``{"rc": int, "changes": [paths to copy or delete], "copies": [paths to copy],
+    "error": str}``, error being rclone's last error line ("" when none). The command never
+    fails the fact: a bucket that cannot be read is the caller's to report.
     """
 
     def command(self, command: str) -> str:
@@ -127,7 +127,7 @@ def parse_rclone_dry_run(lines) -> dict:
     A file that only needs its time set (rclone found its bytes equal by hash) is not a change:
     its content is already the object's.
     """
-    rc, changes, error = 0, [], ""
+    rc, changes, copies, error = 0, [], [], ""
     for line in lines:
         if line.startswith("labfleet-rc="):
             rc = int(line.partition("=")[2] or 1)
@@ -135,9 +135,11 @@ def parse_rclone_dry_run(lines) -> dict:
         skipped = _RCLONE_SKIPPED.search(line)
         if skipped and skipped["action"] in ("copy", "delete"):
             changes.append(skipped["path"])
+            if skipped["action"] == "copy":
+                copies.append(skipped["path"])
         elif _RCLONE_ERROR.search(line):
             error = _RCLONE_PREFIX.sub("", line.strip())[:500]
-    return {"rc": rc, "changes": changes, "error": error}
+    return {"rc": rc, "changes": changes, "copies": copies, "error": error}
 
 
 # rclone's log lines: "2026/12/02 12:15:51 NOTICE: d0/f2.bin: Skipped copy as --dry-run is set (size 7)".

@@ -1,6 +1,7 @@
 """labfleet/datasets_s3.py and the s3: form of a dataset: settings, the rclone config, the dry run, the transfer."""
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -202,11 +203,13 @@ def test_the_dry_run_lists_copies_and_deletes_but_not_a_time_to_set():
     assert parse_rclone_dry_run(DRY_RUN.splitlines()) == {
         "rc": 0,
         "changes": ["d0/f2.bin", "big.bin", "new dir/n.bin", "d1/f1.bin"],
+        "copies": ["d0/f2.bin", "big.bin", "new dir/n.bin"],
         "error": "",
     }
     assert parse_rclone_dry_run(NO_BUCKET.splitlines()) == {
         "rc": 3,
         "changes": [],
+        "copies": [],
         "error": "Failed to copy: directory not found",
     }
     assert RcloneDryRun().command("rclone copy a b").startswith("rclone copy a b --dry-run 2>&1;")
@@ -253,22 +256,39 @@ def test_the_transfer_fetches_into_staging_renames_into_place_and_deletes_only_w
     fake_host_in(datasets_s3, {RcloneDryRun: parse_rclone_dry_run(DRY_RUN.splitlines())})
     (command,) = _sync(_dataset(raw, keys))
     assert SECRET not in command and "AKIAIOSFODNN7EXAMPLE" not in command
-    assert command.count("--config /etc/labfleet/dataset-s3/imagenet.conf") == 3
-    assert "copy bucket:lab-data/imagenet/train /srv/datasets/imagenet --dry-run" in command
+    # The fetch's list is the fact's copies (no second dry run), written where only root reads.
+    assert command.count("--config /etc/labfleet/dataset-s3/imagenet.conf") == 1 and "--dry-run" not in command
+    assert "printf '%s\\n' d0/f2.bin big.bin 'new dir/n.bin' > /srv/datasets/.labfleet-incoming/imagenet.list" in (
+        command
+    )
     assert (
         "sync bucket:lab-data/imagenet/train /srv/datasets/.labfleet-incoming/imagenet "
         "--files-from-raw /srv/datasets/.labfleet-incoming/imagenet.list --delete-excluded" in command
     )
     assert "chown root:labdata {} + -exec chmod u+rw,go+r,go-w {} +" in command
-    assert "move /srv/datasets/.labfleet-incoming/imagenet /srv/datasets/imagenet --delete-empty-src-dirs" in command
+    assert (
+        "find /srv/datasets/.labfleet-incoming/imagenet -type d | sh -c " in command
+        and " sh /srv/datasets/imagenet /srv/datasets/.labfleet-incoming/imagenet" in command
+    )
+    assert "find /srv/datasets/.labfleet-incoming/imagenet -mindepth 1 -depth -type d -empty -delete" in command
     assert "rm -f /var/lib/labfleet/datasets/imagenet.verified" in command
     # Without prune, what is deleted is in staging only: files not listed, and emptied directories.
-    assert "delete" not in command.replace("--delete-empty-src-dirs", "").replace("--delete-excluded", "")
+    rest = command.replace("--delete-excluded", "").replace("-type d -empty -delete", "")
+    assert "delete" not in rest
 
     (pruned,) = _sync(_dataset(raw, keys, prune=True, readonly=False))
     assert "chmod ug+rw,o+r,o-w" in pruned
     assert "--one-way --size-only --missing-on-dst /srv/datasets/.labfleet-incoming/imagenet.gone" in pruned
     assert "delete /srv/datasets/imagenet --files-from-raw /srv/datasets/.labfleet-incoming/imagenet.gone" in pruned
+
+
+def test_a_long_list_of_copies_is_listed_again_on_the_host(raw, keys, fake_host_in):
+    many = [f"d{n // 1000}/f{n:06d}.bin" for n in range(8000)]
+    fake_host_in(datasets_s3, {RcloneDryRun: {"rc": 0, "changes": many, "copies": many, "error": ""}})
+    (command,) = _sync(_dataset(raw, keys))
+    assert "f000001.bin" not in command and len(command) < 4096
+    assert "copy bucket:lab-data/imagenet/train /srv/datasets/imagenet --dry-run" in command
+    assert f'sed -n {shlex.quote(datasets_s3.SKIPPED_COPY_SED)} "$log" > ' in command
 
 
 def test_a_failed_transfer_fails_the_host_with_rclones_last_error(raw, keys, fake_host_in, tmp_path):
@@ -306,18 +326,31 @@ def test_a_failed_transfer_fails_the_host_with_rclones_last_error(raw, keys, fak
     assert list(dest.iterdir()) == [], "a failed fetch put something in place"
 
 
-def test_a_changed_file_is_renamed_over_the_old_one_and_new_files_are_left_to_rclone(tmp_path):
+def test_staged_files_are_renamed_into_place_and_a_killed_move_leaves_the_rest_staged(tmp_path):
     dest, staging = tmp_path / "imagenet", tmp_path / "incoming"
     for root, text in ((dest, "old"), (staging, "new")):
         (root / "a b").mkdir(parents=True)
         (root / "a b" / "x.bin").write_text(text)
-    (staging / "new dir").mkdir()
-    (staging / "new dir" / "n.bin").write_text("n")
+    (dest / "kept.bin").write_text("kept")
+    (staging / "new dir" / "deeper").mkdir(parents=True)
+    (staging / "new dir" / "deeper" / "n.bin").write_text("n")
+    (staging / "top.bin").write_text("t")
     staged = (staging / "a b" / "x.bin").stat().st_ino
-    replace = datasets_s3.REPLACE_IN_PLACE
-    subprocess.run(
-        ["find", staging, "-type", "f", "-exec", "sh", "-c", replace, "sh", dest, staging, "{}", "+"], check=True
-    )
+
+    def move(staging_root: Path) -> subprocess.CompletedProcess:
+        script = f"find {staging_root} -type d | sh -c '{datasets_s3.MOVE_INTO_PLACE}' sh {dest} {staging_root}"
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False)
+
+    # A move that fails half-way (a directory where a staged file must go) stops with mv's error;
+    # what it had not moved yet stays staged, what it moved is whole.
+    (dest / "top.bin").mkdir()
+    failed = move(staging)
+    assert failed.returncode != 0 and "top.bin" in failed.stderr
+    assert (staging / "top.bin").read_text() == "t"
+    (dest / "top.bin").rmdir()
+    assert move(staging).returncode == 0
     assert (dest / "a b" / "x.bin").read_text() == "new"
     assert (dest / "a b" / "x.bin").stat().st_ino == staged, "copied, not renamed"
-    assert sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()) == ["new dir/n.bin"]
+    assert (dest / "new dir" / "deeper" / "n.bin").read_text() == "n" and (dest / "top.bin").read_text() == "t"
+    assert (dest / "kept.bin").read_text() == "kept", "a file the bucket does not name was touched"
+    assert [p for p in staging.rglob("*") if p.is_file()] == []
