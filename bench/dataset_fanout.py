@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import datetime
 import hashlib
-import logging
 import os
 import statistics
 import tempfile
@@ -147,33 +146,12 @@ def star_against_tree(hosts, deploy: Path, scratch: Path, mb: int, rate: int, re
     return lines
 
 
-@contextlib.contextmanager
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield server.get_host_and_port()[1]
-    finally:
-        server.stop()
-
-
 def s3_against_rclone(hosts, deploy: Path, scratch: Path, sizes: list[int], repeat: int) -> list[str]:
-    import boto3
-
+    from tests.e2e.harness.s3 import moto_s3
     from tests.e2e.harness.tunnel import forward_to_host
 
     lines = []
-    with s3_server() as port, contextlib.ExitStack() as tunnels:
-        client = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
-            region_name="us-east-1",
-        )
+    with moto_s3(KEY_ID, SECRET) as (port, client), contextlib.ExitStack() as tunnels:
         client.create_bucket(Bucket=BUCKET)
         for host in hosts:
             endpoint = tunnels.enter_context(forward_to_host(host, port))

@@ -14,18 +14,16 @@ no mount of its own).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from .harness.hosts import host_exec
 from .harness.runner import REPO_ROOT, assert_converged, assert_no_changes, write_inventory
+from .harness.s3 import moto_s3
 from .harness.tunnel import forward_to_host
 from .test_datasets import DEPLOY, host_digests, inodes, stat, verify_status
 
@@ -49,23 +47,8 @@ def deploy(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 on the controller's loopback, on a free port; yields (port, boto3 client)."""
-    # One log line per request would bury a failure's report.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    # The controller's own CA settings are for the outside world; this endpoint is plain http.
-    client = boto3.client(
-        "s3",
-        endpoint_url=f"http://{host}:{port}",
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-        region_name="us-east-1",
-    )
-    try:
-        yield port, client
-    finally:
-        server.stop()
+    with moto_s3(KEY_ID, SECRET) as server:
+        yield server
 
 
 def fill_bucket(client) -> dict[str, bytes]:

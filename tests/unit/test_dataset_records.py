@@ -223,9 +223,9 @@ def test_only_an_equal_record_of_a_verified_sync_skips_the_sync(found, wanted, p
 # --- the step: what it plans from the batch -----------------------------------------------------
 
 
-def _plan_local(planning_host, monkeypatch, settings, records, paths):
-    """Plan the local: pushes of pc01 from these readings; returns the names of the operations planned."""
-    answers = {
+def _readings(records, paths) -> dict:
+    """The planning batch of a host whose datasets step has run before: these records and paths."""
+    return {
         DebPackages: {},
         GroupMembers: {"exists": True, "members": [], "accounts": []},
         PathStates: paths,
@@ -233,7 +233,11 @@ def _plan_local(planning_host, monkeypatch, settings, records, paths):
         Accounts: {},
         DatasetRecords: records,
     }
-    fake = planning_host(answers)
+
+
+def _plan_local(planning_host, monkeypatch, settings, records, paths):
+    """Plan the local: pushes of pc01 from these readings; returns the names of the operations planned."""
+    fake = planning_host(_readings(records, paths))
     planned = []
 
     def operation(**kwargs):
@@ -290,15 +294,7 @@ def test_a_push_after_a_recorded_sync_sends_only_what_changed(tmp_path, settings
     pushed = []
 
     def plan(records, paths):
-        answers = {
-            DebPackages: {},
-            GroupMembers: {"exists": True, "members": [], "accounts": []},
-            PathStates: paths,
-            DefaultAcls: {},
-            Accounts: {},
-            DatasetRecords: records,
-        }
-        fake = planning_host(answers)
+        fake = planning_host(_readings(records, paths))
 
         def operation(**kwargs):
             fake.meta.ops += 1
