@@ -73,6 +73,7 @@ BAD = [
     ("dataset_fanout", 0, "integer 1-64"),
     ("dataset_fanout", "2", "integer 1-64"),
     ("dataset_fanout", True, "integer 1-64"),
+    ("dataset_fanout", 65, "integer 1-64"),
     ("workspace_dir", "~/workspace", "absolute path"),
     ("workspace_dir", "/srv/{host}/ws", "{user}"),
     ("jupyter_user", "Alice", "user name"),
