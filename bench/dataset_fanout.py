@@ -1,9 +1,10 @@
 """Issue 19's fan-out and S3 goals: 6 hosts pulling one host: dataset (star against tree), and an
 s3: first sync against rclone sync by hand.
 
-    .venv/bin/python -m bench.dataset_fanout [--mb 64] [--rate-mbit 200] [--repeat 3] [--s3-mb 48,256]
+    ./run bench dataset_fanout [--mb 64] [--rate-mbit 200] [--repeat 3] [--s3-mb 48,256]
 
-(the test requirements' venv: the S3 part runs moto's server, as tests/e2e/test_datasets_s3.py.)
+(requirements-bench.txt has moto and boto3: the S3 part runs moto's server, as
+tests/e2e/test_datasets_s3.py does, through tests/e2e/harness/s3.py.)
 
 Starts 7 test hosts (tests/e2e/harness: root and Docker, like the e2e tests): one origin that
 the controller pushes a dataset to (untimed), and 6 pullers with ``host:<origin>:...``. Each
@@ -217,7 +218,7 @@ def write_section(lines: list[str]) -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
         SECTION[0],
-        f"## Fan-out and S3 (written by `python -m bench.dataset_fanout`, {when}, {info['cores']} cores,"
+        f"## Fan-out and S3 (written by `./run bench dataset_fanout`, {when}, {info['cores']} cores,"
         f" {info['memory_gib']} GiB, Docker {info['docker']})",
         "",
         "```",
