@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from .harness.command_log import CommandLog
 from .harness.engine import docker
 from .harness.hosts import host_exec
 from .harness.runner import REPO_ROOT, assert_converged, assert_no_changes, write_inventory
@@ -118,18 +119,9 @@ def stat(host, path: str) -> tuple[str, str, str]:
 
 
 # Every rsync the host runs, logged: the controller's push runs "sudo -n rsync --server" there.
-RSYNC_LOG = "/var/log/labfleet-test-rsync.log"
-# Installed once however often it runs (a second mv would make the wrapper exec itself).
-LOG_RSYNC = (
-    "{ test -e /usr/bin/rsync.real || { mv /usr/bin/rsync /usr/bin/rsync.real && printf '%s\\n' '#!/bin/sh' "
-    f"'echo \"$*\" >> {RSYNC_LOG}' 'exec /usr/bin/rsync.real \"$@\"' > /usr/bin/rsync "
-    f"&& chmod 755 /usr/bin/rsync; }}; }} && : > {RSYNC_LOG}"
-)
-
-
-def rsync_calls(host) -> list[str]:
-    """The rsync command lines the host ran since the last call (the log is emptied)."""
-    return host_exec(host, f"cat {RSYNC_LOG}; : > {RSYNC_LOG}").stdout.splitlines()
+RSYNC = CommandLog("rsync")
+RSYNC_LOG, LOG_RSYNC = RSYNC.log, RSYNC.install
+rsync_calls = RSYNC.calls
 
 
 def verify_status(hosts, data, pyinfra_run) -> dict[str, dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from .harness.command_log import CommandLog
 from .harness.hosts import host_exec
 from .harness.runner import REPO_ROOT, assert_converged, assert_no_changes, write_inventory
 from .harness.s3 import moto_s3
@@ -75,17 +76,8 @@ def digests(objects: dict[str, bytes]) -> dict[str, str]:
 
 
 # Every rclone the host runs, logged.
-RCLONE_LOG = "/var/log/labfleet-test-rclone.log"
-LOG_RCLONE = (
-    "mv /usr/bin/rclone /usr/bin/rclone.real && printf '%s\\n' '#!/bin/sh' "
-    f"'echo \" $*\" >> {RCLONE_LOG}' 'exec /usr/bin/rclone.real \"$@\"' > /usr/bin/rclone "
-    f"&& chmod 755 /usr/bin/rclone && : > {RCLONE_LOG}"
-)
-
-
-def rclone_calls(host) -> list[str]:
-    """The rclone command lines the host ran since the last call (the log is emptied)."""
-    return host_exec(host, f"cat {RCLONE_LOG}; : > {RCLONE_LOG}").stdout.splitlines()
+RCLONE = CommandLog("rclone")
+LOG_RCLONE, rclone_calls = RCLONE.install, RCLONE.calls
 
 
 STOP_THE_FETCH = r"""
