@@ -73,8 +73,7 @@ datasets_root = "/srv/datasets"
 datasets = {}
 # Group that owns datasets_root; jupyter users join it and may write in readonly: False datasets.
 datasets_group = "labdata"
-# How many hosts pull a host: dataset from this one at once; the rest pull from hosts that got
-# it already (a tree, not a star). None: every puller at once from the declared peer.
+# Hosts that pull a host: dataset from this one at once (the rest from earlier pullers); None: all.
 dataset_fanout = 2
 # How the other hosts reach this one for host: dataset pulls (IP or DNS name); None = its ssh_hostname.
 lan_address = None
