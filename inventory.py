@@ -11,6 +11,7 @@ ssh_user or jupyter_port. With no host listed, labfleet manages this machine (@l
 
 import os
 
+from labfleet.dataset_listing import list_datasets_ahead
 from labfleet.settings import check_inventory_groups
 
 # Lab workstations reached over SSH.
@@ -26,3 +27,5 @@ if not (workstations or gpu or registry):
 
 # pyinfra skips a group that is not a list without a word; stop with an error instead.
 check_inventory_groups(globals(), groups=("workstations", "gpu", "registry"))
+# The controller lists its local: datasets while pyinfra connects (labfleet/dataset_listing.py).
+list_datasets_ahead()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from labfleet import dataset_changes, dataset_records
+from labfleet import dataset_changes, dataset_walk
 
 TIME = 1_700_000_000_123_456_789
 
@@ -25,8 +25,8 @@ def _write(root, name: str, body: bytes) -> None:
 
 
 def _listed(src) -> str:
-    listing = dataset_records.tree_listing(str(src))
-    digest = dataset_records.tree_digest(str(src))
+    listing = dataset_walk.tree_listing(str(src))
+    digest = dataset_walk.tree_digest(str(src))
     dataset_changes.remember(str(src), digest, listing)
     return digest
 

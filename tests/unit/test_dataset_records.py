@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pyinfra.facts.deb import DebPackages
 
-from labfleet import dataset_records, datasets, planning
+from labfleet import dataset_records, dataset_walk, datasets, planning
 from labfleet.facts.datasets import DatasetRecords, DefaultAcls, SyncRecord, parse_record, render_record
 from labfleet.facts.system import Accounts, GroupMembers, PathStates
 
@@ -38,10 +38,10 @@ NAMES = ["a.bin", "d1/b.bin", "d1/s/c.bin", "d2/e f.bin"]
 def test_the_digest_does_not_depend_on_the_order_files_were_made(tmp_path):
     first = _tree(tmp_path / "one", NAMES)
     second = _tree(tmp_path / "two", list(reversed(NAMES)))
-    digest = dataset_records.tree_digest(str(first))
+    digest = dataset_walk.tree_digest(str(first))
     assert digest.startswith("sha256:") and len(digest) == 7 + 64
-    assert dataset_records.tree_digest(str(second)) == digest
-    assert dataset_records.tree_digest(str(first)) == digest
+    assert dataset_walk.tree_digest(str(second)) == digest
+    assert dataset_walk.tree_digest(str(first)) == digest
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_the_digest_does_not_depend_on_the_order_files_were_made(tmp_path):
 def test_the_digest_changes_with_what_a_sync_would_move(tmp_path, change):
     root = _tree(tmp_path / "src", NAMES)
     (root / "link").symlink_to("a.bin")
-    before = dataset_records.tree_digest(str(root))
+    before = dataset_walk.tree_digest(str(root))
     target = root / "d1" / "b.bin"
     if change == "size":
         target.write_bytes(b"longer than before")
@@ -83,15 +83,15 @@ def test_the_digest_changes_with_what_a_sync_would_move(tmp_path, change):
     elif change == "symlink target":
         (root / "link").unlink()
         (root / "link").symlink_to("d1/b.bin")
-    assert dataset_records.tree_digest(str(root)) != before, change
+    assert dataset_walk.tree_digest(str(root)) != before, change
 
 
 def test_the_digest_ignores_what_rsync_does_not_send_and_directory_times(tmp_path):
     root = _tree(tmp_path / "src", NAMES)
-    before = dataset_records.tree_digest(str(root))
+    before = dataset_walk.tree_digest(str(root))
     os.mkfifo(root / "d1" / "pipe")  # rsync skips special files without --specials
     os.utime(root / "d1", ns=(TIME + 5, TIME + 5))  # the syncs leave directory times alone
-    assert dataset_records.tree_digest(str(root)) == before
+    assert dataset_walk.tree_digest(str(root)) == before
 
 
 def test_find_and_the_python_walk_give_the_same_digest(tmp_path, monkeypatch):
@@ -101,16 +101,16 @@ def test_find_and_the_python_walk_give_the_same_digest(tmp_path, monkeypatch):
     os.mkfifo(root / "pipe")
     (root / "d2").chmod(0o2755)
     os.utime(root / "a.bin", ns=(TIME, 1_700_000_000_000_000_007))
-    found = dataset_records.tree_digest(str(root))
-    assert dataset_records._found(str(root)) is not None, "find did not list the tree here"
+    found = dataset_walk.tree_digest(str(root))
+    assert dataset_walk._found(str(root)) is not None, "find did not list the tree here"
 
     def no_find(*args, **kwargs):
         raise FileNotFoundError("find")
 
-    monkeypatch.setattr(dataset_records.subprocess, "run", no_find)
-    assert dataset_records.tree_digest(str(root)) == found
+    monkeypatch.setattr(dataset_walk.subprocess, "run", no_find)
+    assert dataset_walk.tree_digest(str(root)) == found
     with pytest.raises(OSError):
-        dataset_records.tree_digest(str(tmp_path / "gone"))
+        dataset_walk.tree_digest(str(tmp_path / "gone"))
 
 
 def test_an_unreadable_source_has_no_record_so_the_sync_runs_and_rsync_reports(tmp_path, planning_host):

@@ -34,6 +34,11 @@ _spec = _json.loads((_Path(__file__).parent / "lab_hosts.json").read_text())
 
 for _group, _names in _spec["groups"].items():
     globals()[_group] = [(name, _spec["hosts"][name]) for name in _names]
+
+# As the project's inventory.py does.
+from labfleet.dataset_listing import list_datasets_ahead  # noqa: E402
+
+list_datasets_ahead()
 '''
 
 
