@@ -41,7 +41,8 @@ from pathlib import Path
 
 from bench.dataset_fanout import SECTION
 from bench.run import BENCH, count_round_trips, lab_data, machine, run_deploy, start_hosts
-from labfleet.datasets import push_command, rsync_flags
+from labfleet.dataset_push import push_command
+from labfleet.dataset_rsync import rsync_flags
 from labfleet.model import datasets as parse_datasets
 from tests.e2e.harness.engine import ensure_engine
 from tests.e2e.harness.hosts import Fleet, generate_keypair, host_exec

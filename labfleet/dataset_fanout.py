@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pyinfra import host, logger
 from pyinfra.api import operation
 
-from labfleet import dataset_records, datasets, planning
+from labfleet import dataset_pull, dataset_records, dataset_rsync, dataset_state, planning
 from labfleet.facts.datasets import DatasetRecords, RecordState, SyncRecord
 from labfleet.planning import Read, unless_current
 from labfleet.settings import Dataset, Settings
@@ -148,7 +148,7 @@ def trees(all_settings: dict[str, Settings]) -> list[Tree]:
     for name in sorted(all_settings):
         for dataset in all_settings[name].datasets:
             if dataset.source.kind == "host":
-                peer, path = datasets.pulled_from(dataset)
+                peer, path = dataset_pull.pulled_from(dataset)
                 key = (peer, posixpath.normpath(path), dataset.prune)
                 sources.setdefault(key, []).append(Member(all_settings[name], dataset))
     found = []
@@ -187,7 +187,7 @@ def children_of(all_settings: dict[str, Settings], name: str) -> list[tuple[Sett
         mine = tree.member(name)
         if mine is None or not mine.puller.serves:
             continue
-        here = datasets.dataset_dir(mine.settings, mine.dataset)
+        here = dataset_state.dataset_dir(mine.settings, mine.dataset)
         found += [(m.settings, m.dataset, here) for m in tree.members if m.settings.host != name]
     return found
 
@@ -196,13 +196,13 @@ def children_of(all_settings: dict[str, Settings], name: str) -> list[tuple[Sett
 
 
 def record_path(dataset: Dataset) -> str:
-    return posixpath.join(datasets.STATE_DIR, f"{dataset.name}.pulled")
+    return posixpath.join(dataset_state.STATE_DIR, f"{dataset.name}.pulled")
 
 
 def reads(settings: Settings) -> dict[str, Read]:
     """The records of this host's verified pulls (and their manifest stamps), for the planning batch."""
     entries = tuple(
-        (d.name, record_path(d), datasets.stamp_path(d)) for d in settings.datasets if d.source.kind == "host"
+        (d.name, record_path(d), dataset_state.stamp_path(d)) for d in settings.datasets if d.source.kind == "host"
     )
     return {"pulled": Read(DatasetRecords, {"entries": entries})}
 
@@ -210,8 +210,8 @@ def reads(settings: Settings) -> dict[str, Read]:
 def wanted_record(settings: Settings, dataset: Dataset) -> SyncRecord:
     """What a verified pull of this source, with these settings, records."""
     source = dataset.source.text
-    dest = datasets.dataset_dir(settings, dataset)
-    flags = datasets.rsync_flags(dataset, settings.datasets_group)
+    dest = dataset_state.dataset_dir(settings, dataset)
+    flags = dataset_rsync.rsync_flags(dataset, settings.datasets_group)
     return SyncRecord(
         source="sha256:" + hashlib.sha256(source.encode()).hexdigest(),
         settings=dataset_records.settings_digest(source, dest, flags, dataset.manifest),
@@ -275,21 +275,21 @@ class Pull:
 
 
 def plan_pull(settings: Settings, all_settings: dict[str, Settings], dataset: Dataset) -> Pull:
-    peer, path = datasets.pulled_from(dataset)
-    dest = datasets.dataset_dir(settings, dataset)
-    flags = datasets.rsync_flags(dataset, settings.datasets_group)
+    peer, path = dataset_pull.pulled_from(dataset)
+    dest = dataset_state.dataset_dir(settings, dataset)
+    flags = dataset_rsync.rsync_flags(dataset, settings.datasets_group)
     tree = tree_of(all_settings, settings.host, dataset)
     paths = {peer: path}
     if tree is not None:
         for other in tree.members:
             if other.puller.serves and other.settings.host != settings.host:
-                paths[other.settings.host] = datasets.dataset_dir(other.settings, other.dataset)
-    key = datasets.pull_key_path(dataset)
+                paths[other.settings.host] = dataset_state.dataset_dir(other.settings, other.dataset)
+    key = dataset_pull.pull_key_path(dataset)
     commands = {
-        parent: datasets.pull_command(all_settings[parent], there, dest, key, datasets.KNOWN_HOSTS, flags)
+        parent: dataset_pull.pull_command(all_settings[parent], there, dest, key, dataset_pull.KNOWN_HOSTS, flags)
         for parent, there in paths.items()
     }
-    forget = (datasets.stamp_path(dataset), record_path(dataset)) if tree else (datasets.stamp_path(dataset),)
+    forget = (dataset_state.stamp_path(dataset), record_path(dataset)) if tree else (dataset_state.stamp_path(dataset),)
     return Pull(dataset.name, peer, dest, commands, paths, forget, tree)
 
 
@@ -320,7 +320,7 @@ def pull_wave(wave: int, pulls: list[Pull]):
         return
     for parent, there, *_ in chosen:
         host.log_styled(f"wave {wave}: pulling {parent}:{there}", log_func=logger.info)
-    yield from datasets.pull_datasets._inner(pulls=chosen)
+    yield from dataset_pull.pull_datasets._inner(pulls=chosen)
 
 
 def pull_in_waves(settings: Settings, all_settings: dict[str, Settings], depth: int, mine: list[Dataset]) -> None:
@@ -355,4 +355,4 @@ def record_pull(settings: Settings, all_settings: dict[str, Settings], dataset: 
 
 def _depth(all_settings: dict[str, Settings], tree: Tree) -> int:
     first = tree.members[0]
-    return datasets.pull_depth(all_settings, first.settings.host, first.dataset)
+    return dataset_pull.pull_depth(all_settings, first.settings.host, first.dataset)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pyinfra import host
 from pyinfra.operations import files
 
-from labfleet import dataset_records, datasets, datasets_s3, planning
+from labfleet import dataset_pull, dataset_records, dataset_rsync, dataset_state, datasets_s3, planning
 from labfleet.facts.datasets import BucketListing, SyncRecord, render_record
 from labfleet.facts.system import path_is
 from labfleet.planning import unless_current
@@ -90,12 +90,12 @@ def bucket_listing(all_settings: dict[str, Settings], dataset: Dataset) -> str |
 
 def _upstream_of(all_settings: dict[str, Settings], dataset: Dataset) -> tuple[str, Dataset] | None:
     """The peer and its dataset that a host: dataset pulls, when the path is one of the peer's datasets."""
-    peer, path = datasets.pulled_from(dataset)
+    peer, path = dataset_pull.pulled_from(dataset)
     if peer not in all_settings or not _in_this_run(peer):
         return None
     peer_settings = all_settings[peer]
     for upstream in peer_settings.datasets:
-        if posixpath.normpath(datasets.dataset_dir(peer_settings, upstream)) == posixpath.normpath(path):
+        if posixpath.normpath(dataset_state.dataset_dir(peer_settings, upstream)) == posixpath.normpath(path):
             return peer, upstream
     return None
 
@@ -105,15 +105,15 @@ def wanted(all_settings: dict[str, Settings], host_name: str, dataset: Dataset) 
 
     local: the controller's walk (dataset_records.wanted_record); s3: the bucket's listing;
     host: the peer's own wanted record, named with the peer. Loops are refused before
-    (datasets.pull_depth), so following peers ends.
+    (dataset_pull.pull_depth), so following peers ends.
     """
     settings = all_settings[host_name]
-    dest = datasets.dataset_dir(settings, dataset)
+    dest = dataset_state.dataset_dir(settings, dataset)
     group = settings.datasets_group
     manifest = dataset_records.VERIFIED if dataset.manifest else dataset_records.NO_MANIFEST
     kind = dataset.source.kind
     if kind == "local":
-        flags = datasets.rsync_flags(dataset, group)
+        flags = dataset_rsync.rsync_flags(dataset, group)
         return dataset_records.wanted_record(str(dataset.source.path), dest, flags, dataset.manifest)
     if kind == "s3":
         listing = bucket_listing(all_settings, dataset)
@@ -128,7 +128,7 @@ def wanted(all_settings: dict[str, Settings], host_name: str, dataset: Dataset) 
         if upstream is None or theirs is None:
             return None
         named = f"host {upstream[0]} dataset {upstream[1].name}\n{render_record(theirs)}"
-        flags = datasets.rsync_flags(dataset, group)
+        flags = dataset_rsync.rsync_flags(dataset, group)
         return SyncRecord(
             source="sha256:" + hashlib.sha256(named.encode()).hexdigest(),
             settings=dataset_records.settings_digest(dataset.source.text, dest, flags, dataset.manifest),
@@ -152,8 +152,8 @@ def later(all_settings: dict[str, Settings], host_name: str, dataset: Dataset) -
 
 def is_current(settings: Settings, all_settings: dict[str, Settings], dataset: Dataset) -> bool:
     """Whether this host's copy needs no sync: its record (read in the planning batch) equals wanted()."""
-    found = planning.read(datasets.reads(settings))
-    present = path_is(found["paths"], datasets.dataset_dir(settings, dataset), "directory")
+    found = planning.read(dataset_state.reads(settings))
+    present = path_is(found["paths"], dataset_state.dataset_dir(settings, dataset), "directory")
     return dataset_records.is_current(
         found["records"].get(dataset.name), wanted(all_settings, settings.host, dataset), present
     )
@@ -162,9 +162,9 @@ def is_current(settings: Settings, all_settings: dict[str, Settings], dataset: D
 def forget_records(settings: Settings, due: list[Dataset]) -> None:
     """Remove the records of the host: datasets about to be pulled, before the pull moves anything:
     a pull that fails half-way must leave no record that a later run could find equal."""
-    found = planning.read(datasets.reads(settings))["records"]
+    found = planning.read(dataset_state.reads(settings))["records"]
     for dataset in due:
-        record = dataset_records.record_path(datasets.STATE_DIR, dataset.name)
+        record = dataset_records.record_path(dataset_state.STATE_DIR, dataset.name)
         unless_current(
             files.file,
             current=(found.get(dataset.name) or {}).get("record") is None,
@@ -178,12 +178,12 @@ def verify_and_record(settings: Settings, all_settings: dict[str, Settings], dat
     """After a sync of this round: the manifest check, then the record; neither planned when current."""
     if dataset.manifest:
         unless_current(
-            datasets.verify_manifest,
+            dataset_state.verify_manifest,
             current=current,
             name=f"Verify dataset {dataset.name} against {dataset.manifest}",
-            directory=datasets.dataset_dir(settings, dataset),
+            directory=dataset_state.dataset_dir(settings, dataset),
             manifest=dataset.manifest,
-            stamp=datasets.stamp_path(dataset),
+            stamp=dataset_state.stamp_path(dataset),
             label=f"dataset {dataset.name}",
         )
     if not recordable(all_settings, settings.host, dataset):
@@ -192,6 +192,6 @@ def verify_and_record(settings: Settings, all_settings: dict[str, Settings], dat
         dataset_records.record_sync,
         current=current,
         name=f"Record the verified sync of dataset {dataset.name}",
-        path=dataset_records.record_path(datasets.STATE_DIR, dataset.name),
+        path=dataset_records.record_path(dataset_state.STATE_DIR, dataset.name),
         record=later(all_settings, settings.host, dataset),
     )

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 from pyinfra import host
 
-from labfleet import dataset_records, datasets, datasets_s3
+from labfleet import dataset_pull, dataset_push, dataset_records, dataset_rsync, dataset_state, datasets_s3
 from labfleet.facts.datasets import RcloneCheck, RsyncDryRun
 from labfleet.planning import Read
 from labfleet.settings import Dataset, Settings
@@ -38,27 +38,27 @@ def wanted() -> bool:
 
 
 def _flags(settings: Settings, dataset: Dataset) -> list[str]:
-    return [*datasets.rsync_flags(dataset, settings.datasets_group), "--checksum"]
+    return [*dataset_rsync.rsync_flags(dataset, settings.datasets_group), "--checksum"]
 
 
 def reads(settings: Settings) -> dict[str, Read]:
     """The host's side of the comparison: a checksum dry run of each host: pull, by ``verify <name>``."""
     if not wanted():
         return {}
-    all_settings = datasets._all_settings()
+    all_settings = dataset_state._all_settings()
     out = {}
     for dataset in settings.datasets:
         if dataset.source.kind == "s3":
             out[f"verify {dataset.name}"] = _s3_check(settings, dataset)
         if dataset.source.kind != "host":
             continue
-        peer, path = datasets.pulled_from(dataset)
-        command = datasets.pull_command(
+        peer, path = dataset_pull.pulled_from(dataset)
+        command = dataset_pull.pull_command(
             all_settings[peer],
             path,
-            datasets.dataset_dir(settings, dataset),
-            datasets.pull_key_path(dataset),
-            datasets.KNOWN_HOSTS,
+            dataset_state.dataset_dir(settings, dataset),
+            dataset_pull.pull_key_path(dataset),
+            dataset_pull.KNOWN_HOSTS,
             _flags(settings, dataset),
         )
         out[f"verify {dataset.name}"] = Read(RsyncDryRun, {"command": command})
@@ -67,7 +67,7 @@ def reads(settings: Settings) -> dict[str, Read]:
 
 def _s3_check(settings: Settings, dataset: Dataset) -> Read:
     """rclone check of the bucket against the host's copy, on the host: sizes and MD5s (every local byte)."""
-    dest = datasets.dataset_dir(settings, dataset)
+    dest = dataset_state.dataset_dir(settings, dataset)
     args = ["check", datasets_s3.remote(dataset.source), dest]
     if not dataset.prune:
         args.append("--one-way")
@@ -79,7 +79,7 @@ def describe(source: str, dry_run: Mapping) -> str | None:
     if dry_run["rc"] != 0:
         return (
             f"could not be compared with {source} ({dry_run.get('tool', 'rsync')} exit {dry_run['rc']}): "
-            f"{datasets.one_line(list(dry_run['errors']), 300)}"
+            f"{dataset_rsync.one_line(list(dry_run['errors']), 300)}"
         )
     paths = dry_run.get("paths") or [line[12:].strip() for line in dry_run["changes"]]
     if not paths:
@@ -97,15 +97,15 @@ def differences(settings: Settings, found: Mapping) -> dict[str, str]:
         return {}
     out = {}
     for dataset in settings.datasets:
-        dest = datasets.dataset_dir(settings, dataset)
+        dest = dataset_state.dataset_dir(settings, dataset)
         if dataset.source.kind == "local":
-            dry_run = datasets.push_dry_run(
+            dry_run = dataset_push.push_dry_run(
                 host.data,
                 host.name,
                 str(dataset.source.path),
                 dest,
                 _flags(settings, dataset),
-                datasets.host_sudo(host.data),
+                dataset_push.host_sudo(host.data),
             )
         elif dataset.source.kind == "host":
             dry_run = found[f"verify {dataset.name}"]
@@ -119,7 +119,7 @@ def differences(settings: Settings, found: Mapping) -> dict[str, str]:
             continue
         # Every compared kind skips a sync whose record matches its source (labfleet.dataset_upstream).
         if dry_run["rc"] == 0:
-            record = dataset_records.record_path(datasets.STATE_DIR, dataset.name)
+            record = dataset_records.record_path(dataset_state.STATE_DIR, dataset.name)
             why += (
                 f"; a deploy does not redo a sync it recorded: remove those files and {record} on {settings.host}, "
                 "then deploy"

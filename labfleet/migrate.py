@@ -2,7 +2,7 @@
 
 ``migrate_from = "pc03.lab"`` on the new PC. For every jupyter user that both PCs have, the new
 PC pulls the user's workspace and home (the old PC's own workspace_dir and home_dir) straight
-from the old PC with rsync, over the same narrow trust as ``host:`` datasets (labfleet.datasets):
+from the old PC with rsync, over the same narrow trust as ``host:`` datasets (labfleet.dataset_pull):
 a key per user and directory made on the new PC, accepted by the old PC's sync account only from
 the new PC's address and only for a read-only rrsync of that one directory. The files never pass
 through the controller. The sync account cannot read a user's files, so the forced command runs
@@ -44,7 +44,19 @@ from pyinfra.api import operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from labfleet import apt, compose, datasets, image, migrate_sudo, planning, preflight, snapshot_files, updates
+from labfleet import (
+    apt,
+    compose,
+    dataset_pull,
+    dataset_rsync,
+    dataset_state,
+    image,
+    migrate_sudo,
+    planning,
+    preflight,
+    snapshot_files,
+    updates,
+)
 from labfleet.facts.jupyter import ComposeService
 from labfleet.facts.migrate import MarkerFact, MigrationPending, PendingPull
 from labfleet.facts.system import PathState, PathStates, PublicKeyFile, path_is
@@ -56,7 +68,7 @@ from labfleet.settings import JupyterUser, Settings, for_host
 # In each project directory of the old PC, written at the cut-over: "<new host> at <UTC time>".
 MARKER = "migrated-to"
 # The new PC's keys (one per user and directory) and the old PCs' host keys.
-KEY_DIR = f"{datasets.PULL_DIR}/migrate"
+KEY_DIR = f"{dataset_pull.PULL_DIR}/migrate"
 KNOWN_HOSTS = f"{KEY_DIR}/known_hosts"
 # On the new PC, per user, once the final pass is done: the old PC's name.
 STATE_DIR = "/var/lib/labfleet/migrate"
@@ -85,7 +97,7 @@ class Pull:
     def comment(self) -> str:
         # The datasets' tag: both kinds of lines live in one authorized_keys, and each keeps
         # the other's. "/" is never in a dataset name, so the tags cannot meet.
-        return f"{datasets.KEY_TAG}:migrate/{self.user}/{self.kind}@{self.puller}"
+        return f"{dataset_pull.KEY_TAG}:migrate/{self.user}/{self.kind}@{self.puller}"
 
     @property
     def label(self) -> str:
@@ -166,7 +178,7 @@ def rsync_flags(pull: Pull) -> list[str]:
 def pull_command(pull: Pull, all_settings: dict[str, Settings]) -> str:
     """The new PC's rsync command line. The group is the account's primary group, looked up by
     name on the new PC when the command runs (``id -gn``), like the owner."""
-    command = datasets.pull_command(
+    command = dataset_pull.pull_command(
         all_settings[pull.old], pull.source, pull.dest, pull.key, KNOWN_HOSTS, rsync_flags(pull)
     )
     user = shlex.quote(pull.user)
@@ -193,7 +205,7 @@ def reads(settings: Settings) -> dict[str, Read]:
     paths = [migrate_sudo.SUDOERS]
     if mine:
         paths += [KNOWN_HOSTS, *(f"{pull.key}.pub" for pull in mine)]
-        found["packages"] = datasets.reads(settings)["packages"]
+        found["packages"] = dataset_state.reads(settings)["packages"]
         old_failed = _failed(mine[0].old)
         for pull in mine:
             # An old PC that failed to connect is not asked: only the stamp is read.
@@ -202,7 +214,7 @@ def reads(settings: Settings) -> dict[str, Read]:
                 MigrationPending, {"command": command, "stamp": stamp_path(pull.user), "old": pull.old}
             )
     if serving:
-        found["authorized"] = Read(FileContents, {"path": f"{datasets.SYNC_SSH_DIR}/authorized_keys"})
+        found["authorized"] = Read(FileContents, {"path": f"{dataset_pull.SYNC_SSH_DIR}/authorized_keys"})
     found["paths"] = Read(PathStates, {"paths": tuple(paths), "digests": (migrate_sudo.SUDOERS,)})
     return found
 
@@ -310,7 +322,7 @@ def cut_over_refusal(new: str, user: str, old: str, marker: str | None, busy_rea
 
 def pull_failure(new: str, pull: Pull, rc: int, errors: list[str]) -> str:
     return (
-        f"host {new}: cannot pull {pull.label} (rsync exit {rc}): {datasets.one_line(errors)}; "
+        f"host {new}: cannot pull {pull.label} (rsync exit {rc}): {dataset_rsync.one_line(errors)}; "
         f"check that {pull.old} is up and that {new} reaches it (lan_address / lan_ssh_port of {pull.old}), "
         "then run again: what arrived is whole and is not sent twice"
     )
@@ -430,11 +442,11 @@ def _authorized_current(state: MigrateState, serving: list[Pull], all_settings: 
         its = [pull for pull in all_its if state.markers.get(pull.user) != puller]
         if not its:
             continue
-        address = datasets._source_address(all_settings[puller])
+        address = dataset_pull._source_address(all_settings[puller])
         for pull, key in zip(its, _puller_keys(puller, [p.key for p in its]), strict=True):
             if key is None:
                 continue
-            wanted = datasets.authorized_key_line(key, pull.source, address, RRSYNC["path"], pull.user)
+            wanted = dataset_pull.authorized_key_line(key, pull.source, address, RRSYNC["path"], pull.user)
             if wanted not in lines:
                 return False
     return True
@@ -478,14 +490,14 @@ def pull_user_files(settings: Settings):
             packages=tools,
         )
         unless_current(
-            datasets.ensure_pull_keys,
+            dataset_pull.ensure_pull_keys,
             current=all(f"{pull.key}.pub" in state.paths for pull in mine),
             name="Make the keys that pull users' files from the old PC",
             keys=[(pull.key, pull.comment) for pull in mine],
         )
         reachable = all(state.pending[(p.user, p.kind)]["rc"] == 0 for p in mine)
         unless_current(
-            datasets.trust_peer_host_keys,
+            dataset_pull.trust_peer_host_keys,
             current=KNOWN_HOSTS in state.paths and reachable,
             name="Trust the host key of the old PC",
             path=KNOWN_HOSTS,
@@ -513,12 +525,13 @@ def pull_user_files(settings: Settings):
     # 2. The old PC: the new PCs' keys, then the cut-over (each container stopped and marked).
     if serving:
         unless_current(
-            datasets.authorize_pullers,
+            dataset_pull.authorize_pullers,
             current=_authorized_current(state, serving, all_settings),
             name="Let the new PCs pull users' files from this host, read-only",
-            path=f"{datasets.SYNC_SSH_DIR}/authorized_keys",
+            path=f"{dataset_pull.SYNC_SSH_DIR}/authorized_keys",
             pullers=[
-                (p.puller, p.key, p.source, datasets._source_address(all_settings[p.puller]), p.user) for p in serving
+                (p.puller, p.key, p.source, dataset_pull._source_address(all_settings[p.puller]), p.user)
+                for p in serving
             ],
         )
     tag = image.image_tag(settings)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pyinfra.api import operation
 
-from labfleet import datasets
+from labfleet import dataset_pull
 from labfleet.platform import RRSYNC
 
 if TYPE_CHECKING:
@@ -36,10 +36,10 @@ def sudoers_text(served_pulls: list[Pull]) -> str:
     lines = [
         "# Written by labfleet (labfleet/migrate_sudo.py): peers that migrate users' files read them as their owner,",
         "# through a forced read-only rrsync of one directory each; this file goes once no host migrates from here.",
-        f'Defaults:{datasets.SYNC_USER} env_keep += "SSH_ORIGINAL_COMMAND"',
+        f'Defaults:{dataset_pull.SYNC_USER} env_keep += "SSH_ORIGINAL_COMMAND"',
     ]
     for user, commands in by_user.items():
-        lines.append(f"{datasets.SYNC_USER} ALL=({user}) NOPASSWD: {', '.join(commands)}")
+        lines.append(f"{dataset_pull.SYNC_USER} ALL=({user}) NOPASSWD: {', '.join(commands)}")
     return "\n".join(lines) + "\n"
 
 

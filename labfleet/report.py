@@ -37,7 +37,6 @@ from labfleet import (
     backup,
     compose,
     dataset_verify,
-    datasets,
     gpu_usage,
     image,
     migrate,
@@ -47,6 +46,7 @@ from labfleet import (
     shipping,
     updates,
 )
+from labfleet.dataset_state import dataset_dir, stamp_path
 from labfleet.facts.backup import BackupSummary
 from labfleet.facts.docker import DockerEngineStatus
 from labfleet.facts.gpu_usage import GpuUsage
@@ -74,10 +74,10 @@ DATASET_OK = ("ok", "present", "mounted")
 def _dataset_entries(settings: Settings) -> tuple:
     entries = []
     for dataset in settings.datasets:
-        directory = datasets.dataset_dir(settings, dataset)
+        directory = dataset_dir(settings, dataset)
         manifest = f"{directory}/{dataset.manifest}" if dataset.manifest else ""
         mount = dataset.source.kind == "nfs"
-        entries.append((dataset.name, directory, manifest, datasets.stamp_path(dataset), mount))
+        entries.append((dataset.name, directory, manifest, stamp_path(dataset), mount))
     return tuple(entries)
 
 

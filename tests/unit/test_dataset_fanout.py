@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from labfleet import dataset_fanout, datasets, planning
+from labfleet import dataset_fanout, dataset_pull, planning
 from labfleet.dataset_fanout import Puller, plan_tree
 from labfleet.facts.datasets import RsyncDryRun
 from labfleet.settings import build
@@ -177,7 +177,7 @@ def test_a_host_with_a_record_of_a_verified_pull_holds_a_copy(raw):
 
 
 def _wave_host(fake_host_in, monkeypatch, failed=()):
-    fake = fake_host_in(datasets, {RsyncDryRun: {"rc": 0, "changes": ["x"], "errors": []}})
+    fake = fake_host_in(dataset_pull, {RsyncDryRun: {"rc": 0, "changes": ["x"], "errors": []}})
     monkeypatch.setattr(dataset_fanout, "host", fake)
     fake.logs = []
     fake.log_styled = lambda message, **kwargs: fake.logs.append(message)

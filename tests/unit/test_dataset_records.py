@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pyinfra.facts.deb import DebPackages
 
-from labfleet import dataset_records, dataset_walk, datasets, planning
+from labfleet import dataset_pull, dataset_push, dataset_records, dataset_rsync, dataset_state, dataset_walk, planning
 from labfleet.facts.datasets import DatasetRecords, DefaultAcls, SyncRecord, parse_record, render_record
 from labfleet.facts.system import Accounts, GroupMembers, PathStates
 
@@ -244,10 +244,11 @@ def _plan_local(planning_host, monkeypatch, settings, records, paths):
         fake.meta.ops += 1
         planned.append(kwargs["name"])
 
-    monkeypatch.setattr(datasets, "serves_peers", lambda name: False)
-    for module, name in ((datasets, "push_datasets"), (datasets, "verify_manifest"), (dataset_records, "record_sync")):
+    monkeypatch.setattr(dataset_pull, "serves_peers", lambda name: False)
+    patched = ((dataset_push, "push_datasets"), (dataset_push, "verify_manifest"), (dataset_records, "record_sync"))
+    for module, name in patched:
         monkeypatch.setattr(module, name, operation)
-    datasets._bring_in_local(settings, [d for d in settings.datasets if d.source.kind == "local"])
+    dataset_push._bring_in_local(settings, [d for d in settings.datasets if d.source.kind == "local"])
     return planned, fake
 
 
@@ -255,8 +256,8 @@ def test_the_step_plans_no_push_for_a_dataset_whose_record_matches(tmp_path, set
     source = _tree(tmp_path / "train", [*NAMES, "SHA256SUMS"])
     host_settings = settings(datasets={"train": {"source": f"local:{source}", "manifest": "SHA256SUMS"}})
     (dataset,) = host_settings.datasets
-    dest = datasets.dataset_dir(host_settings, dataset)
-    flags = datasets.rsync_flags(dataset, host_settings.datasets_group)
+    dest = dataset_state.dataset_dir(host_settings, dataset)
+    flags = dataset_rsync.rsync_flags(dataset, host_settings.datasets_group)
     planning_host({})
     wanted = dataset_records.wanted_record(str(source), dest, flags, "SHA256SUMS")
     assert wanted is not None
@@ -284,8 +285,8 @@ def test_a_push_after_a_recorded_sync_sends_only_what_changed(tmp_path, settings
     source = _tree(tmp_path / "train", NAMES)
     host_settings = settings(datasets={"train": f"local:{source}"})
     (dataset,) = host_settings.datasets
-    dest = datasets.dataset_dir(host_settings, dataset)
-    flags = datasets.rsync_flags(dataset, host_settings.datasets_group)
+    dest = dataset_state.dataset_dir(host_settings, dataset)
+    flags = dataset_rsync.rsync_flags(dataset, host_settings.datasets_group)
     planning_host({})
     recorded = dataset_records.wanted_record(str(source), dest, flags, None)
     assert recorded is not None
@@ -300,10 +301,10 @@ def test_a_push_after_a_recorded_sync_sends_only_what_changed(tmp_path, settings
             fake.meta.ops += 1
             pushed.extend(kwargs.get("pushes", []))
 
-        monkeypatch.setattr(datasets, "serves_peers", lambda name: False)
-        monkeypatch.setattr(datasets, "push_datasets", operation)
+        monkeypatch.setattr(dataset_pull, "serves_peers", lambda name: False)
+        monkeypatch.setattr(dataset_push, "push_datasets", operation)
         monkeypatch.setattr(dataset_records, "record_sync", operation)
-        datasets._bring_in_local(host_settings, list(host_settings.datasets))
+        dataset_push._bring_in_local(host_settings, list(host_settings.datasets))
         return pushed.pop()[-1]
 
     assert plan({"train": {"record": recorded, "stamp": None}}, present) == b"d1/b.bin\0"

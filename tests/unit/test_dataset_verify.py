@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from test_report import fleet, row
 
-from labfleet import dataset_verify, datasets, report
+from labfleet import dataset_push, dataset_state, dataset_verify, report
 from labfleet.facts.datasets import RcloneCheck, RsyncDryRun, parse_rclone_check
 
 
@@ -38,7 +38,7 @@ def two_hosts(raw, tmp_path, monkeypatch):
         {**raw, "lan_address": "10.0.0.2", "datasets": {"train": {"source": f"local:{source}", "prune": True}}},
     )
     pc03 = build("pc03", {**raw, "datasets": {"ref": "host:pc02:/srv/datasets/train"}})
-    monkeypatch.setattr(datasets, "_all_settings", lambda: {"pc01": pc01, "pc02": pc02, "pc03": pc03})
+    monkeypatch.setattr(dataset_state, "_all_settings", lambda: {"pc01": pc01, "pc02": pc02, "pc03": pc03})
     return pc01, pc02, pc03
 
 
@@ -74,7 +74,7 @@ def test_a_push_is_compared_by_checksum_from_the_controller(two_hosts, monkeypat
         ran.append(argv)
         return subprocess.CompletedProcess(argv, 0, ">fc........ d0/f1.bin\n*deleting   mine.txt\n", "")
 
-    monkeypatch.setattr(datasets.subprocess, "run", rsync)
+    monkeypatch.setattr(dataset_push.subprocess, "run", rsync)
     monkeypatch.setattr(dataset_verify, "host", SimpleNamespace(name="pc02", data={"_sudo": True}))
     assert dataset_verify.differences(pc02, {}) == {
         "train": f"2 item(s) differ from local:{pc02.datasets[0].source.path}: d0/f1.bin, mine.txt; a deploy does "
@@ -110,7 +110,7 @@ def test_an_s3_copy_is_checked_against_its_bucket_on_the_host(raw, tmp_path, mon
     spec = {"source": "s3:lab-data/train", "s3_endpoint": "https://s3.lab:9000", "s3_credentials_file": str(keys)}
     pc01 = build("pc01", {**raw, "datasets": {"train": spec}})
     pruned = build("pc01", {**raw, "datasets": {"train": {**spec, "prune": True}}})
-    monkeypatch.setattr(datasets, "_all_settings", lambda: {"pc01": pc01})
+    monkeypatch.setattr(dataset_state, "_all_settings", lambda: {"pc01": pc01})
     monkeypatch.setenv(dataset_verify.VERIFY_ENV, "1")
     (read,) = dataset_verify.reads(pc01).values()
     assert read.fact is RcloneCheck
@@ -133,7 +133,7 @@ def test_an_s3_copy_is_checked_against_its_bucket_on_the_host(raw, tmp_path, mon
         f"it recorded: remove those files and {record} on pc01, then deploy"
     }
     # With prune, a file only on the host is what the next sync deletes.
-    monkeypatch.setattr(datasets, "_all_settings", lambda: {"pc01": pruned})
+    monkeypatch.setattr(dataset_state, "_all_settings", lambda: {"pc01": pruned})
     assert dataset_verify.differences(pruned, found)["train"].startswith(
         "3 item(s) differ from s3:lab-data/train: gone.bin, d/changed.bin, extra.txt;"
     )

@@ -1,4 +1,5 @@
-"""labfleet/datasets.py without hosts: rsync and ssh command lines, peer trust, pull order, NFS units.
+"""labfleet/datasets.py and its kinds (dataset_push, dataset_pull, dataset_nfs) without hosts: rsync
+and ssh command lines, peer trust, pull order, NFS units.
 
 The NFS source is tested here only: the kernel of the e2e test hosts has no NFS client, so
 no mount can happen there (see tests/e2e/test_datasets.py).
@@ -12,7 +13,7 @@ import pytest
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.facts.server import Which
 
-from labfleet import datasets
+from labfleet import dataset_nfs, dataset_pull, dataset_push, dataset_rsync, dataset_state, datasets
 from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
 from labfleet.model import Source, dataset_source
 from labfleet.settings import Dataset, build
@@ -36,7 +37,7 @@ def _settings(raw, name, **data):
     ],
 )
 def test_mount_unit_names_follow_systemd_escape(path, unit):
-    assert datasets.mount_unit_name(path) == unit
+    assert dataset_nfs.mount_unit_name(path) == unit
     if shutil.which("systemd-escape"):
         escaped = subprocess.run(["systemd-escape", "--path", "--suffix=mount", path], capture_output=True, text=True)
         assert escaped.stdout.strip() == unit
@@ -44,7 +45,7 @@ def test_mount_unit_names_follow_systemd_escape(path, unit):
 
 def test_nfs_unit_mounts_read_only_and_is_enabled_at_boot():
     dataset = Dataset("imagenet", dataset_source("nfs:nas.lab:/export/imagenet"))
-    unit = datasets.nfs_mount_unit(dataset, "/srv/datasets/imagenet")
+    unit = dataset_nfs.nfs_mount_unit(dataset, "/srv/datasets/imagenet")
     lines = unit.splitlines()
     assert "What=nas.lab:/export/imagenet" in lines
     assert "Where=/srv/datasets/imagenet" in lines
@@ -57,12 +58,12 @@ def test_nfs_unit_mounts_read_only_and_is_enabled_at_boot():
 
 @pytest.mark.parametrize(("readonly", "chmod"), [(True, "D2755,Fu+rw,Fgo+r,Fgo-w"), (False, "D2775,Fug+rw,Fo+r,Fo-w")])
 def test_rsync_never_deletes_or_writes_in_place_unless_told(readonly, chmod):
-    flags = datasets.rsync_flags(Dataset("d", MANUAL, readonly=readonly), "labdata")
+    flags = dataset_rsync.rsync_flags(Dataset("d", MANUAL, readonly=readonly), "labdata")
     assert "--delete" not in flags
     assert not {"--inplace", "--partial", "--append"} & set(flags)
     assert f"--chmod={chmod}" in flags
     assert "--chown=root:labdata" in flags and "--itemize-changes" in flags
-    assert "--delete" in datasets.rsync_flags(Dataset("d", MANUAL, prune=True), "labdata")
+    assert "--delete" in dataset_rsync.rsync_flags(Dataset("d", MANUAL, prune=True), "labdata")
 
 
 def test_push_uses_the_hosts_own_ssh_settings():
@@ -74,7 +75,7 @@ def test_push_uses_the_hosts_own_ssh_settings():
         "ssh_known_hosts_file": "/keys/known_hosts",
         "ssh_strict_host_key_checking": "yes",
     }
-    argv = datasets.push_command(data, "pc01", "/data/mnist/", "/srv/datasets/mnist", ["-r"], sudo=True)
+    argv = dataset_push.push_command(data, "pc01", "/data/mnist/", "/srv/datasets/mnist", ["-r"], sudo=True)
     assert argv[-2:] == ["/data/mnist/", "admin@10.1.2.3:/srv/datasets/mnist/"]
     rsh = argv[argv.index("--rsh") + 1]
     for option in ("-p 2222", "-i /keys/id_ed25519", "UserKnownHostsFile=/keys/known_hosts"):
@@ -84,26 +85,26 @@ def test_push_uses_the_hosts_own_ssh_settings():
 
 
 def test_push_without_sudo_and_to_an_ipv6_host():
-    argv = datasets.push_command({"ssh_hostname": "fd00::5"}, "pc01", "/d", "/srv/datasets/d", [], sudo=False)
+    argv = dataset_push.push_command({"ssh_hostname": "fd00::5"}, "pc01", "/d", "/srv/datasets/d", [], sudo=False)
     assert "--rsync-path" not in argv
     assert argv[-1] == "[fd00::5]:/srv/datasets/d/"
 
 
 def test_authorized_key_allows_one_read_only_rrsync_from_one_address():
-    line = datasets.authorized_key_line(
+    line = dataset_pull.authorized_key_line(
         "ssh-ed25519 AAAAC3 labfleet-pull:mnist@pc02", "/srv/datasets/mnist", "10.0.0.2", "/usr/bin/rrsync"
     )
     assert line == (
         'restrict,from="10.0.0.2",command="/usr/bin/rrsync -ro /srv/datasets/mnist" '
         "ssh-ed25519 AAAAC3 labfleet-pull:mnist@pc02"
     )
-    odd = datasets.authorized_key_line("ssh-ed25519 K c", '/data/a "b"', None, "/usr/bin/rrsync")
+    odd = dataset_pull.authorized_key_line("ssh-ed25519 K c", '/data/a "b"', None, "/usr/bin/rrsync")
     assert odd.startswith('restrict,command="/usr/bin/rrsync -ro \'/data/a \\"b\\"\'" ')
 
 
 def test_pull_goes_through_the_sync_account_with_strict_host_keys(raw):
     peer = _settings(raw, "pc01", lan_address="10.0.0.1", lan_ssh_port=22)
-    command = datasets.pull_command(
+    command = dataset_pull.pull_command(
         peer, "/srv/datasets/m", "/srv/datasets/m", "/etc/labfleet/dataset-pull/id_m", "/kh", ["-r"]
     )
     assert "labfleet-sync@10.0.0.1:./ /srv/datasets/m/" in command
@@ -129,7 +130,7 @@ def test_pulls_are_ordered_by_depth_and_circles_are_refused(raw):
         "pc02": with_datasets("pc02", ref="host:pc01:/srv/datasets/ref"),
         "pc03": with_datasets("pc03", ref="host:pc02:/srv/datasets/ref", other="host:pc01:/data/other"),
     }
-    depth = {(h, d.name): datasets.pull_depth(fleet, h, d) for h, s in fleet.items() for d in s.datasets}
+    depth = {(h, d.name): dataset_pull.pull_depth(fleet, h, d) for h, s in fleet.items() for d in s.datasets}
     assert depth == {("pc01", "ref"): 0, ("pc02", "ref"): 1, ("pc03", "ref"): 2, ("pc03", "other"): 1}
 
     circle = {
@@ -137,7 +138,7 @@ def test_pulls_are_ordered_by_depth_and_circles_are_refused(raw):
         "pc02": with_datasets("pc02", ref="host:pc01:/srv/datasets/ref"),
     }
     with pytest.raises(PyinfraError, match="pull from each other in a circle"):
-        datasets.pull_depth(circle, "pc01", circle["pc01"].datasets[0])
+        dataset_pull.pull_depth(circle, "pc01", circle["pc01"].datasets[0])
 
 
 def test_rsync_itemized_output_is_split_into_changes_and_errors():
@@ -199,13 +200,13 @@ def test_a_pull_chain_longer_than_the_rounds_stops_the_run(raw):
     for index in range(2, 6):
         fleet[f"pc{index}"] = _settings(raw, f"pc{index}", datasets={"ref": f"host:pc{index - 1}:/srv/datasets/ref"})
     with pytest.raises(PyinfraError) as stopped:
-        datasets.pull_rounds(fleet)
+        dataset_pull.pull_rounds(fleet)
     assert str(stopped.value) == (
         "host pc5: datasets.ref.source = 'host:pc4:/srv/datasets/ref' is pulled through a chain of 4 hosts; "
         "at most 3 are supported: let some hosts pull from the first peer instead"
     )
     del fleet["pc5"]
-    assert datasets.pull_rounds(fleet) == 3
+    assert dataset_pull.pull_rounds(fleet) == 3
 
 
 # --- the failures an operation finds while it runs: each fails its host with one line --------
@@ -243,12 +244,12 @@ def _peers(fake, keys=None, failed=()):
 
 def test_a_push_runs_rsync_at_once_and_a_host_without_rsync_fails_with_what_to_check(fake_host_in, monkeypatch):
     """The step plans a push only for a dataset whose record differs: no dry run comes first."""
-    fake = fake_host_in(datasets)
+    fake = fake_host_in(dataset_push)
     fake.data, fake.current_op_global_arguments = {"ssh_hostname": "127.0.0.1"}, {"_sudo": True}
     called = []
-    monkeypatch.setattr(datasets.subprocess, "run", lambda argv, **kwargs: called.append(argv))
+    monkeypatch.setattr(dataset_push.subprocess, "run", lambda argv, **kwargs: called.append(argv))
     pushes = [("/data/m", "/srv/datasets/m", ["--recursive", "--itemize-changes"], "/s", "/r", None)]
-    remove, transfer = list(datasets.push_datasets._inner(pushes=pushes))
+    remove, transfer = list(dataset_push.push_datasets._inner(pushes=pushes))
     assert remove == "rm -f /s /r" and called == [], "something ran while planning"
     (jobs,) = transfer.args
     ((argv, what, files),) = jobs
@@ -258,9 +259,9 @@ def test_a_push_runs_rsync_at_once_and_a_host_without_rsync_fails_with_what_to_c
     closed = subprocess.CompletedProcess(
         [], 12, b"", b"sudo: rsync: command not found\nrsync: connection unexpectedly closed"
     )
-    monkeypatch.setattr(datasets.subprocess, "run", lambda argv, **kwargs: closed)
+    monkeypatch.setattr(dataset_push.subprocess, "run", lambda argv, **kwargs: closed)
     logs = _Logs()
-    assert datasets._run_rsync(None, logs, argv, what) is False
+    assert dataset_push._run_rsync(None, logs, argv, what) is False
     assert logs.lines[-1] == (
         "labfleet: host pc01: push /data/m -> /srv/datasets/m failed (rsync exit 12): sudo: rsync: command not found "
         "rsync: connection unexpectedly closed; check that rsync is installed on both sides and that the SSH "
@@ -269,15 +270,15 @@ def test_a_push_runs_rsync_at_once_and_a_host_without_rsync_fails_with_what_to_c
 
 
 def test_a_peer_without_rrsync_fails_and_says_to_upgrade_rsync(fake_host_in):
-    fake_host_in(datasets, {Which: None})
+    fake_host_in(dataset_pull, {Which: None})
     pullers = [("pc02", "/etc/labfleet/dataset-pull/id_m", "/srv/datasets/m", None)]
-    line = _fails_with(list(datasets.authorize_pullers._inner(path="/k", pullers=pullers)))
+    line = _fails_with(list(dataset_pull.authorize_pullers._inner(path="/k", pullers=pullers)))
     assert "rrsync is missing, so peers cannot pull datasets from it" in line and line.endswith("upgrade rsync")
 
 
 def test_a_peer_without_an_ssh_host_key_fails_only_the_puller(fake_host_in):
-    fake = _peers(fake_host_in(datasets), keys={"pc02": None})
-    line = _fails_with(list(datasets.trust_peer_host_keys._inner(path="/kh", peers=[("pc02", "10.0.0.2", 22)])))
+    fake = _peers(fake_host_in(dataset_pull), keys={"pc02": None})
+    line = _fails_with(list(dataset_pull.trust_peer_host_keys._inner(path="/kh", peers=[("pc02", "10.0.0.2", 22)])))
     assert line == (
         "host pc01: the peer pc02 has no SSH host key in /etc/ssh, so pc01 cannot check whom it pulls from; "
         "install openssh-server on pc02 (or run ssh-keygen -A there)"
@@ -287,16 +288,16 @@ def test_a_peer_without_an_ssh_host_key_fails_only_the_puller(fake_host_in):
 
 def test_a_pull_from_a_failed_or_unreachable_peer_fails_the_puller(fake_host_in):
     pulls = [("pc02", "/srv/datasets/m", "rsync ...", "/srv/datasets/m", "/s")]
-    _peers(fake_host_in(datasets), failed=["pc02"])
-    line = _fails_with(list(datasets.pull_datasets._inner(pulls=pulls)))
+    _peers(fake_host_in(dataset_pull), failed=["pc02"])
+    line = _fails_with(list(dataset_pull.pull_datasets._inner(pulls=pulls)))
     assert line == (
         "host pc01: the peer pc02 failed earlier in this run, so /srv/datasets/m was not pulled; "
         "fix what stopped pc02 (its error is above) and run again"
     )
 
     refused = {"rc": 255, "changes": [], "errors": ["ssh: connect to host 10.0.0.2 port 22: Connection refused"]}
-    _peers(fake_host_in(datasets, {RsyncDryRun: refused}), keys={"pc02": "ssh-ed25519 K"})
-    line = _fails_with(list(datasets.pull_datasets._inner(pulls=pulls)))
+    _peers(fake_host_in(dataset_pull, {RsyncDryRun: refused}), keys={"pc02": "ssh-ed25519 K"})
+    line = _fails_with(list(dataset_pull.pull_datasets._inner(pulls=pulls)))
     assert line == (
         "host pc01: cannot pull pc02:/srv/datasets/m (rsync exit 255): ssh: connect to host 10.0.0.2 port 22: "
         "Connection refused; check lan_address / lan_ssh_port of pc02 and that pc01 reaches it"
@@ -304,9 +305,9 @@ def test_a_pull_from_a_failed_or_unreachable_peer_fails_the_puller(fake_host_in)
 
 
 def test_a_missing_manifest_fails_the_host(fake_host_in):
-    fake_host_in(datasets, {ManifestState: {"manifest": None, "stamp": None}})
+    fake_host_in(dataset_state, {ManifestState: {"manifest": None, "stamp": None}})
     commands = list(
-        datasets.verify_manifest._inner(
+        dataset_state.verify_manifest._inner(
             directory="/srv/datasets/m", manifest="SHA256SUMS", stamp="/s", label="dataset m"
         )
     )
@@ -331,11 +332,11 @@ class _Logs:
 def test_a_push_of_what_changed_gives_rsync_only_those_paths(tmp_path, fake_host_in):
     """With the paths that changed since the host's record, rsync is given them on its input,
     and no directory recursion; with none, it does not run."""
-    fake = fake_host_in(datasets)
+    fake = fake_host_in(dataset_push)
     fake.data, fake.current_op_global_arguments = {"ssh_hostname": "127.0.0.1"}, {"_sudo": True}
     listed = b"d1/new line.bin\0d2/b.bin\0"
     pushes = [("/data/m", "/srv/datasets/m", ["--recursive", "--links", "--itemize-changes"], "/s", "/r", listed)]
-    _, transfer = list(datasets.push_datasets._inner(pushes=pushes))
+    _, transfer = list(dataset_push.push_datasets._inner(pushes=pushes))
     ((argv, what, files),) = transfer.args[0]
     assert files == listed and "--recursive" not in argv
     assert argv[:5] == ["rsync", "--dirs", "--links", "--itemize-changes", "--files-from=-"] and "--from0" in argv
@@ -343,16 +344,16 @@ def test_a_push_of_what_changed_gives_rsync_only_those_paths(tmp_path, fake_host
     # A stand-in rsync that prints what it was given, as itemized lines: both paths arrive whole.
     stand_in = ["sh", "-c", "tr '\\0' '\\n' | sed 's/^/>f+++++++++ /'"]
     logs = _Logs()
-    assert datasets._run_rsync(None, logs, stand_in, what, files) is True
+    assert dataset_push._run_rsync(None, logs, stand_in, what, files) is True
     assert logs.lines == [f"{what}: 2 item(s) synced"]
-    assert datasets._run_rsync(None, logs, ["false"], what, b"") is True
+    assert dataset_push._run_rsync(None, logs, ["false"], what, b"") is True
     assert logs.lines[-1] == f"{what}: nothing changed since the last verified sync"
 
 
 def test_pushes_to_one_host_overlap_up_to_the_bound(tmp_path, monkeypatch):
     """Stand-in rsyncs (sh) that each wait, a bounded number of times, until two are running:
     with one at a time they would each give up alone."""
-    monkeypatch.setattr(datasets, "PARALLEL_PUSHES", 2)
+    monkeypatch.setattr(dataset_push, "PARALLEL_PUSHES", 2)
     running, seen = tmp_path / "running", tmp_path / "seen"
     running.mkdir()
     seen.mkdir()
@@ -362,11 +363,11 @@ def test_pushes_to_one_host_overlap_up_to_the_bound(tmp_path, monkeypatch):
     )
     jobs = [(["env", f"R={running}", f"S={seen}", "sh", "-c", script, "sh", f"job{n}"], f"push {n}") for n in range(4)]
     logs = _Logs()
-    assert datasets._run_rsyncs(None, logs, jobs) is True
+    assert dataset_push._run_rsyncs(None, logs, jobs) is True
     counts = [int((seen / f"job{n}").read_text()) for n in range(4)]
     assert max(counts) == 2, counts
     assert sorted(logs.lines) == [f"push {n}: 1 item(s) synced" for n in range(4)]
 
     failing = [*jobs[:1], (["sh", "-c", "echo 'rsync: connection closed' >&2; exit 12"], "push broken")]
-    assert datasets._run_rsyncs(None, logs, failing) is False
+    assert dataset_push._run_rsyncs(None, logs, failing) is False
     assert any("push broken failed (rsync exit 12): rsync: connection closed" in line for line in logs.lines)

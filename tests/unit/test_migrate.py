@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from labfleet import datasets, migrate, migrate_sudo
+from labfleet import dataset_pull, migrate, migrate_sudo
 from labfleet.facts.jupyter import ComposeService
 from labfleet.facts.migrate import MarkerFact, MigrationPending, parse_markers, parse_pending
 from labfleet.facts.updates import ContainerBusy
@@ -134,7 +134,7 @@ def test_the_old_pc_lets_the_sync_account_read_as_the_owner_and_nothing_else(raw
         "labfleet-sync ALL=(alice) NOPASSWD: /usr/bin/rrsync -ro /srv/workspace/alice, "
         "/usr/bin/rrsync -ro /srv/home/alice",
     ]
-    line = datasets.authorized_key_line(
+    line = dataset_pull.authorized_key_line(
         "ssh-ed25519 K labfleet-pull:migrate/alice/home@pc09.lab",
         "/srv/home/alice",
         "10.0.0.9",
