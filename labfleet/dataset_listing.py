@@ -21,31 +21,49 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from weakref import WeakSet
 
-from pyinfra.api.state import BaseStateCallback
+from pyinfra.api.state import StateStage
 
 from labfleet.model import Invalid, datasets
 
 # The directory that holds the labfleet package: the child imports it from there.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-# Listings in progress or done, by source path, for this controller process.
-_started: dict[str, subprocess.Popen] = {}
+# Listings in progress or done, by source path, for this controller process (None: taken).
+_started: dict[str, subprocess.Popen | None] = {}
+# The pyinfra states whose run lists ahead.
+_waiting: WeakSet = WeakSet()
 
 
 def list_datasets_ahead() -> None:
-    """Start listing every local: source as soon as pyinfra connects (called by the inventory file)."""
-    from pyinfra import state
+    """Start listing every local: source as soon as pyinfra connects (called by the inventory file).
 
-    if not any(isinstance(handler, _ListAhead) for handler in state.callback_handlers):
-        state.add_callback_handler(_ListAhead())
+    The inventory file runs before pyinfra has its hosts' group data or its state's callbacks,
+    so this leaves a greenlet behind: it first runs when pyinfra starts connecting (the first
+    time the CLI yields), before any connection, with the whole inventory loaded.
+    """
+    import gevent
+    from pyinfra.context import ctx_state
+
+    state = ctx_state.get()
+    if state is None or state in _waiting:
+        return
+    _waiting.add(state)
+    gevent.spawn(list_when_connecting, state)
 
 
-class _ListAhead(BaseStateCallback):
-    @staticmethod
-    def host_before_connect(state, host) -> None:
-        # The first connection starts them all; the inventory, group data included, is loaded by then.
-        for source in local_sources(state.inventory.iter_active_hosts()):
-            start(source)
+def list_when_connecting(state, tries: int = 1000) -> None:
+    """Start the listings of the run's hosts once the state has them (its Connect stage)."""
+    import gevent
+
+    for _ in range(tries):
+        if state.current_stage >= StateStage.Connect:
+            # The hosts pyinfra connects to: the inventory less what --limit leaves out.
+            hosts = [host for host in state.inventory if state.is_host_in_limit(host)]
+            for source in local_sources(hosts):
+                start(source)
+            return
+        gevent.sleep(0.01)
 
 
 def local_sources(hosts) -> list[str]:
@@ -80,8 +98,14 @@ def start(src: str) -> None:
 
 
 def take(src: str) -> str | None:
-    """The digest a child listed for src (its listing is in the cache), or None: walk it here."""
-    child = _started.pop(src, None)
+    """The digest a child listed for src (its listing is in the cache), or None: walk it here.
+
+    Either way no child starts for src afterwards: a run whose connections never yield
+    (``@local`` alone) plans before the greenlet runs, and a child then would only compete
+    with the walk.
+    """
+    child = _started.get(src)
+    _started[src] = None
     if child is None:
         return None
     output, _ = child.communicate()

@@ -383,6 +383,13 @@ def test_extra_files_stay_unless_prune_is_on(make_hosts, pyinfra_run, deploy, tm
     assert host_digests(host, f"{ROOT}/val") == local_digests(source)
     assert_no_changes(pyinfra_run([host], deploy=deploy, data=pruned))
 
+    # The dataset directory removed by hand, its record left: the next run syncs it whole and
+    # records that sync again (its push removed the record), so the run after it has nothing to do.
+    host_exec(host, f"rm -rf {ROOT}/val")
+    assert_converged(pyinfra_run([host], deploy=deploy, data=pruned))
+    assert host_digests(host, f"{ROOT}/val") == local_digests(source)
+    assert_no_changes(pyinfra_run([host], deploy=deploy, data=pruned))
+
 
 def _rsync_pushing(source: Path) -> int | None:
     """pid of the controller's rsync that really pushes source (not the dry run), if running."""

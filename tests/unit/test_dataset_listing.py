@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import gevent
 import pytest
 from pyinfra.api import Config, Inventory, State
+from pyinfra.api.state import StateStage
 from pyinfra.context import ctx_state
 
 from labfleet import dataset_changes, dataset_listing, dataset_records, dataset_walk
@@ -17,6 +21,7 @@ from labfleet import dataset_changes, dataset_listing, dataset_records, dataset_
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(dataset_listing, "_started", {})
+    monkeypatch.setattr(dataset_listing, "_waiting", type(dataset_listing._waiting)())
 
 
 def _tree(root, names: list[str]):
@@ -40,6 +45,8 @@ def test_the_child_gives_the_walks_digest_and_keeps_the_listing_for_the_next_cha
     assert digest == dataset_walk.tree_digest(src)
     assert dataset_changes.changed(src, digest, digest, prune=False) == b"", "the child kept its listing"
     assert dataset_listing.take(src) is None, "taken once; a second ask walks"
+    dataset_listing.start(src)
+    assert dataset_listing._started[src] is None, "no child after planning took it"
 
 
 def test_planning_takes_the_listing_made_ahead_instead_of_walking(tmp_path, planning_host, monkeypatch):
@@ -93,14 +100,52 @@ def test_only_local_sources_of_valid_settings_are_listed_each_once(tmp_path):
     assert dataset_listing.local_sources(hosts) == [mnist, imagenet]
 
 
-def test_the_inventory_registers_the_listing_once_and_the_first_connection_starts_it(tmp_path, monkeypatch):
+def test_the_inventory_file_leaves_one_greenlet_that_lists_when_pyinfra_connects(tmp_path):
     src = str(_tree(tmp_path / "src", ["a.bin"]))
-    state = State(Inventory((["pc01"], {})), Config())
+    state = State()  # as while the inventory file runs: no hosts, no callbacks yet
     with ctx_state.use(state):
         dataset_listing.list_datasets_ahead()
         dataset_listing.list_datasets_ahead()
-    handlers = [h for h in state.callback_handlers if isinstance(h, dataset_listing._ListAhead)]
-    assert len(handlers) == 1
-    inventory = SimpleNamespace(iter_active_hosts=lambda: [_host({"x": f"local:{src}"})])
-    handlers[0].host_before_connect(SimpleNamespace(inventory=inventory), None)
+    assert list(dataset_listing._waiting) == [state]
+    gevent.sleep(0.05)  # something yields before pyinfra connects: nothing is listed yet
+    assert dataset_listing._started == {}
+    state.init(Inventory(([("pc01", {"datasets": {"x": f"local:{src}"}})], {})), Config())
+    state.set_stage(StateStage.Connect)
+    gevent.sleep(0.05)
+    assert list(dataset_listing._started) == [src]
     assert dataset_listing.take(src) == dataset_walk.tree_digest(src)
+
+
+def test_a_state_that_never_connects_is_given_up_on(tmp_path):
+    state = State()
+    dataset_listing.list_when_connecting(state, tries=2)
+    assert dataset_listing._started == {}
+
+
+def test_the_real_cli_lists_ahead_for_the_inventory_file(tmp_path):
+    """pyinfra itself: the inventory file's call, the greenlet, the child, the digest in planning."""
+    src = str(_tree(tmp_path / "src", ["a.bin", "d/b.bin"]))
+    inventory = tmp_path / "lab_inventory.py"
+    inventory.write_text(
+        "from labfleet.dataset_listing import list_datasets_ahead\n"
+        f"lab = [('@local', {{'datasets': {{'x': 'local:{src}'}}}})]\n"
+        "list_datasets_ahead()\n"
+    )
+    deploy = tmp_path / "lab_deploy.py"
+    # Over SSH the connections yield and the greenlet starts the child before planning; @local's
+    # do not, so the deploy file yields once, as a connection would.
+    deploy.write_text(
+        "import gevent\nfrom labfleet import dataset_listing\ngevent.sleep(0.1)\n"
+        f"print('LISTED', dataset_listing.take({src!r}))\n"
+    )
+    ran = subprocess.run(
+        [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), str(deploy)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(dataset_listing.__file__).parent.parent)},
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert f"LISTED {dataset_walk.tree_digest(src)}" in ran.stdout, ran.stdout[-2000:]
