@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import shlex
+import time
 from io import StringIO
 
+import gevent
 from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.api.exceptions import PyinfraError
@@ -20,13 +22,14 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Which
 from pyinfra.operations import files, server
 
-from labfleet import dataset_fanout, dataset_state, dataset_upstream, preflight
+from labfleet import dataset_fanout, dataset_state, dataset_upstream, planning, preflight
 from labfleet.dataset_rsync import _remote, one_line
 from labfleet.facts.datasets import RsyncDryRun
-from labfleet.facts.system import PublicKeyFile, SshHostKey, path_is
-from labfleet.planning import unless_current
+from labfleet.facts.system import PublicKeyFile, PublicKeyFiles, SshHostKey, path_is
+from labfleet.planning import Read, unless_current
 from labfleet.platform import RRSYNC
 from labfleet.settings import Dataset, Settings
+from labfleet.snapshot_files import text_sha1
 
 # A puller's keys and the host keys of its peers.
 PULL_DIR = "/etc/labfleet/dataset-pull"
@@ -35,7 +38,12 @@ KNOWN_HOSTS = f"{PULL_DIR}/known_hosts"
 SYNC_USER = "labfleet-sync"
 SYNC_HOME = "/var/lib/labfleet-sync"
 SYNC_SSH_DIR = f"{SYNC_HOME}/.ssh"
+AUTHORIZED_KEYS = f"{SYNC_SSH_DIR}/authorized_keys"
 KEY_TAG = "labfleet-pull"
+# A serving host's own SSH host key, read in its planning batch for the hosts that pull from it.
+HOST_KEY = Read(SshHostKey)
+# How long a host's planning waits for a peer's planning batch before reading that peer itself.
+WAIT_FOR_PEERS_S = 60
 # Longest chain of pulls (pc03 <- pc02 <- pc01 is 2) one run can order; see lay_out_datasets.
 MAX_PULL_DEPTH = 3
 
@@ -157,8 +165,8 @@ def trust_peer_host_keys(path: str, peers: list[tuple[str, str, int]]):
     if not peers:
         host.noop("this host pulls no dataset")
         return
-    lines = []
-    for name, address, port in sorted(set(peers)):
+    keys = []
+    for name, _, _ in sorted(set(peers)):
         key = host.inventory.get_host(name).get_fact(SshHostKey)
         if key is None:
             # A failing command, not an exception: an exception here would stop every host.
@@ -167,9 +175,18 @@ def trust_peer_host_keys(path: str, peers: list[tuple[str, str, int]]):
                 f"check whom it pulls from; install openssh-server on {name} (or run ssh-keygen -A there)"
             )
             return
+        keys.append(key)
+    text = known_hosts_text(peers, keys)
+    yield from files.put._inner(src=StringIO(text), dest=path, user="root", group="root", mode="644")
+
+
+def known_hosts_text(peers: list[tuple[str, str, int]], keys: list[str]) -> str:
+    """The known_hosts file of a puller: keys are the host keys of sorted(set(peers)), in that order."""
+    lines = []
+    for (_, address, port), key in zip(sorted(set(peers)), keys, strict=True):
         pattern = address if port == 22 else f"[{address}]:{port}"
         lines.append(f"{pattern} {key}")
-    yield from files.put._inner(src=StringIO("\n".join(lines) + "\n"), dest=path, user="root", group="root", mode="644")
+    return "\n".join(lines) + "\n"
 
 
 @operation(is_idempotent=True)
@@ -193,24 +210,31 @@ def authorize_pullers(path: str, pullers: list[tuple[str, ...]] | list[tuple[str
             f"{RRSYNC['package']} {RRSYNC['since']} and later ({RRSYNC['path']}); upgrade {RRSYNC['package']}"
         )
         return
-    existing = {}
-    for line in host.get_fact(FileContents, path=path) or []:
+    existing = host.get_fact(FileContents, path=path)
+    keys = [host.inventory.get_host(puller[0]).get_fact(PublicKeyFile, path=f"{puller[1]}.pub") for puller in pullers]
+    content = authorized_keys_text(existing, pullers, keys, rrsync)
+    yield from files.put._inner(src=StringIO(content), dest=path, user=SYNC_USER, group=SYNC_USER, mode="600")
+
+
+def authorized_keys_text(existing: list[str] | None, pullers: list, keys: list[str | None], rrsync: str) -> str:
+    """The sync account's authorized_keys: a line per puller whose public key (keys, in the order
+    of pullers) is known, and every other labfleet-pull line of the existing file (lines)."""
+    kept = {}
+    for line in existing or []:
         tag = line.rsplit(" ", 1)[-1]
         if tag.startswith(KEY_TAG + ":"):
-            existing[tag] = line
+            kept[tag] = line
     lines = {}
-    for puller, key_path, readable, address, *run_as in pullers:
-        public_key = host.inventory.get_host(puller).get_fact(PublicKeyFile, path=f"{key_path}.pub")
+    for (_, _, readable, address, *run_as), public_key in zip(pullers, keys, strict=True):
         if public_key:
             tag = public_key.rsplit(" ", 1)[-1]
             # Through sudo the path must be the one the sudo rule names (labfleet.migrate).
             lines[tag] = authorized_key_line(
                 public_key, readable, address, RRSYNC["path"] if any(run_as) else rrsync, *run_as
             )
-    for tag, line in existing.items():
+    for tag, line in kept.items():
         lines.setdefault(tag, line)
-    content = "".join(f"{lines[tag]}\n" for tag in sorted(lines))
-    yield from files.put._inner(src=StringIO(content), dest=path, user=SYNC_USER, group=SYNC_USER, mode="600")
+    return "".join(f"{lines[tag]}\n" for tag in sorted(lines))
 
 
 def pull_command(peer: Settings, remote_path: str, dest: str, key: str, known_hosts: str, flags: list[str]) -> str:
@@ -318,33 +342,117 @@ def pull_rounds(all_settings: dict[str, Settings]) -> int:
     return depth
 
 
+def _keys_read(settings: Settings) -> Read:
+    """A puller's pull keys, read in its planning batch (and read there by its peers)."""
+    paths = tuple(f"{pull_key_path(d)}.pub" for d in settings.datasets if d.source.kind == "host")
+    return Read(PublicKeyFiles, {"paths": paths})
+
+
+def reads(settings: Settings) -> dict[str, Read]:
+    """This host's own facts that the trust between pullers and peers is planned from, for the
+    planning batch: a puller's keys; a peer's SSH host key, rrsync and authorized_keys (whose
+    owner, mode and sha1 come with the datasets step's paths, see ``trust_paths``)."""
+    found = {}
+    if any(d.source.kind == "host" for d in settings.datasets):
+        found["pull_keys"] = _keys_read(settings)
+    if serves_peers(settings.host):
+        found["host_key"] = HOST_KEY
+        found["rrsync"] = Read(Which, {"command": RRSYNC["command"]})
+        found["authorized"] = Read(FileContents, {"path": AUTHORIZED_KEYS})
+    return found
+
+
+def trust_paths(settings: Settings) -> list[str]:
+    """The files of the trust on this host whose owner, mode and sha1 the planning batch reads."""
+    paths = [KNOWN_HOSTS] if any(d.source.kind == "host" for d in settings.datasets) else []
+    return paths + ([AUTHORIZED_KEYS] if serves_peers(settings.host) else [])
+
+
+def _reading_of(name: str, read: Read):
+    """What another host's planning batch read, read here without a round trip of its own.
+
+    pyinfra plans the hosts side by side, so that host's batch may still be on its way: wait
+    for it. A host this run does not plan, one that failed before its batch, or one whose
+    batch does not come is read directly, once per run.
+    """
+    other = host.inventory.get_host(name)
+    run = planning.current_run()
+    if other in host.state.activated_hosts:
+        deadline = time.monotonic() + WAIT_FOR_PEERS_S
+        while time.monotonic() < deadline and other not in host.state.failed_hosts:
+            planned = run.hosts.get(name)
+            if planned is not None and read.key in planned.readings:
+                return planned.readings[read.key]
+            gevent.sleep(0.02)
+    return run.once(f"reading of {name}: {read.key}", lambda: other.get_fact(read.fact, **read.kwargs))
+
+
+def _trusted(state: dataset_state.DatasetsState, peers: list[tuple[str, str, int]]) -> bool:
+    """Whether trust_peer_host_keys has nothing to do: known_hosts holds the peers' host keys."""
+    if not peers:
+        return True
+    keys = [_reading_of(name, HOST_KEY) for name, _, _ in sorted(set(peers))]
+    if None in keys:
+        return False
+    text = known_hosts_text(peers, keys)
+    return path_is(state.paths, KNOWN_HOSTS, "file", "root", "root", "644", text_sha1(text))
+
+
+def _authorized(state: dataset_state.DatasetsState, pullers: list, all_settings: dict[str, Settings]) -> bool:
+    """Whether authorize_pullers has nothing to do: every puller's key has its line. A puller
+    whose key is not there yet (made in this run) leaves it to do."""
+    if not pullers:
+        return True
+    keys = [
+        (_reading_of(puller, _keys_read(all_settings[puller])) or {}).get(f"{key_path}.pub")
+        for puller, key_path, *_ in pullers
+    ]
+    if not state.rrsync or None in keys:
+        return False
+    text = authorized_keys_text(state.authorized, pullers, keys, state.rrsync)
+    return path_is(state.paths, AUTHORIZED_KEYS, "file", SYNC_USER, SYNC_USER, "600", text_sha1(text))
+
+
 def _prepare_pulls(settings: Settings, all_settings: dict[str, Settings]) -> None:
-    # Every host runs each of these operations, with nothing to do where it neither pulls
-    # nor serves: an operation that all hosts share is a barrier in pyinfra's order, so
-    # every puller has its key before any peer reads it.
+    # Planned together or not at all, decided from the planning batches (each host's own facts
+    # in its own): the hosts that plan them share them, and an operation that hosts share is a
+    # barrier in pyinfra's order, so every puller has its key before any peer reads it. A
+    # puller that makes a key leaves its peers' authorized_keys to do, so they plan them too.
+    state = planning.snapshot(dataset_state.DatasetsState, dataset_state.reads(settings))
     mine = [d for d in settings.datasets if d.source.kind == "host"]
     served = sorted(_pullers_of(settings.host), key=lambda item: (item[0].host, item[1].name))
-    ensure_pull_keys(
-        name="Make the keys that pull datasets from peers",
-        keys=[(pull_key_path(d), _key_comment(settings.host, d)) for d in mine],
-    )
-    trust_peer_host_keys(
-        name="Trust the host keys of the dataset peers",
-        path=KNOWN_HOSTS,
-        peers=[
-            (peer, all_settings[peer].lan_address, all_settings[peer].lan_ssh_port)
-            for peer in sorted(
-                {pulled_from(d)[0] for d in mine} | set(dataset_fanout.parents_of(all_settings, settings.host))
-            )
-        ],
-    )
+    keys = [(pull_key_path(d), _key_comment(settings.host, d)) for d in mine]
+    peers = [
+        (peer, all_settings[peer].lan_address, all_settings[peer].lan_ssh_port)
+        for peer in sorted(
+            {pulled_from(d)[0] for d in mine} | set(dataset_fanout.parents_of(all_settings, settings.host))
+        )
+    ]
     # In a tree (labfleet.dataset_fanout) the other pullers of a source may pull from this one.
     children = dataset_fanout.children_of(all_settings, settings.host)
-    authorize_pullers(
+    pullers = [(p.host, pull_key_path(d), pulled_from(d)[1], _source_address(p)) for p, d in served] + [
+        (p.host, pull_key_path(d), here, _source_address(p)) for p, d, here in children
+    ]
+    found = state.pull_keys or {}
+    current = (
+        all(found.get(f"{path}.pub") for path, _ in keys)
+        and _trusted(state, peers)
+        and _authorized(state, pullers, all_settings)
+    )
+    unless_current(ensure_pull_keys, current=current, name="Make the keys that pull datasets from peers", keys=keys)
+    unless_current(
+        trust_peer_host_keys,
+        current=current,
+        name="Trust the host keys of the dataset peers",
+        path=KNOWN_HOSTS,
+        peers=peers,
+    )
+    unless_current(
+        authorize_pullers,
+        current=current,
         name="Let peers pull datasets from this host, read-only",
-        path=f"{SYNC_SSH_DIR}/authorized_keys",
-        pullers=[(p.host, pull_key_path(d), pulled_from(d)[1], _source_address(p)) for p, d in served]
-        + [(p.host, pull_key_path(d), here, _source_address(p)) for p, d, here in children],
+        path=AUTHORIZED_KEYS,
+        pullers=pullers,
     )
 
 

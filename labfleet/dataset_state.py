@@ -51,6 +51,11 @@ class DatasetsState:
     accounts: dict[str, Account]
     records: dict[str, RecordState]  # DatasetRecords, of the local:, s3: and host: datasets
     pulled: dict[str, RecordState]  # DatasetRecords of the host: datasets' pulls (labfleet.dataset_fanout)
+    # The trust of host: pulls (labfleet.dataset_pull.reads), read only where a host pulls or serves.
+    pull_keys: dict[str, str | None] | None = None  # PublicKeyFiles of this host's pull keys
+    host_key: str | None = None  # SshHostKey
+    rrsync: str | None = None  # Which rrsync
+    authorized: list[str] | None = None  # FileContents of the sync account's authorized_keys
 
 
 def reads(settings: Settings) -> dict[str, Read]:
@@ -66,10 +71,11 @@ def reads(settings: Settings) -> dict[str, Read]:
         users.add(dataset_pull.SYNC_USER)
         paths.append(dataset_pull.SYNC_SSH_DIR)
     keys = datasets_s3.config_paths([d for d in settings.datasets if d.source.kind == "s3"])
+    trust = dataset_pull.trust_paths(settings)
     return {
         "packages": Read(DebPackages),
         "group": Read(GroupMembers, {"group": settings.datasets_group, "users": tuple(sorted(users))}),
-        "paths": Read(PathStates, {"paths": (*paths, *keys), "digests": tuple(keys[1:])}),
+        "paths": Read(PathStates, {"paths": (*paths, *keys, *trust), "digests": (*keys[1:], *trust)}),
         "acls": Read(DefaultAcls, {"paths": (settings.datasets_root, *owned)}),
         "accounts": preflight.reads(settings)["accounts"],
         "records": Read(
@@ -83,6 +89,7 @@ def reads(settings: Settings) -> dict[str, Read]:
             },
         ),
         **dataset_fanout.reads(settings),
+        **dataset_pull.reads(settings),
     }
 
 

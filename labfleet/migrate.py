@@ -214,7 +214,7 @@ def reads(settings: Settings) -> dict[str, Read]:
                 MigrationPending, {"command": command, "stamp": stamp_path(pull.user), "old": pull.old}
             )
     if serving:
-        found["authorized"] = Read(FileContents, {"path": f"{dataset_pull.SYNC_SSH_DIR}/authorized_keys"})
+        found["authorized"] = Read(FileContents, {"path": dataset_pull.AUTHORIZED_KEYS})
     found["paths"] = Read(PathStates, {"paths": tuple(paths), "digests": (migrate_sudo.SUDOERS,)})
     return found
 
@@ -528,7 +528,7 @@ def pull_user_files(settings: Settings):
             dataset_pull.authorize_pullers,
             current=_authorized_current(state, serving, all_settings),
             name="Let the new PCs pull users' files from this host, read-only",
-            path=f"{dataset_pull.SYNC_SSH_DIR}/authorized_keys",
+            path=dataset_pull.AUTHORIZED_KEYS,
             pullers=[
                 (p.puller, p.key, p.source, dataset_pull._source_address(all_settings[p.puller]), p.user)
                 for p in serving

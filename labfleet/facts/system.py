@@ -240,6 +240,41 @@ class PublicKeyFile(FactBase):
         return keys[0] if keys else None
 
 
+class PublicKeyFiles(FactBase):
+    """The one-line OpenSSH public key in each of several files: ``{path: key or None}``, in one command.
+
+    + paths: the public key files
+
+    So that a host's keys come with its planning batch (labfleet.dataset_pull), where a
+    PublicKeyFile per key would be a fact each.
+    """
+
+    MARK = "--labfleet-key-file--"
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self, paths: tuple[str, ...]) -> str:
+        shown = (f"echo {self.MARK}{shlex.quote(path)}; cat {shlex.quote(path)} 2>/dev/null" for path in paths)
+        return "; ".join(shown) or "true"
+
+    def process(self, output):
+        keys: dict[str, str | None] = {}
+        lines: list[str] = []
+        path = None
+        for line in [*output, self.MARK]:
+            if self.MARK not in line:
+                lines.append(line)
+                continue
+            # A file without a final newline shares its last line with the next mark.
+            rest, _, after = line.partition(self.MARK)
+            if path is not None:
+                keys[path] = PublicKeyFile().process([*lines, rest])
+            path, lines = after, []
+        return keys
+
+
 class SshHostKey(FactBase):
     """This host's SSH host public key ("type base64"), ed25519 when it has one, else None."""
 

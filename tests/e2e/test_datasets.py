@@ -41,6 +41,20 @@ datasets.lay_out_datasets(settings)
 """
 
 
+# The same steps with deploy.py's one read ahead: what a no-change run costs each host in round trips.
+READ_AHEAD_DEPLOY = """\
+from pyinfra import host
+
+from labfleet import certs, datasets, planning, preflight
+from labfleet.settings import for_host
+
+settings = for_host(host)
+planning.read_ahead(preflight.reads(settings), certs.reads(settings), datasets.reads(settings))
+preflight.check_host(settings)
+datasets.lay_out_datasets(settings)
+"""
+
+
 @pytest.fixture(scope="module", autouse=True)
 def listings_cache(tmp_path_factory):
     """The controller's listings of the sources these tests make (labfleet.dataset_changes) stay
@@ -55,6 +69,23 @@ def deploy(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("deploy") / "datasets_deploy.py"
     path.write_text(DEPLOY)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def read_ahead_deploy(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("deploy") / "datasets_read_ahead.py"
+    path.write_text(READ_AHEAD_DEPLOY)
+    return str(path)
+
+
+def assert_one_round_trip(run, hosts) -> None:
+    """A --debug run ran one command per host: the planning batch, and nothing while executing."""
+    commands = {
+        host.name: re.findall(rf"Running command on {re.escape(host.name)}: (.*)", run.stderr) for host in hosts
+    }
+    assert all(len(ran) == 1 for ran in commands.values()), "round trips per host: " + "\n".join(
+        f"{name}: {len(ran)}\n  " + "\n  ".join(command[:160] for command in ran) for name, ran in commands.items()
+    )
 
 
 def make_dataset(root: Path, files: int = 300, big_mb: int = BIG_MB, seed: int = 8) -> Path:
@@ -136,7 +167,7 @@ def verify_status(hosts, data, pyinfra_run) -> dict[str, dict]:
     return {entry["host"]: entry["dataset_drift"] for entry in document["hosts"]}
 
 
-def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, deploy, tmp_path):
+def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, deploy, read_ahead_deploy, tmp_path):
     """Also: a no-change run runs no rsync on any host (the host's record of its last verified
     sync decides, against one walk of the source), a touched source file syncs again, and a
     file changed by hand on a host is not fixed by a deploy but is reported by status --verify."""
@@ -180,6 +211,10 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     for host in hosts:
         assert inodes(host, f"{ROOT}/train") == before[host.name], f"{host.name}: files were rewritten"
         assert rsync_calls(host) == [], f"{host.name}: a no-change run ran rsync"
+    # One round trip per host, as without datasets: the records come with the planning batch.
+    counted = pyinfra_run(hosts, deploy=read_ahead_deploy, data=data, args=("--debug",))
+    assert_no_changes(counted)
+    assert_one_round_trip(counted, hosts)
 
     # A touched source file (its time only) syncs again: rsync runs and sets the time.
     touched = source / "d05" / "s5" / "f0005.bin"
@@ -255,7 +290,9 @@ def test_push_to_three_hosts_moves_only_what_changed(make_hosts, pyinfra_run, de
     assert_no_changes(pyinfra_run(hosts, deploy=deploy, data=data))
 
 
-def test_peers_pull_in_a_chain_with_keys_that_can_only_read(make_hosts, pyinfra_run, deploy, tmp_path):
+def test_peers_pull_in_a_chain_with_keys_that_can_only_read(
+    make_hosts, pyinfra_run, deploy, read_ahead_deploy, tmp_path
+):
     source = make_dataset(tmp_path / "ref", files=120, big_mb=5)
     first_host, second_host, third_host = hosts = make_hosts(3)
     host_data = lan(hosts)
@@ -281,6 +318,11 @@ def test_peers_pull_in_a_chain_with_keys_that_can_only_read(make_hosts, pyinfra_
     quiet = pyinfra_run(hosts, deploy=deploy, host_data=host_data)
     assert_no_changes(quiet)
     assert [call for host in hosts for call in rsync_calls(host)] == [], "a no-change run ran rsync"
+    # And one round trip per host, as without datasets: the pull keys, the peers' host keys and
+    # the authorized keys come with the planning batches, each host's own facts in its own.
+    counted = pyinfra_run(hosts, deploy=read_ahead_deploy, host_data=host_data, args=("--debug",))
+    assert_no_changes(counted)
+    assert_one_round_trip(counted, hosts)
 
     # A changed source file changes the peer's copy: it is pushed to pc1 and pulled by pc2,
     # then by pc3, in the same run; then nothing again.

@@ -9,14 +9,17 @@ import shutil
 import subprocess
 from types import SimpleNamespace
 
+import gevent
 import pytest
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.facts.server import Which
 
-from labfleet import dataset_nfs, dataset_pull, dataset_push, dataset_rsync, dataset_state, datasets
+from labfleet import dataset_nfs, dataset_pull, dataset_push, dataset_rsync, dataset_state, datasets, planning
 from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
+from labfleet.facts.system import PublicKeyFiles, SshHostKey
 from labfleet.model import Source, dataset_source
 from labfleet.settings import Dataset, build
+from labfleet.snapshot_files import text_sha1
 
 MANUAL = Source("manual", "manual")
 
@@ -371,3 +374,87 @@ def test_pushes_to_one_host_overlap_up_to_the_bound(tmp_path, monkeypatch):
     failing = [*jobs[:1], (["sh", "-c", "echo 'rsync: connection closed' >&2; exit 12"], "push broken")]
     assert dataset_push._run_rsyncs(None, logs, failing) is False
     assert any("push broken failed (rsync exit 12): rsync: connection closed" in line for line in logs.lines)
+
+
+def test_public_key_files_reads_each_key_in_one_command():
+    fact = PublicKeyFiles()
+    assert "'/a b.pub'" in fact.command(paths=("/a b.pub", "/c.pub")) and fact.command(paths=()) == "true"
+    mark = PublicKeyFiles.MARK
+    output = [f"{mark}/a b.pub", "# a comment", "ssh-ed25519 AAAA x@pc02", f"{mark}/c.pub"]
+    assert fact.process(output) == {"/a b.pub": "ssh-ed25519 AAAA x@pc02", "/c.pub": None}
+    # A key file without its final newline shares its line with the next mark.
+    assert fact.process([f"{mark}/a", f"ssh-ed25519 K c{mark}/b", "ssh-rsa R d"]) == {
+        "/a": "ssh-ed25519 K c",
+        "/b": "ssh-rsa R d",
+    }
+
+
+def test_the_trust_is_planned_only_where_a_host_lacks_something(raw, monkeypatch):
+    """Decided from the planning batches (this host's facts from its own; a peer's host key and a
+    puller's public key from theirs), and all three operations or none: hosts that plan them share
+    them, which keeps a new key's making before its peer reads it."""
+    fleet = {
+        "pc01": _settings(raw, "pc01", lan_address="10.0.0.1", datasets={"ref": "manual"}),
+        "pc02": _settings(raw, "pc02", lan_address="10.0.0.2", datasets={"ref": "host:pc01:/srv/datasets/ref"}),
+    }
+    monkeypatch.setattr(dataset_state, "_all_settings", lambda: fleet)
+    public = "/etc/labfleet/dataset-pull/id_ref.pub"
+    key = "ssh-ed25519 AAAA labfleet-pull:ref@pc02"
+    batches = {"pc01": {dataset_pull.HOST_KEY.key: "ssh-ed25519 HOST"}, "pc02": {}}
+    batches["pc02"][dataset_pull._keys_read(fleet["pc02"]).key] = {public: key}
+    monkeypatch.setattr(dataset_pull, "_reading_of", lambda name, read: batches[name].get(read.key))
+    planned: list[str] = []
+    monkeypatch.setattr(
+        dataset_pull, "unless_current", lambda op, current, **kwargs: current or planned.append(kwargs["name"])
+    )
+    line = dataset_pull.authorized_key_line(key, "/srv/datasets/ref", "10.0.0.2", "/usr/bin/rrsync")
+    files = {
+        dataset_pull.AUTHORIZED_KEYS: ("labfleet-sync", "600", f"{line}\n"),
+        dataset_pull.KNOWN_HOSTS: ("root", "644", "10.0.0.1 ssh-ed25519 HOST\n"),
+    }
+    paths = {
+        path: {"kind": "file", "user": user, "group": user, "mode": mode, "sha1": text_sha1(text)}
+        for path, (user, mode, text) in files.items()
+    }
+    found = {"pc01": {"rrsync": "/usr/bin/rrsync", "authorized": [line]}, "pc02": {"pull_keys": {public: key}}}
+
+    def plan(name: str, **changed) -> list[str]:
+        state = dataset_state.DatasetsState({}, {}, paths, {}, {}, {}, {}, **{**found[name], **changed})
+        monkeypatch.setattr(dataset_pull.planning, "snapshot", lambda state_class, reads: state)
+        planned.clear()
+        dataset_pull._prepare_pulls(fleet[name], fleet)
+        return list(planned)
+
+    every = [
+        "Make the keys that pull datasets from peers",
+        "Trust the host keys of the dataset peers",
+        "Let peers pull datasets from this host, read-only",
+    ]
+    assert plan("pc01") == [] and plan("pc02") == []
+    assert plan("pc01", rrsync=None) == every
+    assert plan("pc01", authorized=[]) == [], "only the file's sha1 decides, as files.put does"
+    assert plan("pc02", pull_keys={}) == every
+    batches["pc02"][dataset_pull._keys_read(fleet["pc02"]).key] = {public: None}
+    assert plan("pc01") == every, "a puller's new key is not authorized yet"
+    batches["pc01"][dataset_pull.HOST_KEY.key] = "ssh-ed25519 NEW"
+    assert plan("pc02", pull_keys={public: key}) == every, "the peer's host key changed"
+
+
+def test_a_peers_reading_comes_from_its_batch_once_it_arrives_else_from_it_once_per_run(planning_host, monkeypatch):
+    fake = planning_host({SshHostKey: "ssh-ed25519 READ"})
+    monkeypatch.setattr(dataset_pull, "host", fake)
+    fake.inventory, fake.state.activated_hosts = fake.state.inventory, {fake}
+    # pyinfra plans the hosts side by side: the peer's batch arrives while this host waits.
+    gevent.spawn_later(
+        0.05,
+        lambda: (
+            planning.current_run().for_host("pc02").readings.update({dataset_pull.HOST_KEY.key: "ssh-ed25519 BATCH"})
+        ),
+    )
+    assert dataset_pull._reading_of("pc02", dataset_pull.HOST_KEY) == "ssh-ed25519 BATCH"
+    assert fake.reads == [], "the peer was read although its batch came"
+    # A host that this run does not plan is read itself, once.
+    fake.state.activated_hosts = set()
+    assert dataset_pull._reading_of("pc03", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
+    assert dataset_pull._reading_of("pc03", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
+    assert fake.reads == [SshHostKey]
