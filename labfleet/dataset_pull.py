@@ -372,12 +372,15 @@ def _reading_of(name: str, read: Read):
     """What another host's planning batch read, read here without a round trip of its own.
 
     pyinfra plans the hosts side by side, so that host's batch may still be on its way: wait
-    for it. A host this run does not plan, one that failed before its batch, or one whose
-    batch does not come is read directly, once per run.
+    for it once its planning has begun (it starts before the batch's first round trip). A
+    host this run does not plan, one not begun (pyinfra plans at most its pool's size of
+    hosts at once, so it may start only after this one ends: waiting would stall both), one
+    that failed before its batch, or one whose batch does not come is read directly, once
+    per run.
     """
     other = host.inventory.get_host(name)
     run = planning.current_run()
-    if other in host.state.activated_hosts:
+    if other in host.state.activated_hosts and name in run.hosts:
         deadline = time.monotonic() + WAIT_FOR_PEERS_S
         while time.monotonic() < deadline and other not in host.state.failed_hosts:
             planned = run.hosts.get(name)

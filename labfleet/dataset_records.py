@@ -29,10 +29,11 @@ from collections.abc import Callable
 
 from pyinfra import host
 from pyinfra.api import operation
+from pyinfra.facts.files import FileContents
 
 from labfleet import dataset_changes, dataset_listing, planning
 from labfleet.dataset_walk import tree_listing
-from labfleet.facts.datasets import RecordState, SyncRecord, render_record
+from labfleet.facts.datasets import RecordState, SyncRecord, parse_record, render_record
 
 NO_MANIFEST = "-"
 # The manifest field of a host: or s3: record: the controller cannot hash a manifest it does
@@ -122,10 +123,9 @@ def record_sync(path: str, record: SyncRecord | Callable[[], SyncRecord | None])
       the operation runs (an s3: bucket first listed while the run executes); None: unknown,
       nothing is written and the next run syncs again
 
-    Planned after the sync and its manifest check, so it runs only when both succeeded, and
-    only when the planning batch showed the host's copy not current, in a run that changes
-    it: so it writes without reading the file first (a round trip per host, in every run
-    that moves a file).
+    Planned after the sync and its manifest check, so it runs only when both succeeded. It
+    reads the record when it runs: a dataset shown current is planned too once anything
+    before it changed the host (labfleet.planning.unless_current), and must not rewrite it.
 
     **Example:**
 
@@ -137,6 +137,9 @@ def record_sync(path: str, record: SyncRecord | Callable[[], SyncRecord | None])
     written = record() if callable(record) else record
     if written is None:
         host.noop(f"{path}: what the source holds is not known, so no record is written")
+        return
+    if parse_record(host.get_fact(FileContents, path=path) or []) == written:
+        host.noop(f"{path} already records this sync")
         return
     new = f"{path}.new"
     yield (

@@ -174,17 +174,19 @@ def test_the_records_fact_reads_records_and_stamps_with_one_command(tmp_path):
     assert DatasetRecords().command(()) == "true"
 
 
-def test_writing_a_record_is_atomic_and_reads_nothing_of_the_host(tmp_path, fake_host_in):
-    """Planned only when the planning batch showed the copy not current, in a run that changes
-    it: it writes without a round trip to read the file first."""
+def test_writing_a_record_is_atomic_and_idempotent(tmp_path, fake_host_in):
+    from pyinfra.facts.files import FileContents
+
     path = tmp_path / "state" / "m.record"
-    fake = fake_host_in(dataset_records, {})
-    for _ in range(2):  # a record already there is replaced whole
-        (command,) = list(dataset_records.record_sync._inner(path=str(path), record=RECORD))
-        assert f"> {path}.new && mv -f {path}.new {path}" in command
-        subprocess.run(["sh", "-c", command], check=True)
-        assert parse_record(path.read_text().splitlines()) == RECORD
-    assert fake.noops == []
+    fake_host_in(dataset_records, {FileContents: None})
+    (command,) = list(dataset_records.record_sync._inner(path=str(path), record=RECORD))
+    assert f"> {path}.new && mv -f {path}.new {path}" in command
+    subprocess.run(["sh", "-c", command], check=True)
+    assert parse_record(path.read_text().splitlines()) == RECORD
+    # Planned again in a run that changed something else on the host: it rewrites nothing.
+    fake = fake_host_in(dataset_records, {FileContents: path.read_text().splitlines()})
+    assert list(dataset_records.record_sync._inner(path=str(path), record=RECORD)) == []
+    assert fake.noops == [f"{path} already records this sync"]
 
 
 def test_no_record_is_written_when_what_the_source_holds_is_not_known(tmp_path, fake_host_in):

@@ -444,7 +444,9 @@ def test_a_peers_reading_comes_from_its_batch_once_it_arrives_else_from_it_once_
     fake = planning_host({SshHostKey: "ssh-ed25519 READ"})
     monkeypatch.setattr(dataset_pull, "host", fake)
     fake.inventory, fake.state.activated_hosts = fake.state.inventory, {fake}
-    # pyinfra plans the hosts side by side: the peer's batch arrives while this host waits.
+    # pyinfra plans the hosts side by side: the peer's planning has begun, and its batch
+    # arrives while this host waits.
+    planning.current_run().for_host("pc02")
     gevent.spawn_later(
         0.05,
         lambda: (
@@ -453,8 +455,13 @@ def test_a_peers_reading_comes_from_its_batch_once_it_arrives_else_from_it_once_
     )
     assert dataset_pull._reading_of("pc02", dataset_pull.HOST_KEY) == "ssh-ed25519 BATCH"
     assert fake.reads == [], "the peer was read although its batch came"
+    # A host in the run whose planning has not begun (pyinfra's pool is full until this one
+    # ends) is read at once: waiting for it would stall both.
+    monkeypatch.setattr(dataset_pull.gevent, "sleep", lambda seconds: pytest.fail("waited for pc04"))
+    assert dataset_pull._reading_of("pc04", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
+    assert fake.reads == [SshHostKey]
     # A host that this run does not plan is read itself, once.
     fake.state.activated_hosts = set()
     assert dataset_pull._reading_of("pc03", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
     assert dataset_pull._reading_of("pc03", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
-    assert fake.reads == [SshHostKey]
+    assert fake.reads == [SshHostKey, SshHostKey]
