@@ -17,6 +17,7 @@ work earlier, it never decides anything.
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def list_datasets_ahead() -> None:
     from pyinfra.context import ctx_state
 
     state = ctx_state.get()
-    if state is None or state in _waiting:
+    # ./run status reads no listing: it says so, and nothing is walked for it.
+    if state is None or state in _waiting or os.environ.get("LABFLEET_LIST_AHEAD") == "0":
         return
     _waiting.add(state)
     gevent.spawn(list_when_connecting, state)
@@ -85,6 +87,8 @@ def start(src: str) -> None:
     """Start the child that lists src, once per controller process."""
     if src in _started:
         return
+    if not _started:
+        atexit.register(stop_untaken)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))))}
     try:
         _started[src] = subprocess.Popen(
@@ -113,3 +117,12 @@ def take(src: str) -> str | None:
     if child.returncode != 0 or not digest.startswith("sha256:"):
         return None
     return digest
+
+
+def stop_untaken() -> None:
+    """Stop the children no planning took (a run that ended before it planned, a command that
+    never plans, such as ``pyinfra inventory.py fact``): nothing walks after pyinfra exits."""
+    for child in _started.values():
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()

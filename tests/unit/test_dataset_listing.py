@@ -149,3 +149,22 @@ def test_the_real_cli_lists_ahead_for_the_inventory_file(tmp_path):
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert f"LISTED {dataset_walk.tree_digest(src)}" in ran.stdout, ran.stdout[-2000:]
+
+
+def test_status_lists_nothing_ahead(monkeypatch):
+    monkeypatch.setenv("LABFLEET_LIST_AHEAD", "0")  # what ./run status sets
+    with ctx_state.use(State()):
+        dataset_listing.list_datasets_ahead()
+    assert list(dataset_listing._waiting) == []
+
+
+def test_a_child_no_planning_took_is_stopped_when_pyinfra_exits(tmp_path, monkeypatch):
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow))
+    dataset_listing.start(str(tmp_path))
+    child = dataset_listing._started[str(tmp_path)]
+    assert child is not None and child.poll() is None
+    dataset_listing.stop_untaken()
+    assert child.poll() is not None
