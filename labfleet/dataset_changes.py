@@ -74,7 +74,7 @@ def _forget_old_sources(current: Path) -> None:
 
 
 # One entry of a listing: its path and what the digest takes of it, each NUL-ended.
-_ENTRY = re.compile(rb"[^\0]*\0[^\0]*\0")
+ENTRY = re.compile(rb"[^\0]*\0[^\0]*\0")
 
 
 def _entries(src: str, digest: str) -> list[bytes] | None:
@@ -86,7 +86,7 @@ def _entries(src: str, digest: str) -> list[bytes] | None:
         return None
     if "sha256:" + hashlib.sha256(listing).hexdigest() != digest:
         return None
-    entries = _ENTRY.findall(listing)
+    entries = ENTRY.findall(listing)
     if sum(map(len, entries)) != len(listing):
         return None
     return entries

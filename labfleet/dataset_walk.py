@@ -40,8 +40,10 @@ def tree_listing(root: str) -> bytes:
     if entries is None:
         entries = []
         _walk(os.fsencode(root), b"", entries)
+    # Each entry is one bytes object, path NUL what NUL: sorted as bytes, that is by path (NUL
+    # sorts first and no path holds one), without a tuple or a format per entry (half the time).
     entries.sort()
-    return b"".join(b"%s\0%s\0" % entry for entry in entries)
+    return b"".join(entries)
 
 
 # What find prints per entry: the path, NUL, what the digest takes of it, NUL (%T@ is
@@ -53,7 +55,7 @@ FIND_ENTRIES = (
 )  # fmt: skip
 
 
-def _found(root: str) -> list[tuple[bytes, bytes]] | None:
+def _found(root: str) -> list[bytes] | None:
     """The entries below root as find lists them; None when find is missing or fails (not GNU, unreadable)."""
     try:
         listed = subprocess.run(
@@ -61,13 +63,13 @@ def _found(root: str) -> list[tuple[bytes, bytes]] | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    parts = listed.stdout.split(b"\0")[:-1]
-    if listed.returncode != 0 or len(parts) % 2 or (listed.stdout and not listed.stdout.endswith(b"\0")):
+    entries = dataset_changes.ENTRY.findall(listed.stdout)
+    if listed.returncode != 0 or sum(map(len, entries)) != len(listed.stdout):
         return None
-    return list(zip(parts[0::2], parts[1::2], strict=True))
+    return entries
 
 
-def _walk(directory: bytes, relative: bytes, entries: list[tuple[bytes, bytes]]) -> None:
+def _walk(directory: bytes, relative: bytes, entries: list[bytes]) -> None:
     with os.scandir(directory) as listing:
         found = list(listing)
     for entry in found:
@@ -75,12 +77,12 @@ def _walk(directory: bytes, relative: bytes, entries: list[tuple[bytes, bytes]])
         info = entry.stat(follow_symlinks=False)
         mode = stat.S_IMODE(info.st_mode)
         if stat.S_ISLNK(info.st_mode):
-            entries.append((path, b"l " + os.readlink(entry.path)))
+            entries.append(b"%s\0l %s\0" % (path, os.readlink(entry.path)))
         elif stat.S_ISREG(info.st_mode):
             seconds, nanoseconds = divmod(info.st_mtime_ns, 10**9)
-            entries.append((path, b"f %d %d.%09d0 %o" % (info.st_size, seconds, nanoseconds, mode)))
+            entries.append(b"%s\0f %d %d.%09d0 %o\0" % (path, info.st_size, seconds, nanoseconds, mode))
         elif stat.S_ISDIR(info.st_mode):
-            entries.append((path, b"d %o" % mode))
+            entries.append(b"%s\0d %o\0" % (path, mode))
             _walk(entry.path, path + b"/", entries)
 
 
