@@ -156,6 +156,9 @@ class Fleet:
             *SYSTEMD_RUN_FLAGS,
             # The engine labfleet installs needs a real file system for overlay2.
             "--volume", "/var/lib/docker",
+            # Datasets, workspaces and homes on the machine's file system, as on a lab PC, not on
+            # the container's overlay (which costs 3-4x the kernel time per file created).
+            "--volume", "/srv",
             "--publish", "127.0.0.1::22",
             "--publish", f"127.0.0.1::{APP_PORT}",
             image,
