@@ -16,7 +16,7 @@ from pyinfra.facts.server import Which
 
 from labfleet import dataset_nfs, dataset_pull, dataset_push, dataset_rsync, dataset_state, datasets, planning
 from labfleet.facts.datasets import DefaultAcls, ManifestState, RsyncDryRun, parse_rsync_itemized
-from labfleet.facts.system import PublicKeyFiles, SshHostKey
+from labfleet.facts.system import PublicKeyFile, PublicKeyFiles, SshHostKey
 from labfleet.model import Source, dataset_source
 from labfleet.settings import Dataset, build
 from labfleet.snapshot_files import text_sha1
@@ -465,3 +465,18 @@ def test_a_peers_reading_comes_from_its_batch_once_it_arrives_else_from_it_once_
     assert dataset_pull._reading_of("pc03", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
     assert dataset_pull._reading_of("pc03", dataset_pull.HOST_KEY) == "ssh-ed25519 READ"
     assert fake.reads == [SshHostKey, SshHostKey]
+
+
+def test_the_trust_operations_say_why_they_have_nothing_to_do(fake_host_in):
+    """Planned on every host once one host plans them (they are a barrier in pyinfra's order)."""
+    fake = fake_host_in(dataset_pull, {PublicKeyFile: "ssh-ed25519 AAAA labfleet-pull:x@pc02"})
+    assert list(dataset_pull.ensure_pull_keys._inner(keys=[])) == []
+    assert list(dataset_pull.ensure_pull_keys._inner(keys=[("/etc/labfleet/dataset-pull/id_x", "c")])) == []
+    assert list(dataset_pull.trust_peer_host_keys._inner(path="/root/.ssh/known_hosts", peers=[])) == []
+    assert list(dataset_pull.authorize_pullers._inner(path="/home/labsync/.ssh/authorized_keys", pullers=[])) == []
+    assert fake.noops == [
+        "this host pulls no dataset",
+        "the pull keys already exist",
+        "this host pulls no dataset",
+        "no host pulls a dataset from this one",
+    ]
